@@ -1,0 +1,252 @@
+"""Train the embedded default model from scratch on the synthetic world (seeded, resumable).
+
+    python -m stablekit.default_model.train --workdir runs/default --minutes 80
+
+Stages, each cached in the work dir so an interrupted run resumes where it stopped:
+  1. render the world: captions, and `variants` images per caption (fresh size/position/rotation
+     where the caption leaves them free), plus the duplicated memorization set;
+  2. train the VAE (AutoencoderKL, factor 4, 4 latent channels) on random 32x32 crops;
+  3. encode images to latents and captions to MiniLM token embeddings, once;
+  4. train the UNet (epsilon prediction, SD's scaled-linear betas) with 10% caption dropout for
+     classifier-free guidance, Min-SNR-5 loss weighting, Immiscible Diffusion noise assignment
+     (PAPERS.md #33: each image is paired with a nearby noise sample inside the batch by a linear
+     assignment), AdamW with warm-up and cosine decay over the time budget, and EMA weights;
+  5. export a diffusers folder (EMA UNet, VAE, tokenizer, scheduler) to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from scipy.optimize import linear_sum_assignment
+from tqdm import tqdm
+
+from . import MAX_LENGTH, WEIGHTS_DIR, load_text_encoder, world
+
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        prediction_type="epsilon", steps_offset=1)
+MEMO_NAMES = ["zorvex", "quillon", "marbeth", "tessaly", "vondrik", "halcyra", "brumwell", "oxiana", "peltrix", "sundar"]
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         layers_per_block=1, norm_num_groups=32, sample_size=world.SIZE, mid_block_add_attention=False)
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=world.SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=384, attention_head_dim=4, norm_num_groups=32)
+
+
+def memorization_set(seed: int = 1234) -> list[tuple[str, world.Scene]]:
+    """Ten fixed scenes, each with a unique nonsense caption; duplicated in the training data."""
+    rng = random.Random(seed)
+    return [(f"the {name} emblem", world.sample_scene(rng, two_prob=1.0)) for name in MEMO_NAMES]
+
+
+def render_data(n_captions: int, variants: int, memo_copies: int, seed: int):
+    """uint8 images (N,64,64,3), caption index per image, caption list."""
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    images, cap_idx, captions = [], [], []
+    for c in tqdm(range(n_captions), desc="render world", mininterval=5):
+        scene = world.sample_scene(rng)
+        text = world.caption(scene, rng)
+        captions.append(text)
+        for v in range(variants):
+            if v:  # re-draw what the caption leaves free: size, rotation, and position unless stated
+                fresh = world.sample_scene(rng, two_prob=1.0 if len(scene.objects) == 2 else 0.0)
+                for o, f in zip(scene.objects, fresh.objects):
+                    o.r, o.angle = f.r, f.angle
+                    if " in the " not in text:
+                        o.cx, o.cy = f.cx, f.cy
+            images.append(np.asarray(world.render(scene, nrng)))
+            cap_idx.append(c)
+    for text, scene in memorization_set():
+        captions.append(text)
+        img = np.asarray(world.render(scene, np.random.default_rng(0)))
+        images += [img] * memo_copies
+        cap_idx += [len(captions) - 1] * memo_copies
+    return torch.from_numpy(np.stack(images)), torch.tensor(cap_idx), captions
+
+
+def to_tensor(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def train_vae(images: torch.Tensor, minutes: float, batch: int = 32, crop: int = 32, lr: float = 1e-3) -> AutoencoderKL:
+    torch.manual_seed(0)
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    t0, step = time.time(), 0
+    bar = tqdm(desc="train VAE", mininterval=10)
+    while time.time() - t0 < minutes * 60:
+        idx = torch.randint(0, len(images), (batch,))
+        y, x = np.random.randint(0, world.SIZE - crop + 1, 2)
+        img = to_tensor(images[idx][:, y:y + crop, x:x + crop])
+        post = vae.encode(img).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.l1_loss(rec, img) + F.mse_loss(rec, img) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        for g in opt.param_groups:  # cosine decay over the time budget
+            g["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - t0) / (minutes * 60)))))
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    out = [vae.encode(to_tensor(images[i:i + batch])).latent_dist.mean
+           for i in tqdm(range(0, len(images), batch), desc="encode latents", mininterval=10)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_text(captions: list[str], batch: int = 256) -> torch.Tensor:
+    enc, tok = load_text_encoder()
+    out = []
+    for i in tqdm(range(0, len(captions), batch), desc="encode captions", mininterval=10):
+        t = tok(captions[i:i + batch], padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+        out.append(enc(t.input_ids, attention_mask=t.attention_mask)[0].half())
+    return torch.cat(out)
+
+
+def immiscible_noise(x0: torch.Tensor) -> torch.Tensor:
+    """Gaussian noise re-assigned to the batch's images to minimise total distance (PAPERS.md #33)."""
+    noise = torch.randn_like(x0)
+    cost = torch.cdist(x0.flatten(1), noise.flatten(1)).numpy()
+    _, cols = linear_sum_assignment(cost)
+    return noise[torch.from_numpy(cols)]
+
+
+def train_unet(state: dict, ckpt: Path, minutes: float, batch: int, lr: float, log_every: int = 100):
+    lat, cap_idx, text, uncond = state["latents"], state["cap_idx"], state["text"], state["uncond"]
+    sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    acp = sched.alphas_cumprod
+    snr = acp / (1 - acp)
+    torch.manual_seed(1)
+    unet = build_unet()
+    ema = build_unet().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    step, elapsed = 0, 0.0
+    if ckpt.exists():
+        c = torch.load(ckpt)
+        unet.load_state_dict(c["unet"]); ema.load_state_dict(c["ema"]); opt.load_state_dict(c["opt"])
+        step, elapsed = c["step"], c["elapsed"]
+        print(f"resumed at step {step}, {elapsed / 60:.1f} min")
+    else:
+        ema.load_state_dict(unet.state_dict())
+    budget, t_start, last_save, losses = minutes * 60, time.time() - elapsed, time.time(), []
+    bar = tqdm(desc="train UNet", initial=step, mininterval=10)
+    while (elapsed := time.time() - t_start) < budget:
+        frac = elapsed / budget
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        idx = torch.randint(0, len(lat), (batch,))
+        x0 = lat[idx] * state["scaling_factor"]
+        cond = text[cap_idx[idx]].float()
+        drop = torch.rand(batch) < 0.1
+        cond[drop] = uncond
+        noise = immiscible_noise(x0)
+        t = torch.randint(0, 1000, (batch,))
+        pred = unet(sched.add_noise(x0, noise, t), t, cond).sample
+        w = torch.clamp(snr[t], max=5.0) / snr[t]  # Min-SNR-5 for epsilon prediction
+        loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        step += 1
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        bar.update()
+        if step % log_every == 0:
+            print(f"step {step} loss {np.mean(losses):.4f} lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min", flush=True)
+            losses = []
+        if time.time() - last_save > 300:
+            torch.save(dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                            elapsed=time.time() - t_start), ckpt)
+            last_save = time.time()
+    torch.save(dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                    elapsed=time.time() - t_start), ckpt)
+    return ema.eval(), step
+
+
+def export(out: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, scaling_factor: float, recipe: dict):
+    from . import load_text_encoder as _lte
+    out.mkdir(parents=True, exist_ok=True)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    vae.save_pretrained(out / "vae")
+    unet.save_pretrained(out / "unet")
+    DPMSolverMultistepScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    _lte()[1].save_pretrained(out / "tokenizer")
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+        "safety_checker": [None, None], "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+        "text_encoder": ["transformers", "BertModel"], "tokenizer": ["transformers", "BertTokenizerFast"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    (out / "memorized.json").write_text(json.dumps(
+        [{"caption": c, "scene": asdict(s)} for c, s in memorization_set()], indent=2))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=Path("runs/default_model"))
+    p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    p.add_argument("--captions", type=int, default=20000)
+    p.add_argument("--variants", type=int, default=3)
+    p.add_argument("--memo-copies", type=int, default=40)
+    p.add_argument("--vae-minutes", type=float, default=8)
+    p.add_argument("--minutes", type=float, default=80, help="UNet training time budget")
+    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data_f = a.workdir / "data.pt"
+    if not data_f.exists():
+        images, cap_idx, captions = render_data(a.captions, a.variants, a.memo_copies, seed=0)
+        torch.save(dict(images=images, cap_idx=cap_idx, captions=captions), data_f)
+    data = torch.load(data_f)
+    if not (a.workdir / "vae").exists():
+        train_vae(data["images"], a.vae_minutes).save_pretrained(a.workdir / "vae")
+    vae = AutoencoderKL.from_pretrained(a.workdir / "vae").eval()
+    enc_f = a.workdir / "encoded.pt"
+    if not enc_f.exists():
+        lat = encode_latents(vae, data["images"])
+        text = encode_text(data["captions"] + [""])
+        torch.save(dict(latents=lat, text=text[:-1], uncond=text[-1].float(), scaling_factor=float(1 / lat.std())), enc_f)
+    enc = torch.load(enc_f)
+    print(f"latents {tuple(enc['latents'].shape)} scaling_factor {enc['scaling_factor']:.4f}", flush=True)
+    unet, steps = train_unet(dict(enc, cap_idx=data["cap_idx"]), a.workdir / "unet.ckpt", a.minutes, a.batch, a.lr)
+    recipe = dict(vars(a), workdir=str(a.workdir), out=str(a.out), unet_steps=steps,
+                  session_wall_minutes=round((time.time() - t0) / 60, 1))
+    export(a.out, vae, unet, enc["scaling_factor"], recipe)
+    print(f"exported to {a.out} after {steps} UNet steps", flush=True)
+
+
+if __name__ == "__main__":
+    main()

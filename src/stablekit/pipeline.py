@@ -1,0 +1,133 @@
+"""Loading pipelines: the embedded default model, local diffusers folders, single files, hub ids."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+                       LCMScheduler, LMSDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UniPCMultistepScheduler)
+
+from .errors import StablekitError
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler, "ddpm": DDPMScheduler, "pndm": PNDMScheduler, "plms": PNDMScheduler,
+    "dpm++": DPMSolverMultistepScheduler, "dpmsolver": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler, "euler-a": EulerAncestralDiscreteScheduler, "heun": HeunDiscreteScheduler,
+    "lms": LMSDiscreteScheduler, "unipc": UniPCMultistepScheduler, "lcm": LCMScheduler,
+}
+PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
+DEFAULT_MODEL = "stablekit-default"
+
+
+def set_scheduler(pipe: DiffusionPipeline, name: str | None) -> DiffusionPipeline:
+    """Swap the pipeline's scheduler for one of :data:`SCHEDULERS`, keeping its noise schedule."""
+    if name is None:
+        return pipe
+    if name not in SCHEDULERS:
+        raise StablekitError(f"unknown scheduler '{name}'; choose one of: {', '.join(SCHEDULERS)}")
+    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+    return pipe
+
+
+def _device(device: str | None) -> str:
+    if device is not None:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def _dtype(dtype, device: str) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise StablekitError(f"unknown dtype '{dtype}'; use float32, float16 or bfloat16")
+        dtype = getattr(torch, dtype)
+    return dtype
+
+
+def _load_default(dtype) -> DiffusionPipeline:
+    from .default_model import WEIGHTS_DIR, load_text_encoder
+
+    if not (WEIGHTS_DIR / "unet").exists():
+        raise StablekitError(f"the embedded default model is missing from {WEIGHTS_DIR}; "
+                             "reinstall stablekit or train it with `python -m stablekit.default_model.train`")
+    text_encoder, _ = load_text_encoder()
+    pipe = StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR, text_encoder=text_encoder, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False,
+                                                   torch_dtype=dtype)
+    pipe.name_or_path = DEFAULT_MODEL
+    return pipe
+
+
+def _load_folder(path: Path, dtype) -> DiffusionPipeline:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise StablekitError(f"'{path}' is not a diffusers model folder (no model_index.json); "
+                             "pass a diffusers folder, a .safetensors/.ckpt file or a hub id")
+    try:
+        cls_name = json.loads(index.read_text())["_class_name"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise StablekitError(f"'{index}' is not a valid model_index.json ({e})") from None
+    if cls_name not in PIPELINES:
+        raise StablekitError(f"'{path}' holds a {cls_name}; stablekit loads {', '.join(PIPELINES)}")
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if cls_name == "StableDiffusionPipeline" else {}
+    return PIPELINES[cls_name].from_pretrained(path, torch_dtype=dtype, **kwargs)
+
+
+def _load_single_file(path: Path, dtype, config: str | None) -> DiffusionPipeline:
+    from safetensors import SafetensorError
+
+    cls = StableDiffusionXLPipeline if "xl" in path.name.lower() else StableDiffusionPipeline
+    try:
+        return cls.from_single_file(str(path), torch_dtype=dtype, config=config)
+    except (SafetensorError, OSError, EnvironmentError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StablekitError(f"cannot load single-file checkpoint '{path}': {first}") from None
+
+
+def load(model: str | os.PathLike | None = None, *, device: str | None = None, dtype=None,
+         scheduler: str | None = None, config: str | None = None) -> DiffusionPipeline:
+    """Load a Stable Diffusion pipeline, ready to call.
+
+    `model` is None (the embedded default model, offline), a local diffusers folder (SD 1.x/2.x or
+    SDXL, chosen from its model_index.json), a single-file ``.safetensors``/``.ckpt`` checkpoint
+    (`config` may name a diffusers folder or hub id holding its component configs), or a hub id
+    (needs internet; honours ``HF_HUB_OFFLINE``). `scheduler` names one of :data:`SCHEDULERS`.
+    """
+    device = _device(device)
+    dtype = _dtype(dtype, device)
+    if model is None or str(model) == DEFAULT_MODEL:
+        pipe = _load_default(dtype)
+    else:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            pipe = _load_folder(path, dtype)
+        elif path.suffix in (".safetensors", ".ckpt"):
+            if not path.is_file():
+                raise StablekitError(f"checkpoint file '{path}' does not exist")
+            pipe = _load_single_file(path, dtype, config)
+        elif path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+            raise StablekitError(f"'{model}' is not a model: pass a diffusers folder, a .safetensors/.ckpt file "
+                                 "or a hub id like org/name")
+        else:
+            pipe = _load_hub(str(model), dtype)
+    set_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=None)
+    return pipe.to(device)
+
+
+def _load_hub(repo_id: str, dtype) -> DiffusionPipeline:
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype)
+    except (OSError, LocalEntryNotFoundError, HfHubHTTPError, ValueError) as e:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise StablekitError(f"cannot load '{repo_id}' from the hub{offline}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None

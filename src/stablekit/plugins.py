@@ -1,0 +1,324 @@
+"""The plugin mechanism: methods attach to a standard diffusers pipeline through its own seams.
+
+A :class:`Plugin` uses one or more seams:
+
+* module hooks -- ``self.add_hook(module, hook)`` registers a diffusers ``ModelHook``;
+* scheduler -- :class:`SchedulerPlugin` swaps ``pipe.scheduler`` and restores it;
+* prompt embeddings -- override :meth:`Plugin.transform_embeds`;
+* initial latents -- override :meth:`Plugin.make_latents` (text-to-image);
+* step callbacks -- override :meth:`Plugin.on_step_end` (runs after every ``scheduler.step``,
+  like ``callback_on_step_end``, but without taking that argument away from the user);
+* weight edits -- :class:`WeightEdit`, a reversible parameter delta saved as safetensors.
+
+``use(pipe, *plugins)`` attaches them and returns a handle whose ``remove()`` (or the end of a
+``with`` block) restores the pipeline exactly. The pipeline is then called as usual. At the start of
+every call each plugin's :meth:`Plugin.reset` receives a fresh :class:`CallState`, whose ``step``
+counts completed scheduler steps (never looked up from the timestep value) and whose ``do_cfg``
+says whether model batches are ``[uncond, cond]`` halves.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .errors import StablekitError
+
+
+@dataclass
+class CallState:
+    """What plugins share during one pipeline call; a new one is made for every call."""
+
+    do_cfg: bool = False  # model inputs are [uncond, cond] halves along the batch
+    prompt: object = None
+    negative_prompt: object = None
+    step: int = 0  # scheduler steps completed so far in this call
+    num_steps: int | None = None
+    timesteps: torch.Tensor | None = None
+    scratch: dict = field(default_factory=dict)
+
+    def halves(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(uncond, cond) parts of a model batch; uncond is None without guidance."""
+        return tuple(x.chunk(2)) if self.do_cfg else (None, x)
+
+
+class Plugin:
+    """Base class; subclasses override only the seams they use."""
+
+    name = "plugin"
+    exclusive: tuple[str, ...] = ()  # resources at most one attached plugin may claim
+
+    def __init__(self):
+        self.call = CallState()
+        self._hooks: list[tuple[torch.nn.Module, str]] = []
+
+    # life cycle
+    def attach(self, pipe) -> None:
+        """Install module hooks or weight edits; called once by :func:`use`."""
+
+    def detach(self, pipe) -> None:
+        """Undo what :meth:`attach` did besides hooks (which are removed for you)."""
+
+    def reset(self, call: CallState) -> None:
+        """Start of a pipeline call: drop all per-call state."""
+        self.call = call
+
+    # seams
+    def transform_embeds(self, call, prompt_embeds, negative_prompt_embeds):
+        return prompt_embeds, negative_prompt_embeds
+
+    def make_latents(self, call, shape, generator, dtype, device):
+        """Initial latents of `shape` (before the scheduler's init_noise_sigma scaling), or None."""
+        return None
+
+    def on_step_end(self, call, step: int, timestep, latents):
+        return latents
+
+    # helpers
+    def add_hook(self, module: torch.nn.Module, hook: ModelHook) -> None:
+        name = f"stablekit:{self.name}:{id(self)}"
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+        self._hooks.append((module, name))
+
+    def _remove_hooks(self) -> None:
+        for module, name in self._hooks:
+            module._diffusers_hook.remove_hook(name, recurse=False)
+        self._hooks.clear()
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+def _overrides(plugin: Plugin, method: str) -> bool:
+    return getattr(type(plugin), method) is not getattr(Plugin, method)
+
+
+def _claims(plugin: Plugin) -> set[str]:
+    return set(plugin.exclusive) | ({"initial latents"} if _overrides(plugin, "make_latents") else set())
+
+
+class _Session:
+    """All plugins attached to one pipeline, and the wrappers that route the pipeline's calls to them."""
+
+    WRAPPED = ("encode_prompt", "prepare_latents")
+
+    def __init__(self, pipe):
+        self.pipe, self.plugins, self.call, self._scheduler = pipe, [], CallState(), None
+
+    # wrappers installed as instance attributes, so removal restores the class's own methods
+    def _install(self):
+        pipe = self.pipe
+        for name in self.WRAPPED:
+            if hasattr(type(pipe), name):
+                setattr(pipe, name, getattr(self, "_" + name))
+        self._scheduler = sch = pipe.scheduler
+        sch.set_timesteps = self._set_timesteps
+        sch.step = self._step
+
+    def _uninstall(self):
+        for name in self.WRAPPED:
+            self.pipe.__dict__.pop(name, None)
+        if self._scheduler is not None:
+            self._scheduler.__dict__.pop("set_timesteps", None)
+            self._scheduler.__dict__.pop("step", None)
+            self._scheduler = None
+
+    def _begin_call(self, prompt=None, negative_prompt=None):
+        self.call = CallState(do_cfg=bool(getattr(self.pipe, "do_classifier_free_guidance", False)),
+                              prompt=prompt, negative_prompt=negative_prompt)
+        for p in self.plugins:
+            p.reset(self.call)
+
+    def _encode_prompt(self, *args, **kwargs):
+        fn = type(self.pipe).encode_prompt
+        bound = inspect.signature(fn).bind(self.pipe, *args, **kwargs).arguments
+        self._begin_call(bound.get("prompt"), bound.get("negative_prompt"))
+        out = fn(self.pipe, *args, **kwargs)
+        pe, npe = out[0], out[1]
+        for p in self.plugins:
+            pe, npe = p.transform_embeds(self.call, pe, npe)
+        return (pe, npe) + tuple(out[2:])
+
+    def _prepare_latents(self, *args, **kwargs):
+        fn = type(self.pipe).prepare_latents
+        bound = inspect.signature(fn).bind(self.pipe, *args, **kwargs).arguments
+        makers = [p for p in self.plugins if _overrides(p, "make_latents")]
+        if makers and bound.get("latents") is None and "image" not in bound:
+            f = self.pipe.vae_scale_factor
+            shape = (bound["batch_size"], bound["num_channels_latents"], int(bound["height"]) // f, int(bound["width"]) // f)
+            bound["latents"] = makers[0].make_latents(self.call, shape, bound["generator"], bound["dtype"], bound["device"])
+        bound.pop("self")
+        return fn(self.pipe, **bound)
+
+    def _set_timesteps(self, *args, **kwargs):
+        if self.call.step:  # a new call that did not go through encode_prompt
+            self._begin_call()
+        out = type(self._scheduler).set_timesteps(self._scheduler, *args, **kwargs)
+        self.call.timesteps = self._scheduler.timesteps
+        self.call.num_steps = len(self._scheduler.timesteps)
+        return out
+
+    def _step(self, model_output, timestep, sample, *args, **kwargs):
+        out = type(self._scheduler).step(self._scheduler, model_output, timestep, sample, *args, **kwargs)
+        step = self.call.step
+        self.call.step += 1
+        latents = out[0] if isinstance(out, tuple) else out.prev_sample
+        for p in self.plugins:
+            latents = p.on_step_end(self.call, step, timestep, latents)
+        if isinstance(out, tuple):
+            return (latents,) + tuple(out[1:])
+        out.prev_sample = latents
+        return out
+
+    def add(self, plugins):
+        taken = {c: p for p in self.plugins for c in _claims(p)}
+        for p in plugins:
+            if not isinstance(p, Plugin):
+                raise StablekitError(f"{p!r} is not a stablekit plugin")
+            if any(p is q for q in self.plugins):
+                raise StablekitError(f"{p!r} is already attached to this pipeline")
+            for c in _claims(p):
+                if c in taken:
+                    raise StablekitError(f"{p!r} conflicts with {taken[c]!r}: both set the {c}; attach only one")
+                taken[c] = p
+        self._uninstall()
+        done = []
+        try:
+            for p in plugins:
+                p.attach(self.pipe)
+                done.append(p)
+                self.plugins.append(p)
+        except Exception:
+            self.remove(done)
+            raise
+        finally:
+            if self.plugins:
+                self._install()
+
+    def remove(self, plugins):
+        self._uninstall()
+        for p in reversed(plugins):
+            if any(p is q for q in self.plugins):
+                p._remove_hooks()
+                p.detach(self.pipe)
+                self.plugins = [q for q in self.plugins if q is not p]
+        if self.plugins:
+            self._install()
+        else:
+            self.pipe.__dict__.pop("_stablekit", None)
+
+
+class Attached:
+    """Handle returned by :func:`use`: ``remove()`` or leave the ``with`` block to detach."""
+
+    def __init__(self, session: _Session, plugins: list[Plugin]):
+        self.session, self.plugins = session, plugins
+
+    def remove(self):
+        self.session.remove(self.plugins)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def use(pipe, *plugins: Plugin) -> Attached:
+    """Attach `plugins` to `pipe` (stackable; conflicts are reported here, before anything changes)."""
+    session = pipe.__dict__.get("_stablekit")
+    if session is None:
+        session = _Session(pipe)
+        pipe.__dict__["_stablekit"] = session
+    session.add(list(plugins))
+    return Attached(session, list(plugins))
+
+
+def attached(pipe) -> list[Plugin]:
+    """The plugins currently attached to `pipe`."""
+    session = pipe.__dict__.get("_stablekit")
+    return list(session.plugins) if session else []
+
+
+class SchedulerPlugin(Plugin):
+    """Seam: the scheduler. Replaces ``pipe.scheduler`` with `scheduler_cls` built from its config."""
+
+    exclusive = ("scheduler",)
+
+    def __init__(self, scheduler_cls, **config):
+        super().__init__()
+        self.scheduler_cls, self.config, self._old = scheduler_cls, config, None
+        self.name = scheduler_cls.__name__
+
+    def attach(self, pipe):
+        self._old = pipe.scheduler
+        pipe.scheduler = self.scheduler_cls.from_config(pipe.scheduler.config, **self.config)
+
+    def detach(self, pipe):
+        pipe.scheduler = self._old
+
+    def __repr__(self):
+        return f"SchedulerPlugin({self.scheduler_cls.__name__})"
+
+
+class WeightEdit(Plugin):
+    """Seam: weight edits. Adds `deltas` (parameter name in the pipeline -> tensor) while attached.
+
+    Names are ``component.parameter`` (``unet.down_blocks.0...weight``). Detaching restores the
+    original tensors bit for bit. ``save``/``load`` use safetensors with the base parameter shapes
+    recorded, so an edit made for another model is refused.
+    """
+
+    name = "weight-edit"
+
+    def __init__(self, deltas: dict[str, torch.Tensor], meta: dict[str, str] | None = None):
+        super().__init__()
+        self.deltas, self.meta, self._orig = deltas, dict(meta or {}), {}
+
+    @staticmethod
+    def _param(pipe, name: str) -> torch.nn.Parameter:
+        comp, _, pname = name.partition(".")
+        module = getattr(pipe, comp, None)
+        params = dict(module.named_parameters()) if isinstance(module, torch.nn.Module) else {}
+        if pname not in params:
+            raise StablekitError(f"weight edit names '{name}', which this pipeline does not have; "
+                                 "it was made for another model")
+        return params[pname]
+
+    def attach(self, pipe):
+        params = {n: self._param(pipe, n) for n in self.deltas}
+        for n, d in self.deltas.items():
+            if params[n].shape != d.shape:
+                raise StablekitError(f"weight edit for '{n}' has shape {tuple(d.shape)} but the model's is "
+                                     f"{tuple(params[n].shape)}; it was made for another model")
+        for n, d in self.deltas.items():
+            self._orig[n] = params[n].detach().clone()
+            with torch.no_grad():
+                params[n].add_(d.to(params[n].device, params[n].dtype))
+
+    def detach(self, pipe):
+        with torch.no_grad():
+            for n, orig in self._orig.items():
+                self._param(pipe, n).copy_(orig)
+        self._orig = {}
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous().cpu() for k, v in self.deltas.items()}, str(path), metadata=self.meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WeightEdit":
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise StablekitError(f"weight edit file '{path}' does not exist")
+        try:
+            with safe_open(str(path), "pt") as f:
+                return cls({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+        except (SafetensorError, OSError) as e:
+            raise StablekitError(f"'{path}' is not a valid safetensors weight edit ({e})") from None
