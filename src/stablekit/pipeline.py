@@ -12,29 +12,37 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
                        StableDiffusionXLPipeline, UniPCMultistepScheduler)
 
 from .errors import StablekitError
+from .registry import parse
+from .sampling.momentum import GHVBScheduler, HBDPMSolverScheduler, HBScheduler
 
 SCHEDULERS = {
     "ddim": DDIMScheduler, "ddpm": DDPMScheduler, "pndm": PNDMScheduler, "plms": PNDMScheduler,
     "dpm++": DPMSolverMultistepScheduler, "dpmsolver": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler, "euler-a": EulerAncestralDiscreteScheduler, "heun": HeunDiscreteScheduler,
     "lms": LMSDiscreteScheduler, "unipc": UniPCMultistepScheduler, "lcm": LCMScheduler,
+    "hb": HBScheduler, "hb-dpm++": HBDPMSolverScheduler, "ghvb": GHVBScheduler,
 }
 PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
 DEFAULT_MODEL = "stablekit-default"
 
 
-def set_scheduler(pipe: DiffusionPipeline, name: str | None) -> DiffusionPipeline:
-    """Swap the pipeline's scheduler for one of :data:`SCHEDULERS`, keeping its noise schedule."""
-    if name is None:
+def set_scheduler(pipe: DiffusionPipeline, spec: str | None) -> DiffusionPipeline:
+    """Swap the pipeline's scheduler for ``NAME[:k=v,...]``, NAME one of :data:`SCHEDULERS` (which other
+    modules may extend), keeping its noise schedule; the ``k=v`` go to ``from_config(config, **params)``."""
+    if spec is None:
         return pipe
-    if name not in SCHEDULERS:
-        raise StablekitError(f"unknown scheduler '{name}'; choose one of: {', '.join(SCHEDULERS)}")
-    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+    _, cls, params = parse(spec, SCHEDULERS, "scheduler")
+    try:
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **params)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise StablekitError(f"scheduler '{spec}': {e}") from None
     return pipe
 
 
 def _device(device: str | None) -> str:
     if device is not None:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise StablekitError(f"device '{device}' asked for but CUDA is not available; use --device cpu")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -52,15 +60,12 @@ def _dtype(dtype, device: str) -> torch.dtype:
 
 
 def _load_default(dtype) -> DiffusionPipeline:
-    from .default_model import WEIGHTS_DIR, load_text_encoder
+    from .default_model import WEIGHTS_DIR
 
     if not (WEIGHTS_DIR / "unet").exists():
         raise StablekitError(f"the embedded default model is missing from {WEIGHTS_DIR}; "
                              "reinstall stablekit or train it with `python -m stablekit.default_model.train`")
-    text_encoder, _ = load_text_encoder()
-    pipe = StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR, text_encoder=text_encoder, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False,
-                                                   torch_dtype=dtype)
+    pipe = _load_folder(WEIGHTS_DIR, dtype)
     pipe.name_or_path = DEFAULT_MODEL
     return pipe
 
@@ -71,13 +76,18 @@ def _load_folder(path: Path, dtype) -> DiffusionPipeline:
         raise StablekitError(f"'{path}' is not a diffusers model folder (no model_index.json); "
                              "pass a diffusers folder, a .safetensors/.ckpt file or a hub id")
     try:
-        cls_name = json.loads(index.read_text())["_class_name"]
+        spec = json.loads(index.read_text())
+        cls_name = spec["_class_name"]
     except (json.JSONDecodeError, KeyError) as e:
         raise StablekitError(f"'{index}' is not a valid model_index.json ({e})") from None
     if cls_name not in PIPELINES:
         raise StablekitError(f"'{path}' holds a {cls_name}; stablekit loads {', '.join(PIPELINES)}")
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if cls_name == "StableDiffusionPipeline" else {}
-    return PIPELINES[cls_name].from_pretrained(path, torch_dtype=dtype, **kwargs)
+    if spec.get("text_encoder", [None, None])[1] == "BertModel" and not (path / "text_encoder").exists():
+        from .default_model import load_text_encoder  # stablekit-format folders take MiniLM from its package
+
+        kwargs["text_encoder"] = load_text_encoder()[0]
+    return PIPELINES[cls_name].from_pretrained(path, dtype=dtype, **kwargs)
 
 
 def _load_single_file(path: Path, dtype, config: str | None) -> DiffusionPipeline:
@@ -85,7 +95,7 @@ def _load_single_file(path: Path, dtype, config: str | None) -> DiffusionPipelin
 
     cls = StableDiffusionXLPipeline if "xl" in path.name.lower() else StableDiffusionPipeline
     try:
-        return cls.from_single_file(str(path), torch_dtype=dtype, config=config)
+        return cls.from_single_file(str(path), dtype=dtype, config=config)
     except (SafetensorError, OSError, EnvironmentError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StablekitError(f"cannot load single-file checkpoint '{path}': {first}") from None
@@ -98,10 +108,12 @@ def load(model: str | os.PathLike | None = None, *, device: str | None = None, d
     `model` is None (the embedded default model, offline), a local diffusers folder (SD 1.x/2.x or
     SDXL, chosen from its model_index.json), a single-file ``.safetensors``/``.ckpt`` checkpoint
     (`config` may name a diffusers folder or hub id holding its component configs), or a hub id
-    (needs internet; honours ``HF_HUB_OFFLINE``). `scheduler` names one of :data:`SCHEDULERS`.
+    (needs internet; honours ``HF_HUB_OFFLINE``). `scheduler`: ``NAME[:k=v,...]`` as in :func:`set_scheduler`.
     """
     device = _device(device)
     dtype = _dtype(dtype, device)
+    if scheduler is not None:
+        parse(scheduler, SCHEDULERS, "scheduler")  # a bad name or parameter fails before any loading
     if model is None or str(model) == DEFAULT_MODEL:
         pipe = _load_default(dtype)
     else:
@@ -125,9 +137,13 @@ def load(model: str | os.PathLike | None = None, *, device: str | None = None, d
 def _load_hub(repo_id: str, dtype) -> DiffusionPipeline:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    # huggingface_hub reads HF_HUB_OFFLINE only at import; check it at call time so it always holds
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     try:
-        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype)
+        return DiffusionPipeline.from_pretrained(repo_id, dtype=dtype, local_files_only=offline or None)
     except (OSError, LocalEntryNotFoundError, HfHubHTTPError, ValueError) as e:
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise StablekitError(f"cannot load '{repo_id}' from the hub{offline}: "
+        if offline:
+            raise StablekitError(f"'{repo_id}' is not in the local hub cache and HF_HUB_OFFLINE is set; "
+                                 "unset it to download, or pass a local diffusers folder") from None
+        raise StablekitError(f"cannot load '{repo_id}' from the hub: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None

@@ -18,6 +18,7 @@ says whether model batches are ``[uncond, cond]`` halves.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,14 @@ def _claims(plugin: Plugin) -> set[str]:
     return set(plugin.exclusive) | ({"initial latents"} if _overrides(plugin, "make_latents") else set())
 
 
+def _forward_to(fn, original):
+    """A function calling `fn` that shows `original`'s signature to ``inspect``."""
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 class _Session:
     """All plugins attached to one pipeline, and the wrappers that route the pipeline's calls to them."""
 
@@ -115,8 +124,9 @@ class _Session:
             if hasattr(type(pipe), name):
                 setattr(pipe, name, getattr(self, "_" + name))
         self._scheduler = sch = pipe.scheduler
-        sch.set_timesteps = self._set_timesteps
-        sch.step = self._step
+        # keep the originals' signatures: pipelines inspect them to decide which kwargs to pass
+        sch.set_timesteps = _forward_to(self._set_timesteps, sch.set_timesteps)
+        sch.step = _forward_to(self._step, sch.step)
 
     def _uninstall(self):
         for name in self.WRAPPED:

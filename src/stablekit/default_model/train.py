@@ -86,13 +86,13 @@ def to_tensor(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def train_vae(images: torch.Tensor, minutes: float, batch: int = 32, crop: int = 32, lr: float = 1e-3) -> AutoencoderKL:
-    torch.manual_seed(0)
-    vae = build_vae()
+def train_vae(images: torch.Tensor, steps: int, vae: AutoencoderKL | None = None, crop: int = 32, batch: int = 32,
+              lr: float = 1e-3) -> AutoencoderKL:
+    """L1 + MSE + 1e-6 KL on random `crop` x `crop` crops (cheap), or on whole images with crop=64."""
+    torch.manual_seed(0 if vae is None else 1)
+    vae = build_vae() if vae is None else vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
-    t0, step = time.time(), 0
-    bar = tqdm(desc="train VAE", mininterval=10)
-    while time.time() - t0 < minutes * 60:
+    for step in tqdm(range(steps), desc=f"train VAE ({crop}px)", mininterval=10):
         idx = torch.randint(0, len(images), (batch,))
         y, x = np.random.randint(0, world.SIZE - crop + 1, 2)
         img = to_tensor(images[idx][:, y:y + crop, x:x + crop])
@@ -102,11 +102,10 @@ def train_vae(images: torch.Tensor, minutes: float, batch: int = 32, crop: int =
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step += 1
-        for g in opt.param_groups:  # cosine decay over the time budget
-            g["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - t0) / (minutes * 60)))))
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        for g in opt.param_groups:  # cosine decay
+            g["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        if step % 100 == 0:
+            print(f"VAE step {step} loss {loss.item():.4f}", flush=True)
     return vae.eval().requires_grad_(False)
 
 
@@ -216,9 +215,11 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--captions", type=int, default=20000)
     p.add_argument("--variants", type=int, default=3)
+    p.add_argument("--use-captions", type=int, default=8000, help="encode and train on this many captions' images")
     p.add_argument("--memo-copies", type=int, default=40)
-    p.add_argument("--vae-minutes", type=float, default=8)
-    p.add_argument("--minutes", type=float, default=80, help="UNet training time budget")
+    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--vae-full-steps", type=int, default=200)
+    p.add_argument("--minutes", type=float, default=60, help="UNet training time budget")
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=2)
@@ -231,8 +232,14 @@ def main(argv=None):
         images, cap_idx, captions = render_data(a.captions, a.variants, a.memo_copies, seed=0)
         torch.save(dict(images=images, cap_idx=cap_idx, captions=captions), data_f)
     data = torch.load(data_f)
-    if not (a.workdir / "vae").exists():
-        train_vae(data["images"], a.vae_minutes).save_pretrained(a.workdir / "vae")
+    if a.use_captions < a.captions:  # train on the first captions' images (plus the memorization set) only
+        keep = (data["cap_idx"] < a.use_captions) | (data["cap_idx"] >= a.captions)
+        data["images"], data["cap_idx"] = data["images"][keep], data["cap_idx"][keep]
+    if not (a.workdir / "vae").exists():  # stage 1: crops; stage 2: whole images (GroupNorm sees full frames)
+        if not (a.workdir / "vae_crops").exists():
+            train_vae(data["images"], a.vae_steps).save_pretrained(a.workdir / "vae_crops")
+        vae = AutoencoderKL.from_pretrained(a.workdir / "vae_crops")
+        train_vae(data["images"], a.vae_full_steps, vae, crop=world.SIZE, batch=16, lr=3e-4).save_pretrained(a.workdir / "vae")
     vae = AutoencoderKL.from_pretrained(a.workdir / "vae").eval()
     enc_f = a.workdir / "encoded.pt"
     if not enc_f.exists():

@@ -1,0 +1,159 @@
+"""Benchmark the embedded default model: prompt fidelity judged by the attribute classifier.
+
+    python benchmarks/default_model.py --json bench_out/default_model.json   # or: stablekit bench default-model
+
+Held-out world scenes (seed 777; the training data used seed 0) give the prompts: their
+paraphrased captions. Each prompt gets its own noise seed. The classifier judges every generated
+image against its scene: shape, colour, background, texture and count on single-object prompts
+(the headline), the same as set matches on two-object prompts (25% as many), each with a 95%
+Clopper-Pearson interval; a Fréchet distance on the classifier's features between the generated
+images and renders of the same scenes (with, for scale, the distance between two independent sets of
+renders of that size); the classifier's own accuracy on those renders (``real_*``) and on their
+round trip through the model's autoencoder (``recon_*``, the ceiling for the generator); and
+seconds per image. Writes the JSON and a PNG grid of samples with their prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+ATTRS = {"shapes": "shape", "colors": "color", "background": "background", "textures": "texture", "count": "count"}
+
+
+def heldout_prompts(n_single: int, n_pair: int, seed: int):
+    """Scenes (n_single with one object, then n_pair with two) and their paraphrased captions."""
+    from stablekit.default_model import world
+
+    rng = random.Random(seed)
+    scenes = [world.sample_scene(rng, two_prob=0.0) for _ in range(n_single)]
+    scenes += [world.sample_scene(rng, two_prob=1.0) for _ in range(n_pair)]
+    return scenes, [world.caption(s, rng) for s in scenes]
+
+
+def generate(pipe, prompts: list[str], a) -> tuple[torch.Tensor, float]:
+    """Images (N, 3, H, W) in [0, 1], one fresh noise seed per prompt, and seconds per image."""
+    pipe.set_progress_bar_config(disable=True)
+    out, t0 = [], time.perf_counter()
+    for i in range(0, len(prompts), a.batch):
+        gens = [torch.Generator("cpu").manual_seed(a.seed * 100_000 + j)
+                for j in range(i, min(i + a.batch, len(prompts)))]
+        with torch.inference_mode():
+            ims = pipe(prompts[i:i + a.batch], num_inference_steps=a.steps, guidance_scale=a.guidance,
+                       generator=gens, output_type="pt").images
+        out.append(ims.float().cpu())
+        print(f"generated {min(i + a.batch, len(prompts))}/{len(prompts)}", flush=True)
+    return torch.cat(out).clamp(0, 1), (time.perf_counter() - t0) / len(prompts)
+
+
+@torch.no_grad()
+def reconstruct(vae, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Real images through the model's autoencoder: the best its generator can do."""
+    out = [vae.decode(vae.encode((x[i:i + batch] * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean).sample
+           for i in range(0, len(x), batch)]
+    return ((torch.cat(out).float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def scores(preds: list[dict], scenes, prefix: str) -> dict:
+    """Accuracy and 95% interval per attribute (and jointly for shape+colour+background)."""
+    from stablekit.default_model.classifier import match, truth
+    from stablekit.eval.metrics import rate_interval
+
+    ms = [match(p, truth(s)) for p, s in zip(preds, scenes)]
+    for m in ms:
+        m["joint"] = m["shapes"] and m["colors"] and m["background"]
+    res = {}
+    for key, name in list(ATTRS.items()) + [("joint", "joint")]:
+        k = int(sum(m[key] for m in ms))
+        res[f"{prefix}{name}_acc"] = round(k / len(ms), 4) if ms else None
+        res[f"{prefix}{name}_acc_ci95"] = [round(v, 4) for v in rate_interval(k, len(ms))]
+    return res
+
+
+def grid(images: torch.Tensor, prompts: list[str], path: Path, cols: int = 8, rows: int = 6, cell: int = 160):
+    """Samples upscaled to `cell` pixels, each with its prompt in small text below."""
+    n = min(len(prompts), cols * rows)
+    font, line_h, chars = ImageFont.load_default(), 12, cell // 6
+    text_h = 4 + line_h * max(len(textwrap.wrap(p, chars)) for p in prompts[:n])
+    sheet = Image.new("RGB", (cols * cell, ((n + cols - 1) // cols) * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i in range(n):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        arr = (images[i].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+        sheet.paste(Image.fromarray(arr).resize((cell - 4, cell - 4), Image.NEAREST), (x + 2, y + 2))
+        for j, line in enumerate(textwrap.wrap(prompts[i], chars)):
+            draw.text((x + 3, y + cell + j * line_h), line, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def parse(args: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="stablekit bench default-model", description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, required=True, help="where to write the results")
+    p.add_argument("--prompts", type=int, default=300, help="single-object prompts (two-object: 25%% as many)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=777, help="held-out scene seed (training used 0)")
+    p.add_argument("--grid", type=Path, default=None, help="PNG grid of samples (default: next to the JSON)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--model", default=None, help="model to load (default: the embedded default model)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a = p.parse_args(args)
+    a.grid = a.grid or a.json.with_suffix(".png")
+    return a
+
+
+def main(args: list[str]) -> dict:
+    a = parse(args)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    import stablekit
+    from stablekit.default_model import classifier as C, world
+    from stablekit.eval.metrics import frechet_distance
+
+    pipe = stablekit.load(a.model, device=a.device)
+    n_pair = max(1, round(0.25 * a.prompts))
+    scenes, prompts = heldout_prompts(a.prompts, n_pair, a.seed)
+    images, sec_per_image = generate(pipe, prompts, a)
+    nrng = np.random.default_rng(a.seed)
+    real = C.to_tensor([world.render(s, nrng) for s in scenes])
+    other_scenes, _ = heldout_prompts(a.prompts, n_pair, a.seed + 1)
+    other = C.to_tensor([world.render(s, nrng) for s in other_scenes])
+    recon = reconstruct(pipe.vae, real, a.batch)
+    clf = C.load_classifier()
+    preds = {k: C.predict(x, clf) for k, x in (("", images), ("real_", real), ("recon_", recon))}
+    with torch.no_grad():
+        feats = {k: torch.cat([clf.features(C.to_tensor(x[i:i + 256])) for i in range(0, len(x), 256)])
+                 for k, x in (("gen", images), ("real", real), ("other", other))}
+    single, pair = slice(0, a.prompts), slice(a.prompts, None)
+    res = {"model": str(a.model or stablekit.pipeline.DEFAULT_MODEL), "device": str(pipe.device),
+           "dtype": str(pipe.unet.dtype).replace("torch.", ""), "steps": a.steps, "guidance": a.guidance,
+           "seed": a.seed, "prompts": a.prompts, "two_object_prompts": n_pair}
+    for k, p in preds.items():
+        res |= scores(p[single], scenes[single], k) | scores(p[pair], scenes[pair], f"{k}two_object_")
+        if k == "":
+            res["fid_classifier"] = round(frechet_distance(feats["gen"], feats["real"]), 4)
+            res["fid_classifier_real_vs_real"] = round(frechet_distance(feats["other"], feats["real"]), 4)
+    res |= {"seconds_per_image": round(sec_per_image, 4), "batch": a.batch, "image_size": list(images.shape[-2:]),
+            "samples": [{"prompt": p, "pred": d} for p, d in zip(prompts[:8], preds[""][:8])]}
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(res, indent=2))
+    order = list(range(min(36, a.prompts))) + list(range(a.prompts, a.prompts + min(12, n_pair)))
+    grid(images[order], [prompts[i] for i in order], a.grid)
+    keep = ("fid_classifier", "fid_classifier_real_vs_real", "seconds_per_image")
+    print(json.dumps({k: v for k, v in res.items() if k.endswith("_acc") or k in keep}, indent=1))
+    print(f"wrote {a.json} and {a.grid}")
+    return res
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

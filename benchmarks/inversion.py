@@ -1,0 +1,262 @@
+"""Benchmark inversion and real-image editing: DDIM, EDICT, null-text and Direct Inversion side by side.
+
+    stablekit bench inversion --json bench_out/inversion.json [--images 100 --steps 50 --model PATH]
+
+"Real" images: world scenes rendered from seed 4242 (training used seed 0; in distribution, with
+exact attributes and object masks), plus the photos scikit-image ships (``pip install
+stablekit[bench]``), centre-cropped and resized to the model's size, with hand-written captions.
+
+Reconstruction, every method at its paper's guidance, per image: error in pixels (PSNR in dB,
+MSE on [0, 1]) and in latents (MSE against the encoded image; PSNR over its peak-to-peak range,
+null when an image comes back exactly), seconds to invert and to reconstruct; the VAE round trip
+alone ("vae") is the ceiling.
+
+Editing, world images only, reusing the inversion: the first object's colour, then its shape, is
+swapped for one not in the scene (source prompt: ``world.canonical_caption``; target: the same
+with the word replaced), with prompt-to-prompt word swap (paper defaults) as the controller unless
+``--controller none``, plus local blend on the swapped words with ``--controller blend``. The
+attribute classifier judges success (it sees the target colour / shape; 95% Clopper-Pearson
+interval) and preservation (its background prediction agrees with the one on the source image;
+PSNR against the source outside the old and new object masks).
+
+Writes the JSON and a PNG grid: source, VAE round trip, then reconstruction, colour edit and shape
+edit per method.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+PHOTOS = {"astronaut": "a photo of an astronaut", "coffee": "a cup of coffee on a saucer",
+          "chelsea": "a photo of a tabby cat", "camera": "a black and white photo of a man with a camera",
+          "rocket": "a rocket on a launch pad", "coins": "a black and white photo of coins",
+          "moon": "a black and white photo of the surface of the moon", "clock": "a black and white photo of a clock",
+          "brick": "a black and white photo of a brick wall", "gravel": "a black and white photo of gravel",
+          "hubble_deep_field": "galaxies in deep space", "immunohistochemistry": "a microscope image of stained tissue"}
+EDITS = {"color": "colors", "shape": "shapes"}  # edit -> the classifier's attribute list
+
+
+def photos(size: int) -> list[tuple[str, Image.Image]]:
+    """scikit-image's photos as RGB, centre-cropped to squares of `size` pixels."""
+    try:
+        from skimage import data
+    except ImportError:
+        from stablekit import StablekitError
+        raise StablekitError("the photos need scikit-image: pip install 'stablekit[bench]' (or pass --no-photos)")
+    out = []
+    for name in PHOTOS:
+        im = Image.fromarray(getattr(data, name)()).convert("RGB")
+        s = min(im.size)
+        box = ((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2, (im.height + s) // 2)
+        out.append((name, im.resize((size, size), Image.LANCZOS, box=box)))
+    return out
+
+
+def world_edits(n: int, seed: int):
+    """`n` world scenes with their render, and per edit (the target word, the edited scene)."""
+    from stablekit.default_model import world
+
+    rng, out = random.Random(seed), []
+    for image, _, scene in world.dataset(n, seed):
+        edits = {}
+        for edit, names in (("color", world.COLOR_NAMES), ("shape", world.SHAPE_NAMES)):
+            target = copy.deepcopy(scene)
+            word = rng.choice([c for c in names if all(getattr(o, edit) != c for o in scene.objects)])
+            setattr(target.objects[0], edit, word)
+            edits[edit] = (word, target)
+        out.append((image, scene, edits))
+    return out
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+
+
+def outside(scene, target, size: int) -> np.ndarray:
+    """Pixels (size x size, bool) covered by neither the first object before nor after the edit."""
+    from stablekit.default_model import world
+
+    cover = np.maximum(world.object_mask(scene.objects[0]), world.object_mask(target.objects[0]))
+    cover = F.interpolate(torch.from_numpy(cover)[None, None], size=(size, size), mode="area")[0, 0].numpy()
+    return cover == 0
+
+
+def clock(pipe) -> float:
+    """perf_counter after the device's queued work is done."""
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize(pipe.device)
+    return time.perf_counter()
+
+
+def finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def summary(rows: list[dict]) -> dict:
+    return {k: finite(float(np.mean([r[k] for r in rows]))) for k in rows[0]} | {"n": len(rows)} if rows else {}
+
+
+def reconstruction(pipe, method: str, image: Image.Image, prompt: str, a):
+    """(Inversion or None, reconstructed image, metrics); method "vae" is the encode-decode round trip."""
+    from stablekit.edit import decode, invert, reconstruct
+    from stablekit.edit.core import encode_image, load_image
+    from stablekit.eval.metrics import psnr
+
+    t0 = clock(pipe)
+    if method == "vae":
+        inv, z0 = None, encode_image(pipe, load_image(pipe, image), a.decoder_steps)
+        z, t1 = z0, clock(pipe)
+    else:
+        inv = invert(pipe, image, prompt, method, a.steps, decoder_steps=a.decoder_steps)
+        t1 = clock(pipe)
+        z, z0 = reconstruct(pipe, inv)[-1], inv.latents[-1]
+    out = decode(pipe, z)
+    t2 = clock(pipe)
+    x, y = pixels(image), pixels(out)
+    z, z0 = z.double().cpu(), z0.double().cpu()
+    return inv, out, {"pixel_psnr_db": psnr(y, x), "pixel_mse": float(np.mean((y - x) ** 2)),
+                      "latent_psnr_db": psnr(z, z0, data_range=float(z0.max() - z0.min())),
+                      "latent_mse": float(((z - z0) ** 2).mean()), "seconds_invert": t1 - t0,
+                      "seconds_reconstruct": t2 - t1}
+
+
+def controller(kind: str, source_word: str, target_word: str):
+    from stablekit.edit import PromptToPrompt
+
+    if kind == "none":
+        return None
+    return PromptToPrompt("replace", blend=(source_word, target_word) if kind == "blend" else ())
+
+
+def grid(rows: list[list[tuple[Image.Image | None, str]]], header: list[str], path: Path, cell: int = 128):
+    """One row per image: (image or None, caption) cells under the column `header`."""
+    font, text_h = ImageFont.load_default(), 14
+    sheet = Image.new("RGB", (len(header) * cell, text_h + len(rows) * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, title in enumerate(header):
+        draw.text((j * cell + 3, 1), title, fill="black", font=font)
+    for i, row in enumerate(rows):
+        y = text_h + i * (cell + text_h)
+        for j, (im, caption) in enumerate(row):
+            if im is not None:
+                sheet.paste(im.resize((cell - 4, cell - 4), Image.NEAREST), (j * cell + 2, y + 2))
+            draw.text((j * cell + 3, y + cell), caption, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def parse(args: list[str]) -> argparse.Namespace:
+    from stablekit.edit import METHODS
+
+    p = argparse.ArgumentParser(prog="stablekit bench inversion", description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, required=True, help="where to write the results")
+    p.add_argument("--images", type=int, default=100, help="world images")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--controller", choices=["replace", "blend", "none"], default="replace",
+                   help="editing controller: prompt-to-prompt word swap, plus local blend, or none")
+    p.add_argument("--decoder-steps", type=int, default=0, help="decoder-inversion steps (0: off)")
+    p.add_argument("--no-photos", dest="photos", action="store_false", help="skip scikit-image's photos")
+    p.add_argument("--seed", type=int, default=4242, help="world scene seed (training used 0)")
+    p.add_argument("--grid", type=Path, default=None, help="PNG grid (default: next to the JSON)")
+    p.add_argument("--grid-rows", type=int, default=8, help="world images in the grid (photos follow)")
+    p.add_argument("--model", default=None, help="model to load (default: the embedded default model)")
+    p.add_argument("--classifier", type=Path, default=None, help="attribute classifier weights (default: shipped)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a = p.parse_args(args)
+    a.grid = a.grid or a.json.with_suffix(".png")
+    return a
+
+
+def edit_summary(rows: list[dict]) -> dict:
+    from stablekit.eval.metrics import rate_interval
+
+    k, b, n = sum(r["success"] for r in rows), sum(r["background"] for r in rows), len(rows)
+    return {"n": n, "success_rate": k / n, "success_ci95": list(rate_interval(k, n)), "background_agreement": b / n,
+            "background_agreement_ci95": list(rate_interval(b, n)),
+            "psnr_outside_db": finite(float(np.mean([r["psnr_outside_db"] for r in rows]))),
+            "seconds_per_edit": float(np.mean([r["seconds"] for r in rows]))}
+
+
+def evaluate(pipe, method: str, world_images, photo_images, clf, a) -> tuple[dict, list[list]]:
+    """One method's results and its grid cells (a list per world image in the grid, then per photo)."""
+    from stablekit.default_model import classifier as C, world
+    from stablekit.edit import GUIDANCE, edit
+    from stablekit.eval.metrics import psnr
+
+    rec, edits, cells = {"world": [], "photos": []}, {e: [] for e in EDITS}, []
+    for i, (image, prompt, scene, targets, source_pred) in enumerate(world_images):
+        inv, out, metrics = reconstruction(pipe, method, image, prompt, a)
+        rec["world"].append(metrics)
+        row = [(out, f"{metrics['pixel_psnr_db']:.1f} dB")]
+        for name, (word, target) in ([] if inv is None else targets.items()):
+            old = getattr(scene.objects[0], name)
+            t0 = clock(pipe)
+            result = edit(pipe, inv, prompt, world.canonical_caption(target),
+                          controller=controller(a.controller, old, word))
+            seconds, pred = clock(pipe) - t0, C.predict([result], clf)[0]
+            keep = outside(scene, target, image.width)
+            edits[name].append({"success": word in pred[EDITS[name]], "seconds": seconds,
+                                "background": pred["background"] == source_pred["background"],
+                                "psnr_outside_db": psnr(pixels(result)[keep], pixels(image)[keep])})
+            row.append((result, f"{old}->{word}"))
+        cells += [row] if i < a.grid_rows else []
+        print(f"{method}: image {i + 1}/{len(world_images)}", flush=True)
+    for name, image in photo_images:
+        inv, out, metrics = reconstruction(pipe, method, image, PHOTOS[name], a)
+        rec["photos"].append(metrics)
+        cells.append([(out, f"{metrics['pixel_psnr_db']:.1f} dB")] + [(None, "")] * (0 if inv is None else len(EDITS)))
+    entry = {"guidance": GUIDANCE.get(method), "reconstruction": {k: summary(v) for k, v in rec.items()}}
+    return entry | {f"edit_{name}": edit_summary(rows) for name, rows in edits.items() if rows}, cells
+
+
+def main(args: list[str]) -> dict:
+    a = parse(args)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    import stablekit
+    from stablekit.default_model import classifier as C, world
+
+    pipe = stablekit.load(a.model, device=a.device)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    clf = C.load_classifier(*([a.classifier] if a.classifier else []))
+    scenes = world_edits(a.images, a.seed)
+    images = [im.resize((size, size), Image.LANCZOS) for im, _, _ in scenes]
+    world_images = [(im, world.canonical_caption(sc), sc, targets, pred)
+                    for im, (_, sc, targets), pred in zip(images, scenes, C.predict(images, clf))]
+    photo_images = photos(size) if a.photos else []
+    res = {"model": str(a.model or stablekit.pipeline.DEFAULT_MODEL), "device": str(pipe.device),
+           "dtype": str(pipe.unet.dtype).replace("torch.", ""), "steps": a.steps, "seed": a.seed,
+           "images": a.images, "photos": [name for name, _ in photo_images], "controller": a.controller,
+           "decoder_steps": a.decoder_steps, "image_size": size, "methods": {}}
+    cells = [[(im, "source")] for im in images[:a.grid_rows]] + [[(im, name)] for name, im in photo_images]
+    for method in ["vae"] + a.methods:
+        res["methods"][method], new = evaluate(pipe, method, world_images, photo_images, clf, a)
+        cells = [row + more for row, more in zip(cells, new)]
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(res, indent=2))
+    grid(cells, ["source", "vae"] + [f"{m} {c}" for m in a.methods for c in ("rec", *EDITS)], a.grid)
+    for method, entry in res["methods"].items():
+        r = entry["reconstruction"]["world"]
+        line = f"{method:9s} world PSNR {r['pixel_psnr_db']:.2f} dB, latent MSE {r['latent_mse']:.2e}"
+        print(line + "".join(f", {e} success {entry[f'edit_{e}']['success_rate']:.2f}"
+                             for e in EDITS if f"edit_{e}" in entry))
+    print(f"wrote {a.json} and {a.grid}")
+    return res
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,24 @@
+"""Faster generation without retraining: feature caching as module hooks on the UNet.
+
+    with stablekit.use(pipe, DeepCache(interval=3, branch=0)):
+        image = pipe(prompt).images[0]
+
+* :class:`DeepCache` (PAPERS.md #5): reuse the deep features, recompute a shallow branch;
+  :func:`autotune` picks its interval and branch for a pipeline and a deviation or speed target.
+* :class:`EncoderPropagation` (#8, Faster Diffusion): skip the encoder at non-key steps.
+* :class:`FeatureInheritance` (#6, A-SDM): chosen blocks inherit their last output at chosen steps.
+
+They share :func:`key_steps` (the step schedules) and :class:`StepCache` (the hooks), in ``caching.py``.
+``REGISTRY`` maps their names to the classes: ``--accel NAME:k=v`` on the command line, and
+``stablekit.registry.build("deepcache:interval=3", REGISTRY, "accel")``.
+"""
+from .autotune import Tuning, autotune
+from .caching import StepCache, key_steps
+from .deepcache import DeepCache
+from .encoder_propagation import EncoderPropagation
+from .feature_inheritance import FeatureInheritance
+
+REGISTRY = {cls.name: cls for cls in (DeepCache, EncoderPropagation, FeatureInheritance)}
+
+__all__ = ["DeepCache", "EncoderPropagation", "FeatureInheritance", "autotune", "Tuning", "key_steps", "StepCache",
+           "REGISTRY"]

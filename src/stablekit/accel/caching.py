@@ -1,0 +1,134 @@
+"""What the feature-caching methods share: the key-step schedules and the hooks that skip modules.
+
+DeepCache (PAPERS.md #5), encoder propagation (#8) and feature inheritance (#6) differ only in *which* UNet
+modules they skip and *at which steps*. :class:`StepCache` holds everything else. A hook on the UNet decides
+once per model call whether this is a key step (every module runs and its output is stored) or a cached step
+(the chosen modules return their stored output without running). The step is the counted ``call.step``,
+never looked up from the timestep value, so any scheduler works (second-order ones count each model call).
+Stored outputs keep the whole batch, so the ``[uncond, cond]`` halves of guidance stay paired; each model call
+within a step has its own slot, for pipelines that run extra UNet passes per step.
+"""
+from __future__ import annotations
+
+import math
+
+from diffusers.hooks import ModelHook
+
+from ..errors import StablekitError
+from ..plugins import Plugin
+
+
+def key_steps(num_steps: int, interval: int = 1, schedule="uniform", *, center: float = 0.3, power: float = 1.4,
+              reference_steps: int | None = None) -> list[int]:
+    """The 0-based steps at which the full network runs, sorted; step 0 always does.
+
+    ``schedule`` is ``"uniform"`` (every `interval`-th step), ``"quadratic"`` (``ceil(num_steps / interval)``
+    key steps, densest around ``center * num_steps`` and spread as ``|u| ** power`` away from it: DeepCache's
+    non-uniform 1:N), or a sequence of key steps written for a run of `reference_steps` (default `num_steps`)
+    steps, scaled proportionally (``k * num_steps // reference_steps``) to this run.
+    """
+    if interval < 1:
+        raise StablekitError(f"cache interval must be at least 1, got {interval}")
+    if not 0 <= center <= 1:
+        raise StablekitError(f"center is a fraction of the steps, between 0 and 1; got {center}")
+    if isinstance(schedule, str) and schedule not in ("uniform", "quadratic"):
+        raise StablekitError(f"unknown schedule '{schedule}'; use 'uniform', 'quadratic' or a list of key steps")
+    if not isinstance(schedule, str):
+        ref = reference_steps or num_steps
+        steps = {k * num_steps // ref for k in schedule if 0 <= k < ref}
+    elif schedule == "quadratic" and interval > 1:
+        steps = _quadratic(num_steps, math.ceil(num_steps / interval), center * num_steps, power)
+    else:
+        steps = set(range(0, num_steps, interval))
+    return sorted(steps | {0})
+
+
+def _quadratic(n: int, k: int, c: float, power: float) -> set[int]:
+    # like the reference code, lower the power until the k positions land on k distinct steps
+    while power > 1:
+        a, b = -(c ** (1 / power)), (n - c) ** (1 / power)
+        us = [a + (b - a) * i / k for i in range(k)]
+        steps = {min(n - 1, max(0, int(c + math.copysign(abs(u) ** power, u)))) for u in us}
+        if len(steps) == k:
+            return steps
+        power -= 0.02
+    raise StablekitError(f"cannot place {k} quadratic key steps in {n} steps; use a larger interval")
+
+
+class _StepHook(ModelHook):
+    """On the UNet: decide once per model call whether this is a key step."""
+
+    def __init__(self, plugin: StepCache):
+        super().__init__()
+        self.plugin = plugin
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.plugin._begin_model_call()
+        return args, kwargs
+
+
+class _ReplayHook(ModelHook):
+    """On a skipped module: run and store at key steps, return the stored output otherwise."""
+
+    def __init__(self, plugin: StepCache, name: str):
+        super().__init__()
+        self.plugin, self.name = plugin, name
+
+    def new_forward(self, module, *args, **kwargs):
+        store = self.plugin.cache.setdefault(self.plugin.slot, {})
+        if self.plugin.full or self.name not in store:
+            store[self.name] = self.fn_ref.original_forward(*args, **kwargs)
+        return store[self.name]
+
+
+class StepCache(Plugin):
+    """Base of the caching plugins: key steps as in :func:`key_steps`; subclasses say which modules to skip."""
+
+    exclusive = ("UNet feature cache",)
+
+    def __init__(self, interval: int = 1, schedule="uniform", center: float = 0.3, power: float = 1.4,
+                 reference_steps: int | None = None):
+        super().__init__()
+        self.interval, self.schedule = interval, schedule if isinstance(schedule, str) else tuple(schedule)
+        self.center, self.power, self.reference_steps = center, power, reference_steps
+        self.pipe = None
+        self._clear()
+        self.full_steps(1)  # validates the schedule
+
+    def skipped_modules(self, unet) -> dict:
+        """``{name: module}`` of the UNet modules that cached steps skip."""
+        raise NotImplementedError
+
+    def full_steps(self, num_steps: int) -> list[int]:
+        """The key steps of a run of `num_steps` steps."""
+        return key_steps(num_steps, self.interval, self.schedule, center=self.center, power=self.power,
+                         reference_steps=self.reference_steps)
+
+    def _clear(self):
+        self.cache, self.full, self.slot, self._keys, self._step = {}, True, 0, None, None
+
+    def attach(self, pipe):
+        self.pipe = pipe
+        modules = self.skipped_modules(pipe.unet)
+        self.add_hook(pipe.unet, _StepHook(self))
+        for name, module in modules.items():
+            self.add_hook(module, _ReplayHook(self, name))
+
+    def detach(self, pipe):
+        self.pipe = None
+        self._clear()
+
+    def reset(self, call):
+        super().reset(call)
+        self._clear()
+
+    def _begin_model_call(self):
+        step = self.call.step
+        if self._step is None:  # first model call of this pipeline call
+            # diffusers pipelines set num_timesteps to the steps this call runs (img2img runs only the last
+            # strength * N of the scheduler's N timesteps, which is what call.num_steps counts)
+            n = getattr(self.pipe, "num_timesteps", None) or self.call.num_steps
+            self._keys = set(self.full_steps(n)) if n else None
+        self.slot = self.slot + 1 if step == self._step else 0
+        self._step = step
+        self.full = self._keys is None or step in self._keys or self.slot not in self.cache

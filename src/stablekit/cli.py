@@ -1,0 +1,442 @@
+"""The ``stablekit`` command line: ``stablekit generate|keygen|detect|edit|invert ...``, ``stablekit bench NAME ...``.
+
+Every error is one line on stderr, ``error: ...``: bad input (a :class:`StablekitError` or a usage
+error) exits with 2, anything unexpected with 1. ``STABLEKIT_DEBUG=1`` re-raises for a traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import click
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from . import __version__, accel, attached, load, use
+from .edit import GUIDANCE, METHODS, PromptToPrompt, edit, reconstruct_image
+from .edit.core import read_image
+from .errors import StablekitError
+from .pipeline import DEFAULT_MODEL, SCHEDULERS
+from .provenance import FPR, REGISTRY as WATERMARKS, Key, detect, make_key, watermark
+from .provenance.detection import latent_shape
+from .registry import build, parse
+
+
+def _fail(message: str, code: int):
+    lines = [line for line in str(message).splitlines() if line.strip()] or ["(no message)"]
+    click.echo(f"error: {lines[0].strip()}", err=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    """A click group whose errors are printed as one line each."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            rv = super().main(args, prog_name, standalone_mode=False, **extra)
+        except StablekitError as e:
+            _fail(str(e), 2)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+            _fail(e.format_message() + hint, 2)
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except click.Abort:
+            _fail("interrupted", 1)
+        except Exception as e:
+            if os.environ.get("STABLEKIT_DEBUG") == "1":
+                raise
+            _fail(f"{type(e).__name__}: {e}", 1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group, name="stablekit")
+@click.version_option(package_name="stablekit")
+def cli():
+    """Fast, safe, traceable Stable Diffusion."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``stablekit = stablekit.cli:main``)."""
+    cli.main(argv, prog_name="stablekit")
+
+
+# ---------------------------------------------------------------- generate
+
+_MODEL_HELP = "Diffusers folder, .safetensors/.ckpt file or hub id [default: the embedded model]."
+
+
+def parse_size(size: str | None) -> tuple[int, int] | None:
+    """``"WxH"`` -> ``(W, H)``, both positive multiples of 8; None stays None (the model's native size)."""
+    if size is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
+    if not m:
+        raise StablekitError(f"--size '{size}' is not WxH; write it like --size 512x512")
+    w, h = int(m[1]), int(m[2])
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        near = "x".join(str(max(8, round(v / 8) * 8)) for v in (w, h))
+        raise StablekitError(f"--size {w}x{h}: width and height must be positive multiples of 8, e.g. --size {near}")
+    return w, h
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """Where `count` images go: `output` itself for one, ``stem-0.png, stem-1.png, ...`` beside it for more."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+def _check_generate(prompts, output: Path, steps: int, guidance: float, n: int) -> None:
+    if not any(p.strip() for p in prompts):
+        raise StablekitError("no prompt given; write it after the command, e.g. stablekit generate \"a red circle\"")
+    if steps <= 0:
+        raise StablekitError(f"--steps {steps}: the number of denoising steps must be at least 1, e.g. --steps 25")
+    if guidance < 0:
+        raise StablekitError(f"--guidance {guidance}: guidance must be >= 0 (1 turns it off; 7.5 is usual)")
+    if n <= 0:
+        raise StablekitError(f"--n {n}: the number of images per prompt must be at least 1")
+    _check_output(output)
+
+
+def _check_output(output: Path, example: str = "out.png") -> None:
+    if output.is_dir():
+        raise StablekitError(f"output '{output}' is a folder; give a file name, e.g. -o {output / example}")
+    suffix = Path(example).suffix
+    if output.suffix.lower() != suffix:
+        raise StablekitError(f"output '{output}' must be a {suffix} file, e.g. -o {example}")
+    if not output.parent.is_dir():
+        raise StablekitError(f"output folder '{output.parent}' does not exist; create it or choose another -o")
+
+
+def _scheduler_name(pipe) -> str:
+    cls = type(pipe.scheduler)
+    return next((name for name, c in SCHEDULERS.items() if c is cls), cls.__name__)
+
+
+def write_atomically(path: Path, write, mode: int = 0o666) -> None:
+    """`write(tmp)` into a temp file beside `path` created with `mode` (less the umask), then rename it to `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode))
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_png(image, path: Path, meta: dict) -> None:
+    """Write `image` with `meta` as PNG text chunks, atomically."""
+    info = PngInfo()
+    for key, value in meta.items():
+        info.add_text(key, str(value))
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def _load_quietly(model: str | None, device: str | None, **kw):
+    """The pipeline, loaded without progress bars, so that an error found after loading stays one line on stderr."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        return load(model, device=device, **kw)
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()
+
+
+def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, int] | None):
+    """(the watermark plugin or None, the image size): the key's size unless --size agrees with it."""
+    if key_file is None:
+        if method:
+            raise StablekitError(f"--watermark {method} needs --key-file KEY; make one with "
+                                 f"`stablekit keygen {method} -o key.json`")
+        return None, wh
+    key = Key.load(key_file)
+    if method and key.method != method:
+        raise StablekitError(f"key file '{key_file}' holds a {key.method} key, not {method}; "
+                             f"pass --watermark {key.method} or a {method} key")
+    plugin = watermark(key)
+    size = plugin.image_size[::-1]
+    if wh and wh != size:
+        raise StablekitError(f"--size {wh[0]}x{wh[1]} but key file '{key_file}' is for {plugin.size_text()} images; "
+                             f"drop --size or make a key with --size {wh[0]}x{wh[1]}")
+    return plugin, size
+
+
+@cli.command()
+@click.argument("prompts", nargs=-1, metavar="PROMPT...")
+@click.option("-o", "--output", default="out.png", show_default=True, type=click.Path(path_type=Path),
+              help="PNG file; several images become STEM-0.png, STEM-1.png, ... beside it.")
+@click.option("--model", default=None, help=_MODEL_HELP)
+@click.option("--seed", default=0, show_default=True, help="Image i uses seed+i.")
+@click.option("--steps", default=25, show_default=True, help="Denoising steps.")
+@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--size", default=None, metavar="WxH", help="Image size [default: the model's native size].")
+@click.option("--n", default=1, show_default=True, help="Images per prompt.")
+@click.option("--scheduler", default=None, metavar="NAME[:k=v,...]",
+              help=f"Sampler, one of {', '.join(SCHEDULERS)}; k=v override its config [default: the model's own].")
+@click.option("--accel", "accels", multiple=True, metavar="NAME[:k=v,...]",
+              help=f"Attach an acceleration plugin, one of {', '.join(accel.REGISTRY)} (repeatable).")
+@click.option("--watermark", "method", type=click.Choice(list(WATERMARKS)), default=None,
+              help="Watermark the images with --key-file's key.")
+@click.option("--key-file", type=click.Path(path_type=Path), default=None,
+              help="Watermark key from `stablekit keygen`; alone it implies --watermark with the key's method.")
+@click.option("--negative", default=None, help="Negative prompt.")
+@click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
+def generate(prompts, output, model, seed, steps, guidance, size, n, scheduler, accels, method, key_file, negative,
+             device):
+    """Generate images from PROMPT(s); print each written path."""
+    wh = parse_size(size)
+    _check_generate(prompts, output, steps, guidance, n)
+    plugins = [build(spec, accel.REGISTRY, "accel") for spec in accels]
+    mark, wh = _watermark_plugin(method, key_file, wh)
+    pipe = _load_quietly(model, device, scheduler=scheduler)
+    use(pipe, *plugins, *([mark] if mark else []))
+    w, h = wh or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    jobs = [p for p in prompts for _ in range(n)]
+    common = dict(negative=negative or "", steps=steps, guidance=guidance, size=f"{w}x{h}",
+                  scheduler=scheduler.strip() if scheduler else _scheduler_name(pipe), model=model or DEFAULT_MODEL,
+                  plugins=",".join(p.name for p in attached(pipe)), stablekit=__version__)
+    if accels:
+        common["accel"] = " ".join(spec.strip() for spec in accels)
+    for i, (prompt, path) in enumerate(zip(jobs, output_paths(output, len(jobs)))):
+        pipe.set_progress_bar_config(disable=None, desc=f"image {i + 1}/{len(jobs)}")
+        image = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                     height=h, width=w, generator=torch.Generator("cpu").manual_seed(seed + i)).images[0]
+        save_png(image, path, dict(prompt=prompt, seed=seed + i, **common))
+        click.echo(str(path))
+
+
+# ---------------------------------------------------------------- watermark keys and detection
+
+@cli.command()
+@click.argument("method", metavar="METHOD[:k=v,...]")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="JSON key file to write; keep it private: it detects and forges the watermark.")
+@click.option("--model", default=None, help=_MODEL_HELP)
+@click.option("--size", default=None, metavar="WxH",
+              help="Size of the images to mark [default: the model's native size].")
+@click.option("--seed", type=int, default=None, help="Derive the secret from this seed: reproducible but guessable, "
+              "for tests only [default: a random secret].")
+@click.option("--force", is_flag=True, help="Overwrite an existing key file.")
+def keygen(method, output, model, size, seed, force):
+    """Write a new watermark key for METHOD (tree-ring, gaussian-shading or seal; k=v override its defaults)."""
+    name, _, params = parse(method, WATERMARKS, "watermark method", lambda cls: cls.default_params)
+    wh = parse_size(size)
+    _check_output(output, "key.json")
+    if output.exists() and not force:
+        raise StablekitError(f"key file '{output}' exists; images marked with it need it to be detected: "
+                             "choose another -o, or pass --force")
+    w, h = wh or (None, None)
+    key = make_key(name, _load_quietly(model, "cpu"), height=h, width=w, seed=seed, **params)
+    write_atomically(output, key.save, mode=0o600)
+    click.echo(str(output))
+
+
+@cli.command("detect")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGE...")
+@click.option("--key-file", "key_files", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Key from `stablekit keygen` (repeatable: the best-matching one is reported).")
+@click.option("--model", default=None, help=_MODEL_HELP)
+@click.option("--steps", default=50, show_default=True, help="Steps of the inversion to the initial noise.")
+@click.option("--inversion", type=click.Choice(["ddim", "edict"]), default="ddim", show_default=True,
+              help="Inversion method.")
+@click.option("--decoder-steps", default=0, show_default=True, help="Decoder-inversion steps (0: off).")
+@click.option("--fpr", default=FPR, show_default=True, help="False-positive rate of the decision.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per image.")
+@click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
+def detect_command(images, key_files, model, steps, inversion, decoder_steps, fpr, as_json, device):
+    """Is each IMAGE watermarked with one of the keys? Print score, p-value, decision and message or key."""
+    if steps <= 0:
+        raise StablekitError(f"--steps {steps}: the number of inversion steps must be at least 1, e.g. --steps 50")
+    if decoder_steps < 0:
+        raise StablekitError(f"--decoder-steps {decoder_steps}: must be >= 0 (0 turns decoder inversion off)")
+    if not 0 < fpr < 1:
+        raise StablekitError(f"--fpr {fpr}: a false-positive rate lies between 0 and 1, e.g. --fpr 1e-6")
+    keys = [Key.load(path) for path in key_files]
+    marks = [watermark(key) for key in keys]
+    for path, mark in zip(key_files, marks):
+        if (mark.name, mark.shape) != (marks[0].name, marks[0].shape):
+            raise StablekitError(f"key files '{key_files[0]}' ({marks[0].name}, {marks[0].size_text()}) and '{path}' "
+                                 f"({mark.name}, {mark.size_text()}) differ; give keys of one method and size")
+    pictures = [read_image(path) for path in images]
+    for path, picture in zip(images, pictures):
+        if picture.size != marks[0].image_size[::-1]:
+            raise StablekitError(f"image '{path}' is {picture.width}x{picture.height} but the key is for "
+                                 f"{marks[0].size_text()} images; detect at the size it was generated")
+    pipe = _load_quietly(model, device)
+    shape = latent_shape(pipe, *marks[0].image_size)[0]
+    if shape != marks[0].shape:
+        raise StablekitError(f"key file '{key_files[0]}' was made for another model: its latents are "
+                             f"{marks[0].shape}, this model's {shape}; pass the key's --model")
+    found = []
+    for path, picture in zip(images, pictures):
+        result = detect(picture, pipe, keys, steps=steps, inversion=inversion, decoder_steps=decoder_steps, fpr=fpr)
+        key_file = str(key_files[result.user or 0])
+        found.append(dict(image=str(path), key_file=key_file, **dataclasses.asdict(result)))
+        if not as_json:
+            extra = (f"; key file {key_file}" if result.user is not None else "") + \
+                    (f"; message {result.message}" if result.message else "")
+            click.echo(f"{path}: {result}{extra}")
+    if as_json:
+        click.echo(json.dumps(found, indent=1))
+
+
+# ---------------------------------------------------------------- edit and invert
+
+def _check_inversion(steps: int, guidance: float | None, decoder_steps: int, output: Path) -> None:
+    if steps <= 0:
+        raise StablekitError(f"--steps {steps}: the number of inversion steps must be at least 1, e.g. --steps 50")
+    if guidance is not None and guidance < 0:
+        raise StablekitError(f"--guidance {guidance}: guidance must be >= 0 (1 turns it off)")
+    if decoder_steps < 0:
+        raise StablekitError(f"--decoder-steps {decoder_steps}: must be >= 0 (0 turns decoder inversion off)")
+    _check_output(output)
+
+
+def parse_weights(weights: tuple[str, ...]) -> dict[str, float]:
+    """``("word=2.5", ...)`` -> ``{"word": 2.5, ...}``."""
+    out = {}
+    for item in weights:
+        word, _, scale = item.rpartition("=")
+        try:
+            value = float(scale)
+        except ValueError:
+            value = None
+        if not word.strip() or value is None:
+            raise StablekitError(f"--weight '{item}' is not WORD=SCALE; write it like --weight red=2")
+        out[word.strip()] = value
+    return out
+
+
+def _controller(name: str | None, weights: tuple[str, ...], blend: tuple[str, ...]) -> PromptToPrompt | None:
+    if name is None:
+        if weights or blend:
+            raise StablekitError("--weight and --blend need a --controller (replace, refine or reweight)")
+        return None
+    if name == "reweight" and not weights:
+        raise StablekitError("--controller reweight needs at least one --weight WORD=SCALE, e.g. --weight red=2")
+    return PromptToPrompt("replace" if name == "replace" else "refine", weights=parse_weights(weights), blend=blend)
+
+
+def _inversion_options(f):
+    for option in reversed([
+        click.option("--method", type=click.Choice(METHODS), default="direct", show_default=True,
+                     help="Inversion method."),
+        click.option("--steps", default=50, show_default=True, help="DDIM steps of the inversion."),
+        click.option("--guidance", type=float, default=None,
+                     help="Classifier-free guidance [default: the method's paper's, " +
+                     ", ".join(f"{m} {g:g}" for m, g in GUIDANCE.items()) + "]."),
+        click.option("--decoder-steps", default=0, show_default=True, help="Decoder-inversion steps (0: off)."),
+        click.option("--model", default=None, help=_MODEL_HELP),
+        click.option("--device", default=None, help="cuda, mps or cpu [default: the best available]."),
+    ]):
+        f = option(f)
+    return f
+
+
+@cli.command("edit")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--source", required=True, help="Prompt that describes IMAGE.")
+@click.option("--target", required=True, help="Prompt that describes the edited image.")
+@click.option("--controller", type=click.Choice(["replace", "refine", "reweight"]), default=None,
+              help="Prompt-to-prompt attention control: replace (word swap), refine (added words), reweight "
+                   "(refine with --weight) [default: none].")
+@click.option("--weight", "weights", multiple=True, metavar="WORD=SCALE", help="Scale a target word's attention.")
+@click.option("--blend", multiple=True, metavar="WORD", help="Local blend: edit only where WORD attends.")
+@click.option("-o", "--output", default="edit.png", show_default=True, type=click.Path(path_type=Path),
+              help="PNG file to write.")
+@_inversion_options
+def edit_command(image, source, target, controller, weights, blend, output, method, steps, guidance, decoder_steps,
+                 model, device):
+    """Edit IMAGE from the --source prompt to the --target prompt; print the written path."""
+    _check_inversion(steps, guidance, decoder_steps, output)
+    plugin = _controller(controller, weights, blend)
+    picture = read_image(image)
+    pipe = _load_quietly(model, device)
+    if plugin is not None:
+        plugin.prepare(pipe.tokenizer, source, target)  # fail before the inversion, not after it
+    out = edit(pipe, picture, source, target, method, controller=plugin, steps=steps, guidance=guidance,
+               decoder_steps=decoder_steps)
+    guidance = GUIDANCE[method] if guidance is None else guidance
+    save_png(out, output, dict(source=source, target=target, method=method, controller=controller or "",
+                               weights=",".join(weights), blend=",".join(blend), steps=steps, guidance=guidance,
+                               decoder_steps=decoder_steps, model=model or DEFAULT_MODEL, stablekit=__version__))
+    click.echo(str(output))
+
+
+@cli.command("invert")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Prompt that describes IMAGE.")
+@click.option("--reconstruct", is_flag=True, help="Regenerate IMAGE from its inversion, write it to -o and print "
+              "its PSNR against IMAGE.")
+@click.option("-o", "--output", default="reconstruction.png", show_default=True, type=click.Path(path_type=Path),
+              help="PNG file to write.")
+@_inversion_options
+def invert_command(image, prompt, reconstruct, output, method, steps, guidance, decoder_steps, model, device):
+    """Invert IMAGE under --prompt; with --reconstruct, write the reconstruction and print its PSNR."""
+    if not reconstruct:
+        raise StablekitError("stablekit invert writes reconstructions only: add --reconstruct")
+    _check_inversion(steps, guidance, decoder_steps, output)
+    picture = read_image(image)
+    pipe = _load_quietly(model, device)
+    out, db = reconstruct_image(pipe, picture, prompt, method, steps=steps, guidance=guidance,
+                                decoder_steps=decoder_steps)
+    guidance = GUIDANCE[method] if guidance is None else guidance
+    save_png(out, output, dict(prompt=prompt, method=method, steps=steps, guidance=guidance,
+                               decoder_steps=decoder_steps, psnr_db=f"{db:.2f}", model=model or DEFAULT_MODEL,
+                               stablekit=__version__))
+    click.echo(str(output))
+    click.echo(f"reconstruction PSNR: {db:.2f} dB")
+
+
+# ---------------------------------------------------------------- bench
+
+def benchmark_dirs() -> list[Path]:
+    """Folders searched for benchmarks: ``./benchmarks``, then the source checkout's ``benchmarks/``."""
+    dirs = []
+    for d in (Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks"):
+        if d.is_dir() and d.resolve() not in dirs:
+            dirs.append(d.resolve())
+    return dirs
+
+
+def find_benchmark(name: str) -> Path:
+    """The file of benchmark `name` (``-`` read as ``_``), or a StablekitError listing those available."""
+    found = {}
+    for d in reversed(benchmark_dirs()):  # the first folder wins
+        found.update({f.stem: f for f in d.glob("*.py") if not f.stem.startswith("_")})
+    stem = name.removesuffix(".py").replace("-", "_")
+    if stem not in found:
+        raise StablekitError(f"unknown benchmark '{name}'; available: {', '.join(sorted(found)) or 'none'}")
+    return found[stem]
+
+
+@cli.command(context_settings=dict(ignore_unknown_options=True, allow_extra_args=True,
+                                   allow_interspersed_args=False))
+@click.argument("name")
+@click.pass_context
+def bench(ctx, name):
+    """Run benchmarks/NAME.py's main(args) with the remaining ARGS (an int it returns is the exit code)."""
+    path = find_benchmark(name)
+    spec = importlib.util.spec_from_file_location(f"stablekit_bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "main", None)):
+        raise StablekitError(f"benchmark '{path}' has no main(args) function")
+    return module.main(list(ctx.args))
+
+
+if __name__ == "__main__":
+    main()

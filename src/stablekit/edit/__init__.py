@@ -1,0 +1,16 @@
+"""Inversion and real-image editing: EDICT (PAPERS.md #24), null-text inversion (#42), Direct
+Inversion (#38) and the DDIM baseline, behind one interface; prompt-to-prompt attention control
+(Hertz et al.) as the editing controller.
+
+    inv = stablekit.edit.invert(pipe, image, "a red star", method="edict")
+    latents = stablekit.edit.reconstruct(pipe, inv)[-1]
+    image = stablekit.edit.edit(pipe, image, "a red star", "a blue star", method="direct")
+    image = stablekit.edit.edit(pipe, image, "a red star", "a blue star", controller=PromptToPrompt("replace"))
+"""
+from .core import decode, load_image
+from .editing import edit
+from .inversion import GUIDANCE, METHODS, Inversion, invert, reconstruct, reconstruct_image
+from .prompt_to_prompt import PromptToPrompt
+
+__all__ = ["invert", "reconstruct", "reconstruct_image", "edit", "decode", "load_image", "Inversion", "METHODS",
+           "GUIDANCE", "PromptToPrompt"]

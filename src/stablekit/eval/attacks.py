@@ -1,0 +1,170 @@
+"""Image attacks on watermarks and detectors, each ``attack(images, strength, **ctx) -> images``.
+
+`images` is a list of PIL images; the output has the same length and sizes. `strength` is in the
+attack's natural unit (below); attacks that need a model take it from `ctx` (``pipe=...``) and
+ignore context they do not use, so a harness can pass the same context to all of them.
+:data:`ATTACKS` maps each name to ``(function, default strength grid)``, weakest first.
+
+* ``jpeg``: JPEG quality (90 -> 10);
+* ``resized_crop``: kept fraction of the area (1 -> 0.5), at a random position (``seed``),
+  resized back to the original size;
+* ``rotation``: degrees (0 -> 45), corners filled black;
+* ``blur``: Gaussian blur, standard deviation in pixels;
+* ``noise``: additive Gaussian noise, standard deviation on the [0, 1] pixel scale (``seed``);
+* ``brightness`` / ``contrast``: enhancement factor (1 is the identity);
+* ``combination``: all of the above at once, scaled by strength in [0, 1];
+* ``vae_regeneration``: number of encode/decode round trips through ``pipe``'s VAE;
+* ``purification``: diffusion purification (SDEdit) with ``pipe`` at img2img strength 0.1 -> 0.5,
+  empty prompt, no guidance, ``steps`` (PAPERS.md #45);
+* ``imprint``: spoofing by noise reuse (SEAL's attack (i), #45's spoofing): DDIM-invert a ``marked``
+  image and each input image (``prompt``, no guidance), mix their noises with weight `strength` for
+  the marked one (``sqrt(1 - s) z + sqrt(s) z_marked``) and regenerate with ``prompt``. At 1 the
+  marked noise is reused whole for the input's prompt; at 0 the input is only reconstructed;
+* ``averaging``: adds `strength` times the pattern estimated by averaging many ``marked`` images
+  (their mean minus the mean of ``clean`` reference images, or minus its own per-channel mean);
+  positive strength spoofs, negative removes ("Can Simple Averaging Defeat Modern Watermarks?",
+  Yang et al., NeurIPS 2024).
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter
+
+from ..errors import StablekitError
+
+
+def _arr(im: Image.Image) -> np.ndarray:
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+
+
+def _img(a: np.ndarray) -> Image.Image:
+    return Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8))
+
+
+def jpeg(images, strength, **_):
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=int(strength))
+        out.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return out
+
+
+def resized_crop(images, strength, seed: int = 0, **_):
+    rng, out = random.Random(seed), []
+    for im in images:
+        w, h = im.size
+        cw, ch = max(1, round(w * math.sqrt(strength))), max(1, round(h * math.sqrt(strength)))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        out.append(im.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BICUBIC))
+    return out
+
+
+def rotation(images, strength, **_):
+    return [im.rotate(float(strength), resample=Image.Resampling.BICUBIC) for im in images]
+
+
+def blur(images, strength, **_):
+    return [im.filter(ImageFilter.GaussianBlur(radius=float(strength))) for im in images]
+
+
+def noise(images, strength, seed: int = 0, **_):
+    rng = np.random.default_rng(seed)
+    return [_img(a + rng.normal(0, strength, a.shape)) for a in map(_arr, images)]
+
+
+def brightness(images, strength, **_):
+    return [ImageEnhance.Brightness(im).enhance(float(strength)) for im in images]
+
+
+def contrast(images, strength, **_):
+    return [ImageEnhance.Contrast(im).enhance(float(strength)) for im in images]
+
+
+def combination(images, strength, seed: int = 0, **_):
+    s = float(strength)
+    images = resized_crop(rotation(images, 10 * s), 1 - 0.25 * s, seed=seed)
+    images = brightness(contrast(blur(images, 1.0 * s), 1 + 0.5 * s), 1 + 0.5 * s)
+    return jpeg(noise(images, 0.05 * s, seed=seed), round(90 - 60 * s))
+
+
+def _pipe(ctx: dict, attack: str):
+    if ctx.get("pipe") is None:
+        raise StablekitError(f"the {attack} attack needs a pipeline: pass pipe=...")
+    return ctx["pipe"]
+
+
+def vae_regeneration(images, strength, **ctx):
+    from ..edit import decode
+    from ..edit.core import encode_image, load_image
+
+    pipe, out = _pipe(ctx, "vae_regeneration"), list(images)
+    for _ in range(int(strength)):
+        out = [decode(pipe, encode_image(pipe, load_image(pipe, im))) for im in out]
+    return out
+
+
+def purification(images, strength, steps: int = 50, seed: int = 0, **ctx):
+    from diffusers import AutoPipelineForImage2Image
+
+    if int(steps * strength) < 1:
+        raise StablekitError(f"purification at strength {strength} with {steps} steps runs no denoising step; "
+                             "use more steps")
+    img2img = AutoPipelineForImage2Image.from_pipe(_pipe(ctx, "purification"))
+    img2img.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed)
+    return [img2img("", image=im.convert("RGB"), strength=float(strength), num_inference_steps=steps,
+                    guidance_scale=1.0, generator=g, height=im.height, width=im.width).images[0] for im in images]
+
+
+def imprint(images, strength, marked=None, prompt: str = "", steps: int = 50, **ctx):
+    from ..edit import decode, invert
+
+    pipe = _pipe(ctx, "imprint")
+    if marked is None:
+        raise StablekitError("the imprint attack needs a watermarked image: pass marked=...")
+    s, z_marked, out = float(strength), invert(pipe, marked, prompt, "ddim", steps, 1.0).latents[0], []
+    for im in images:
+        z = invert(pipe, im, prompt, "ddim", steps, 1.0).latents[0]
+        z = math.sqrt(1 - s) * z + math.sqrt(s) * z_marked
+        lat = pipe(prompt, latents=z.to(pipe.unet.dtype), num_inference_steps=steps, guidance_scale=1.0,
+                   height=im.height, width=im.width, output_type="latent").images
+        out.append(decode(pipe, lat))
+    return out
+
+
+def averaging(images, strength, marked=None, clean=None, **_):
+    if not marked:
+        raise StablekitError("the averaging attack needs watermarked images: pass marked=[...]")
+    mean = np.mean([_arr(im) for im in marked], axis=0)
+    ref = np.mean([_arr(im) for im in clean], axis=0) if clean else mean.mean((0, 1), keepdims=True)
+    pattern = mean - ref
+    out = []
+    for im in images:
+        a = _arr(im)
+        if a.shape != pattern.shape:
+            raise StablekitError(f"averaging: image is {im.width}x{im.height} but the marked images are "
+                                 f"{pattern.shape[1]}x{pattern.shape[0]}")
+        out.append(_img(a + float(strength) * pattern))
+    return out
+
+
+ATTACKS = {
+    "jpeg": (jpeg, (90, 70, 50, 30, 10)),
+    "resized_crop": (resized_crop, (0.9, 0.75, 0.6, 0.5)),
+    "rotation": (rotation, (5, 15, 30, 45)),
+    "blur": (blur, (0.5, 1.0, 2.0, 4.0)),
+    "noise": (noise, (0.02, 0.05, 0.1, 0.2)),
+    "brightness": (brightness, (1.2, 1.5, 2.0)),
+    "contrast": (contrast, (1.2, 1.5, 2.0)),
+    "combination": (combination, (0.25, 0.5, 1.0)),
+    "vae_regeneration": (vae_regeneration, (1, 2, 4)),
+    "purification": (purification, (0.1, 0.2, 0.3, 0.5)),
+    "imprint": (imprint, (0.5, 1.0)),
+    "averaging": (averaging, (0.5, 1.0, 2.0)),
+}

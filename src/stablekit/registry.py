@@ -1,0 +1,147 @@
+"""Classes by name with keyword parameters, from one line of text: ``NAME[:k=v[,k=v...]]``.
+
+    build("deepcache:interval=3,branch=1", accel.REGISTRY, "accel")   # -> DeepCache(interval=3, branch=1)
+    parse("dpm++:solver_order=3", SCHEDULERS, "scheduler")           # -> ("dpm++", cls, {"solver_order": 3})
+
+A value is converted to what the parameter's annotation (or, without one, its default) allows: None
+(``none``), int, float, bool (``true/false/yes/no/on/off/1/0``), one of a ``Literal``'s values, or str.
+``[a,b,...]`` is a list (items int, float or str); a bare value for a list parameter is a one-item list.
+Every mistake is one :class:`StablekitError` line that lists the valid names, or the parameters with their
+defaults.
+"""
+from __future__ import annotations
+
+import collections.abc
+import inspect
+import types
+import typing
+
+from .errors import StablekitError
+
+BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+_ORDER = {type(None): 0, int: 1, float: 2, bool: 3, list: 4, str: 6}  # Literal values come at 5
+
+
+def parameters(target) -> dict[str, inspect.Parameter]:
+    """The keyword parameters with defaults of `target` (a class: its ``__init__``; or a function)."""
+    return {n: p for n, p in inspect.signature(target).parameters.items()
+            if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _kinds(hint) -> list:
+    """What a type hint allows among None/int/float/bool/str/list, plus Literal values; [] if it says nothing."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return [k for a in args for k in _kinds(a)]
+    if origin is typing.Literal:
+        return list(args)
+    if hint in (list, tuple) or origin in (list, tuple, collections.abc.Sequence):
+        return [list]
+    return [hint] if hint in _ORDER else []
+
+
+def _allowed(target, name: str, default) -> list:
+    try:
+        hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+    except Exception:  # an annotation that does not evaluate says nothing usable
+        hints = {}
+    kinds = _kinds(hints[name]) if name in hints else []
+    if not kinds and default is not None:
+        kinds = [list] if isinstance(default, (list, tuple)) else _kinds(type(default))
+    kinds = kinds or [type(None), int, float, bool, str]
+    return sorted(dict.fromkeys(kinds), key=lambda k: _ORDER.get(k, 5) if isinstance(k, type) else 5)
+
+
+def _scalar(text: str, kinds: list):
+    for k in kinds:
+        if k is type(None) and text.lower() == "none":
+            return None
+        if k in (int, float):
+            try:
+                return k(text)
+            except ValueError:
+                continue
+        if k is bool and text.lower() in BOOLS:
+            return BOOLS[text.lower()]
+        if k is str:
+            return text
+        if not isinstance(k, type) and text == str(k):  # a Literal value
+            return k
+    raise ValueError(text)
+
+
+def _value(text: str, kinds: list):
+    if text.startswith("[") and text.endswith("]"):
+        return [_scalar(item.strip(), [int, float, str]) for item in _split(text[1:-1]) if item.strip()]
+    scalars = [k for k in kinds if k is not list]
+    try:
+        return _scalar(text, scalars)
+    except ValueError:
+        if list in kinds:
+            return [_scalar(text, [int, float, str])]
+        raise
+
+
+def _describe(kinds: list) -> str:
+    names = {type(None): "none", int: "an int", float: "a number", bool: "true or false", list: "a list [a,b]",
+             str: "text"}
+    return " or ".join(names[k] if isinstance(k, type) else repr(k) for k in kinds)
+
+
+def _split(text: str) -> list[str]:
+    """`text` split at the commas outside brackets."""
+    items, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return items + [text[start:]]
+
+
+def format_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(format_value, value)) + "]"
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+
+def signature_text(target) -> str:
+    """``k=default, ...`` of `target`'s parameters, for error messages."""
+    return ", ".join(f"{n}={format_value(p.default)}" for n, p in parameters(target).items()) or "none"
+
+
+def parse(spec: str, registry: dict, what: str, target=lambda cls: cls) -> tuple[str, object, dict]:
+    """``(name, registry[name], params)`` of ``NAME[:k=v,...]``; `target(cls)` is what the params are for
+    (default: the class's ``__init__``)."""
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if name not in registry:
+        raise StablekitError(f"unknown {what} '{name}'; choose one of: {', '.join(registry)}")
+    fn = target(registry[name])
+    allowed, params = parameters(fn), {}
+    for item in _split(rest) if rest.strip() else []:
+        key, eq, text = (s.strip() for s in item.partition("="))
+        if not eq or not key:
+            raise StablekitError(f"{what} '{spec}': '{item.strip()}' is not k=v; write it like {name}:k=v,k2=v2")
+        if key not in allowed:
+            raise StablekitError(f"{what} {name} has no parameter '{key}'; its parameters: {signature_text(fn)}")
+        if key in params:
+            raise StablekitError(f"{what} '{spec}' sets {key} twice")
+        kinds = _allowed(fn, key, allowed[key].default)
+        try:
+            params[key] = _value(text, kinds)
+        except ValueError:
+            raise StablekitError(f"{what} {name}: {key}={text!r} is not {_describe(kinds)} "
+                                 f"(default {format_value(allowed[key].default)})") from None
+    return name, registry[name], params
+
+
+def build(spec: str, registry: dict, what: str):
+    """``registry[NAME](**params)`` for ``NAME[:k=v,...]``; a constructor's complaint becomes one line."""
+    name, cls, params = parse(spec, registry, what)
+    try:
+        return cls(**params)
+    except StablekitError as e:
+        raise StablekitError(f"{what} '{spec}': {e}") from None
+    except (TypeError, ValueError) as e:
+        raise StablekitError(f"{what} '{spec}': {e}; its parameters: {signature_text(cls)}") from None
