@@ -1,12 +1,16 @@
 """Train the embedded default model from scratch on the synthetic world (seeded, resumable).
 
-    python -m stablekit.default_model.train --workdir runs/default --minutes 80
+    python -m stablekit.default_model.train --workdir runs/default_model      # from scratch
+    python -m stablekit.default_model.train --workdir runs/more --init src/stablekit/default_model/weights \
+        --minutes 120                                                           # continue the shipped model
 
 Stages, each cached in the work dir so an interrupted run resumes where it stopped:
   1. render the world: captions, and `variants` images per caption (fresh size/position/rotation
      where the caption leaves them free), plus the duplicated memorization set;
-  2. train the VAE (AutoencoderKL, factor 4, 4 latent channels) on random 32x32 crops;
-  3. encode images to latents and captions to MiniLM token embeddings, once;
+  2. train the VAE (AutoencoderKL, factor 4, 4 latent channels): 1000 steps on random 32x32 crops,
+     then 200 on whole 64x64 images (GroupNorm statistics differ between crops and whole frames);
+  3. encode the images of the first `--use-captions` captions (and the memorization set) to latents,
+     and all captions to MiniLM token embeddings, once;
   4. train the UNet (epsilon prediction, SD's scaled-linear betas) with 10% caption dropout for
      classifier-free guidance, Min-SNR-5 loss weighting, Immiscible Diffusion noise assignment
      (PAPERS.md #33: each image is paired with a nearby noise sample inside the batch by a linear
@@ -134,7 +138,8 @@ def immiscible_noise(x0: torch.Tensor) -> torch.Tensor:
     return noise[torch.from_numpy(cols)]
 
 
-def train_unet(state: dict, ckpt: Path, minutes: float, batch: int, lr: float, log_every: int = 100):
+def train_unet(state: dict, ckpt: Path, minutes: float, batch: int, lr: float, init: Path | None = None,
+               log_every: int = 100):
     lat, cap_idx, text, uncond = state["latents"], state["cap_idx"], state["text"], state["uncond"]
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
     acp = sched.alphas_cumprod
@@ -150,6 +155,8 @@ def train_unet(state: dict, ckpt: Path, minutes: float, batch: int, lr: float, l
         step, elapsed = c["step"], c["elapsed"]
         print(f"resumed at step {step}, {elapsed / 60:.1f} min")
     else:
+        if init is not None:  # continue from shipped weights (fresh optimizer, warm-up again)
+            unet.load_state_dict(UNet2DConditionModel.from_pretrained(init / "unet").state_dict())
         ema.load_state_dict(unet.state_dict())
     budget, t_start, last_save, losses = minutes * 60, time.time() - elapsed, time.time(), []
     bar = tqdm(desc="train UNet", initial=step, mininterval=10)
@@ -223,6 +230,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue training from an exported model folder (its VAE and UNet), e.g. the shipped weights")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.workdir.mkdir(parents=True, exist_ok=True)
@@ -235,6 +244,8 @@ def main(argv=None):
     if a.use_captions < a.captions:  # train on the first captions' images (plus the memorization set) only
         keep = (data["cap_idx"] < a.use_captions) | (data["cap_idx"] >= a.captions)
         data["images"], data["cap_idx"] = data["images"][keep], data["cap_idx"][keep]
+    if a.init is not None and not (a.workdir / "vae").exists():  # keep the latent space of the weights continued
+        AutoencoderKL.from_pretrained(a.init / "vae").save_pretrained(a.workdir / "vae")
     if not (a.workdir / "vae").exists():  # stage 1: crops; stage 2: whole images (GroupNorm sees full frames)
         if not (a.workdir / "vae_crops").exists():
             train_vae(data["images"], a.vae_steps).save_pretrained(a.workdir / "vae_crops")
@@ -248,7 +259,8 @@ def main(argv=None):
         torch.save(dict(latents=lat, text=text[:-1], uncond=text[-1].float(), scaling_factor=float(1 / lat.std())), enc_f)
     enc = torch.load(enc_f)
     print(f"latents {tuple(enc['latents'].shape)} scaling_factor {enc['scaling_factor']:.4f}", flush=True)
-    unet, steps = train_unet(dict(enc, cap_idx=data["cap_idx"]), a.workdir / "unet.ckpt", a.minutes, a.batch, a.lr)
+    unet, steps = train_unet(dict(enc, cap_idx=data["cap_idx"]), a.workdir / "unet.ckpt", a.minutes, a.batch, a.lr,
+                             a.init)
     recipe = dict(vars(a), workdir=str(a.workdir), out=str(a.out), unet_steps=steps,
                   session_wall_minutes=round((time.time() - t0) / 60, 1))
     export(a.out, vae, unet, enc["scaling_factor"], recipe)
