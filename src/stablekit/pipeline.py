@@ -66,7 +66,7 @@ def _load_default(dtype) -> DiffusionPipeline:
         raise StablekitError(f"the embedded default model is missing from {WEIGHTS_DIR}; "
                              "reinstall stablekit or train it with `python -m stablekit.default_model.train`")
     pipe = _load_folder(WEIGHTS_DIR, dtype)
-    pipe.name_or_path = DEFAULT_MODEL
+    pipe.register_to_config(_name_or_path=DEFAULT_MODEL)
     return pipe
 
 
@@ -87,7 +87,14 @@ def _load_folder(path: Path, dtype) -> DiffusionPipeline:
         from .default_model import load_text_encoder  # stablekit-format folders take MiniLM from its package
 
         kwargs["text_encoder"] = load_text_encoder()[0]
-    return PIPELINES[cls_name].from_pretrained(path, dtype=dtype, **kwargs)
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "Expected types for text_encoder: CLIPTextModel" is expected here
+    try:
+        return PIPELINES[cls_name].from_pretrained(path, dtype=dtype, **kwargs)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _load_single_file(path: Path, dtype, config: str | None) -> DiffusionPipeline:

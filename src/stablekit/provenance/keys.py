@@ -41,8 +41,10 @@ class Key:
         path = Path(path)
         data = {"format": FORMAT, "version": VERSION, "method": self.method, "params": self.params,
                 "secret": self.secret.hex()}
-        path.write_text(json.dumps(data, indent=1) + "\n")
-        os.chmod(path, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others
+        os.chmod(path, 0o600)  # also when the file existed with wider permissions
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Key":
