@@ -9,7 +9,8 @@ image against its scene: shape, colour, background, texture and count on single-
 Clopper-Pearson interval; a Fréchet distance on the classifier's features between the generated
 images and renders of the same scenes (with, for scale, the distance between two independent sets of
 renders of that size); the classifier's own accuracy on those renders (``real_*``) and on their
-round trip through the model's autoencoder (``recon_*``, the ceiling for the generator); and
+round trip through the model's autoencoder (``recon_*``, the ceiling for the generator, and its mean
+per-image PSNR ``vae_psnr_db``); and
 seconds per image. Writes the JSON and a PNG grid of samples with their prompts.
 """
 from __future__ import annotations
@@ -118,7 +119,7 @@ def main(args: list[str]) -> dict:
         torch.set_num_threads(a.threads)
     import stablekit
     from stablekit.default_model import classifier as C, world
-    from stablekit.eval.metrics import frechet_distance
+    from stablekit.eval.metrics import frechet_distance, psnr
 
     pipe = stablekit.load(a.model, device=a.device)
     n_pair = max(1, round(0.25 * a.prompts))
@@ -143,6 +144,7 @@ def main(args: list[str]) -> dict:
         if k == "":
             res["fid_classifier"] = round(frechet_distance(feats["gen"], feats["real"]), 4)
             res["fid_classifier_real_vs_real"] = round(frechet_distance(feats["other"], feats["real"]), 4)
+            res["vae_psnr_db"] = round(float(np.mean([psnr(r, x) for r, x in zip(recon, real)])), 2)
     res |= {"seconds_per_image": round(sec_per_image, 4), "batch": a.batch, "image_size": list(images.shape[-2:]),
             "samples": [{"prompt": p, "pred": d} for p, d in zip(prompts[:8], preds[""][:8])]}
     a.json.parent.mkdir(parents=True, exist_ok=True)
