@@ -17,42 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 ATTRS = {"shapes": "shape", "colors": "color", "background": "background", "textures": "texture", "count": "count"}
-
-
-def heldout_prompts(n_single: int, n_pair: int, seed: int):
-    """Scenes (n_single with one object, then n_pair with two) and their paraphrased captions."""
-    from stablekit.default_model import world
-
-    rng = random.Random(seed)
-    scenes = [world.sample_scene(rng, two_prob=0.0) for _ in range(n_single)]
-    scenes += [world.sample_scene(rng, two_prob=1.0) for _ in range(n_pair)]
-    return scenes, [world.caption(s, rng) for s in scenes]
-
-
-def generate(pipe, prompts: list[str], a) -> tuple[torch.Tensor, float]:
-    """Images (N, 3, H, W) in [0, 1], one fresh noise seed per prompt, and seconds per image."""
-    pipe.set_progress_bar_config(disable=True)
-    out, t0 = [], time.perf_counter()
-    for i in range(0, len(prompts), a.batch):
-        gens = [torch.Generator("cpu").manual_seed(a.seed * 100_000 + j)
-                for j in range(i, min(i + a.batch, len(prompts)))]
-        with torch.inference_mode():
-            ims = pipe(prompts[i:i + a.batch], num_inference_steps=a.steps, guidance_scale=a.guidance,
-                       generator=gens, output_type="pt").images
-        out.append(ims.float().cpu())
-        print(f"generated {min(i + a.batch, len(prompts))}/{len(prompts)}", flush=True)
-    return torch.cat(out).clamp(0, 1), (time.perf_counter() - t0) / len(prompts)
 
 
 @torch.no_grad()
@@ -79,29 +50,14 @@ def scores(preds: list[dict], scenes, prefix: str) -> dict:
     return res
 
 
-def grid(images: torch.Tensor, prompts: list[str], path: Path, cols: int = 8, rows: int = 6, cell: int = 160):
-    """Samples upscaled to `cell` pixels, each with its prompt in small text below."""
-    n = min(len(prompts), cols * rows)
-    font, line_h, chars = ImageFont.load_default(), 12, cell // 6
-    text_h = 4 + line_h * max(len(textwrap.wrap(p, chars)) for p in prompts[:n])
-    sheet = Image.new("RGB", (cols * cell, ((n + cols - 1) // cols) * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i in range(n):
-        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
-        arr = (images[i].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-        sheet.paste(Image.fromarray(arr).resize((cell - 4, cell - 4), Image.NEAREST), (x + 2, y + 2))
-        for j, line in enumerate(textwrap.wrap(prompts[i], chars)):
-            draw.text((x + 3, y + cell + j * line_h), line, fill="black", font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-
-
 def parse(args: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="stablekit bench default-model", description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, required=True, help="where to write the results")
     p.add_argument("--prompts", type=int, default=300, help="single-object prompts (two-object: 25%% as many)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance-rescale", type=float, default=None,
+                   help="default: stablekit.pipeline.guidance_rescale(pipe), as `stablekit generate` uses")
     p.add_argument("--seed", type=int, default=777, help="held-out scene seed (training used 0)")
     p.add_argument("--grid", type=Path, default=None, help="PNG grid of samples (default: next to the JSON)")
     p.add_argument("--batch", type=int, default=32)
@@ -119,12 +75,16 @@ def main(args: list[str]) -> dict:
         torch.set_num_threads(a.threads)
     import stablekit
     from stablekit.default_model import classifier as C, world
+    from stablekit.eval.harness import generate, grid, heldout_prompts
     from stablekit.eval.metrics import frechet_distance, psnr
 
     pipe = stablekit.load(a.model, device=a.device)
     n_pair = max(1, round(0.25 * a.prompts))
     scenes, prompts = heldout_prompts(a.prompts, n_pair, a.seed)
-    images, sec_per_image = generate(pipe, prompts, a)
+    if a.guidance_rescale is None:
+        a.guidance_rescale = stablekit.pipeline.guidance_rescale(pipe)
+    images, sec_per_image = generate(pipe, prompts, steps=a.steps, guidance=a.guidance, seed=a.seed, batch=a.batch,
+                                     guidance_rescale=a.guidance_rescale)
     nrng = np.random.default_rng(a.seed)
     real = C.to_tensor([world.render(s, nrng) for s in scenes])
     other_scenes, _ = heldout_prompts(a.prompts, n_pair, a.seed + 1)
@@ -138,6 +98,7 @@ def main(args: list[str]) -> dict:
     single, pair = slice(0, a.prompts), slice(a.prompts, None)
     res = {"model": str(a.model or stablekit.pipeline.DEFAULT_MODEL), "device": str(pipe.device),
            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "steps": a.steps, "guidance": a.guidance,
+           "guidance_rescale": a.guidance_rescale,
            "seed": a.seed, "prompts": a.prompts, "two_object_prompts": n_pair}
     for k, p in preds.items():
         res |= scores(p[single], scenes[single], k) | scores(p[pair], scenes[pair], f"{k}two_object_")

@@ -1,4 +1,4 @@
-"""Benchmark inversion and real-image editing: DDIM, EDICT, null-text and Direct Inversion side by side.
+"""Benchmark inversion and real-image editing: DDIM, EDICT, null-text, Direct Inversion and InfEdit side by side.
 
     stablekit bench inversion --json bench_out/inversion.json [--images 100 --steps 50 --model PATH]
 
@@ -9,7 +9,9 @@ stablekit[bench]``), centre-cropped and resized to the model's size, with hand-w
 Reconstruction, every method at its paper's guidance, per image: error in pixels (PSNR in dB,
 MSE on [0, 1]) and in latents (MSE against the encoded image; PSNR over its peak-to-peak range,
 null when an image comes back exactly), seconds to invert and to reconstruct; the VAE round trip
-alone ("vae") is the ceiling.
+alone ("vae") is the ceiling. InfEdit inverts nothing: its "reconstruction" is an edit to the
+source prompt itself (latent error: between the VAE encodings of output and source), at its own
+paper steps (12) whatever ``--steps`` says.
 
 Editing, world images only, reusing the inversion: the first object's colour, then its shape, is
 swapped for one not in the scene (source prompt: ``world.canonical_caption``; target: the same
@@ -36,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 PHOTOS = {"astronaut": "a photo of an astronaut", "coffee": "a cup of coffee on a saucer",
           "chelsea": "a photo of a tabby cat", "camera": "a black and white photo of a man with a camera",
@@ -108,27 +110,39 @@ def summary(rows: list[dict]) -> dict:
 
 
 def reconstruction(pipe, method: str, image: Image.Image, prompt: str, a):
-    """(Inversion or None, reconstructed image, metrics); method "vae" is the encode-decode round trip."""
+    """(what `edit` takes, or None; reconstructed image; metrics). Method "vae" is the encode-decode round
+    trip; "infedit" inverts nothing: it gives back the image, and reconstructs by editing to the source prompt."""
     from stablekit.edit import decode, invert, reconstruct
     from stablekit.edit.core import encode_image, load_image
-    from stablekit.eval.metrics import psnr
 
     t0 = clock(pipe)
     if method == "vae":
         inv, z0 = None, encode_image(pipe, load_image(pipe, image), a.decoder_steps)
         z, t1 = z0, clock(pipe)
+    elif method == "infedit":  # no inversion: "reconstruction" is an edit to the source prompt itself
+        from stablekit.edit import edit
+
+        out = edit(pipe, image, prompt, prompt, method="infedit", decoder_steps=a.decoder_steps)
+        seconds = clock(pipe) - t0
+        z, z0 = (encode_image(pipe, load_image(pipe, x)).double().cpu() for x in (out, image))
+        return image, out, _metrics(image, out, z, z0, seconds, 0.0)
     else:
         inv = invert(pipe, image, prompt, method, a.steps, decoder_steps=a.decoder_steps)
         t1 = clock(pipe)
         z, z0 = reconstruct(pipe, inv)[-1], inv.latents[-1]
     out = decode(pipe, z)
     t2 = clock(pipe)
+    return inv, out, _metrics(image, out, z.double().cpu(), z0.double().cpu(), t1 - t0, t2 - t1)
+
+
+def _metrics(image, out, z, z0, seconds_invert: float, seconds_reconstruct: float) -> dict:
+    from stablekit.eval.metrics import psnr
+
     x, y = pixels(image), pixels(out)
-    z, z0 = z.double().cpu(), z0.double().cpu()
-    return inv, out, {"pixel_psnr_db": psnr(y, x), "pixel_mse": float(np.mean((y - x) ** 2)),
-                      "latent_psnr_db": psnr(z, z0, data_range=float(z0.max() - z0.min())),
-                      "latent_mse": float(((z - z0) ** 2).mean()), "seconds_invert": t1 - t0,
-                      "seconds_reconstruct": t2 - t1}
+    return {"pixel_psnr_db": psnr(y, x), "pixel_mse": float(np.mean((y - x) ** 2)),
+            "latent_psnr_db": psnr(z, z0, data_range=float(z0.max() - z0.min())),
+            "latent_mse": float(((z - z0) ** 2).mean()), "seconds_invert": seconds_invert,
+            "seconds_reconstruct": seconds_reconstruct}
 
 
 def controller(kind: str, source_word: str, target_word: str):
@@ -139,25 +153,8 @@ def controller(kind: str, source_word: str, target_word: str):
     return PromptToPrompt("replace", blend=(source_word, target_word) if kind == "blend" else ())
 
 
-def grid(rows: list[list[tuple[Image.Image | None, str]]], header: list[str], path: Path, cell: int = 128):
-    """One row per image: (image or None, caption) cells under the column `header`."""
-    font, text_h = ImageFont.load_default(), 14
-    sheet = Image.new("RGB", (len(header) * cell, text_h + len(rows) * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, title in enumerate(header):
-        draw.text((j * cell + 3, 1), title, fill="black", font=font)
-    for i, row in enumerate(rows):
-        y = text_h + i * (cell + text_h)
-        for j, (im, caption) in enumerate(row):
-            if im is not None:
-                sheet.paste(im.resize((cell - 4, cell - 4), Image.NEAREST), (j * cell + 2, y + 2))
-            draw.text((j * cell + 3, y + cell), caption, fill="black", font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-
-
 def parse(args: list[str]) -> argparse.Namespace:
-    from stablekit.edit import METHODS
+    from stablekit.edit import EDIT_METHODS as METHODS
 
     p = argparse.ArgumentParser(prog="stablekit bench inversion", description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, required=True, help="where to write the results")
@@ -204,7 +201,7 @@ def evaluate(pipe, method: str, world_images, photo_images, clf, a) -> tuple[dic
         for name, (word, target) in ([] if inv is None else targets.items()):
             old = getattr(scene.objects[0], name)
             t0 = clock(pipe)
-            result = edit(pipe, inv, prompt, world.canonical_caption(target),
+            result = edit(pipe, inv, prompt, world.canonical_caption(target), method=method,
                           controller=controller(a.controller, old, word))
             seconds, pred = clock(pipe) - t0, C.predict([result], clf)[0]
             keep = outside(scene, target, image.width)
@@ -228,6 +225,7 @@ def main(args: list[str]) -> dict:
         torch.set_num_threads(a.threads)
     import stablekit
     from stablekit.default_model import classifier as C, world
+    from stablekit.eval.harness import table_grid
 
     pipe = stablekit.load(a.model, device=a.device)
     pipe.set_progress_bar_config(disable=True)
@@ -248,7 +246,7 @@ def main(args: list[str]) -> dict:
         cells = [row + more for row, more in zip(cells, new)]
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(res, indent=2))
-    grid(cells, ["source", "vae"] + [f"{m} {c}" for m in a.methods for c in ("rec", *EDITS)], a.grid)
+    table_grid(cells, ["source", "vae"] + [f"{m} {c}" for m in a.methods for c in ("rec", *EDITS)], a.grid)
     for method, entry in res["methods"].items():
         r = entry["reconstruction"]["world"]
         line = f"{method:9s} world PSNR {r['pixel_psnr_db']:.2f} dB, latent MSE {r['latent_mse']:.2e}"

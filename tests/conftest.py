@@ -80,3 +80,22 @@ def run(pipe, prompt="a red star on a gray background", seed=0, steps=3, **kw):
     kw.setdefault("height", 32)
     kw.setdefault("width", 32)
     return pipe(prompt, num_inference_steps=steps, generator=g, output_type="latent", **kw).images
+
+
+@pytest.fixture(scope="module")
+def peaky():
+    """Sharper cross-attention (q and k scaled), so that local-blend masks are neither empty nor full."""
+    pipe = make_tiny_sd()
+    with torch.no_grad():
+        for name, module in pipe.unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_q.weight.mul_(10)
+                module.to_k.weight.mul_(10)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def image():
+    """A smooth random 32x32 image (3, 32, 32) in [0, 1] for the editing tests."""
+    low = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    return torch.nn.functional.interpolate(low, size=32, mode="bilinear")[0]

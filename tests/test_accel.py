@@ -12,13 +12,15 @@ from diffusers import (ControlNetModel, HeunDiscreteScheduler, StableDiffusionCo
 
 import stablekit
 from stablekit import SchedulerPlugin, StablekitError
-from stablekit.accel import DeepCache, EncoderPropagation, FeatureInheritance, autotune, key_steps
+from stablekit.registry import build
+from stablekit.accel import REGISTRY, DeepCache, EncoderPropagation, FeatureInheritance, autotune, key_steps
 from stablekit.accel.encoder_propagation import PAPER_KEY_STEPS
 
 
 @contextmanager
-def runs(unet, *convs):
-    """For each named convolution in the UNet: the model calls (0-based; one per step here) in which it ran.
+def runs(unet, *convs, batch=False):
+    """For each named convolution in the UNet: the model calls (0-based; one per step here) in which it ran,
+    with `batch`: (model call, batch size) pairs.
 
     Counted inside the convolution's own computation, so a module that returns a cached output is not counted.
     """
@@ -26,7 +28,7 @@ def runs(unet, *convs):
     hook = unet.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
 
     def counted(*args, conv_forward, name):
-        seen[name].append(calls[0])
+        seen[name].append((calls[0], args[0].shape[0]) if batch else calls[0])
         return conv_forward(*args)
 
     for n in convs:
@@ -193,7 +195,8 @@ def tiny_controlnet_pipe(tiny_sd):
     return StableDiffusionControlNetPipeline(**tiny_sd.components, controlnet=cn)
 
 
-@pytest.mark.parametrize("plugin", [DeepCache(interval=4), EncoderPropagation(interval=4)], ids=repr)
+@pytest.mark.parametrize("plugin", [DeepCache(interval=4), EncoderPropagation(interval=4),
+                                    EncoderPropagation(interval=4, parallel=True)], ids=repr)
 def test_controlnet_residuals_act_at_cached_steps(tiny_sd, plugin):
     pipe = tiny_controlnet_pipe(tiny_sd)
     a, b = torch.rand(2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -233,3 +236,92 @@ def test_autotune(tiny_sd):
     with pytest.raises(StablekitError, match="target_speedup"):
         autotune(tiny_sd, prompts, target_speedup=100, **kw)
     assert stablekit.attached(tiny_sd) == []
+
+
+# Faster Diffusion (#8): the parallel decoder and prior noise injection
+DECODER = "up_blocks.1.resnets.1.conv1"  # in the last up block: runs in every decoder pass
+
+
+@pytest.mark.parametrize("guidance,rows", [(7.5, 2), (1.0, 1)])
+def test_parallel_decoder_runs_once_per_key_step_for_all_its_steps(tiny_sd, guidance, rows):
+    plugin = EncoderPropagation(parallel=True)
+    with stablekit.use(tiny_sd, plugin), runs(tiny_sd.unet, "conv_in", DECODER, batch=True) as seen:
+        run(tiny_sd, steps=10, guidance_scale=guidance)
+    keys = plugin.full_steps(10)
+    assert keys == [0, 1, 2, 3, 5, 7]
+    assert seen["conv_in"] == [(k, rows) for k in keys]  # the encoder: key steps, one step's batch
+    widths = [b - a for a, b in zip(keys, keys[1:] + [10])]  # a key step and the non-key steps after it
+    assert widths == [1, 1, 1, 2, 2, 3]
+    assert seen[DECODER] == [(k, rows * w) for k, w in zip(keys, widths)]  # the decoder: those steps' batches
+
+
+PARALLEL_CASES = [dict(), dict(interval=3), dict(prior_noise=0.003)]
+
+
+@pytest.mark.parametrize("kw", PARALLEL_CASES, ids=repr)
+def test_parallel_decoder_equals_sequential_propagation(tiny_sd, kw):
+    with stablekit.use(tiny_sd, EncoderPropagation(**kw)):
+        sequential = run(tiny_sd, steps=10)
+    with stablekit.use(tiny_sd, EncoderPropagation(parallel=True, **kw)):
+        parallel = run(tiny_sd, steps=10)
+    assert deviation(parallel, sequential) < 1e-5  # float rounding: only the decoder's batch size differs
+    assert deviation(sequential, run(tiny_sd, steps=10)) > 1e-3  # while propagation does change the output
+
+
+def test_parallel_decoder_sdxl(tiny_sdxl):
+    with stablekit.use(tiny_sdxl, EncoderPropagation(interval=2)):
+        sequential = run(tiny_sdxl, steps=5)
+    with stablekit.use(tiny_sdxl, EncoderPropagation(interval=2, parallel=True)), \
+            runs(tiny_sdxl.unet, DECODER, batch=True) as seen:
+        parallel = run(tiny_sdxl, steps=5)
+    assert seen[DECODER] == [(0, 4), (2, 4), (4, 2)]  # the added text/time embeddings are batched too
+    assert deviation(parallel, sequential) < 1e-5
+
+
+def test_parallel_decoder_reruns_a_step_whose_inputs_changed(tiny_sd):
+    def edit_prompt(pipe, i, t, kw):  # after step 3 (a key step) the text embeddings change
+        return {"prompt_embeds": kw["prompt_embeds"] * 1.5} if i == 3 else {}
+
+    kw = dict(steps=10, callback_on_step_end=edit_prompt, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    with stablekit.use(tiny_sd, EncoderPropagation()):
+        sequential = run(tiny_sd, **kw)
+    with stablekit.use(tiny_sd, EncoderPropagation(parallel=True)), runs(tiny_sd.unet, DECODER, batch=True) as seen:
+        parallel = run(tiny_sd, **kw)
+    assert seen[DECODER] == [(0, 2), (1, 2), (2, 2), (3, 4), (4, 2), (5, 4), (7, 6)]  # step 4 ran its own decoder
+    assert deviation(parallel, sequential) < 1e-5
+
+
+def test_parallel_decoder_with_controlnet_runs_step_by_step(tiny_sd):
+    pipe = tiny_controlnet_pipe(tiny_sd)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with stablekit.use(pipe, EncoderPropagation(interval=4)):
+        sequential = run(pipe, image=image, steps=4)
+    plugin = EncoderPropagation(interval=4, parallel=True)
+    with stablekit.use(pipe, plugin), runs(pipe.unet, DECODER, batch=True) as seen:
+        parallel = run(pipe, image=image, steps=4)
+    assert seen[DECODER] == [(i, 2) for i in range(4)]  # later steps' control residuals are unknown at step 0
+    assert torch.equal(parallel, sequential)
+
+
+def test_prior_noise_injection_acts_only_below_tau(tiny_sd):
+    z_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def trace(plugin):
+        seen = []
+
+        def record(pipe, i, t, kw):
+            seen.append(kw["latents"].clone())
+            return {}
+
+        with stablekit.use(tiny_sd, plugin):
+            run(tiny_sd, steps=10, latents=z_T, callback_on_step_end=record)
+        return seen
+
+    plain = trace(EncoderPropagation(interval=1))  # no propagation: only the injection differs
+    spec = "encoder-propagation:interval=1,prior_noise=0.003,prior_noise_below=500"
+    noisy = trace(build(spec, REGISTRY, "accel"))
+    assert tiny_sd.scheduler.timesteps.tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    for i in range(4):  # before the steps at t = 501 and above: nothing
+        assert torch.equal(noisy[i], plain[i])
+    torch.testing.assert_close(noisy[4] - plain[4], 0.003 * z_T)  # added after step 4, before the step at t = 401
+    assert all(deviation(n, p) > 1e-4 for n, p in zip(noisy[5:], plain[5:]))

@@ -39,8 +39,8 @@ def test_generate_writes_png_with_metadata(generate, out_dir, tiny_sd_path):
     image = Image.open(path)
     assert image.size == (32, 32)
     assert image.text == {"prompt": "a red star", "seed": "3", "negative": "blurry", "steps": "2",
-                          "guidance": "5.0", "size": "32x32", "scheduler": "ddim", "model": str(tiny_sd_path),
-                          "plugins": "", "stablekit": stablekit.__version__}
+                          "guidance": "5.0", "guidance_rescale": "0.0", "size": "32x32", "scheduler": "ddim",
+                          "model": str(tiny_sd_path), "plugins": "", "stablekit": stablekit.__version__}
 
 
 def test_native_size_is_the_default(out_dir, tiny_sd_path):
@@ -88,6 +88,7 @@ BAD = {
     "output folder missing": ["-o", "{tmp}/nowhere/img.png"],
     "output not png": ["-o", "{tmp}/out/img.jpg"],
     "negative guidance": ["--guidance", "-1"],
+    "guidance rescale out of range": ["--guidance-rescale", "2"],
     "zero images": ["--n", "0"],
 }
 

@@ -167,3 +167,37 @@ def test_key_errors_one_line_exit_2_no_file(generate, out_dir, keys, tiny_sd_pat
     for result, fragments in cases:
         one_line_error(result, out_dir, *fragments)
     assert json.loads(keys["seal"].read_text())["method"] == "seal"  # not overwritten
+
+
+def test_guard_is_recorded_and_changes_the_image(generate, out_dir):
+    for name, args in [("plain.png", []), ("guarded.png", ["--guard", "safree:concepts=[star],detect=false"])]:
+        result = generate(*args, output=name)
+        assert result.exit_code == 0, result.output
+    text = Image.open(out_dir / "guarded.png").text
+    assert text["plugins"] == "safree" and text["guard"] == "safree:concepts=[star],detect=false"
+    assert pixels(out_dir / "guarded.png") != pixels(out_dir / "plain.png")
+
+
+def test_unknown_guard_is_one_line(generate, out_dir):
+    one_line_error(generate("--guard", "nope"), out_dir, "nope", "safree")
+    assert not list(out_dir.iterdir())
+
+
+def test_erase_writes_an_adapter_that_generate_applies(generate, out_dir, tiny_sd_path, tmp_path):
+    adapter = tmp_path / "no-star.safetensors"
+    result = invoke("erase", "--concept", "star", "--preserve", "circle", "-o", adapter, "--model", tiny_sd_path)
+    assert result.exit_code == 0 and result.stdout == f"{adapter}\n", result.output
+    assert generate(output="plain.png").exit_code == 0
+    result = generate("--adapter", adapter, output="erased.png")
+    assert result.exit_code == 0, result.output
+    assert Image.open(out_dir / "erased.png").text["adapter"] == adapter.name
+    assert pixels(out_dir / "erased.png") != pixels(out_dir / "plain.png")
+
+
+def test_erase_and_adapter_errors_are_one_line(generate, out_dir, tiny_sd_path, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    one_line_error(generate("--adapter", bad), out_dir, "bad.safetensors")
+    one_line_error(invoke("erase", "--concept", " ", "-o", tmp_path / "a.safetensors", "--model", tiny_sd_path),
+                   out_dir, "--concept")
+    assert not list(out_dir.iterdir()) and not (tmp_path / "a.safetensors").exists()

@@ -20,24 +20,6 @@ def pipe():
     return make_tiny_sd()
 
 
-@pytest.fixture(scope="module")
-def peaky():
-    """Sharper cross-attention (q and k scaled), so that local-blend masks are neither empty nor full."""
-    pipe = make_tiny_sd()
-    with torch.no_grad():
-        for name, module in pipe.unet.named_modules():
-            if name.endswith("attn2"):
-                module.to_q.weight.mul_(10)
-                module.to_k.weight.mul_(10)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def image():
-    low = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    return torch.nn.functional.interpolate(low, size=32, mode="bilinear")[0]
-
-
 class Recorded(PromptToPrompt):
     """Keeps the [source, target] latents and the blend mask after every step."""
 

@@ -11,7 +11,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from .errors import StablekitError  # noqa: E402
 from .pipeline import SCHEDULERS, load, set_scheduler  # noqa: E402
 from .plugins import CallState, Plugin, SchedulerPlugin, WeightEdit, attached, use  # noqa: E402
+from . import protect  # noqa: E402  (callable: stablekit.protect(image, pipe, method=...))
 
 __all__ = ["load", "use", "attached", "set_scheduler", "Plugin", "SchedulerPlugin", "WeightEdit", "CallState",
-           "StablekitError", "SCHEDULERS"]
+           "StablekitError", "SCHEDULERS", "protect"]
 __version__ = "0.1.0"

@@ -17,13 +17,16 @@ import click
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__, accel, attached, load, use
-from .edit import GUIDANCE, METHODS, PromptToPrompt, edit, reconstruct_image
+from . import __version__, accel, attached, load, safety, use
+from .edit import (EDIT_GUIDANCE, EDIT_STEPS, GUIDANCE, PromptToPrompt, UnifiedAttentionControl, edit,
+                   reconstruct_image)
 from .edit.core import read_image
 from .errors import StablekitError
-from .pipeline import DEFAULT_MODEL, SCHEDULERS
+from .pipeline import DEFAULT_MODEL, SCHEDULERS, guidance_rescale as guidance_rescale_for
 from .provenance import FPR, REGISTRY as WATERMARKS, Key, detect, make_key, watermark
 from .provenance.detection import latent_shape
+from .protect import DEFAULTS as PROTECT_DEFAULTS, METHODS as PROTECTIONS, eot as protect_eot, parse_eps, protect
+from .protect import options as protect_options
 from .registry import build, parse
 
 
@@ -181,40 +184,73 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
 @click.option("--seed", default=0, show_default=True, help="Image i uses seed+i.")
 @click.option("--steps", default=25, show_default=True, help="Denoising steps.")
 @click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--guidance-rescale", type=float, default=None,
+              help="Rescale of the guided prediction (0: off) [default: 0.7 for models whose schedule has zero "
+                   "terminal SNR, like the embedded default; else 0].")
 @click.option("--size", default=None, metavar="WxH", help="Image size [default: the model's native size].")
 @click.option("--n", default=1, show_default=True, help="Images per prompt.")
 @click.option("--scheduler", default=None, metavar="NAME[:k=v,...]",
               help=f"Sampler, one of {', '.join(SCHEDULERS)}; k=v override its config [default: the model's own].")
 @click.option("--accel", "accels", multiple=True, metavar="NAME[:k=v,...]",
               help=f"Attach an acceleration plugin, one of {', '.join(accel.REGISTRY)} (repeatable).")
+@click.option("--guard", "guards", multiple=True, metavar="NAME[:k=v,...]",
+              help=f"Attach a safety guard or erasure, one of {', '.join(safety.REGISTRY)}, e.g. "
+                   "safree:concepts=[star] (repeatable).")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=Path),
+              help="Concept-erasure file from `stablekit erase` (repeatable).")
 @click.option("--watermark", "method", type=click.Choice(list(WATERMARKS)), default=None,
               help="Watermark the images with --key-file's key.")
 @click.option("--key-file", type=click.Path(path_type=Path), default=None,
               help="Watermark key from `stablekit keygen`; alone it implies --watermark with the key's method.")
 @click.option("--negative", default=None, help="Negative prompt.")
 @click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
-def generate(prompts, output, model, seed, steps, guidance, size, n, scheduler, accels, method, key_file, negative,
-             device):
+def generate(prompts, output, model, seed, steps, guidance, guidance_rescale, size, n, scheduler, accels, guards,
+             adapters, method, key_file, negative, device):
     """Generate images from PROMPT(s); print each written path."""
     wh = parse_size(size)
     _check_generate(prompts, output, steps, guidance, n)
+    if guidance_rescale is not None and not 0 <= guidance_rescale <= 1:
+        raise StablekitError(f"--guidance-rescale {guidance_rescale}: must lie in [0, 1]")
     plugins = [build(spec, accel.REGISTRY, "accel") for spec in accels]
+    plugins += [build(spec, safety.REGISTRY, "guard") for spec in guards]
+    plugins += [safety.UCE.load(path) for path in adapters]
     mark, wh = _watermark_plugin(method, key_file, wh)
     pipe = _load_quietly(model, device, scheduler=scheduler)
     use(pipe, *plugins, *([mark] if mark else []))
     w, h = wh or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     jobs = [p for p in prompts for _ in range(n)]
-    common = dict(negative=negative or "", steps=steps, guidance=guidance, size=f"{w}x{h}",
+    rescale = guidance_rescale_for(pipe) if guidance_rescale is None else guidance_rescale
+    common = dict(negative=negative or "", steps=steps, guidance=guidance, guidance_rescale=rescale, size=f"{w}x{h}",
                   scheduler=scheduler.strip() if scheduler else _scheduler_name(pipe), model=model or DEFAULT_MODEL,
                   plugins=",".join(p.name for p in attached(pipe)), stablekit=__version__)
-    if accels:
-        common["accel"] = " ".join(spec.strip() for spec in accels)
+    for key, specs in (("accel", accels), ("guard", guards), ("adapter", [p.name for p in adapters])):
+        if specs:
+            common[key] = " ".join(spec.strip() for spec in specs)
     for i, (prompt, path) in enumerate(zip(jobs, output_paths(output, len(jobs)))):
         pipe.set_progress_bar_config(disable=None, desc=f"image {i + 1}/{len(jobs)}")
         image = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                     guidance_rescale=rescale,
                      height=h, width=w, generator=torch.Generator("cpu").manual_seed(seed + i)).images[0]
         save_png(image, path, dict(prompt=prompt, seed=seed + i, **common))
         click.echo(str(path))
+
+
+@cli.command()
+@click.option("--method", type=click.Choice(["uce"]), default="uce", show_default=True,
+              help="Erasure method (UCE: closed-form cross-attention edit).")
+@click.option("--concept", "concepts", multiple=True, required=True, help="Concept to erase (repeatable).")
+@click.option("--preserve", multiple=True, help="Concept to keep unchanged (repeatable).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="safetensors file to write.")
+@click.option("--model", default=None, help=_MODEL_HELP)
+@click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
+def erase(method, concepts, preserve, output, model, device):
+    """Erase CONCEPTs from a model's weights; use the file with `generate --adapter`."""
+    _check_output(output, "adapter.safetensors")
+    if not all(c.strip() for c in concepts):
+        raise StablekitError("--concept must not be empty")
+    edit = safety.UCE(concepts=list(concepts), preserve=list(preserve)).fit(_load_quietly(model, device))
+    write_atomically(output, edit.save)
+    click.echo(str(output))
 
 
 # ---------------------------------------------------------------- watermark keys and detection
@@ -319,30 +355,37 @@ def parse_weights(weights: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-def _controller(name: str | None, weights: tuple[str, ...], blend: tuple[str, ...]) -> PromptToPrompt | None:
+def _controller(name: str | None, weights: tuple[str, ...], blend: tuple[str, ...],
+                method: str) -> PromptToPrompt | None:
     if name is None:
         if weights or blend:
             raise StablekitError("--weight and --blend need a --controller (replace, refine or reweight)")
         return None
     if name == "reweight" and not weights:
         raise StablekitError("--controller reweight needs at least one --weight WORD=SCALE, e.g. --weight red=2")
-    return PromptToPrompt("replace" if name == "replace" else "refine", weights=parse_weights(weights), blend=blend)
+    kind = UnifiedAttentionControl if method == "infedit" else PromptToPrompt
+    return kind("replace" if name == "replace" else "refine", weights=parse_weights(weights), blend=blend)
 
 
-def _inversion_options(f):
-    for option in reversed([
-        click.option("--method", type=click.Choice(METHODS), default="direct", show_default=True,
-                     help="Inversion method."),
-        click.option("--steps", default=50, show_default=True, help="DDIM steps of the inversion."),
-        click.option("--guidance", type=float, default=None,
-                     help="Classifier-free guidance [default: the method's paper's, " +
-                     ", ".join(f"{m} {g:g}" for m, g in GUIDANCE.items()) + "]."),
-        click.option("--decoder-steps", default=0, show_default=True, help="Decoder-inversion steps (0: off)."),
-        click.option("--model", default=None, help=_MODEL_HELP),
-        click.option("--device", default=None, help="cuda, mps or cpu [default: the best available]."),
-    ]):
-        f = option(f)
-    return f
+def _inversion_options(guidance: dict[str, float], steps: int | None = 50, method_help: str = "Inversion method.",
+                       steps_help: str = "DDIM steps of the inversion."):
+    """--method (a key of `guidance`, the methods' default guidance), --steps (default `steps`), --guidance,
+    --decoder-steps, --model and --device."""
+    def decorate(f):
+        for option in reversed([
+            click.option("--method", type=click.Choice(list(guidance)), default="direct", show_default=True,
+                         help=method_help),
+            click.option("--steps", type=int, default=steps, show_default=steps is not None, help=steps_help),
+            click.option("--guidance", type=float, default=None,
+                         help="Classifier-free guidance [default: the method's paper's, " +
+                         ", ".join(f"{m} {g:g}" for m, g in guidance.items()) + "]."),
+            click.option("--decoder-steps", default=0, show_default=True, help="Decoder-inversion steps (0: off)."),
+            click.option("--model", default=None, help=_MODEL_HELP),
+            click.option("--device", default=None, help="cuda, mps or cpu [default: the best available]."),
+        ]):
+            f = option(f)
+        return f
+    return decorate
 
 
 @cli.command("edit")
@@ -350,25 +393,28 @@ def _inversion_options(f):
 @click.option("--source", required=True, help="Prompt that describes IMAGE.")
 @click.option("--target", required=True, help="Prompt that describes the edited image.")
 @click.option("--controller", type=click.Choice(["replace", "refine", "reweight"]), default=None,
-              help="Prompt-to-prompt attention control: replace (word swap), refine (added words), reweight "
-                   "(refine with --weight) [default: none].")
+              help="Prompt-to-prompt attention control (with --method infedit, InfEdit's unified attention control): "
+                   "replace (word swap), refine (added words), reweight (refine with --weight) [default: none].")
 @click.option("--weight", "weights", multiple=True, metavar="WORD=SCALE", help="Scale a target word's attention.")
 @click.option("--blend", multiple=True, metavar="WORD", help="Local blend: edit only where WORD attends.")
 @click.option("-o", "--output", default="edit.png", show_default=True, type=click.Path(path_type=Path),
               help="PNG file to write.")
-@_inversion_options
+@_inversion_options(EDIT_GUIDANCE, None, "Editing method: an inversion, or infedit (none needed; --guidance is "
+                    "the target branch's, the source's is 1).",
+                    f"Diffusion steps [default: the method's paper's, 50, infedit {EDIT_STEPS['infedit']}].")
 def edit_command(image, source, target, controller, weights, blend, output, method, steps, guidance, decoder_steps,
                  model, device):
     """Edit IMAGE from the --source prompt to the --target prompt; print the written path."""
+    steps = EDIT_STEPS[method] if steps is None else steps
     _check_inversion(steps, guidance, decoder_steps, output)
-    plugin = _controller(controller, weights, blend)
+    plugin = _controller(controller, weights, blend, method)
     picture = read_image(image)
     pipe = _load_quietly(model, device)
     if plugin is not None:
         plugin.prepare(pipe.tokenizer, source, target)  # fail before the inversion, not after it
     out = edit(pipe, picture, source, target, method, controller=plugin, steps=steps, guidance=guidance,
                decoder_steps=decoder_steps)
-    guidance = GUIDANCE[method] if guidance is None else guidance
+    guidance = EDIT_GUIDANCE[method] if guidance is None else guidance
     save_png(out, output, dict(source=source, target=target, method=method, controller=controller or "",
                                weights=",".join(weights), blend=",".join(blend), steps=steps, guidance=guidance,
                                decoder_steps=decoder_steps, model=model or DEFAULT_MODEL, stablekit=__version__))
@@ -382,7 +428,7 @@ def edit_command(image, source, target, controller, weights, blend, output, meth
               "its PSNR against IMAGE.")
 @click.option("-o", "--output", default="reconstruction.png", show_default=True, type=click.Path(path_type=Path),
               help="PNG file to write.")
-@_inversion_options
+@_inversion_options(GUIDANCE)
 def invert_command(image, prompt, reconstruct, output, method, steps, guidance, decoder_steps, model, device):
     """Invert IMAGE under --prompt; with --reconstruct, write the reconstruction and print its PSNR."""
     if not reconstruct:
@@ -398,6 +444,60 @@ def invert_command(image, prompt, reconstruct, output, method, steps, guidance, 
                                stablekit=__version__))
     click.echo(str(output))
     click.echo(f"reconstruction PSNR: {db:.2f} dB")
+
+
+# ---------------------------------------------------------------- protect
+
+@cli.command("protect")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("-o", "--output", default="protected.png", show_default=True, type=click.Path(path_type=Path),
+              help="PNG file to write (lossless: JPEG would erase much of the protection).")
+@click.option("--method", type=click.Choice(list(PROTECTIONS)), default="sds", show_default=True,
+              help="encoder (PhotoGuard), semantic (AdvDM), sds (Diff-Protect score distillation), diffusionguard "
+                   "(against inpainting; needs --mask).")
+@click.option("--mask", type=click.Path(path_type=Path), default=None,
+              help="Image of IMAGE's size, white over the region to protect: only those pixels change.")
+@click.option("--eps", default="8/255", show_default=True,
+              help="L-infinity budget in [0, 1] pixel units, e.g. 8/255 or 16/255.")
+@click.option("--steps", type=int, default=None, help="PGD steps [default: the method's, " +
+              ", ".join(f"{m} {d['steps']}" for m, d in PROTECT_DEFAULTS.items()) + "].")
+@click.option("--step-size", default=None, help="PGD step in pixel units, e.g. 1/255 [default: the method's].")
+@click.option("--mode", default=None, help="encoder: toward|away; semantic, sds: max|min [default: the method's, "
+              + ", ".join(f"{m} {d['mode']}" for m, d in PROTECT_DEFAULTS.items() if "mode" in d) + "].")
+@click.option("--prompt", default=None, help="Prompt of the denoiser's loss [default: the method's].")
+@click.option("--eot", multiple=True, type=click.Choice([*protect_eot.TRANSFORMS, "all"]),
+              help="Optimise through this transformation too, drawn at random per step (repeatable).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="Precision of the VAE and UNet during the attack [default: the model's].")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random start, timesteps and noise.")
+@click.option("--model", default=None, help=_MODEL_HELP)
+@click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
+def protect_command(image, output, method, mask, eps, steps, step_size, mode, prompt, eot, dtype, seed, model,
+                    device):
+    """Protect IMAGE against diffusion mimicry and editing; print the written path."""
+    budget = parse_eps(eps, "--eps")
+    step = None if step_size is None else parse_eps(step_size, "--step-size")
+    if steps is not None and steps < 1:
+        raise StablekitError(f"--steps {steps}: the number of PGD steps must be at least 1, e.g. --steps 100")
+    settings = protect_options(method, steps, step, mode, prompt)
+    _check_output(output)
+    picture = read_image(image)
+    region = None
+    if mask is not None:
+        region = read_image(mask)
+        if region.size != picture.size:
+            raise StablekitError(f"mask '{mask}' is {region.width}x{region.height} but image '{image}' is "
+                                 f"{picture.width}x{picture.height}; give a mask of the image's size")
+    elif method == "diffusionguard":
+        raise StablekitError("--method diffusionguard needs --mask MASK: white over the region to protect "
+                             "(what an inpainting editor keeps)")
+    pipe = _load_quietly(model, device)
+    out = protect(picture, pipe, method, eps=budget, steps=settings["steps"], step_size=settings["step_size"],
+                  mask=region, eot=list(eot), dtype=dtype, mode=mode, prompt=prompt, seed=seed)
+    save_png(out, output, dict(method=method, eps=f"{budget:.6g}", steps=settings["steps"],
+                               step_size=f"{settings['step_size']:.6g}", mode=settings.get("mode", ""),
+                               eot=",".join(eot), seed=seed, model=model or DEFAULT_MODEL, stablekit=__version__))
+    click.echo(str(output))
 
 
 # ---------------------------------------------------------------- bench

@@ -1,6 +1,7 @@
 """Loading pipelines: the embedded default model, local diffusers folders, single files, hub ids."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -14,13 +15,14 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
 from .errors import StablekitError
 from .registry import parse
 from .sampling.momentum import GHVBScheduler, HBDPMSolverScheduler, HBScheduler
+from .sampling.schedule_search import SearchedScheduler
 
 SCHEDULERS = {
     "ddim": DDIMScheduler, "ddpm": DDPMScheduler, "pndm": PNDMScheduler, "plms": PNDMScheduler,
     "dpm++": DPMSolverMultistepScheduler, "dpmsolver": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler, "euler-a": EulerAncestralDiscreteScheduler, "heun": HeunDiscreteScheduler,
     "lms": LMSDiscreteScheduler, "unipc": UniPCMultistepScheduler, "lcm": LCMScheduler,
-    "hb": HBScheduler, "hb-dpm++": HBDPMSolverScheduler, "ghvb": GHVBScheduler,
+    "hb": HBScheduler, "hb-dpm++": HBDPMSolverScheduler, "ghvb": GHVBScheduler, "searched": SearchedScheduler,
 }
 PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
 DEFAULT_MODEL = "stablekit-default"
@@ -28,15 +30,28 @@ DEFAULT_MODEL = "stablekit-default"
 
 def set_scheduler(pipe: DiffusionPipeline, spec: str | None) -> DiffusionPipeline:
     """Swap the pipeline's scheduler for ``NAME[:k=v,...]``, NAME one of :data:`SCHEDULERS` (which other
-    modules may extend), keeping its noise schedule; the ``k=v`` go to ``from_config(config, **params)``."""
+    modules may extend), keeping its noise schedule; the ``k=v`` go to ``from_config(config, **params)``.
+    A config without ``clip_sample`` (e.g. DPM-Solver's) gives DDIM/DDPM ``clip_sample=False``, not their
+    pixel-space default True, which would clip latent x0 predictions to [-1, 1]."""
     if spec is None:
         return pipe
     _, cls, params = parse(spec, SCHEDULERS, "scheduler")
+    if "clip_sample" in inspect.signature(cls.__init__).parameters and "clip_sample" not in pipe.scheduler.config:
+        params = {"clip_sample": False, **params}
     try:
         pipe.scheduler = cls.from_config(pipe.scheduler.config, **params)
     except (TypeError, ValueError, NotImplementedError) as e:
         raise StablekitError(f"scheduler '{spec}': {e}") from None
     return pipe
+
+
+def guidance_rescale(pipe: DiffusionPipeline) -> float:
+    """The classifier-free-guidance rescale a pipeline should sample with by default: 0.7 where its
+    schedule has (near) zero terminal SNR, as Lin et al. ("Common diffusion noise schedules and sample
+    steps are flawed", WACV 2024) prescribe with such schedules against over-exposure at high guidance
+    (the embedded default model); 0 otherwise (SD's own schedules)."""
+    acp = getattr(pipe.scheduler, "alphas_cumprod", None)
+    return 0.7 if acp is not None and float(acp[-1]) < 1e-6 else 0.0
 
 
 def _device(device: str | None) -> str:

@@ -13,8 +13,9 @@ A :class:`Plugin` uses one or more seams:
 ``use(pipe, *plugins)`` attaches them and returns a handle whose ``remove()`` (or the end of a
 ``with`` block) restores the pipeline exactly. The pipeline is then called as usual. At the start of
 every call each plugin's :meth:`Plugin.reset` receives a fresh :class:`CallState`, whose ``step``
-counts completed scheduler steps (never looked up from the timestep value) and whose ``do_cfg``
-says whether model batches are ``[uncond, cond]`` halves.
+counts completed scheduler steps (never looked up from the timestep value), whose ``do_cfg``
+says whether model batches are ``[uncond, cond]`` halves, and whose ``initial_latents`` are the
+latents the sampling loop starts from (read-only: plugins that set them use ``make_latents``).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class CallState:
     step: int = 0  # scheduler steps completed so far in this call
     num_steps: int | None = None
     timesteps: torch.Tensor | None = None
+    initial_latents: torch.Tensor | None = None  # what the pipeline's prepare_latents returned
     scratch: dict = field(default_factory=dict)
 
     def halves(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -161,7 +163,9 @@ class _Session:
             shape = (bound["batch_size"], bound["num_channels_latents"], int(bound["height"]) // f, int(bound["width"]) // f)
             bound["latents"] = makers[0].make_latents(self.call, shape, bound["generator"], bound["dtype"], bound["device"])
         bound.pop("self")
-        return fn(self.pipe, **bound)
+        out = fn(self.pipe, **bound)
+        self.call.initial_latents = out if isinstance(out, torch.Tensor) else out[0]
+        return out
 
     def _set_timesteps(self, *args, **kwargs):
         if self.call.step:  # a new call that did not go through encode_prompt

@@ -5,7 +5,8 @@
 
 * :class:`DeepCache` (PAPERS.md #5): reuse the deep features, recompute a shallow branch;
   :func:`autotune` picks its interval and branch for a pipeline and a deviation or speed target.
-* :class:`EncoderPropagation` (#8, Faster Diffusion): skip the encoder at non-key steps.
+* :class:`EncoderPropagation` (#8, Faster Diffusion): skip the encoder at non-key steps; ``parallel=True``
+  runs the decoders of a key step and its non-key steps as one batch; ``prior_noise`` injects the initial noise.
 * :class:`FeatureInheritance` (#6, A-SDM): chosen blocks inherit their last output at chosen steps.
 
 They share :func:`key_steps` (the step schedules) and :class:`StepCache` (the hooks), in ``caching.py``.

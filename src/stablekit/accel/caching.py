@@ -3,7 +3,8 @@
 DeepCache (PAPERS.md #5), encoder propagation (#8) and feature inheritance (#6) differ only in *which* UNet
 modules they skip and *at which steps*. :class:`StepCache` holds everything else. A hook on the UNet decides
 once per model call whether this is a key step (every module runs and its output is stored) or a cached step
-(the chosen modules return their stored output without running). The step is the counted ``call.step``,
+(the chosen modules return their stored output without running), then runs the call through the plugin's
+``model_call`` (where encoder propagation batches decoders). The step is the counted ``call.step``,
 never looked up from the timestep value, so any scheduler works (second-order ones count each model call).
 Stored outputs keep the whole batch, so the ``[uncond, cond]`` halves of guidance stay paired; each model call
 within a step has its own slot, for pipelines that run extra UNet passes per step.
@@ -56,15 +57,15 @@ def _quadratic(n: int, k: int, c: float, power: float) -> set[int]:
 
 
 class _StepHook(ModelHook):
-    """On the UNet: decide once per model call whether this is a key step."""
+    """On the UNet: decide once per model call whether this is a key step, then let the plugin run the call."""
 
     def __init__(self, plugin: StepCache):
         super().__init__()
         self.plugin = plugin
 
-    def pre_forward(self, module, *args, **kwargs):
+    def new_forward(self, module, *args, **kwargs):
         self.plugin._begin_model_call()
-        return args, kwargs
+        return self.plugin.model_call(self.fn_ref.original_forward, args, kwargs)
 
 
 class _ReplayHook(ModelHook):
@@ -85,6 +86,7 @@ class StepCache(Plugin):
     """Base of the caching plugins: key steps as in :func:`key_steps`; subclasses say which modules to skip."""
 
     exclusive = ("UNet feature cache",)
+    replay_hook = _ReplayHook  # the hook put on each skipped module
 
     def __init__(self, interval: int = 1, schedule="uniform", center: float = 0.3, power: float = 1.4,
                  reference_steps: int | None = None):
@@ -112,7 +114,7 @@ class StepCache(Plugin):
         modules = self.skipped_modules(pipe.unet)
         self.add_hook(pipe.unet, _StepHook(self))
         for name, module in modules.items():
-            self.add_hook(module, _ReplayHook(self, name))
+            self.add_hook(module, self.replay_hook(self, name))
 
     def detach(self, pipe):
         self.pipe = None
@@ -122,12 +124,19 @@ class StepCache(Plugin):
         super().reset(call)
         self._clear()
 
+    def model_call(self, forward, args: tuple, kwargs: dict):
+        """Run one UNet call (`forward` is the UNet's own); subclasses may run it differently."""
+        return forward(*args, **kwargs)
+
+    def _steps_run(self) -> int | None:
+        # diffusers pipelines set num_timesteps to the steps this call runs (img2img runs only the last
+        # strength * N of the scheduler's N timesteps, which is what call.num_steps counts)
+        return getattr(self.pipe, "num_timesteps", None) or self.call.num_steps
+
     def _begin_model_call(self):
         step = self.call.step
         if self._step is None:  # first model call of this pipeline call
-            # diffusers pipelines set num_timesteps to the steps this call runs (img2img runs only the last
-            # strength * N of the scheduler's N timesteps, which is what call.num_steps counts)
-            n = getattr(self.pipe, "num_timesteps", None) or self.call.num_steps
+            n = self._steps_run()
             self._keys = set(self.full_steps(n)) if n else None
         self.slot = self.slot + 1 if step == self._step else 0
         self._step = step

@@ -11,8 +11,13 @@ Stages, each cached in the work dir so an interrupted run resumes where it stopp
      then 200 on whole 64x64 images (GroupNorm statistics differ between crops and whole frames);
   3. encode the images of the first `--use-captions` captions (and the memorization set) to latents,
      and all captions to MiniLM token embeddings, once;
-  4. train the UNet (epsilon prediction, SD's scaled-linear betas) with 10% caption dropout for
-     classifier-free guidance, Min-SNR-5 loss weighting, Immiscible Diffusion noise assignment
+  4. train the UNet (v-prediction on SD's scaled-linear betas rescaled to zero terminal SNR, sampled with
+     "trailing" timesteps, after Lin et al. "Common diffusion noise schedules and sample steps are flawed":
+     with SD's own schedule the last timestep still leaks sqrt(0.0047) of the image, so the 16x16 latent's
+     mean -- the background colour -- was read from the initial noise and the prompt was ignored; the
+     terminal alpha_bar is floored at 2**-24, as diffusers does, so every scheduler can take the betas),
+     with 10% caption dropout for classifier-free guidance, Min-SNR-5 loss weighting (floored at weight 1 on
+     x0 so the high-noise steps that fix the layout keep their weight), Immiscible Diffusion noise assignment
      (PAPERS.md #33: each image is paired with a nearby noise sample inside the batch by a linear
      assignment), AdamW with warm-up and cosine decay over the time budget, and EMA weights;
   5. export a diffusers folder (EMA UNet, VAE, tokenizer, scheduler) to ``--out``.
@@ -31,13 +36,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 from . import MAX_LENGTH, WEIGHTS_DIR, load_text_encoder, world
 
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                        prediction_type="epsilon", steps_offset=1)
+
+
+def zero_snr_betas(floor: float = 2.0 ** -24) -> list[float]:
+    """SD's scaled-linear betas rescaled to (almost) zero terminal SNR, written out as `trained_betas`
+    so that every scheduler, including those without a `rescale_betas_zero_snr` option, uses them."""
+    betas = rescale_zero_terminal_snr(torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2)
+    acp = torch.cumprod(1 - betas, 0)
+    betas[-1] = 1 - floor / acp[-2]
+    return betas.tolist()
+
+
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, trained_betas=zero_snr_betas(), prediction_type="v_prediction",
+                        timestep_spacing="trailing", steps_offset=1)  # offset unused by "trailing"; silences a warning
 MEMO_NAMES = ["zorvex", "quillon", "marbeth", "tessaly", "vondrik", "halcyra", "brumwell", "oxiana", "peltrix", "sundar"]
 
 
@@ -172,8 +189,8 @@ def train_unet(state: dict, ckpt: Path, minutes: float, batch: int, lr: float, i
         noise = immiscible_noise(x0)
         t = torch.randint(0, 1000, (batch,))
         pred = unet(sched.add_noise(x0, noise, t), t, cond).sample
-        w = torch.clamp(snr[t], max=5.0) / snr[t]  # Min-SNR-5 for epsilon prediction
-        loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        w = snr[t].clamp(1.0, 5.0) / (snr[t] + 1)  # Min-SNR-5 on x0 error, floored at 1, for v-prediction
+        loss = (w * (pred - sched.get_velocity(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -222,7 +239,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--captions", type=int, default=20000)
     p.add_argument("--variants", type=int, default=3)
-    p.add_argument("--use-captions", type=int, default=8000, help="encode and train on this many captions' images")
+    p.add_argument("--use-captions", type=int, default=20000, help="encode and train on this many captions' images")
     p.add_argument("--memo-copies", type=int, default=40)
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--vae-full-steps", type=int, default=200)
@@ -261,7 +278,7 @@ def main(argv=None):
     print(f"latents {tuple(enc['latents'].shape)} scaling_factor {enc['scaling_factor']:.4f}", flush=True)
     unet, steps = train_unet(dict(enc, cap_idx=data["cap_idx"]), a.workdir / "unet.ckpt", a.minutes, a.batch, a.lr,
                              a.init)
-    recipe = dict(vars(a), workdir=str(a.workdir), out=str(a.out), unet_steps=steps,
+    recipe = dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, unet_steps=steps,
                   session_wall_minutes=round((time.time() - t0) / 60, 1))
     export(a.out, vae, unet, enc["scaling_factor"], recipe)
     print(f"exported to {a.out} after {steps} UNet steps", flush=True)

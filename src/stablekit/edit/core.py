@@ -158,19 +158,21 @@ def _map(fn, *kws):
 
 
 def eps(pipe, sched: Schedule, z: torch.Tensor, i: int, cond: dict, uncond: dict | None = None,
-        guidance: float = 1.0) -> torch.Tensor:
+        guidance: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Noise prediction of the unet at step `i` for latents `z` (one row per branch), in z's dtype:
     ``u + guidance * (c - u)`` from one batched call on [uncond, cond], or the `cond` call alone
-    when `guidance` is 1. v-prediction outputs are converted to noise."""
+    when `guidance` is the number 1 (a tensor, broadcast over z's rows, always takes both halves).
+    v-prediction outputs are converted to noise."""
     unet = pipe.unet
-    if guidance != 1:
+    guided = torch.is_tensor(guidance) or guidance != 1
+    if guided:
         cond, z = _map(lambda u, c: torch.cat([u, c]), uncond, cond), torch.cat([z, z])
     kw = _map(lambda v: v.to(unet.dtype), cond)
     out = unet(z.to(unet.dtype), sched.timesteps[i], **kw, return_dict=False)[0].to(z.dtype)
     if sched.prediction == "v_prediction":
         a = sched.alphas[i].item()
         out = a ** 0.5 * out + (1 - a) ** 0.5 * z
-    if guidance == 1:
+    if not guided:
         return out
     u, c = out.chunk(2)
     return u + guidance * (c - u)

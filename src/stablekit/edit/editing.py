@@ -1,32 +1,49 @@
-"""Real-image editing: invert with the source prompt, regenerate with the target prompt."""
+"""Real-image editing: invert with the source prompt and regenerate with the target prompt, or InfEdit
+(:mod:`.infedit`), which inverts nothing."""
 from __future__ import annotations
 
 from contextlib import nullcontext
 
+import torch
+
 from ..errors import StablekitError
 from ..plugins import CallState, Plugin, use
-from .core import decode, encode_prompts
-from .inversion import Inversion, denoise, invert
+from . import infedit
+from .core import Schedule, decode, encode_image, encode_prompts, load_image
+from .inversion import GUIDANCE, METHODS, Inversion, denoise, invert
+
+EDIT_METHODS = (*METHODS, "infedit")
+EDIT_STEPS = {**dict.fromkeys(METHODS, 50), "infedit": infedit.STEPS}  # each paper's default
+EDIT_GUIDANCE = {**GUIDANCE, "infedit": infedit.GUIDANCE}  # the target's, for InfEdit
 
 
 def edit(pipe, image, source_prompt: str, target_prompt: str, method: str = "direct", controller: Plugin | None = None,
-         steps: int = 50, guidance: float | None = None, **options):
+         steps: int | None = None, guidance: float | None = None, **options):
     """Edit `image` (path, PIL image or tensor in [0, 1]) from `source_prompt` to `target_prompt`; a PIL image.
 
-    The image is inverted under the source prompt with `method` (see :func:`.inversion.invert`, which
-    takes `options`; an :class:`.inversion.Inversion` made under the source prompt may be passed as
-    `image` instead, and is reused whatever `method`, `steps`, `guidance` and `options` say), then
-    two branches are denoised together from the inverted noise along the method's reconstruction
-    path: the source (prompt `source_prompt`; Direct Inversion adds its offsets here only) and the
-    target (prompt `target_prompt`), whose result is returned.
+    With an inversion `method` the image is inverted under the source prompt (see
+    :func:`.inversion.invert`, which takes `options`; an :class:`.inversion.Inversion` made under the
+    source prompt may be passed as `image` instead, and is reused whatever `method`, `steps`,
+    `guidance` and `options` say), then two branches are denoised together from the inverted noise
+    along the method's reconstruction path: the source (prompt `source_prompt`; Direct Inversion
+    adds its offsets here only) and the target (prompt `target_prompt`), whose result is returned.
+    With ``method="infedit"`` the branches are sampled by :func:`.infedit.sample` instead (`options`:
+    ``source_guidance``, ``seed``, ``decoder_steps``); `guidance` is the target's.
+    `steps` and `guidance` default to the method's paper (:data:`EDIT_STEPS`, :data:`EDIT_GUIDANCE`).
 
-    `controller`, a :class:`~stablekit.Plugin` (e.g. :class:`.prompt_to_prompt.PromptToPrompt`), is attached
-    for the regeneration. It gets a fresh :class:`~stablekit.CallState` whose ``step`` counts the
-    steps done (model batches are ``[uncond_src, uncond_tgt, cond_src, cond_tgt]`` when ``do_cfg``),
-    and its ``on_step_end`` sees the ``[source, target]`` latents after every step.
+    `controller`, a :class:`~stablekit.Plugin` (e.g. :class:`.prompt_to_prompt.PromptToPrompt`, or for
+    InfEdit :class:`.infedit.UnifiedAttentionControl`), is attached for the regeneration. It gets a
+    fresh :class:`~stablekit.CallState` whose ``step`` counts the steps done and whose ``prompt``
+    lists the branches' prompts (model batches are ``[uncond branches, cond branches]`` when
+    ``do_cfg``), and its ``on_step_end`` sees the latents of the branches after every step.
     """
     if not isinstance(target_prompt, str):
         raise StablekitError(f"the target prompt must be a string, got {type(target_prompt).__name__}")
+    if method not in EDIT_METHODS:
+        raise StablekitError(f"unknown editing method '{method}'; choose one of: {', '.join(EDIT_METHODS)}")
+    steps = EDIT_STEPS[method] if steps is None else steps
+    if method == "infedit":
+        return _infedit(pipe, image, source_prompt, target_prompt, controller, steps, guidance, **options)
     if not isinstance(image, Inversion):
         inv = invert(pipe, image, source_prompt, method, steps, guidance, **options)
     elif image.prompt != source_prompt:
@@ -34,16 +51,39 @@ def edit(pipe, image, source_prompt: str, target_prompt: str, method: str = "dir
                              f"'{source_prompt}'")
     else:
         inv = image
-    call = CallState(do_cfg=inv.guidance != 1, prompt=[source_prompt, target_prompt],
-                     num_steps=len(inv.schedule), timesteps=inv.schedule.timesteps)
+    traj = _controlled(pipe, controller, [source_prompt, target_prompt], inv.latents[0], inv.schedule,
+                       inv.guidance != 1, lambda text, on_step: denoise(pipe, inv, text, on_step))
+    return decode(pipe, traj[-1, -1:])
+
+
+def _infedit(pipe, image, source_prompt, target_prompt, controller, steps, guidance,
+             source_guidance: float = infedit.SOURCE_GUIDANCE, seed: int = 0, decoder_steps: int = 0):
+    if isinstance(image, Inversion):
+        raise StablekitError("InfEdit inverts nothing: pass the image itself, not an Inversion")
+    if int(steps) < 1:
+        raise StablekitError(f"need steps >= 1 (got steps={steps})")
+    z0 = encode_image(pipe, load_image(pipe, image), decoder_steps)
+    sched = Schedule(pipe, int(steps))
+    layout = isinstance(controller, infedit.UnifiedAttentionControl)
+    prompts = [source_prompt, source_prompt, target_prompt] if layout else [source_prompt, target_prompt]
+    scales = [float(source_guidance)] * (len(prompts) - 1) + [infedit.GUIDANCE if guidance is None else float(guidance)]
+    generator = torch.Generator().manual_seed(int(seed))
+    traj = _controlled(pipe, controller, prompts, z0, sched, any(s != 1 for s in scales),
+                       lambda text, on_step: infedit.sample(pipe, sched, z0, text, scales, generator, on_step))
+    return decode(pipe, traj[-1, -1:])
+
+
+def _controlled(pipe, controller, prompts: list[str], latent, sched: Schedule, do_cfg: bool, run) -> torch.Tensor:
+    """``run(text, on_step)`` for the branches' `prompts` (encoded for latents shaped like `latent`), with
+    `controller` attached and reset, its ``on_step_end`` called after every step; the trajectory."""
+    call = CallState(do_cfg=do_cfg, prompt=prompts, num_steps=len(sched), timesteps=sched.timesteps)
 
     def on_step(i, latents):
         call.step = i + 1
-        return controller.on_step_end(call, i, inv.schedule.timesteps[i], latents)
+        return controller.on_step_end(call, i, sched.timesteps[i], latents)
 
     with use(pipe, controller) if controller is not None else nullcontext():
-        text = encode_prompts(pipe, [source_prompt, target_prompt], inv.latents[0])  # resets plugins' state
+        text = encode_prompts(pipe, prompts, latent)  # resets plugins' state
         if controller is not None:
             controller.reset(call)
-        traj = denoise(pipe, inv, text, on_step if controller is not None else None)
-    return decode(pipe, traj[-1, 1:])
+        return run(text, on_step if controller is not None else None)

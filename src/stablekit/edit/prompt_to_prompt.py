@@ -115,8 +115,8 @@ class _Processor:
         queries = math.prod(hidden_states.shape[2:]) if hidden_states.ndim == 4 else hidden_states.shape[1]
         if not self.plugin._touches(queries, cross):
             return self.original(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-        scores = _Scores(attn, lambda p: self.plugin.control(p, attn.heads, cross))
-        return AttnProcessor()(scores, hidden_states, encoder_hidden_states, *args, **kwargs)
+        stand_in = self.plugin._stand_in(attn, cross)
+        return AttnProcessor()(stand_in, hidden_states, encoder_hidden_states, *args, **kwargs)
 
 
 class PromptToPrompt(Plugin):
@@ -130,6 +130,7 @@ class PromptToPrompt(Plugin):
 
     name = "prompt-to-prompt"
     exclusive = ("attention processors",)
+    branches = 2  # model batches per half: [source, target]; subclasses put their reference branch before the target
 
     def __init__(self, mode: str = "replace", cross_replace_steps: float = 0.8, self_replace_steps: float = 0.4,
                  weights: dict[str, float] | None = None, blend: tuple[str, ...] | list[str] = (),
@@ -157,12 +158,15 @@ class PromptToPrompt(Plugin):
 
     def reset(self, call):
         super().reset(call)
-        prompts = call.prompt
+        self.prepare(self._tokenizer, *self._pair(call.prompt))
+        self._maps, self.mask = {}, None
+
+    def _pair(self, prompts) -> tuple[str, str]:
+        """(source, target) of the call's prompts, one per branch."""
         if not (isinstance(prompts, (list, tuple)) and len(prompts) == 2 and all(isinstance(p, str) for p in prompts)):
             raise StablekitError("prompt-to-prompt edits a pair of prompts: call the pipeline with [source, target] "
                                  "or use stablekit.edit.edit")
-        self.prepare(self._tokenizer, *prompts)
-        self._maps, self.mask = {}, None
+        return tuple(prompts)
 
     def prepare(self, tokenizer, source: str, target: str) -> None:
         """Token maps, weights and blend words for this prompt pair (done at every reset; call it
@@ -174,12 +178,12 @@ class PromptToPrompt(Plugin):
             if not pos:
                 raise StablekitError(f"word '{word}' is not in the target prompt '{target}'")
             self._scale[pos] = s
-        self._words = torch.zeros(2, tokenizer.model_max_length)
+        self._words = torch.zeros(self.branches, tokenizer.model_max_length)  # blend words: source and target rows
         for word in self.blend:
             src, tgt = word_positions(tokenizer, source, word), word_positions(tokenizer, target, word)
             if not src and not tgt:
                 raise StablekitError(f"blend word '{word}' is in neither prompt")
-            self._words[0, src], self._words[1, tgt] = 1, 1
+            self._words[0, src], self._words[-1, tgt] = 1, 1
 
     def _until(self, fraction: float) -> bool:
         return self.call.step < int(fraction * self.call.num_steps)
@@ -189,11 +193,15 @@ class PromptToPrompt(Plugin):
             return bool(self.blend) or self._until(self.cross_replace_steps)
         return queries <= MAX_TOKENS and self._until(self.self_replace_steps)
 
+    def _stand_in(self, attn, cross: bool) -> _Scores:
+        """What a controlled layer's ``AttnProcessor`` runs in place of the ``Attention`` module `attn`."""
+        return _Scores(attn, lambda p: self.control(p, attn.heads, cross))
+
     def control(self, probs: torch.Tensor, heads: int, cross: bool) -> torch.Tensor:
         """One layer's attention probabilities (batch * heads, queries, keys), controlled."""
         p = probs.view(-1, heads, *probs.shape[1:])
         cond = p[len(p) // 2:] if self.call.do_cfg else p
-        src, tgt = cond.chunk(2)
+        ref, tgt = cond.chunk(self.branches)[-2:]  # ref: the source branch here
         if cross and self.blend:
             self._maps[p.shape[2]] = self._maps.get(p.shape[2], 0) + cond.mean(1)
         if cross and self._until(self.cross_replace_steps):
@@ -201,9 +209,9 @@ class PromptToPrompt(Plugin):
                 raise StablekitError(f"prompt embeddings have {p.shape[-1]} tokens but the tokenizer pads to "
                                      f"{len(self._index)}; prompt-to-prompt needs the pipeline's own tokenizer")
             alpha, scale = self._alpha.to(probs), self._scale.to(probs)
-            new = (src[..., self._index.to(probs.device)] * alpha + tgt * (1 - alpha)) * scale
+            new = (ref[..., self._index.to(probs.device)] * alpha + tgt * (1 - alpha)) * scale
         elif not cross and p.shape[2] <= MAX_TOKENS and self._until(self.self_replace_steps):
-            new = src
+            new = ref
         else:
             return probs
         out = p.clone()
@@ -213,17 +221,16 @@ class PromptToPrompt(Plugin):
     def on_step_end(self, call, step, timestep, latents):
         if not self.blend:
             return latents
-        src, tgt = latents.chunk(2)
+        *rest, ref, tgt = latents.chunk(self.branches)
         queries = max((q for q in self._maps if q <= MAX_TOKENS), default=min(self._maps))
-        words = self._words.to(latents).repeat_interleave(len(src), 0)
+        words = self._words.to(latents).repeat_interleave(len(tgt), 0)
         maps = (self._maps[queries].to(latents) * words[:, None]).sum(-1)
         (h, w), f = latents.shape[-2:], round(math.sqrt(latents.shape[-2] * latents.shape[-1] / queries))
         maps = F.max_pool2d(maps.view(len(maps), 1, h // f, w // f), 3, 1, 1)
         maps = F.interpolate(maps, size=(h, w))
         maps = maps / maps.amax((2, 3), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
-        above = maps > self.threshold
-        self.mask = (above[:len(src)] | above[len(src):]).to(latents.dtype)
-        return torch.cat([src, src + self.mask * (tgt - src)])
+        self.mask = (maps > self.threshold).view(self.branches, len(tgt), 1, h, w).any(0).to(latents.dtype)
+        return torch.cat([*rest, ref, ref + self.mask * (tgt - ref)])
 
     def __repr__(self):
         return f"PromptToPrompt({self.mode!r})"

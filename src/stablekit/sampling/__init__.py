@@ -6,11 +6,18 @@
 
 * :class:`HBScheduler`, :class:`HBDPMSolverScheduler`, :class:`GHVBScheduler` (PAPERS.md #10): heavy-ball and
   generalised heavy-ball momentum on PLMS and DPM-Solver++, against divergence at few steps and high guidance.
+* :func:`search_schedule` (#61, USF / S^3): search per-step solver decisions (timesteps, DPM-Solver++ order,
+  UniPC corrector) for a budget of model calls; :class:`SearchedScheduler` replays the saved :class:`Schedule`:
+
+      search_schedule(pipe, prompts, budget=6).schedule.save("s.json")
+      pipe = stablekit.load(scheduler="searched:schedule=s.json")
 
 ``REGISTRY`` maps their names to the classes (also in ``stablekit.pipeline.SCHEDULERS``: ``--scheduler hb:beta=0.9``).
 """
 from .momentum import GHVBScheduler, HBDPMSolverScheduler, HBScheduler, MomentumScheduler
+from .schedule_search import Schedule, SearchedScheduler, SearchResult, dpm_solver_schedule, search_schedule
 
-REGISTRY = {"hb": HBScheduler, "hb-dpm++": HBDPMSolverScheduler, "ghvb": GHVBScheduler}
+REGISTRY = {"hb": HBScheduler, "hb-dpm++": HBDPMSolverScheduler, "ghvb": GHVBScheduler, "searched": SearchedScheduler}
 
-__all__ = ["HBScheduler", "HBDPMSolverScheduler", "GHVBScheduler", "MomentumScheduler", "REGISTRY"]
+__all__ = ["HBScheduler", "HBDPMSolverScheduler", "GHVBScheduler", "MomentumScheduler", "Schedule", "SearchedScheduler",
+           "SearchResult", "dpm_solver_schedule", "search_schedule", "REGISTRY"]

@@ -66,7 +66,20 @@ def multistep(history: list[torch.Tensor], b: float = 1.0) -> torch.Tensor:
     return sum((w / b) * h for w, h in zip(weights, reversed(history)))
 
 
-class MomentumScheduler(SchedulerMixin, ConfigMixin):
+class VPScheduler(SchedulerMixin, ConfigMixin):
+    """What our discrete-time (DDPM-family) schedulers share: unscaled model inputs, and forward noising
+    ``sqrt(abar) x + sqrt(1 - abar) noise`` from ``self.alphas_cumprod`` (for img2img)."""
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return sample
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        abar = self.alphas_cumprod.to(original.device)[timesteps.to(original.device)].to(original.dtype)
+        abar = abar.reshape(-1, *[1] * (original.ndim - 1))
+        return abar.sqrt() * original + (1 - abar).sqrt() * noise
+
+
+class MomentumScheduler(VPScheduler):
     """Shared machinery: the noise schedule, the wrapped solver's timesteps, step counting, the transfer."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -118,14 +131,6 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps, self.num_inference_steps = grid.timesteps, len(grid.timesteps)
         self._begin = 0
         self._reset()
-
-    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return sample
-
-    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        abar = self.alphas_cumprod.to(original.device)[timesteps.to(original.device)].to(original.dtype)
-        abar = abar.reshape(-1, *[1] * (original.ndim - 1))
-        return abar.sqrt() * original + (1 - abar).sqrt() * noise
 
     def _target(self, model_output, sample, a, s):
         """The solver's target: the noise (PLMS) or the clean sample (DPM-Solver++)."""

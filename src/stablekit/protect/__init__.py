@@ -1,0 +1,172 @@
+"""Image immunization: imperceptible perturbations that make diffusion mimicry and editing of an image fail.
+
+    protected = stablekit.protect(image, pipe, method="sds")                  # PIL image, within 8/255
+    protected = stablekit.protect(image, pipe, method="diffusionguard", mask=face_mask, eps=16/255)
+
+Methods (one module each; the docstrings give paper defaults and every deviation):
+
+* ``encoder`` -- PhotoGuard's encoder attack (:mod:`.encoder_attack`): the VAE latent toward a
+  target (a grey image's, ``target=``) or away from the clean one (``mode="away"``);
+* ``semantic`` -- AdvDM / Mist's semantic attack (:mod:`.semantic_attack`): the denoiser's loss over
+  random timesteps, back-propagated through the UNet (``mode="max"``, or ``"min"``);
+* ``sds`` -- Diff-Protect's score distillation (:mod:`.score_distillation`, PAPERS.md #2): the same
+  loss with the UNet run forward only; ``mode="min"`` (default, SDS(-)) or ``"max"`` (SDS(+));
+* ``diffusionguard`` -- DiffusionGuard (:mod:`.diffusionguard`, #13): the noise predicted at the
+  earliest inpainting step, with mask augmentation; needs ``mask=`` (white: the region to protect).
+
+Common options: ``eps`` -- the L-infinity budget in [0, 1] pixel units (8/255 default; 16/255 the
+stronger setting most papers report; PhotoGuard's and DiffusionGuard's own numbers are on the [-1, 1]
+scale, half as many grey levels), ``steps`` and ``step_size`` of the PGD (:mod:`.pgd`; defaults per
+method, :data:`DEFAULTS`), ``mask`` (white: the only pixels that may change, for every method),
+``eot`` (expectation over JPEG / resize / noise, :mod:`.eot`), ``dtype`` (the VAE and UNet run in
+float32 or bfloat16 during the attack; the perturbation itself is float32), ``seed``. The result is
+an 8-bit image whose every value lies within ``eps`` of the original's (exactly, for 8-bit inputs).
+
+:func:`objective` scores an image under a method's own objective; :func:`random_noise` is the
+baseline of random signs of the same budget.
+"""
+from __future__ import annotations
+
+import sys
+import types
+from contextlib import ExitStack, contextmanager
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..edit.core import cast, read_image
+from ..errors import StablekitError
+from . import diffusionguard, encoder_attack, eot as eot_, score_distillation, semantic_attack
+from .core import parse_eps, pixels, quantize, random_sign, region
+
+METHODS = {"encoder": encoder_attack, "semantic": semantic_attack, "sds": score_distillation,
+           "diffusionguard": diffusionguard}
+DEFAULTS = {name: dict(module.DEFAULTS) for name, module in METHODS.items()}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _module(method: str):
+    if method not in METHODS:
+        raise StablekitError(f"unknown protection method '{method}'; use one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).replace("torch.", "") not in DTYPES:
+        raise StablekitError(f"unknown dtype '{dtype}'; use {', '.join(DTYPES)}")
+    return DTYPES[str(dtype).replace("torch.", "")]
+
+
+@contextmanager
+def _frozen(*modules):
+    """No parameter gradients inside the block (only the image's are needed), then restore the flags."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def options(method: str, steps=None, step_size=None, mode=None, prompt=None) -> dict:
+    """`method`'s settings: its :data:`DEFAULTS` with the given ones (not None) in place, checked."""
+    _module(method)
+    opts = dict(DEFAULTS[method])
+    if isinstance(step_size, str):
+        step_size = parse_eps(step_size, "step_size")
+    for key, value in (("steps", steps), ("step_size", step_size), ("mode", mode), ("prompt", prompt)):
+        if value is not None:
+            opts[key] = value
+    if int(opts["steps"]) != opts["steps"] or opts["steps"] < 0:
+        raise StablekitError(f"steps {opts['steps']}: the number of PGD steps must be a whole number >= 0")
+    if not opts["step_size"] > 0:
+        raise StablekitError(f"step_size {opts['step_size']}: the PGD step must be > 0, e.g. 1/255")
+    modes = getattr(METHODS[method], "MODES", ())
+    if mode is not None and mode not in modes:
+        raise StablekitError(f"the {method} method has no mode '{mode}'"
+                             + (f"; use {' or '.join(modes)}" if modes else ""))
+    return opts
+
+
+def _extra(method: str, extra: dict) -> dict:
+    allowed = set(DEFAULTS[method]) - {"steps", "step_size", "mode", "prompt"}
+    for key in extra:
+        if key not in allowed:
+            raise StablekitError(f"the {method} method has no option '{key}'"
+                                 + (f"; its options: {', '.join(sorted(allowed))}" if allowed else ""))
+    return extra
+
+
+def protect(image, pipe, method: str = "sds", *, eps=8 / 255, steps: int | None = None,
+            step_size: float | None = None, mask=None, eot=False, dtype=None, mode: str | None = None,
+            prompt: str | None = None, target="gray", seed: int = 0, progress: bool = True, **extra) -> Image.Image:
+    """`image` (path, PIL image, or tensor in [0, 1]; sides multiples of the VAE's factor) protected
+    against mimicry and editing by `pipe`'s model, as an 8-bit PIL image within `eps` of it.
+
+    `method`: ``encoder``, ``semantic``, ``sds`` or ``diffusionguard``; `steps`, `step_size` (pixel
+    units), `mode` (encoder: toward/away; semantic, sds: max/min) and `prompt` default to the method's
+    :data:`DEFAULTS`; `target` is the encoder attack's; `extra` options go to the method (diffusionguard:
+    ``inference_steps``, ``shrink``). `eot`: False, True (JPEG 75, resize 0.5, noise 0.03), names, or
+    ``{name: strength}``. `dtype`: the VAE's and UNet's during the attack (None: their own)."""
+    module, eps = _module(method), parse_eps(eps)
+    opts = dict(options(method, steps, step_size, mode, prompt), **_extra(method, extra))
+    transforms, dtype = eot_.parse(eot), _dtype(dtype)
+    x = pixels(pipe, image)
+    keep = region(mask, x)
+    g = torch.Generator().manual_seed(int(seed))
+    with ExitStack() as stack:
+        for m in (pipe.vae, pipe.unet):
+            stack.enter_context(cast(m, dtype))
+        stack.enter_context(_frozen(pipe.vae, pipe.unet))
+        x_adv = module.attack(pipe, x, eps=eps, keep=keep, generator=g, eot=transforms, target=target,
+                              progress=progress, **opts)
+    return quantize(x, x_adv, eps)
+
+
+def objective(pipe, protected, original, method: str = "sds", *, mask=None, mode: str | None = None,
+              prompt: str | None = None, target="gray", dtype=None, **extra) -> float:
+    """`protected`'s score under `method`'s own objective (higher: a stronger protection), with fixed
+    noise draws so that scores of different images compare; `original` is the clean image."""
+    module = _module(method)
+    opts = dict(options(method, None, None, mode, prompt), **_extra(method, extra))
+    x, y = pixels(pipe, original), pixels(pipe, protected)
+    kw = {k: v for k, v in opts.items() if k not in ("steps", "step_size", "shrink")}
+    if method == "encoder":
+        kw["target"] = target
+    if method == "diffusionguard":
+        kw["keep"] = region(mask, x)
+    with ExitStack() as stack:
+        for m in (pipe.vae, pipe.unet):
+            stack.enter_context(cast(m, _dtype(dtype)))
+        return module.objective(pipe, y, x, **kw)
+
+
+def random_noise(image, eps=8 / 255, mask=None, seed: int = 0) -> Image.Image:
+    """The baseline: `image` plus ``eps`` times a uniformly random sign per value (inside `mask`), 8-bit."""
+    eps = parse_eps(eps)
+    if not isinstance(image, torch.Tensor):
+        image = read_image(image) if not isinstance(image, Image.Image) else image
+        image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    x = image.float().cpu().reshape(1, 3, *image.shape[-2:])
+    keep = region(mask, x)
+    return quantize(x, random_sign(x, eps, keep, torch.Generator().manual_seed(int(seed))), eps)
+
+
+__all__ = ["protect", "objective", "random_noise", "options", "METHODS", "DEFAULTS"]
+
+
+class _CallableModule(types.ModuleType):
+    """``stablekit.protect(image, pipe, ...)`` calls :func:`protect`, while ``stablekit.protect.*`` stays
+    this package (setting a module's ``__class__`` to a ModuleType subclass is the data model's own way
+    to customise a module)."""
+
+    def __call__(self, *args, **kwargs):
+        return protect(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

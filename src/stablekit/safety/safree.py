@@ -1,0 +1,293 @@
+"""SAFREE (PAPERS.md #65): a training-free guard that steers prompt embeddings away from a concept subspace.
+
+    with stablekit.use(pipe, SAFREE(concepts=["star", "five-pointed star"])):
+        image = pipe("a red star on a gray background").images[0]
+
+Implemented, each component behind its own flag:
+
+* concept subspace: the span of the concept keywords' sentence embeddings from the pipeline's own text
+  encoder (the end token's embedding; for CLIP this is its pooled output);
+* trigger detection (``detect``): leaving token ``i`` out of the prompt gives a sentence embedding at
+  distance ``d_i`` from the concept subspace; token ``i`` is a trigger when ``d_i >= (1 + alpha) *
+  mean(d_j, j != i)`` (removing it moves the prompt away from the concept). With ``detect=False`` every
+  token is projected;
+* projection (``project``): flagged tokens are replaced by ``(I - P_concept) P_input e``, their projection
+  onto the input space (the span of the leave-one-out embeddings) and then onto the orthogonal complement
+  of the concept subspace. Only the conditional half of guidance is touched;
+* self-validating filter (``self_validation``): with ``beta = 1 - mean cos(e, (I - P_concept) P_input e)``
+  over the prompt's tokens (start and end tokens included), the first ``round(upper * num_steps *
+  sigmoid(gain * (beta - center)))`` steps use the filtered embeddings, the rest the original ones;
+* latent re-attention (``re_attention``): while the filtered embeddings are in use, the UNet also runs the
+  original ones as an extra batch branch; in the skip features entering up block ``k``, each Fourier
+  coefficient of the filtered branch with ``|k_h|, |k_w| <= radius`` whose magnitude exceeds the original
+  branch's is multiplied by ``scales[k]`` (a module hook on each up block);
+* the concept keywords as negative prompt (``negative_prompt``, off by default; SD 1.x/2.x only).
+
+After a call, ``plugin.decisions`` holds one :class:`Decision` per prompt (its tokens, which were flagged,
+beta); ``plugin.steps_filtered(beta, num_steps)`` is the filter's step count.
+
+Defaults are the reference code's (jaehong31/SAFREE, ``generate_safree.py``): ``alpha=0.01``; the filter's
+upper bound 10 of 50 steps (``upper=0.2``) with its sigmoid ``sigmoid(2 * 2.5 * (10 * beta - 5.333))``,
+i.e. ``gain=50, center=0.5333`` (its artist setting is ``gain=70, center=0.55``); FreeU's skip scales
+``s1=0.9, s2=0.2`` at threshold 1 (``scales=(0.9, 0.2), radius=1``).
+
+Deviations from the reference code:
+
+* leave-one-out deletes the token (the reference overwrites it with token id 0, which is "!" for the
+  SD 1.x tokenizer and [PAD] for BERT) and reads the end token's embedding of the shorter sequence;
+* the filter uses the filtered embeddings for steps ``0 .. n-1`` (``n`` as above); the reference's
+  ``step <= n`` also filters step 0 when ``n = 0``. ``upper`` is a fraction of the run, not 10 steps;
+* latent re-attention runs: the reference registers FreeU blocks with mode ``None``, which filters
+  nothing, and its filter would replace coefficients by the number ``s`` (not scale them), compare real
+  parts (not magnitudes), and use FreeU's asymmetric ``[c - 1, c + 1)`` window; ours is the symmetric
+  band ``|k| <= radius`` so the filtered features stay real. Backbone scaling (FreeU's ``b``) is 1 as
+  in the reference;
+* SDXL: the subspace lives in the concatenated embeddings of both encoders (the reference uses the second
+  encoder's projected pooled output and filters only its half); the pooled embeddings are not filtered;
+* several prompts per call and ``num_images_per_prompt`` are handled row by row; ``prompt_2`` is ignored.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers.hooks import ModelHook
+
+from ..errors import StablekitError
+from ..plugins import Plugin
+from .text import encode_ids, token_ids, tokenizer
+
+
+def basis(vectors: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """``(dim, rank)`` orthonormal basis of the span of the rows of `vectors`."""
+    u, s, _ = torch.linalg.svd(vectors.T.float(), full_matrices=False)
+    return u[:, s > rtol * s.max()]
+
+
+def remove(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`x` (rows) projected onto the orthogonal complement of the span of `b`."""
+    return x - (x @ b) @ b.T
+
+
+def triggers(loo: torch.Tensor, concept: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Which tokens are triggers, from the leave-one-out sentence embeddings `loo` ``(n, dim)``."""
+    d = remove(loo.float(), concept).norm(dim=-1)
+    if len(d) < 2:
+        return torch.zeros(len(d), dtype=torch.bool, device=d.device)
+    others = (d.sum() - d) / (len(d) - 1)
+    return d >= (1 + alpha) * others
+
+
+def project(tokens: torch.Tensor, inputs: torch.Tensor, concept: torch.Tensor) -> torch.Tensor:
+    """``(I - P_concept) P_input tokens`` for bases `inputs` and `concept`."""
+    return remove((tokens.float() @ inputs) @ inputs.T, concept)
+
+
+def filtered_steps(beta: float, num_steps: int, upper: float, gain: float, center: float) -> int:
+    """How many early steps use the filtered embeddings (the self-validating filter)."""
+    sigmoid = 0.5 * (1 + math.tanh(gain * (beta - center) / 2))
+    return round(upper * num_steps * sigmoid)
+
+
+def band(h: int, w: int, radius: int, device=None) -> torch.Tensor:
+    """``(h, w)`` mask of the unshifted 2-D FFT frequencies with ``|k_h| <= radius`` and ``|k_w| <= radius``."""
+    kh = torch.fft.fftfreq(h, 1 / h, device=device).abs() <= radius
+    kw = torch.fft.fftfreq(w, 1 / w, device=device).abs() <= radius
+    return kh[:, None] & kw[None, :]
+
+
+def reattend(filtered: torch.Tensor, original: torch.Tensor, radius: int, scale: float) -> torch.Tensor:
+    """Scale the in-band Fourier coefficients of `filtered` whose magnitude exceeds `original`'s."""
+    ff = torch.fft.fft2(filtered.float())
+    damp = band(*ff.shape[-2:], radius, ff.device) & (ff.abs() > torch.fft.fft2(original.float()).abs())
+    delta = torch.fft.ifft2(torch.where(damp, ff * (scale - 1), 0)).real
+    return filtered + delta.to(filtered.dtype)
+
+
+@dataclass
+class Decision:
+    """What SAFREE decided for one prompt of a call."""
+
+    tokens: list[str]  # the prompt's tokens, start and end tokens excluded
+    flagged: list[bool]  # which of them were projected
+    beta: float  # 1 - mean cosine of original and projected token embeddings
+
+
+@dataclass
+class _Rows:
+    """Per call, for each conditional row: the original embeddings and the prompt's beta."""
+
+    original: torch.Tensor
+    beta: torch.Tensor
+    changed: torch.Tensor  # rows with at least one projected token
+
+
+class _UNetHook(ModelHook):
+    """Chooses each row's embeddings for this step and adds the original branch for re-attention."""
+
+    def __init__(self, plugin: SAFREE):
+        super().__init__()
+        self.plugin = plugin
+
+    def pre_forward(self, module, *args, **kwargs):
+        p = self.plugin
+        if p._rows is None:
+            return args, kwargs
+        kwargs = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
+        kwargs.pop("self")
+        return (), p._route(kwargs)
+
+    def post_forward(self, module, output):
+        n, self.plugin._split = self.plugin._split, None
+        if n is None:
+            return output
+        if isinstance(output, tuple):
+            return (output[0][:n],) + tuple(output[1:])
+        output.sample = output.sample[:n]
+        return output
+
+
+class _SkipHook(ModelHook):
+    """On an up block: re-attention of the filtered branch's skip features."""
+
+    def __init__(self, plugin: SAFREE, scale: float):
+        super().__init__()
+        self.plugin, self.scale = plugin, scale
+
+    def pre_forward(self, module, *args, **kwargs):
+        n = self.plugin._split
+        if n is not None:
+            kwargs["res_hidden_states_tuple"] = tuple(self._reattend(x, n) for x in kwargs["res_hidden_states_tuple"])
+        return args, kwargs
+
+    def _reattend(self, x, n):
+        extra = len(x) - n
+        f = reattend(x[n - extra:n], x[n:], self.plugin.radius, self.scale)
+        return torch.cat([x[:n - extra], f, x[n:]])
+
+
+class SAFREE(Plugin):
+    """``SAFREE(concepts, alpha=0.01, detect=True, project=True, self_validation=True, upper=0.2, gain=50,
+    center=0.5333, re_attention=True, scales=(0.9, 0.2), radius=1, negative_prompt=False)``."""
+
+    name = "safree"
+
+    def __init__(self, concepts: list[str] = (), alpha: float = 0.01, detect: bool = True, project: bool = True,
+                 self_validation: bool = True, upper: float = 0.2, gain: float = 50.0, center: float = 0.5333,
+                 re_attention: bool = True, scales: list[float] = (0.9, 0.2), radius: int = 1,
+                 negative_prompt: bool = False):
+        super().__init__()
+        if isinstance(concepts, str) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
+            raise StablekitError("SAFREE needs a non-empty list of concept keywords, e.g. concepts=['star']")
+        if not 0 <= upper <= 1 or radius < 0 or any(s < 0 for s in scales):
+            raise StablekitError(f"SAFREE: upper must be in [0, 1] (got {upper}), radius >= 0 (got {radius}) "
+                                 f"and scales >= 0 (got {list(scales)})")
+        self.concepts, self.alpha, self.detect, self.project = list(concepts), alpha, detect, project
+        self.self_validation, self.upper, self.gain, self.center = self_validation, upper, gain, center
+        self.re_attention, self.scales, self.radius = re_attention, tuple(scales), radius
+        self.negative_prompt, self.pipe = negative_prompt, None
+        self._rows, self._split, self.decisions = None, None, []
+
+    def attach(self, pipe):
+        if self.negative_prompt and hasattr(pipe, "text_encoder_2"):
+            raise StablekitError("SAFREE negative_prompt=True works with SD 1.x/2.x pipelines; with SDXL pass "
+                                 "negative_prompt=... to the pipeline yourself")
+        self.pipe = pipe
+        if self.project and (self.self_validation or self.re_attention):
+            self.add_hook(pipe.unet, _UNetHook(self))
+        if self.project and self.re_attention:
+            for block, scale in zip(pipe.unet.up_blocks, self.scales):
+                self.add_hook(block, _SkipHook(self, scale))
+
+    def detach(self, pipe):
+        self.pipe, self._rows, self._split = None, None, None  # the last call's decisions stay readable
+
+    def reset(self, call):
+        super().reset(call)
+        self._rows, self._split, self.decisions = None, None, []
+
+    # prompt embeddings
+    def transform_embeds(self, call, pe, npe):
+        if self.negative_prompt and call.do_cfg and call.negative_prompt is None:
+            npe = self._encode([", ".join(self.concepts)])[0].to(npe.dtype).expand_as(npe)
+        if not self.project:
+            return pe, npe
+        if call.prompt is None:
+            raise StablekitError("SAFREE needs the prompt text to find trigger tokens; pass prompt=..., "
+                                 "not prompt_embeds")
+        prompts = [call.prompt] if isinstance(call.prompt, str) else list(call.prompt)
+        per = pe.shape[0] // len(prompts)
+        concept = basis(self._sentences([token_ids(self.pipe, c) for c in self.concepts]))
+        filtered, decisions = zip(*(self._filter(p, pe[i * per], concept) for i, p in enumerate(prompts)))
+        self.decisions = list(decisions)
+        beta = torch.tensor([d.beta for d in decisions], device=pe.device).repeat_interleave(per)
+        changed = torch.tensor([any(d.flagged) for d in decisions], device=pe.device).repeat_interleave(per)
+        self._rows = _Rows(pe, beta, changed)
+        return torch.stack(filtered).repeat_interleave(per, 0), npe
+
+    def _encode(self, rows_or_texts):
+        rows = [token_ids(self.pipe, t) if isinstance(t, str) else t for t in rows_or_texts]
+        return encode_ids(self.pipe, rows, getattr(self.pipe, "clip_skip", None))
+
+    def _sentences(self, rows: list[list[int]]) -> torch.Tensor:
+        """The end token's embedding of each token-id row."""
+        emb = self._encode(rows)
+        return emb[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
+
+    def _filter(self, prompt: str, embeds: torch.Tensor, concept: torch.Tensor) -> tuple[torch.Tensor, Decision]:
+        """Filtered embeddings ``(length, dim)`` of one prompt, and the decision."""
+        ids = token_ids(self.pipe, prompt)
+        n = len(ids) - 2
+        names = tokenizer(self.pipe).convert_ids_to_tokens(ids[1:-1])
+        if n < 1:
+            return embeds, Decision(names, [], 0.0)
+        loo = self._sentences([ids[:i] + ids[i + 1:] for i in range(1, n + 1)])
+        flagged = triggers(loo, concept, self.alpha) if self.detect else torch.ones(n, dtype=torch.bool)
+        proj = project(embeds, basis(loo), concept)
+        beta = 1 - torch.cosine_similarity(embeds[:n + 2].float(), proj[:n + 2], dim=-1).mean().item()
+        out = embeds.clone()
+        rows = torch.arange(1, n + 1, device=embeds.device)[flagged.to(embeds.device)]
+        out[rows] = proj[rows].to(embeds.dtype)
+        return out, Decision(names, flagged.tolist(), beta)
+
+    # the UNet call
+    def steps_filtered(self, beta: float, num_steps: int) -> int:
+        """How many early steps of a `num_steps` run use the filtered embeddings for a prompt with `beta`."""
+        if not self.self_validation:
+            return num_steps
+        return filtered_steps(beta, num_steps, self.upper, self.gain, self.center)
+
+    def _active(self) -> torch.Tensor:
+        """Which conditional rows use the filtered embeddings at this step."""
+        if not self.self_validation or self.call.num_steps is None:
+            return torch.ones_like(self._rows.changed)
+        steps = [self.steps_filtered(b, self.call.num_steps) for b in self._rows.beta.tolist()]
+        return self.call.step < torch.tensor(steps, device=self._rows.beta.device)
+
+    def _route(self, kwargs: dict) -> dict:
+        rows, active = self._rows, self._active()
+        uncond, cond = self.call.halves(kwargs["encoder_hidden_states"])
+        if not active.all():
+            cond = torch.where(active[:, None, None], cond, rows.original.to(cond.dtype))
+        if self.re_attention and (active & rows.changed).any():
+            self._split = n = kwargs["sample"].shape[0]
+            kwargs = {k: _extend(v, n, len(cond)) for k, v in kwargs.items()}
+            cond = torch.cat([cond, rows.original.to(cond.dtype)])
+        kwargs["encoder_hidden_states"] = cond if uncond is None else torch.cat([uncond, cond])
+        return kwargs
+
+    def __repr__(self):
+        return f"SAFREE(concepts={self.concepts!r})"
+
+
+def _extend(value, n: int, extra: int):
+    """Batch tensors (first dimension `n`, also inside dicts and tuples) with their last `extra` rows repeated."""
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
+        return torch.cat([value, value[n - extra:]])
+    if isinstance(value, dict):
+        return {k: _extend(v, n, extra) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_extend(v, n, extra) for v in value)
+    return value

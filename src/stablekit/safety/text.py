@@ -1,0 +1,54 @@
+"""Token embeddings from a pipeline's own text encoder(s), in the space its ``encode_prompt`` produces.
+
+SAFREE and UCE work on token embeddings of concept words and of edited token sequences (a prompt with one
+token left out), which ``encode_prompt`` cannot make from text alone. :func:`encode_ids` runs token-id rows
+through the encoders the way the pipelines do: padded to the tokenizer's length with its pad token, the
+attention mask passed only where the encoder's config asks for it; SD 1.x/2.x read the last hidden state (or,
+with ``clip_skip``, an earlier one through the final layer norm), SDXL concatenates the penultimate hidden
+states of both encoders. Both SDXL encoders are given the ids of the first tokenizer (the two CLIP tokenizers
+share one vocabulary).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def tokenizer(pipe):
+    return getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
+
+
+def token_ids(pipe, text: str) -> list[int]:
+    """Ids of `text` with its start and end tokens, truncated as the pipeline truncates."""
+    tok = tokenizer(pipe)
+    return tok(text, truncation=True, max_length=tok.model_max_length).input_ids
+
+
+def _encoders(pipe) -> list[tuple]:
+    pairs = [(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)),
+             (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))]
+    return [(tok, enc) for tok, enc in pairs if enc is not None]
+
+
+def _padded(tok, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    n = tok.model_max_length
+    ids = torch.tensor([r + [tok.pad_token_id] * (n - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
+@torch.no_grad()
+def encode_ids(pipe, rows: list[list[int]], clip_skip: int | None = None) -> torch.Tensor:
+    """``(len(rows), max_length, dim)`` token embeddings of token-id rows, as ``encode_prompt`` makes them."""
+    xl = hasattr(pipe, "text_encoder_2")
+    out = []
+    for tok, enc in _encoders(pipe):
+        ids, mask = _padded(tok, rows, enc.device)
+        use_mask = getattr(enc.config, "use_attention_mask", False)
+        res = enc(ids, attention_mask=mask if use_mask else None, output_hidden_states=True)
+        if xl:
+            out.append(res.hidden_states[-(clip_skip or 0) - 2])
+        elif clip_skip:
+            out.append(enc.text_model.final_layer_norm(res.hidden_states[-(clip_skip + 1)]))
+        else:
+            out.append(res[0])
+    return torch.cat(out, dim=-1)
