@@ -40,29 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-PHOTOS = {"astronaut": "a photo of an astronaut", "coffee": "a cup of coffee on a saucer",
-          "chelsea": "a photo of a tabby cat", "camera": "a black and white photo of a man with a camera",
-          "rocket": "a rocket on a launch pad", "coins": "a black and white photo of coins",
-          "moon": "a black and white photo of the surface of the moon", "clock": "a black and white photo of a clock",
-          "brick": "a black and white photo of a brick wall", "gravel": "a black and white photo of gravel",
-          "hubble_deep_field": "galaxies in deep space", "immunohistochemistry": "a microscope image of stained tissue"}
 EDITS = {"color": "colors", "shape": "shapes"}  # edit -> the classifier's attribute list
-
-
-def photos(size: int) -> list[tuple[str, Image.Image]]:
-    """scikit-image's photos as RGB, centre-cropped to squares of `size` pixels."""
-    try:
-        from skimage import data
-    except ImportError:
-        from stablekit import StablekitError
-        raise StablekitError("the photos need scikit-image: pip install 'stablekit[bench]' (or pass --no-photos)")
-    out = []
-    for name in PHOTOS:
-        im = Image.fromarray(getattr(data, name)()).convert("RGB")
-        s = min(im.size)
-        box = ((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2, (im.height + s) // 2)
-        out.append((name, im.resize((size, size), Image.LANCZOS, box=box)))
-    return out
 
 
 def world_edits(n: int, seed: int):
@@ -191,6 +169,7 @@ def evaluate(pipe, method: str, world_images, photo_images, clf, a) -> tuple[dic
     """One method's results and its grid cells (a list per world image in the grid, then per photo)."""
     from stablekit.default_model import classifier as C, world
     from stablekit.edit import GUIDANCE, edit
+    from stablekit.eval.harness import PHOTOS
     from stablekit.eval.metrics import psnr
 
     rec, edits, cells = {"world": [], "photos": []}, {e: [] for e in EDITS}, []
@@ -225,7 +204,7 @@ def main(args: list[str]) -> dict:
         torch.set_num_threads(a.threads)
     import stablekit
     from stablekit.default_model import classifier as C, world
-    from stablekit.eval.harness import table_grid
+    from stablekit.eval.harness import photos, table_grid
 
     pipe = stablekit.load(a.model, device=a.device)
     pipe.set_progress_bar_config(disable=True)

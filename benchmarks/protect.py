@@ -52,12 +52,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-PHOTOS = {"astronaut": "a photo of an astronaut", "coffee": "a cup of coffee on a saucer",
-          "chelsea": "a photo of a tabby cat", "camera": "a black and white photo of a man with a camera",
-          "rocket": "a rocket on a launch pad", "coins": "a black and white photo of coins",
-          "moon": "a black and white photo of the surface of the moon", "clock": "a black and white photo of a clock",
-          "brick": "a black and white photo of a brick wall", "gravel": "a black and white photo of gravel",
-          "hubble_deep_field": "galaxies in deep space", "immunohistochemistry": "a microscope image of stained tissue"}
 FACE_PROMPT = "a black and white photo of a face"
 METHODS = ("encoder", "semantic", "sds", "diffusionguard")
 
@@ -73,17 +67,12 @@ def _skimage():
     return data, metrics
 
 
-def square(im: Image.Image, size: int) -> Image.Image:
-    s = min(im.size)
-    box = ((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2, (im.height + s) // 2)
-    return im.convert("RGB").resize((size, size), Image.LANCZOS, box=box)
-
-
 def images(a, size: int) -> list[dict]:
     """Each image: name, kind (photo, face, world), PIL image, prompt, and the world scene or None."""
+    from stablekit.eval.harness import PHOTOS, photos, square
+
     data, _ = _skimage()
-    out = [dict(name=name, kind="photo", image=square(Image.fromarray(getattr(data, name)()), size), prompt=PHOTOS[name],
-                scene=None) for name in list(PHOTOS)[:a.photos]]
+    out = [dict(name=name, kind="photo", image=im, prompt=PHOTOS[name], scene=None) for name, im in photos(size, a.photos)]
     faces = data.lfw_subset()[:min(a.faces, 100)] if a.faces else []
     out += [dict(name=f"face{i}", kind="face", image=square(Image.fromarray((f * 255).round().astype(np.uint8)), size),
                  prompt=FACE_PROMPT, scene=None) for i, f in enumerate(faces)]
@@ -308,6 +297,8 @@ def curves(res: dict, path: Path):
 # ---------------------------------------------------------------- main
 
 def parse(args: list[str]) -> argparse.Namespace:
+    from stablekit.eval.harness import PHOTOS
+
     p = argparse.ArgumentParser(prog="stablekit bench protect", description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, required=True, help="where to write the results")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -333,6 +324,10 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args(args)
+    if int(a.edit_steps * min(a.strengths)) < 1:
+        from stablekit import StablekitError
+        raise StablekitError(f"SDEdit at strength {min(a.strengths)} with --edit-steps {a.edit_steps} runs no "
+                             "denoising step; use more --edit-steps")
     a.grid = a.grid or a.json.with_suffix(".png")
     a.curves = a.json.with_name(a.json.stem + "_curves.png")
     return a

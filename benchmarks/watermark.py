@@ -222,7 +222,7 @@ def main(args: list[str]) -> dict:
     for name in a.attacks:
         for s in DEFAULT_ATTACKS.get(name, ATTACKS[name][1]):
             rows.append(row(name, s, a.attack_n, lambda ims, name=name, s=s: attack(name, s, ims, pipe, size)))
-    forgeries = forgery_rows(pipe, pub, marked, prompts, det, thresholds, a, size)
+    forgeries = forgery_rows(pipe, pub, marked, prompts, det, thresholds, a, gen)
     # quality cost and identification
     clf = C.load_classifier()
     real = C.to_tensor([world.render(s, np.random.default_rng(a.seed)) for s in scenes[:a.n]])
@@ -248,17 +248,16 @@ def main(args: list[str]) -> dict:
     return res
 
 
-def forgery_rows(pipe, pub, marked, prompts, det, thresholds, a, size) -> list[dict]:
-    """Spoofing by imprinting (noise reuse) and by averaging, and removal by averaging."""
-    import stablekit
+def forgery_rows(pipe, pub, marked, prompts, det, thresholds, a, gen: dict) -> list[dict]:
+    """Spoofing by imprinting (noise reuse, sampled with the generation settings `gen`) and by
+    averaging, and removal by averaging."""
     from stablekit.eval.harness import generate
 
     n, rows = min(a.spoof_n, a.n - 1), []
     for m in marked:
         noise = recover(pipe, pub[m][:n], a.inv_steps).float()
         others = prompts[1:n + 1]  # marked image i's noise regenerates test prompt i + 1
-        spoof, _ = generate(pipe, others, steps=a.steps, guidance=a.guidance, seed=0, batch=a.batch,
-                            desc=f"spoof {m}", latents=noise, guidance_rescale=stablekit.pipeline.guidance_rescale(pipe))
+        spoof, _ = generate(pipe, others, seed=0, desc=f"spoof {m}", latents=noise, **gen)
         s = det(publish(spoof), only=m)[m][0]
         neg = det(pub["unmarked"][1:n + 1], only=m)[m][0]
         pos_arr = np.stack([np.asarray(im, dtype=np.float32) for im in pub[m]])

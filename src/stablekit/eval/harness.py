@@ -1,5 +1,6 @@
-"""What the benchmarks share: held-out world prompts, batched generation with a fresh seed per
-image, and labelled PNG grids (samples with prompts; tables of images under column headers)."""
+"""What the benchmarks share: held-out world prompts, scikit-image's photos with captions, batched
+generation with a fresh seed per image, and labelled PNG grids (samples with prompts; tables of
+images under column headers)."""
 from __future__ import annotations
 
 import random
@@ -11,6 +12,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+PHOTOS = {"astronaut": "a photo of an astronaut", "coffee": "a cup of coffee on a saucer",
+          "chelsea": "a photo of a tabby cat", "camera": "a black and white photo of a man with a camera",
+          "rocket": "a rocket on a launch pad", "coins": "a black and white photo of coins",
+          "moon": "a black and white photo of the surface of the moon", "clock": "a black and white photo of a clock",
+          "brick": "a black and white photo of a brick wall", "gravel": "a black and white photo of gravel",
+          "hubble_deep_field": "galaxies in deep space", "immunohistochemistry": "a microscope image of stained tissue"}
+
 
 def heldout_prompts(n_single: int, n_pair: int, seed: int):
     """Scenes (n_single with one object, then n_pair with two) and their paraphrased captions."""
@@ -20,6 +28,23 @@ def heldout_prompts(n_single: int, n_pair: int, seed: int):
     scenes = [world.sample_scene(rng, two_prob=0.0) for _ in range(n_single)]
     scenes += [world.sample_scene(rng, two_prob=1.0) for _ in range(n_pair)]
     return scenes, [world.caption(s, rng) for s in scenes]
+
+
+def square(im: Image.Image, size: int) -> Image.Image:
+    """`im` as RGB, centre-cropped to a square and resized to `size` pixels."""
+    s = min(im.size)
+    box = ((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2, (im.height + s) // 2)
+    return im.convert("RGB").resize((size, size), Image.LANCZOS, box=box)
+
+
+def photos(size: int, n: int | None = None) -> list[tuple[str, Image.Image]]:
+    """The first `n` (default all) of scikit-image's :data:`PHOTOS`, squared to `size` pixels."""
+    try:
+        from skimage import data
+    except ImportError:
+        from ..errors import StablekitError
+        raise StablekitError("the photos need scikit-image: pip install 'stablekit[bench]'") from None
+    return [(name, square(Image.fromarray(getattr(data, name)()), size)) for name in list(PHOTOS)[:n]]
 
 
 def generate(pipe, prompts: list[str], *, steps: int, guidance: float, seed: int, batch: int = 32,
