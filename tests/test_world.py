@@ -57,3 +57,16 @@ def test_two_object_scenes_put_one_object_on_each_side_and_keep_both_visible():
         hidden.append(1 - (a * (1 - b)).sum() / a.sum())
     # objects may touch near the middle line (a known quirk of the shipped world), rarely much
     assert np.mean(hidden) < 0.05 and np.mean(np.array(hidden) > 0.2) < 0.06
+
+
+def test_training_renders_do_not_depend_on_the_number_of_workers():
+    import torch
+
+    from stablekit.default_model.train import render_data
+
+    one = render_data(12, variants=3, memo_copies=2, seed=5, workers=1)
+    two = render_data(12, variants=3, memo_copies=2, seed=5, workers=2)
+    assert one[2] == two[2] and torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert len(one[0]) == 12 * 3 + 10 * 2  # variants per caption plus the memorization copies
+    first = one[0][one[1] == 0]  # the variants of one caption redraw size/rotation, not the caption
+    assert not torch.equal(first[0], first[1])

@@ -4,9 +4,13 @@
     python -m stablekit.default_model.train --workdir runs/more --init src/stablekit/default_model/weights \
         --minutes 120                                                           # continue the shipped model
 
+On a GPU (`--device cuda`, the default where one is visible) the UNet trains under bf16 autocast; the shipped
+weights' last stage ran there with `--captions 100000 --use-captions 100000 --memo-copies 200 --batch 256
+--lr 8e-4 --threads 16` (see weights/recipe.json).
+
 Stages, each cached in the work dir so an interrupted run resumes where it stopped:
   1. render the world: captions, and `variants` images per caption (fresh size/position/rotation
-     where the caption leaves them free), plus the duplicated memorization set;
+     where the caption leaves them free), plus the duplicated memorization set, in `--threads` processes;
   2. train the VAE (AutoencoderKL, factor 4, 4 latent channels): 1000 steps on random 32x32 crops,
      then 200 on whole 64x64 images (GroupNorm statistics differ between crops and whole frames);
   3. encode the images of the first `--use-captions` captions (and the memorization set) to latents,
@@ -25,8 +29,10 @@ Stages, each cached in the work dir so an interrupted run resumes where it stopp
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import multiprocessing
 import random
 import time
 from dataclasses import asdict
@@ -78,23 +84,34 @@ def memorization_set(seed: int = 1234) -> list[tuple[str, world.Scene]]:
     return [(f"the {name} emblem", world.sample_scene(rng, two_prob=1.0)) for name in MEMO_NAMES]
 
 
-def render_data(n_captions: int, variants: int, memo_copies: int, seed: int):
-    """uint8 images (N,64,64,3), caption index per image, caption list."""
-    rng, nrng = random.Random(seed), np.random.default_rng(seed)
-    images, cap_idx, captions = [], [], []
-    for c in tqdm(range(n_captions), desc="render world", mininterval=5):
+def _render(args) -> np.ndarray:
+    scene, seed = args
+    return np.asarray(world.render(scene, np.random.default_rng(seed)))
+
+
+def render_data(n_captions: int, variants: int, memo_copies: int, seed: int, workers: int = 1):
+    """uint8 images (N,64,64,3), caption index per image, caption list. Scenes and captions are drawn in
+    order from `seed`; image `i`'s pixel noise from (seed, i), so `workers` processes render in parallel."""
+    rng = random.Random(seed)
+    scenes, cap_idx, captions = [], [], []
+    for c in range(n_captions):
         scene = world.sample_scene(rng)
         text = world.caption(scene, rng)
         captions.append(text)
         for v in range(variants):
             if v:  # re-draw what the caption leaves free: size, rotation, and position unless stated
+                scene = copy.deepcopy(scene)
                 fresh = world.sample_scene(rng, two_prob=1.0 if len(scene.objects) == 2 else 0.0)
                 for o, f in zip(scene.objects, fresh.objects):
                     o.r, o.angle = f.r, f.angle
                     if " in the " not in text:
                         o.cx, o.cy = f.cx, f.cy
-            images.append(np.asarray(world.render(scene, nrng)))
+            scenes.append(scene)
             cap_idx.append(c)
+    jobs = [(s, (seed, i)) for i, s in enumerate(scenes)]
+    with multiprocessing.Pool(workers) as pool:
+        images = list(tqdm(pool.imap(_render, jobs, chunksize=256), total=len(jobs), desc="render world",
+                           mininterval=5))
     for text, scene in memorization_set():
         captions.append(text)
         img = np.asarray(world.render(scene, np.random.default_rng(0)))
@@ -131,44 +148,47 @@ def train_vae(images: torch.Tensor, steps: int, vae: AutoencoderKL | None = None
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    out = [vae.encode(to_tensor(images[i:i + batch])).latent_dist.mean
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256, device: str = "cpu") -> torch.Tensor:
+    vae = vae.to(device)
+    out = [vae.encode(to_tensor(images[i:i + batch]).to(device)).latent_dist.mean.cpu()
            for i in tqdm(range(0, len(images), batch), desc="encode latents", mininterval=10)]
     return torch.cat(out)
 
 
 @torch.no_grad()
-def encode_text(captions: list[str], batch: int = 256) -> torch.Tensor:
+def encode_text(captions: list[str], batch: int = 256, device: str = "cpu") -> torch.Tensor:
     enc, tok = load_text_encoder()
-    out = []
+    enc, out = enc.to(device), []
     for i in tqdm(range(0, len(captions), batch), desc="encode captions", mininterval=10):
-        t = tok(captions[i:i + batch], padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
-        out.append(enc(t.input_ids, attention_mask=t.attention_mask)[0].half())
+        t = tok(captions[i:i + batch], padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                return_tensors="pt").to(device)
+        out.append(enc(t.input_ids, attention_mask=t.attention_mask)[0].half().cpu())
     return torch.cat(out)
 
 
 def immiscible_noise(x0: torch.Tensor) -> torch.Tensor:
     """Gaussian noise re-assigned to the batch's images to minimise total distance (PAPERS.md #33)."""
     noise = torch.randn_like(x0)
-    cost = torch.cdist(x0.flatten(1), noise.flatten(1)).numpy()
+    cost = torch.cdist(x0.flatten(1), noise.flatten(1)).cpu().numpy()
     _, cols = linear_sum_assignment(cost)
-    return noise[torch.from_numpy(cols)]
+    return noise[torch.from_numpy(cols).to(x0.device)]
 
 
 def train_unet(state: dict, ckpt: Path, minutes: float, batch: int, lr: float, init: Path | None = None,
-               log_every: int = 100):
-    lat, cap_idx, text, uncond = state["latents"], state["cap_idx"], state["text"], state["uncond"]
+               log_every: int = 100, device: str = "cpu"):
+    lat, cap_idx, text, uncond = (state[k].to(device) for k in ("latents", "cap_idx", "text", "uncond"))
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
-    acp = sched.alphas_cumprod
+    acp = sched.alphas_cumprod.to(device)
     snr = acp / (1 - acp)
     torch.manual_seed(1)
     unet = build_unet()
     ema = build_unet().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
+    unet.to(device), ema.to(device)
     if ckpt.exists():
-        c = torch.load(ckpt)
-        unet.load_state_dict(c["unet"]); ema.load_state_dict(c["ema"]); opt.load_state_dict(c["opt"])
+        c = torch.load(ckpt, map_location=device)
+        unet.load_state_dict(c["unet"]), ema.load_state_dict(c["ema"]), opt.load_state_dict(c["opt"])
         step, elapsed = c["step"], c["elapsed"]
         print(f"resumed at step {step}, {elapsed / 60:.1f} min")
     else:
@@ -181,14 +201,15 @@ def train_unet(state: dict, ckpt: Path, minutes: float, batch: int, lr: float, i
         frac = elapsed / budget
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        idx = torch.randint(0, len(lat), (batch,))
+        idx = torch.randint(0, len(lat), (batch,), device=device)
         x0 = lat[idx] * state["scaling_factor"]
         cond = text[cap_idx[idx]].float()
-        drop = torch.rand(batch) < 0.1
+        drop = torch.rand(batch, device=device) < 0.1
         cond[drop] = uncond
         noise = immiscible_noise(x0)
-        t = torch.randint(0, 1000, (batch,))
-        pred = unet(sched.add_noise(x0, noise, t), t, cond).sample
+        t = torch.randint(0, 1000, (batch,), device=device)
+        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):  # bf16 matmuls on a GPU
+            pred = unet(sched.add_noise(x0, noise, t), t, cond).sample.float()
         w = snr[t].clamp(1.0, 5.0) / (snr[t] + 1)  # Min-SNR-5 on x0 error, floored at 1, for v-prediction
         loss = (w * (pred - sched.get_velocity(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
@@ -198,8 +219,7 @@ def train_unet(state: dict, ckpt: Path, minutes: float, batch: int, lr: float, i
         step += 1
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
         losses.append(loss.item())
         bar.update()
         if step % log_every == 0:
@@ -211,7 +231,7 @@ def train_unet(state: dict, ckpt: Path, minutes: float, batch: int, lr: float, i
             last_save = time.time()
     torch.save(dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                     elapsed=time.time() - t_start), ckpt)
-    return ema.eval(), step
+    return ema.cpu().eval(), step
 
 
 def export(out: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, scaling_factor: float, recipe: dict):
@@ -246,7 +266,8 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=60, help="UNet training time budget")
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (and processes rendering the world)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--init", type=Path, default=None,
                    help="continue training from an exported model folder (its VAE and UNet), e.g. the shipped weights")
     a = p.parse_args(argv)
@@ -255,7 +276,7 @@ def main(argv=None):
     t0 = time.time()
     data_f = a.workdir / "data.pt"
     if not data_f.exists():
-        images, cap_idx, captions = render_data(a.captions, a.variants, a.memo_copies, seed=0)
+        images, cap_idx, captions = render_data(a.captions, a.variants, a.memo_copies, seed=0, workers=a.threads)
         torch.save(dict(images=images, cap_idx=cap_idx, captions=captions), data_f)
     data = torch.load(data_f)
     if a.use_captions < a.captions:  # train on the first captions' images (plus the memorization set) only
@@ -271,13 +292,13 @@ def main(argv=None):
     vae = AutoencoderKL.from_pretrained(a.workdir / "vae").eval()
     enc_f = a.workdir / "encoded.pt"
     if not enc_f.exists():
-        lat = encode_latents(vae, data["images"])
-        text = encode_text(data["captions"] + [""])
+        lat = encode_latents(vae, data["images"], device=a.device)
+        text = encode_text(data["captions"] + [""], device=a.device)
         torch.save(dict(latents=lat, text=text[:-1], uncond=text[-1].float(), scaling_factor=float(1 / lat.std())), enc_f)
     enc = torch.load(enc_f)
     print(f"latents {tuple(enc['latents'].shape)} scaling_factor {enc['scaling_factor']:.4f}", flush=True)
     unet, steps = train_unet(dict(enc, cap_idx=data["cap_idx"]), a.workdir / "unet.ckpt", a.minutes, a.batch, a.lr,
-                             a.init)
+                             a.init, device=a.device)
     recipe = dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, unet_steps=steps,
                   session_wall_minutes=round((time.time() - t0) / 60, 1))
     export(a.out, vae, unet, enc["scaling_factor"], recipe)
