@@ -3,8 +3,6 @@
     stablekit bench watermark --json bench_out/watermark.json [--n 500 --calib 500 --attack-n 200]
 
 Protocol (on the embedded default model unless ``--model``):
-* sampling: ``--scheduler`` (default DDIM, which detection inverts; see ``stablekit.provenance.SCHEDULER``),
-  ``--steps`` 25, guidance 7.5 with the model's default rescale.
 * prompts: held-out world captions (seed 777; training used 0). Image i of every marked set and of
   the unmarked test set shares prompt i; every image has its own noise seed (no noise is reused).
 * negatives: ``--n`` unmarked generations of the same prompts (the test negatives, attacked exactly
@@ -158,7 +156,6 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--methods", default="tree-ring,gaussian-shading,seal")
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help="names from stablekit.eval.attacks.ATTACKS")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--scheduler", default="ddim", help="sampler of every generation (stablekit.SCHEDULERS)")
     p.add_argument("--inv-steps", type=int, default=25, help="DDIM inversion steps in detection")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=777)
@@ -192,7 +189,7 @@ def main(args: list[str]) -> dict:
     if unknown:
         raise stablekit.StablekitError(f"unknown attack or method: {', '.join(unknown)}")
     t_start = time.perf_counter()
-    pipe = stablekit.load(a.model, scheduler=a.scheduler)
+    pipe = stablekit.load(a.model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     scenes, prompts = heldout_prompts(a.n + a.calib, 0, a.seed)
     gen = dict(steps=a.steps, guidance=a.guidance, batch=a.batch, guidance_rescale=stablekit.pipeline.guidance_rescale(pipe))

@@ -63,26 +63,3 @@ def test_generated_colours_and_backgrounds_follow_the_prompt(default_pipe):
     color_hits = sum(c in p["colors"] for c, p in zip(colors, preds))
     bg_hits = sum(b == p["background"] for b, p in zip(bgs, preds))
     assert color_hits >= 10 and bg_hits >= 10, (color_hits, bg_hits, preds)
-
-
-def test_encoder_tuning_trains_on_saved_generations_and_leaves_generation_alone():
-    """What the tuning learns is measured in its module docstring (GPU run); here: its training pairs are
-    generations as a PNG would hold them, and only the encoder side of the VAE moves."""
-    from stablekit.default_model import tune_encoder
-
-    pipe = stablekit.load(device="cpu")  # its own copy: tuning changes the VAE in place
-    pipe.set_progress_bar_config(disable=True)
-    vae = pipe.vae
-    x, z, noise = tune_encoder.generated_pairs(pipe, 4, 2, seed=3)
-    with torch.no_grad():
-        decoded = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
-    assert torch.allclose(x, decoded, atol=1 / 255) and torch.equal(x, (x * 127.5 + 127.5).round() / 127.5 - 1)
-    assert not torch.equal(z[0], z[1]) and noise.shape == z.shape
-    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
-    modules = (vae.decoder, vae.post_quant_conv, pipe.unet)
-    frozen = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
-    assert tune_encoder.tune(pipe, minutes=0.05, n=4, batch=2, seed=3, train_batch=2) >= 1
-    assert any(not torch.equal(v, vae.encoder.state_dict()[k]) for k, v in encoder.items())
-    for m, before in zip(modules, frozen):
-        now = m.state_dict()
-        assert all(torch.equal(v, now[k]) for k, v in before.items())

@@ -23,7 +23,7 @@ from .edit import (EDIT_GUIDANCE, EDIT_STEPS, GUIDANCE, PromptToPrompt, UnifiedA
 from .edit.core import read_image
 from .errors import StablekitError
 from .pipeline import DEFAULT_MODEL, SCHEDULERS, guidance_rescale as guidance_rescale_for
-from .provenance import FPR, REGISTRY as WATERMARKS, SCHEDULER as WATERMARK_SCHEDULER, Key, detect, make_key, watermark
+from .provenance import FPR, REGISTRY as WATERMARKS, Key, detect, make_key, watermark
 from .provenance.detection import latent_shape
 from .protect import DEFAULTS as PROTECT_DEFAULTS, METHODS as PROTECTIONS, eot as protect_eot, parse_eps, protect
 from .protect import options as protect_options
@@ -199,7 +199,7 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=Path),
               help="Concept-erasure file from `stablekit erase` (repeatable).")
 @click.option("--watermark", "method", type=click.Choice(list(WATERMARKS)), default=None,
-              help=f"Watermark the images with --key-file's key (sampler: {WATERMARK_SCHEDULER} unless --scheduler).")
+              help="Watermark the images with --key-file's key.")
 @click.option("--key-file", type=click.Path(path_type=Path), default=None,
               help="Watermark key from `stablekit keygen`; alone it implies --watermark with the key's method.")
 @click.option("--negative", default=None, help="Negative prompt.")
@@ -215,7 +215,6 @@ def generate(prompts, output, model, seed, steps, guidance, guidance_rescale, si
     plugins += [build(spec, safety.REGISTRY, "guard") for spec in guards]
     plugins += [safety.UCE.load(path) for path in adapters]
     mark, wh = _watermark_plugin(method, key_file, wh)
-    scheduler = scheduler or (WATERMARK_SCHEDULER if mark else None)
     pipe = _load_quietly(model, device, scheduler=scheduler)
     use(pipe, *plugins, *([mark] if mark else []))
     w, h = wh or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2

@@ -1,7 +1,6 @@
 """Provenance: generative watermarks on the initial latents, keys and detection.
 
     key = make_key("gaussian-shading", pipe)                 # or Key.load("key.json")
-    stablekit.set_scheduler(pipe, SCHEDULER)                  # DDIM: inverts closest to the initial noise
     with stablekit.use(pipe, watermark(key)):
         image = pipe("a red star on a gray background").images[0]
     print(detect(image, pipe, key))                           # score, p-value, decision, cost
@@ -9,7 +8,7 @@
 Methods: :mod:`.tree_ring` (Tree-Ring, baseline), :mod:`.gaussian_shading` (Gaussian Shading,
 baseline), :mod:`.seal` (SEAL, PAPERS.md #30). Attacks on them: :mod:`stablekit.eval.attacks`.
 """
-from .detection import FPR, REGISTRY, SCHEDULER, DetectionResult, Watermark, detect, make_key, recover_noise, watermark
+from .detection import FPR, REGISTRY, DetectionResult, Watermark, detect, make_key, recover_noise, watermark
 from .gaussian_shading import GaussianShading
 from .keys import Key
 from .seal import SEAL
@@ -18,4 +17,4 @@ from .tree_ring import TreeRing
 METHODS = tuple(REGISTRY)
 
 __all__ = ["Key", "make_key", "watermark", "detect", "recover_noise", "DetectionResult", "Watermark", "TreeRing",
-           "GaussianShading", "SEAL", "METHODS", "FPR", "SCHEDULER"]
+           "GaussianShading", "SEAL", "METHODS", "FPR"]

@@ -32,11 +32,6 @@ from .keys import Key
 
 REGISTRY: dict[str, type["Watermark"]] = {}
 FPR = 1e-6  # default false-positive rate of a decision (Gaussian Shading's setting)
-# The sampler `stablekit generate --watermark` uses unless --scheduler names another: detection inverts with
-# DDIM, and DDIM-sampled images invert closest to their initial noise. On the default model (25 steps, guidance
-# 7.5) the noise recovered from the generated latents correlates 0.70-0.80 with the true one after DDIM
-# sampling, 0.14-0.62 after DPM-Solver++ (the papers sample with DPM-Solver and invert with DDIM on SD).
-SCHEDULER = "ddim"
 
 
 class Watermark(Plugin):
