@@ -185,10 +185,13 @@ def train_unet(state: dict, ckpt: Path, minutes: float, batch: int, lr: float, i
     ema = build_unet().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
-    unet.to(device), ema.to(device)
+    unet.to(device)
+    ema.to(device)
     if ckpt.exists():
         c = torch.load(ckpt, map_location=device)
-        unet.load_state_dict(c["unet"]), ema.load_state_dict(c["ema"]), opt.load_state_dict(c["opt"])
+        unet.load_state_dict(c["unet"])
+        ema.load_state_dict(c["ema"])
+        opt.load_state_dict(c["opt"])
         step, elapsed = c["step"], c["elapsed"]
         print(f"resumed at step {step}, {elapsed / 60:.1f} min")
     else:
