@@ -70,3 +70,17 @@ def test_training_renders_do_not_depend_on_the_number_of_workers():
     assert len(one[0]) == 12 * 3 + 10 * 2  # variants per caption plus the memorization copies
     first = one[0][one[1] == 0]  # the variants of one caption redraw size/rotation, not the caption
     assert not torch.equal(first[0], first[1])
+
+
+def test_training_script_refuses_bad_device_and_threads_before_writing(tmp_path, capsys):
+    import pytest
+    import torch
+
+    from stablekit.default_model.train import main
+
+    bad = [["--threads", "0"]] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
+    for args in bad:
+        with pytest.raises(SystemExit) as e:
+            main(["--workdir", str(tmp_path / "w"), *args])
+        assert e.value.code == 2 and args[0] in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

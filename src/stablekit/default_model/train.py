@@ -274,6 +274,10 @@ def main(argv=None):
     p.add_argument("--init", type=Path, default=None,
                    help="continue training from an exported model folder (its VAE and UNet), e.g. the shipped weights")
     a = p.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: no CUDA GPU is visible; use --device cpu")
+    if a.threads < 1:
+        p.error(f"--threads {a.threads}: must be at least 1")
     torch.set_num_threads(a.threads)
     a.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
