@@ -109,6 +109,8 @@ DEFAULT_METHODS = [
     "deepcache:interval=5,branch=0,schedule=quadratic",
     "encoder-propagation",
     "encoder-propagation:parallel=true",
+    "encoder-propagation:interval=2",
+    "encoder-propagation:interval=3",
     "feature-inheritance",
     "feature-inheritance:blocks=[mid_block,up_blocks.0,up_blocks.1]",
     "deepcache:interval=3,branch=0/dpm++/x0.5",
@@ -726,6 +728,25 @@ def _calibration_prompts(n: int, seed: int, avoid: set[str]) -> list[str]:
     return out
 
 
+def feature_fd(pipe, judge: Judge):
+    """A schedule-search metric: Fréchet distance between the attribute classifier's features of the images
+    decoded from a candidate's latents and from the reference's (the paper's search metric is FID)."""
+    from stablekit.eval.metrics import frechet_distance
+
+    def features(latents):
+        with torch.inference_mode():
+            x = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+        return judge.features(((x.float() + 1) / 2).clamp(0, 1))
+
+    ref = [None, None]  # the reference latents and their features, computed once per search
+
+    def metric(out, reference):
+        if ref[0] is not reference:
+            ref[:] = reference, features(reference)
+        return frechet_distance(features(out), ref[1])
+    return metric
+
+
 def samplers(a) -> dict:
     import stablekit
     from stablekit.eval.harness import generate, heldout_prompts
@@ -782,13 +803,15 @@ def samplers(a) -> dict:
 
         t0 = time.perf_counter()
         found = search_schedule(pipe, calib, budget=budget, reference_steps=a.search_reference_steps,
-                                generations=a.search_generations, children=a.search_children, guidance_scale=g)
+                                generations=a.search_generations, children=a.search_children, guidance_scale=g,
+                                metric=feature_fd(pipe, judge) if a.search_metric == "fd" else None)
         search_s = time.perf_counter() - t0
         path = a.json.with_name(f"{a.json.stem}_schedule{budget}.json")
         found.schedule.save(path)
         searched = functools.partial(SchedulerPlugin, SearchedScheduler, schedule=found.schedule.to_dict())
         row = point([searched()], budget, f"samplers: searched {budget} calls")
         row |= {"schedule": found.schedule.to_dict(), "schedule_file": str(path),
+                "search_metric": a.search_metric,
                 "calibration_loss": _r(found.loss), "dpm_solver_calibration_loss": _r(found.baseline_loss),
                 "schedules_evaluated": found.evaluated, "search_seconds": _r(search_s),
                 "calibration_prompts": calib}
@@ -929,13 +952,19 @@ def parse_args(args: list[str]) -> argparse.Namespace:
     q.add_argument("--calls", type=int, nargs="+", default=DEFAULT_CALLS, help="model calls per image")
     q.add_argument("--reference-steps", type=int, default=100, help="DPM-Solver++ steps of the FD reference")
     q.add_argument("--search-budgets", type=int, nargs="*", default=[6])
-    q.add_argument("--calib-prompts", type=int, default=4)
+    q.add_argument("--calib-prompts", type=int, default=64)
+    q.add_argument("--search-metric", choices=["fd", "mse"], default="fd",
+                   help="schedule search loss: classifier-feature Fréchet distance or latent squared distance, "
+                        "to the reference run")
     q.add_argument("--search-generations", type=int, default=12)
     q.add_argument("--search-children", type=int, default=8)
     q.add_argument("--search-reference-steps", type=int, default=100)
     q.add_argument("--search-stacks", nargs="*", default=["deepcache:interval=2,branch=0"],
                    help="accel specs also run on top of each searched schedule")
-    return p.parse_args(args)
+    a = p.parse_args(args)
+    if "samplers" in a.parts and a.search_metric == "fd" and a.search_budgets and a.calib_prompts < 2:
+        p.error("--search-metric fd needs --calib-prompts >= 2 (a Fréchet distance fits a covariance)")
+    return a
 
 
 def main(args: list[str]) -> dict:

@@ -87,40 +87,44 @@ def summary(rows: list[dict]) -> dict:
     return {k: finite(float(np.mean([r[k] for r in rows]))) for k in rows[0]} | {"n": len(rows)} if rows else {}
 
 
-def reconstruction(pipe, method: str, image: Image.Image, prompt: str, a):
-    """(what `edit` takes, or None; reconstructed image; metrics). Method "vae" is the encode-decode round
-    trip; "infedit" inverts nothing: it gives back the image, and reconstructs by editing to the source prompt."""
-    from stablekit.edit import decode, invert, reconstruct
-    from stablekit.edit.core import encode_image, load_image
+def reconstruction(pipe, method: str, images: list[Image.Image], prompts: list[str], a):
+    """(what `edit` takes, or None; reconstructed images; metrics per image) for a batch of images. Method "vae"
+    is the encode-decode round trip; "infedit" inverts nothing: it gives back the images, and reconstructs by
+    editing to the source prompts. Seconds are the batch's divided by its images."""
+    from stablekit.edit import decode, edit, invert, reconstruct
+    from stablekit.edit.core import encode_image
+    from stablekit.edit.inversion import load_images
 
     t0 = clock(pipe)
+    if method == "infedit":
+        outs = edit(pipe, images, prompts, prompts, method="infedit", decoder_steps=a.decoder_steps)
+        t1 = clock(pipe)
+        z, z0 = (encode_image(pipe, load_images(pipe, x)).double().cpu() for x in (outs, images))
+        return images, outs, _metrics(images, outs, z, z0, (t1 - t0) / len(images), 0.0)
     if method == "vae":
-        inv, z0 = None, encode_image(pipe, load_image(pipe, image), a.decoder_steps)
+        inv, z0 = None, encode_image(pipe, load_images(pipe, images), a.decoder_steps)
         z, t1 = z0, clock(pipe)
-    elif method == "infedit":  # no inversion: "reconstruction" is an edit to the source prompt itself
-        from stablekit.edit import edit
-
-        out = edit(pipe, image, prompt, prompt, method="infedit", decoder_steps=a.decoder_steps)
-        seconds = clock(pipe) - t0
-        z, z0 = (encode_image(pipe, load_image(pipe, x)).double().cpu() for x in (out, image))
-        return image, out, _metrics(image, out, z, z0, seconds, 0.0)
     else:
-        inv = invert(pipe, image, prompt, method, a.steps, decoder_steps=a.decoder_steps)
+        inv = invert(pipe, images, prompts, method, a.steps, decoder_steps=a.decoder_steps)
         t1 = clock(pipe)
         z, z0 = reconstruct(pipe, inv)[-1], inv.latents[-1]
-    out = decode(pipe, z)
+    outs = [decode(pipe, row[None]) for row in z]
     t2 = clock(pipe)
-    return inv, out, _metrics(image, out, z.double().cpu(), z0.double().cpu(), t1 - t0, t2 - t1)
+    n = len(images)
+    return inv, outs, _metrics(images, outs, z.double().cpu(), z0.double().cpu(), (t1 - t0) / n, (t2 - t1) / n)
 
 
-def _metrics(image, out, z, z0, seconds_invert: float, seconds_reconstruct: float) -> dict:
+def _metrics(images, outs, z, z0, seconds_invert: float, seconds_reconstruct: float) -> list[dict]:
     from stablekit.eval.metrics import psnr
 
-    x, y = pixels(image), pixels(out)
-    return {"pixel_psnr_db": psnr(y, x), "pixel_mse": float(np.mean((y - x) ** 2)),
-            "latent_psnr_db": psnr(z, z0, data_range=float(z0.max() - z0.min())),
-            "latent_mse": float(((z - z0) ** 2).mean()), "seconds_invert": seconds_invert,
-            "seconds_reconstruct": seconds_reconstruct}
+    rows = []
+    for image, out, zi, z0i in zip(images, outs, z, z0):
+        x, y = pixels(image), pixels(out)
+        rows.append({"pixel_psnr_db": psnr(y, x), "pixel_mse": float(np.mean((y - x) ** 2)),
+                     "latent_psnr_db": psnr(zi, z0i, data_range=float(z0i.max() - z0i.min())),
+                     "latent_mse": float(((zi - z0i) ** 2).mean()), "seconds_invert": seconds_invert,
+                     "seconds_reconstruct": seconds_reconstruct})
+    return rows
 
 
 def controller(kind: str, source_word: str, target_word: str):
@@ -150,7 +154,12 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--classifier", type=Path, default=None, help="attribute classifier weights (default: shipped)")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--batch", type=int, default=16,
+                   help="images inverted and edited together (1 with --controller blend: its words differ per image)")
     a = p.parse_args(args)
+    if a.batch < 1:
+        p.error("--batch must be at least 1")
+    a.batch = 1 if a.controller == "blend" else a.batch
     a.grid = a.grid or a.json.with_suffix(".png")
     return a
 
@@ -165,6 +174,10 @@ def edit_summary(rows: list[dict]) -> dict:
             "seconds_per_edit": float(np.mean([r["seconds"] for r in rows]))}
 
 
+def _chunks(items: list, n: int):
+    return (items[i:i + n] for i in range(0, len(items), n))
+
+
 def evaluate(pipe, method: str, world_images, photo_images, clf, a) -> tuple[dict, list[list]]:
     """One method's results and its grid cells (a list per world image in the grid, then per photo)."""
     from stablekit.default_model import classifier as C, world
@@ -172,28 +185,34 @@ def evaluate(pipe, method: str, world_images, photo_images, clf, a) -> tuple[dic
     from stablekit.eval.harness import PHOTOS
     from stablekit.eval.metrics import psnr
 
-    rec, edits, cells = {"world": [], "photos": []}, {e: [] for e in EDITS}, []
-    for i, (image, prompt, scene, targets, source_pred) in enumerate(world_images):
-        inv, out, metrics = reconstruction(pipe, method, image, prompt, a)
-        rec["world"].append(metrics)
-        row = [(out, f"{metrics['pixel_psnr_db']:.1f} dB")]
-        for name, (word, target) in ([] if inv is None else targets.items()):
-            old = getattr(scene.objects[0], name)
+    rec, edits, cells, done = {"world": [], "photos": []}, {e: [] for e in EDITS}, [], 0
+    for chunk in _chunks(world_images, a.batch):
+        images, prompts, scenes, targets, source_preds = (list(x) for x in zip(*chunk))
+        inv, outs, metrics = reconstruction(pipe, method, images, prompts, a)
+        rec["world"] += metrics
+        rows = [[(out, f"{m['pixel_psnr_db']:.1f} dB")] for out, m in zip(outs, metrics)]
+        for name in ([] if inv is None else EDITS):
+            olds = [getattr(sc.objects[0], name) for sc in scenes]
+            words, edited = zip(*(t[name] for t in targets))
             t0 = clock(pipe)
-            result = edit(pipe, inv, prompt, world.canonical_caption(target), method=method,
-                          controller=controller(a.controller, old, word))
-            seconds, pred = clock(pipe) - t0, C.predict([result], clf)[0]
-            keep = outside(scene, target, image.width)
-            edits[name].append({"success": word in pred[EDITS[name]], "seconds": seconds,
-                                "background": pred["background"] == source_pred["background"],
-                                "psnr_outside_db": psnr(pixels(result)[keep], pixels(image)[keep])})
-            row.append((result, f"{old}->{word}"))
-        cells += [row] if i < a.grid_rows else []
-        print(f"{method}: image {i + 1}/{len(world_images)}", flush=True)
-    for name, image in photo_images:
-        inv, out, metrics = reconstruction(pipe, method, image, PHOTOS[name], a)
-        rec["photos"].append(metrics)
-        cells.append([(out, f"{metrics['pixel_psnr_db']:.1f} dB")] + [(None, "")] * (0 if inv is None else len(EDITS)))
+            results = edit(pipe, inv, prompts, [world.canonical_caption(t) for t in edited], method=method,
+                           controller=controller(a.controller, olds[0], words[0]))  # blend: batch 1
+            seconds = (clock(pipe) - t0) / len(results)
+            for k, (result, pred) in enumerate(zip(results, C.predict(results, clf))):
+                keep = outside(scenes[k], edited[k], images[k].width)
+                edits[name].append({"success": words[k] in pred[EDITS[name]], "seconds": seconds,
+                                    "background": pred["background"] == source_preds[k]["background"],
+                                    "psnr_outside_db": psnr(pixels(result)[keep], pixels(images[k])[keep])})
+                rows[k].append((result, f"{olds[k]}->{words[k]}"))
+        done += len(chunk)
+        cells += rows[:max(0, a.grid_rows - done + len(chunk))]
+        print(f"{method}: image {done}/{len(world_images)}", flush=True)
+    for chunk in _chunks(photo_images, a.batch):
+        names, images = (list(x) for x in zip(*chunk))
+        inv, outs, metrics = reconstruction(pipe, method, images, [PHOTOS[n] for n in names], a)
+        rec["photos"] += metrics
+        cells += [[(out, f"{m['pixel_psnr_db']:.1f} dB")] + [(None, "")] * (0 if inv is None else len(EDITS))
+                  for out, m in zip(outs, metrics)]
     entry = {"guidance": GUIDANCE.get(method), "reconstruction": {k: summary(v) for k, v in rec.items()}}
     return entry | {f"edit_{name}": edit_summary(rows) for name, rows in edits.items() if rows}, cells
 

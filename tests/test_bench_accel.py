@@ -24,7 +24,7 @@ def test_accel_benchmark_tiny(bench, tmp_path):
     res = bench.main(["--json", str(out), "--unet", "tiny", "--sizes", "64", "--steps", "3", "--repeats", "1",
                       "--methods", "deepcache:interval=2,branch=0", "encoder-propagation:interval=2,parallel=true",
                       "--prompts", "2", "--quality-steps", "3", "--batch", "2", "--samplers", "dpm++", "--calls", "2",
-                      "--reference-steps", "3", "--search-budgets", "3", "--calib-prompts", "1",
+                      "--reference-steps", "3", "--search-budgets", "3", "--calib-prompts", "2",
                       "--search-generations", "1", "--search-children", "1", "--search-reference-steps", "3",
                       "--threads", "1"])
     assert json.loads(out.read_text())["command"].startswith("stablekit bench accel --json")

@@ -132,7 +132,7 @@ def test_bad_settings_are_one_line_errors(pipe, image):
         with pytest.raises(StablekitError, match=match) as e:
             edit(pipe, image, SOURCE, target, "ddim", controller=controller, steps=2)
         assert "\n" not in str(e.value) and stablekit.attached(pipe) == []
-    with stablekit.use(pipe, PromptToPrompt()), pytest.raises(StablekitError, match="pair of prompts"):
+    with stablekit.use(pipe, PromptToPrompt()), pytest.raises(StablekitError, match="pairs of prompts"):
         run(pipe, SOURCE)
     with pytest.raises(StablekitError, match="conflicts"), stablekit.use(pipe, PromptToPrompt(), PromptToPrompt()):
         pass

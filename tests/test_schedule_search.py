@@ -127,6 +127,20 @@ def test_search_beats_or_equals_dpm_solver_and_replays_exactly(tiny_sd, tiny_sd_
     assert SearchedScheduler.from_pretrained(tmp_path / "config").plan == result.schedule
 
 
+def test_search_minimises_a_given_metric(tiny_sd):
+    seen = []
+
+    def metric(out, reference):  # prefers the largest final latents: not what the squared distance prefers
+        seen.append((out.shape, reference.shape))
+        return -float(out.abs().mean())
+
+    result = search_schedule(tiny_sd, PROMPTS, **SEARCH, metric=metric)
+    assert len(seen) == result.evaluated and all(a == b and a[0] == len(PROMPTS) for a, b in seen)
+    with stablekit.use(tiny_sd, SchedulerPlugin(SearchedScheduler, schedule=result.schedule.to_dict())):
+        assert result.loss == -float(final_latents(tiny_sd, 5).abs().mean())
+    assert result.loss <= result.baseline_loss and result.schedule != search_schedule(tiny_sd, PROMPTS, **SEARCH).schedule
+
+
 def test_img2img_runs_the_last_steps(tiny_sd):
     pipe = StableDiffusionImg2ImgPipeline(**tiny_sd.components, requires_safety_checker=False)
     schedule = with_correctors(dpm_solver_schedule(_scheduler().config, 6))

@@ -168,7 +168,9 @@ def eps(pipe, sched: Schedule, z: torch.Tensor, i: int, cond: dict, uncond: dict
     if guided:
         cond, z = _map(lambda u, c: torch.cat([u, c]), uncond, cond), torch.cat([z, z])
     kw = _map(lambda v: v.to(unet.dtype), cond)
-    out = unet(z.to(unet.dtype), sched.timesteps[i], **kw, return_dict=False)[0].to(z.dtype)
+    # one memory layout for every input: convolutions round differently on other strides, and inversion
+    # or a chaotic model at high guidance can magnify that to visible differences
+    out = unet(z.to(unet.dtype).contiguous(), sched.timesteps[i], **kw, return_dict=False)[0].to(z.dtype)
     if sched.prediction == "v_prediction":
         a = sched.alphas[i].item()
         out = a ** 0.5 * out + (1 - a) ** 0.5 * z

@@ -21,7 +21,7 @@ from .core import Schedule, eps
 
 
 def offsets(pipe, sched: Schedule, pivot: torch.Tensor, text, guidance: float) -> torch.Tensor:
-    """Per-step source-branch offsets (steps, 1, C, h, w; float64) between `pivot` and guided DDIM steps from it."""
+    """Per-step source-branch offsets (steps, images, C, h, w; float64) between `pivot` and guided DDIM steps from it."""
     uncond, cond = text
     steps = [sched.step(i, pivot[i], eps(pipe, sched, pivot[i], i, cond, uncond, guidance)) for i in range(len(sched))]
     return torch.stack([pivot[i + 1].double() - s.double() for i, s in enumerate(steps)])

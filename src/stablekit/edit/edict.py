@@ -51,7 +51,7 @@ def unstep(pipe, sched: Schedule, i: int, x, y, text, guidance: float, p: float)
 
 
 def invert(pipe, sched: Schedule, z0: torch.Tensor, text, guidance: float, p: float):
-    """x and y trajectories (steps + 1, 1, C, h, w) in denoising order from the image latent `z0`."""
+    """x and y trajectories (steps + 1, images, C, h, w) in denoising order from the image latent `z0`."""
     xs, ys = [z0], [z0]
     for i in reversed(range(len(sched))):
         x, y = unstep(pipe, sched, i, xs[-1], ys[-1], text, guidance, p)

@@ -9,17 +9,19 @@ import torch
 from ..errors import StablekitError
 from ..plugins import CallState, Plugin, use
 from . import infedit
-from .core import Schedule, decode, encode_image, encode_prompts, load_image
-from .inversion import GUIDANCE, METHODS, Inversion, denoise, invert
+from .core import Schedule, decode, encode_image, encode_prompts
+from .inversion import GUIDANCE, METHODS, Inversion, batch, denoise, invert, load_images, prompt_list
 
 EDIT_METHODS = (*METHODS, "infedit")
 EDIT_STEPS = {**dict.fromkeys(METHODS, 50), "infedit": infedit.STEPS}  # each paper's default
 EDIT_GUIDANCE = {**GUIDANCE, "infedit": infedit.GUIDANCE}  # the target's, for InfEdit
 
 
-def edit(pipe, image, source_prompt: str, target_prompt: str, method: str = "direct", controller: Plugin | None = None,
-         steps: int | None = None, guidance: float | None = None, **options):
+def edit(pipe, image, source_prompt: str | list[str], target_prompt: str | list[str], method: str = "direct",
+         controller: Plugin | None = None, steps: int | None = None, guidance: float | None = None, **options):
     """Edit `image` (path, PIL image or tensor in [0, 1]) from `source_prompt` to `target_prompt`; a PIL image.
+    Lists of images (of one size), source and target prompts edit the images together, one batch
+    (see :mod:`.inversion`), and give a list of PIL images.
 
     With an inversion `method` the image is inverted under the source prompt (see
     :func:`.inversion.invert`, which takes `options`; an :class:`.inversion.Inversion` made under the
@@ -37,40 +39,50 @@ def edit(pipe, image, source_prompt: str, target_prompt: str, method: str = "dir
     lists the branches' prompts (model batches are ``[uncond branches, cond branches]`` when
     ``do_cfg``), and its ``on_step_end`` sees the latents of the branches after every step.
     """
-    if not isinstance(target_prompt, str):
-        raise StablekitError(f"the target prompt must be a string, got {type(target_prompt).__name__}")
     if method not in EDIT_METHODS:
         raise StablekitError(f"unknown editing method '{method}'; choose one of: {', '.join(EDIT_METHODS)}")
+    single, targets = isinstance(target_prompt, str), prompt_list(target_prompt, "target prompt")
+    if isinstance(image, Inversion):
+        images, sources = [image] * len(image.prompts), prompt_list(source_prompt, "source prompt")
+    else:
+        images, sources = batch(image, source_prompt, "source prompt")
+    if len(targets) != len(sources):
+        raise StablekitError(f"{len(sources)} source prompts but {len(targets)} target prompts: give one of each per image")
     steps = EDIT_STEPS[method] if steps is None else steps
     if method == "infedit":
-        return _infedit(pipe, image, source_prompt, target_prompt, controller, steps, guidance, **options)
-    if not isinstance(image, Inversion):
-        inv = invert(pipe, image, source_prompt, method, steps, guidance, **options)
-    elif image.prompt != source_prompt:
-        raise StablekitError(f"the inversion was made under the prompt '{image.prompt}', not the source prompt "
-                             f"'{source_prompt}'")
+        out = _infedit(pipe, images, sources, targets, controller, steps, guidance, **options)
     else:
-        inv = image
-    traj = _controlled(pipe, controller, [source_prompt, target_prompt], inv.latents[0], inv.schedule,
+        out = _inverted(pipe, image if isinstance(image, Inversion) else None, images, sources, targets, method,
+                        controller, steps, guidance, options)
+    return out[0] if single else out
+
+
+def _inverted(pipe, inv, images, sources, targets, method, controller, steps, guidance, options):
+    if inv is None:
+        inv = invert(pipe, images, sources, method, steps, guidance, **options)
+    elif inv.prompts != sources:
+        raise StablekitError(f"the inversion was made under the prompt {inv.prompt!r}, not the source prompt "
+                             f"{sources[0] if len(sources) == 1 else sources!r}")
+    traj = _controlled(pipe, controller, sources + targets, inv.latents[0], inv.schedule,
                        inv.guidance != 1, lambda text, on_step: denoise(pipe, inv, text, on_step))
-    return decode(pipe, traj[-1, -1:])
+    return [decode(pipe, z[None]) for z in traj[-1, -len(targets):]]
 
 
-def _infedit(pipe, image, source_prompt, target_prompt, controller, steps, guidance,
+def _infedit(pipe, images, sources, targets, controller, steps, guidance,
              source_guidance: float = infedit.SOURCE_GUIDANCE, seed: int = 0, decoder_steps: int = 0):
-    if isinstance(image, Inversion):
+    if isinstance(images[0], Inversion):
         raise StablekitError("InfEdit inverts nothing: pass the image itself, not an Inversion")
     if int(steps) < 1:
         raise StablekitError(f"need steps >= 1 (got steps={steps})")
-    z0 = encode_image(pipe, load_image(pipe, image), decoder_steps)
+    z0 = encode_image(pipe, load_images(pipe, images), decoder_steps)
     sched = Schedule(pipe, int(steps))
-    layout = isinstance(controller, infedit.UnifiedAttentionControl)
-    prompts = [source_prompt, source_prompt, target_prompt] if layout else [source_prompt, target_prompt]
-    scales = [float(source_guidance)] * (len(prompts) - 1) + [infedit.GUIDANCE if guidance is None else float(guidance)]
+    branches = [sources, sources, targets] if isinstance(controller, infedit.UnifiedAttentionControl) else [
+        sources, targets]
+    scales = [float(source_guidance)] * (len(branches) - 1) + [infedit.GUIDANCE if guidance is None else float(guidance)]
     generator = torch.Generator().manual_seed(int(seed))
-    traj = _controlled(pipe, controller, prompts, z0, sched, any(s != 1 for s in scales),
+    traj = _controlled(pipe, controller, sum(branches, []), z0, sched, any(s != 1 for s in scales),
                        lambda text, on_step: infedit.sample(pipe, sched, z0, text, scales, generator, on_step))
-    return decode(pipe, traj[-1, -1:])
+    return [decode(pipe, z[None]) for z in traj[-1, -len(targets):]]
 
 
 def _controlled(pipe, controller, prompts: list[str], latent, sched: Schedule, do_cfg: bool, run) -> torch.Tensor:

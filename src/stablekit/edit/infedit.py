@@ -79,28 +79,37 @@ def _noised(alpha: float, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor
     return alpha ** 0.5 * x0 + (1 - alpha) ** 0.5 * noise
 
 
+def _tile(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` (one row per image) repeated for each branch of a branch-major batch of `rows` rows."""
+    return x.repeat(rows // len(x), *[1] * (x.ndim - 1))
+
+
 def step(sched: Schedule, i: int, z: torch.Tensor, e: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor):
-    """DDCM step `i` of branches `z` (row 0: the source) with guided noise predictions `e`: each branch's x0
-    estimate re-noised with the shared `noise`, or after the last step the x0 estimates themselves."""
-    a = sched.alphas[i].item()
-    x0 = z0 + (z - z[:1] - (1 - a) ** 0.5 * (e - e[:1])) / a ** 0.5
-    return x0 if i == len(sched) - 1 else _noised(sched.alphas[i + 1].item(), x0, noise)
+    """DDCM step `i` of branches `z` (branch-major, one row per image of `z0` in each branch; the first
+    branch is the source) with guided noise predictions `e`: each branch's x0 estimate re-noised with its
+    image's `noise`, shared by the branches, or after the last step the x0 estimates themselves."""
+    a, n = sched.alphas[i].item(), len(z)
+    src, e_src = _tile(z[:len(z0)], n), _tile(e[:len(z0)], n)
+    x0 = _tile(z0, n) + (z - src - (1 - a) ** 0.5 * (e - e_src)) / a ** 0.5
+    return x0 if i == len(sched) - 1 else _noised(sched.alphas[i + 1].item(), x0, _tile(noise, n))
 
 
 @torch.no_grad()
 def sample(pipe, sched: Schedule, z0: torch.Tensor, text, guidance: list[float], generator: torch.Generator,
            on_step=None) -> torch.Tensor:
-    """DDCM trajectory (steps + 1, branches, C, h, w) from the image latent `z0`, one branch per prompt of
-    `text` (from :func:`.core.encode_prompts`; branch 0 is the source) at guidance ``guidance[branch]``.
+    """DDCM trajectory (steps + 1, branches * images, C, h, w) from the image latents `z0` (one row per
+    image), one branch per prompt of `text` for each image (from :func:`.core.encode_prompts`,
+    branch-major; the first branch is the source) at guidance ``guidance[branch]``.
     ``on_step(i, latents)`` may change the latents after each step. The last row holds the x0 estimates."""
     uncond, cond = text
     n = len(cond["encoder_hidden_states"])
-    scale = 1.0 if all(g == 1 for g in guidance) else torch.tensor(guidance).to(z0).view(-1, 1, 1, 1)
+    scale = 1.0 if all(g == 1 for g in guidance) else torch.tensor(guidance).to(z0).repeat_interleave(
+        len(z0)).view(-1, 1, 1, 1)
 
     def fresh():
         return torch.randn(z0.shape, generator=generator).to(z0)
 
-    z = _noised(sched.alphas[0].item(), z0, fresh()).expand(n, -1, -1, -1)
+    z = _tile(_noised(sched.alphas[0].item(), z0, fresh()), n)
     traj = [z]
     for i in range(len(sched)):
         z = step(sched, i, z, eps(pipe, sched, z, i, cond, uncond, scale), z0, fresh())
@@ -140,18 +149,18 @@ class UnifiedAttentionControl(PromptToPrompt):
 
     name = "unified-attention-control"
     branches = 3
+    usage = "unified attention control drives InfEdit's three branches: use stablekit.edit.edit(..., method='infedit')"
 
     def __init__(self, mode: str = "refine", cross_replace_steps: float = 0.7, self_replace_steps: float = 0.7,
                  weights: dict[str, float] | None = None, blend: tuple[str, ...] | list[str] = (),
                  threshold: float = 0.55):
         super().__init__(mode, cross_replace_steps, self_replace_steps, weights, blend, threshold)
 
-    def _pair(self, prompts) -> tuple[str, str]:
-        if not (isinstance(prompts, (list, tuple)) and len(prompts) == 3 and prompts[0] == prompts[1]
-                and all(isinstance(p, str) for p in prompts)):
-            raise StablekitError("unified attention control drives InfEdit's three branches: use "
-                                 "stablekit.edit.edit(..., method='infedit')")
-        return prompts[0], prompts[2]
+    def _pairs(self, prompts) -> tuple[list[str], list[str]]:
+        source, layout, target = self._branches(prompts)
+        if source != layout:
+            raise StablekitError(self.usage)
+        return source, target
 
     def _touches(self, queries: int, cross: bool) -> bool:
         return not cross or super()._touches(queries, cross)

@@ -10,19 +10,21 @@
 Paper defaults, kept: guidance w = 7.5, Adam, up to 10 inner steps, early stop when the loss is below
 ``1e-5 + 2e-5 * i``. Deviation: the learning rate ``1e-2 * (1 - i / 100)``, written for 50 steps, is
 ``1e-2 * (1 - i / (2 * steps))`` here (identical at 50 steps, never negative at more). Only the
-token embeddings are optimised; SDXL's pooled unconditional embedding stays fixed.
+token embeddings are optimised; SDXL's pooled unconditional embedding stays fixed. Several images
+are optimised together, each its own embedding and loss (Adam's updates are per element, so the
+images do not mix), and the inner loop stops early when every image's loss is below the threshold:
+an image that got there sooner takes the extra steps a lone run would have skipped.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .core import Schedule, eps
 
 
 def optimise(pipe, sched: Schedule, pivot: torch.Tensor, text, guidance: float, inner_steps: int = 10,
              early_stop: float = 1e-5) -> torch.Tensor:
-    """Per-step unconditional embeddings (steps, 1, L, D) that make guided DDIM follow `pivot`."""
+    """Per-step unconditional embeddings (steps, images, L, D) that make guided DDIM follow `pivot`."""
     uncond, cond = text
     emb = uncond["encoder_hidden_states"].detach().float()
     z, out, n = pivot[0], [], len(sched)
@@ -33,11 +35,11 @@ def optimise(pipe, sched: Schedule, pivot: torch.Tensor, text, guidance: float, 
         opt = torch.optim.Adam([emb], lr=1e-2 * (1 - i / (2 * n)))
         for _ in range(inner_steps):
             u = eps(pipe, sched, z, i, {**uncond, "encoder_hidden_states": emb})
-            loss = F.mse_loss(sched.step(i, z, u + guidance * (c - u)), pivot[i + 1])
+            loss = (sched.step(i, z, u + guidance * (c - u)) - pivot[i + 1]).pow(2).flatten(1).mean(1)
             opt.zero_grad()
-            loss.backward(inputs=[emb])
+            loss.sum().backward(inputs=[emb])
             opt.step()
-            if loss.item() < early_stop + 2e-5 * i:
+            if loss.max().item() < early_stop + 2e-5 * i:
                 break
         emb = emb.detach()
         out.append(emb)

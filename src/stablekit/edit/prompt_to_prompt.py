@@ -19,7 +19,9 @@ half of every model call the target's attention probabilities are replaced by th
 Use it with :func:`stablekit.edit.edit` (``controller=PromptToPrompt(...)``) for real images, or
 attached to a pipeline called with ``[source, target]`` prompts and shared initial latents.
 Model batches are ``[uncond_src, uncond_tgt, cond_src, cond_tgt]`` (or the cond half alone without
-guidance), several images per prompt allowed. The plugin swaps the UNet's attention processors
+guidance), several images per prompt allowed; several prompt pairs too, branch-major
+(``[src_1 .. src_n, tgt_1 .. tgt_n]``, as :func:`stablekit.edit.edit` makes them for a batch of
+images), each pair with its own token maps. The plugin swaps the UNet's attention processors
 (``unet.set_attn_processor``) and restores the original objects on removal. Layers and steps it does
 not control run their original processor; controlled ones run diffusers' ``AttnProcessor`` with
 the probabilities passed through :meth:`PromptToPrompt.control`.
@@ -131,6 +133,7 @@ class PromptToPrompt(Plugin):
     name = "prompt-to-prompt"
     exclusive = ("attention processors",)
     branches = 2  # model batches per half: [source, target]; subclasses put their reference branch before the target
+    usage = "prompt-to-prompt edits pairs of prompts: call the pipeline with [source, target] or use stablekit.edit.edit"
 
     def __init__(self, mode: str = "replace", cross_replace_steps: float = 0.8, self_replace_steps: float = 0.4,
                  weights: dict[str, float] | None = None, blend: tuple[str, ...] | list[str] = (),
@@ -158,32 +161,46 @@ class PromptToPrompt(Plugin):
 
     def reset(self, call):
         super().reset(call)
-        self.prepare(self._tokenizer, *self._pair(call.prompt))
+        self.prepare(self._tokenizer, *self._pairs(call.prompt))
         self._maps, self.mask = {}, None
 
-    def _pair(self, prompts) -> tuple[str, str]:
-        """(source, target) of the call's prompts, one per branch."""
-        if not (isinstance(prompts, (list, tuple)) and len(prompts) == 2 and all(isinstance(p, str) for p in prompts)):
-            raise StablekitError("prompt-to-prompt edits a pair of prompts: call the pipeline with [source, target] "
-                                 "or use stablekit.edit.edit")
-        return tuple(prompts)
+    def _branches(self, prompts) -> list[list[str]]:
+        """The call's prompts, branch-major, as one list per branch."""
+        if not (isinstance(prompts, (list, tuple)) and prompts and len(prompts) % self.branches == 0
+                and all(isinstance(p, str) for p in prompts)):
+            raise StablekitError(self.usage)
+        n = len(prompts) // self.branches
+        return [list(prompts[k * n:(k + 1) * n]) for k in range(self.branches)]
 
-    def prepare(self, tokenizer, source: str, target: str) -> None:
-        """Token maps, weights and blend words for this prompt pair (done at every reset; call it
+    def _pairs(self, prompts) -> tuple[list[str], list[str]]:
+        """(sources, targets) of the call's prompts: the first and last branch."""
+        branches = self._branches(prompts)
+        return branches[0], branches[-1]
+
+    def prepare(self, tokenizer, sources: str | list[str], targets: str | list[str]) -> None:
+        """Token maps, weights and blend words for these prompt pairs (done at every reset; call it
         early to have a replace edit that cannot be aligned, or a missing word, fail before an inversion)."""
-        self._index, self._alpha = token_map(tokenizer, source, target, self.mode)
-        self._scale = torch.ones(tokenizer.model_max_length)
-        for word, s in self.weights.items():
-            pos = word_positions(tokenizer, target, word)
-            if not pos:
-                raise StablekitError(f"word '{word}' is not in the target prompt '{target}'")
-            self._scale[pos] = s
-        self._words = torch.zeros(self.branches, tokenizer.model_max_length)  # blend words: source and target rows
-        for word in self.blend:
-            src, tgt = word_positions(tokenizer, source, word), word_positions(tokenizer, target, word)
-            if not src and not tgt:
-                raise StablekitError(f"blend word '{word}' is in neither prompt")
-            self._words[0, src], self._words[-1, tgt] = 1, 1
+        sources, targets = ([sources], [targets]) if isinstance(sources, str) else (sources, targets)
+        n = tokenizer.model_max_length
+        self._index, self._alpha = (torch.stack(t) for t in zip(*(
+            token_map(tokenizer, s, t, self.mode) for s, t in zip(sources, targets))))
+        self._scale = torch.ones(len(targets), n)
+        self._words = torch.zeros(self.branches, len(targets), n)  # blend words: source and target branches
+        for k, (source, target) in enumerate(zip(sources, targets)):
+            for word, s in self.weights.items():
+                pos = word_positions(tokenizer, target, word)
+                if not pos:
+                    raise StablekitError(f"word '{word}' is not in the target prompt '{target}'")
+                self._scale[k, pos] = s
+            for word in self.blend:
+                src, tgt = word_positions(tokenizer, source, word), word_positions(tokenizer, target, word)
+                if not src and not tgt:
+                    raise StablekitError(f"blend word '{word}' is in neither prompt ('{source}', '{target}')")
+                self._words[0, k, src], self._words[-1, k, tgt] = 1, 1
+
+    def _per_row(self, x: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
+        """`x`, one entry per prompt pair along `dim`, as one per model row of a branch (images of a pair adjacent)."""
+        return x.repeat_interleave(rows // x.shape[dim], dim)
 
     def _until(self, fraction: float) -> bool:
         return self.call.step < int(fraction * self.call.num_steps)
@@ -205,11 +222,13 @@ class PromptToPrompt(Plugin):
         if cross and self.blend:
             self._maps[p.shape[2]] = self._maps.get(p.shape[2], 0) + cond.mean(1)
         if cross and self._until(self.cross_replace_steps):
-            if p.shape[-1] != len(self._index):
+            if p.shape[-1] != self._index.shape[-1]:
                 raise StablekitError(f"prompt embeddings have {p.shape[-1]} tokens but the tokenizer pads to "
-                                     f"{len(self._index)}; prompt-to-prompt needs the pipeline's own tokenizer")
-            alpha, scale = self._alpha.to(probs), self._scale.to(probs)
-            new = (ref[..., self._index.to(probs.device)] * alpha + tgt * (1 - alpha)) * scale
+                                     f"{self._index.shape[-1]}; prompt-to-prompt needs the pipeline's own tokenizer")
+            rows = len(tgt)
+            index = self._per_row(self._index, rows).to(probs.device)[:, None, None].expand_as(ref)
+            alpha, scale = (self._per_row(x, rows).to(probs)[:, None, None] for x in (self._alpha, self._scale))
+            new = (ref.gather(-1, index) * alpha + tgt * (1 - alpha)) * scale
         elif not cross and p.shape[2] <= MAX_TOKENS and self._until(self.self_replace_steps):
             new = ref
         else:
@@ -223,7 +242,7 @@ class PromptToPrompt(Plugin):
             return latents
         *rest, ref, tgt = latents.chunk(self.branches)
         queries = max((q for q in self._maps if q <= MAX_TOKENS), default=min(self._maps))
-        words = self._words.to(latents).repeat_interleave(len(tgt), 0)
+        words = self._per_row(self._words.to(latents), len(tgt), 1).flatten(0, 1)
         maps = (self._maps[queries].to(latents) * words[:, None]).sum(-1)
         (h, w), f = latents.shape[-2:], round(math.sqrt(latents.shape[-2] * latents.shape[-1] / queries))
         maps = F.max_pool2d(maps.view(len(maps), 1, h // f, w // f), 3, 1, 1)
