@@ -227,7 +227,7 @@ def test_autotune(tiny_sd):
     kw = dict(num_inference_steps=6, height=32, width=32, max_interval=3)
     prompts = ["a red star on a gray background", "a blue circle"]  # the worst prompt counts
     tuned = autotune(tiny_sd, prompts, max_deviation=0.05, **kw)
-    assert tuned.interval > 1 and tuned.speedup > 1 and tuned.deviation <= 0.05
+    assert tuned.spec is not None and tuned.speedup > 1 and tuned.deviation <= 0.05
     ref = run(tiny_sd, prompts[1], steps=6)
     with stablekit.use(tiny_sd, tuned.plugin()):
         assert deviation(run(tiny_sd, prompts[1], steps=6), ref) <= 0.05
@@ -236,6 +236,26 @@ def test_autotune(tiny_sd):
     with pytest.raises(StablekitError, match="target_speedup"):
         autotune(tiny_sd, prompts, target_speedup=100, **kw)
     assert stablekit.attached(tiny_sd) == []
+
+
+@pytest.mark.parametrize("method", ["encoder-propagation", "feature-inheritance"])
+def test_autotune_schedules_every_caching_method(tiny_sd, method):
+    kw = dict(num_inference_steps=6, height=32, width=32, max_interval=3)
+    tuned = autotune(tiny_sd, "a red star", target_speedup=1.01, methods=method, **kw)
+    assert tuned.spec.startswith(method) and tuned.speedup >= 1.01 and tuned.deviation > 0
+    steps = []  # the predicted speedup counts key steps: check the plugin really skips at the others
+    plugin = tuned.plugin()
+    block = next(m for m in plugin.skipped_modules(tiny_sd.unet).values() if list(m.children()))
+    first = next(m for m in block.modules() if not list(m.children()))  # runs only when its block computes
+    hook = first.register_forward_pre_hook(lambda m, a: steps.append(plugin.call.step))
+    with stablekit.use(tiny_sd, plugin):
+        run(tiny_sd, "a red star", steps=6)
+    hook.remove()
+    assert sorted(set(steps)) == plugin.full_steps(6) and len(plugin.full_steps(6)) < 6
+    nothing = autotune(tiny_sd, "a red star", max_deviation=0.0, methods=method, **kw)
+    assert nothing.spec is None and nothing.plugin() is None and nothing.deviation == 0
+    with pytest.raises(StablekitError, match="unknown caching method 'fast'"):
+        autotune(tiny_sd, "a red star", target_speedup=1.1, methods=["fast"], **kw)
 
 
 # Faster Diffusion (#8): the parallel decoder and prior noise injection

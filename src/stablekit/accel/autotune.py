@@ -1,16 +1,18 @@
-"""Choose DeepCache's interval and branch (PAPERS.md #5) for a pipeline, instead of tuning them by hand.
+"""Choose a feature-caching schedule for a pipeline and a target, instead of tuning it by hand: DeepCache's
+interval and branch (PAPERS.md #5), encoder propagation's interval or the paper's key steps (#8), feature
+inheritance's interval (#6).
 
 One calibration pass generates `prompts` without caching, keeping the final latents as the reference and
 counting each UNet module's FLOPs (torch's ``FlopCounterMode``: convolutions and matmuls). That gives every
-uniform ``(interval, branch)`` a predicted UNet speedup, ``S / (K + (S - K) * shallow)`` for K key steps of S,
-where ``shallow`` is the share of the UNet's FLOPs still computed at cached steps.
+candidate a predicted UNet speedup, ``S / (K + (S - K) * shallow)`` for K key steps of S, where ``shallow``
+is the share of the UNet's FLOPs still computed at cached steps (everything but the modules it skips).
 
 * With `max_deviation`: candidates are checked fastest first, each by one cached generation per prompt, and
   the first whose final latents deviate from the reference by at most `max_deviation` (relative L2 norm,
-  worst prompt) is chosen; ``interval=1`` (no caching, no deviation) is the last resort. Add
-  `target_speedup` to consider only candidates predicted to reach it.
-* With only `target_speedup`: for each branch, the smallest interval predicted to reach it is checked, and
-  the least deviating is chosen.
+  worst prompt) is chosen; no caching (no deviation) is the last resort. Add `target_speedup` to consider
+  only candidates predicted to reach it.
+* With only `target_speedup`: for each method and variant (a DeepCache branch, ...), the smallest interval
+  predicted to reach it is checked, and the least deviating is chosen.
 """
 from __future__ import annotations
 
@@ -22,29 +24,52 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import StablekitError
 from ..plugins import use
-from .caching import key_steps
-from .deepcache import DeepCache, branches
+from ..registry import build
+from .deepcache import branches
 
 
 @dataclass(frozen=True)
 class Tuning:
-    """A DeepCache setting with its predicted speedup and measured deviation; ``plugin()`` makes it."""
+    """A caching setting (an ``--accel`` spec) with its predicted speedup and measured deviation; ``plugin()``
+    makes it (None for no caching)."""
 
-    interval: int
-    branch: int
+    spec: str | None
     speedup: float  # predicted, UNet only
     deviation: float | None = None  # measured: relative L2 distance of the final latents to uncached ones
 
-    def plugin(self) -> DeepCache:
-        return DeepCache(interval=self.interval, branch=self.branch)
+    def plugin(self):
+        from . import REGISTRY
+
+        return None if self.spec is None else build(self.spec, REGISTRY, "accel")
+
+
+METHODS = ("deepcache", "encoder-propagation", "feature-inheritance")
+
+
+def _specs(method: str, unet, max_interval: int) -> list[tuple[str, str]]:
+    """(variant, spec) of the candidates of `method`: each variant's intervals 2..max_interval, smallest first."""
+    if method == "deepcache":
+        return [(f"branch {b}", f"deepcache:interval={i},branch={b}")
+                for b in range(len(branches(unet))) for i in range(2, max_interval + 1)]
+    if method == "encoder-propagation":
+        return [("paper", "encoder-propagation")] + [
+            ("uniform", f"encoder-propagation:interval={i}") for i in range(2, max_interval + 1)]
+    if method == "feature-inheritance":
+        return [("default", f"feature-inheritance:interval={i}") for i in range(2, max_interval + 1)]
+    raise StablekitError(f"unknown caching method '{method}' for autotune; choose from: {', '.join(METHODS)}")
 
 
 def autotune(pipe, prompts, target_speedup: float | None = None, max_deviation: float | None = None,
-             max_interval: int = 5, seed: int = 0, **call_kwargs) -> Tuning:
-    """The DeepCache setting for `pipe` that meets the request; `call_kwargs` go to every pipeline call."""
+             max_interval: int = 5, seed: int = 0, methods=METHODS, **call_kwargs) -> Tuning:
+    """The caching setting among `methods` for `pipe` that meets the request; `call_kwargs` go to every
+    pipeline call."""
+    from . import REGISTRY
+
     if target_speedup is None and max_deviation is None:
         raise StablekitError("say what to tune for: give target_speedup, max_deviation or both")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    methods = [methods] if isinstance(methods, str) else methods
+    variants = [(m, v, spec) for m in methods for v, spec in _specs(m, pipe.unet, max_interval)]
 
     def generate(plugin=None):
         with use(pipe, plugin) if plugin else contextlib.nullcontext():
@@ -55,30 +80,30 @@ def autotune(pipe, prompts, target_speedup: float | None = None, max_deviation: 
         reference = generate()
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     root, steps = type(pipe.unet).__name__, pipe.num_timesteps
-    candidates = [Tuning(1, 0, 1.0, 0.0)]  # no caching
-    for branch in range(len(branches(pipe.unet))):
-        deep = sum(flops.get(f"{root}.{name}", 0) for name in DeepCache(branch=branch).skipped_modules(pipe.unet))
-        shallow = 1 - deep / flops[root]
-        for interval in range(2, max_interval + 1):
-            k = len(key_steps(steps, interval))
-            candidates.append(Tuning(interval, branch, steps / (k + (steps - k) * shallow)))
+    candidates, group = [Tuning(None, 1.0, 0.0)], {None: None}  # no caching
+    for method, variant, spec in variants:
+        plugin = build(spec, REGISTRY, "accel")
+        deep = sum(flops.get(f"{root}.{name}", 0) for name in plugin.skipped_modules(pipe.unet))
+        k = len(plugin.full_steps(steps))
+        candidates.append(Tuning(spec, steps / (k + (steps - k) * (1 - deep / flops[root]))))
+        group[spec] = (method, variant)
     candidates = [c for c in candidates if c.speedup >= (target_speedup or 0)]
     if not candidates:
-        raise StablekitError(f"no DeepCache setting up to interval {max_interval} is predicted to reach "
+        raise StablekitError(f"no caching setting up to interval {max_interval} is predicted to reach "
                              f"{target_speedup}x here; lower target_speedup or raise max_interval")
 
     def measured(c: Tuning) -> Tuning:
-        outs = reference if c.interval == 1 else generate(c.plugin())
+        outs = reference if c.spec is None else generate(c.plugin())
         return replace(c, deviation=max(float((o - r).norm() / r.norm()) for o, r in zip(outs, reference)))
 
     if max_deviation is None:
         slowest = {}
         for c in sorted(candidates, key=lambda c: c.speedup):
-            slowest.setdefault(c.branch, c)
+            slowest.setdefault(group[c.spec], c)
         return min(map(measured, slowest.values()), key=lambda c: c.deviation)
     for c in sorted(candidates, key=lambda c: -c.speedup):
         c = measured(c)
         if c.deviation <= max_deviation:
             return c
-    raise StablekitError(f"no DeepCache setting reaching {target_speedup}x keeps the deviation within "
+    raise StablekitError(f"no caching setting reaching {target_speedup}x keeps the deviation within "
                          f"{max_deviation}; lower target_speedup or raise max_deviation")
