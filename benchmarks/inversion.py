@@ -239,11 +239,11 @@ def main(args: list[str]) -> dict:
            "images": a.images, "photos": [name for name, _ in photo_images], "controller": a.controller,
            "decoder_steps": a.decoder_steps, "image_size": size, "methods": {}}
     cells = [[(im, "source")] for im in images[:a.grid_rows]] + [[(im, name)] for name, im in photo_images]
+    a.json.parent.mkdir(parents=True, exist_ok=True)
     for method in ["vae"] + a.methods:
         res["methods"][method], new = evaluate(pipe, method, world_images, photo_images, clf, a)
         cells = [row + more for row, more in zip(cells, new)]
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=2))
+        a.json.write_text(json.dumps(res, indent=2))  # after every method: a stopped run keeps what it finished
     table_grid(cells, ["source", "vae"] + [f"{m} {c}" for m in a.methods for c in ("rec", *EDITS)], a.grid)
     for method, entry in res["methods"].items():
         r = entry["reconstruction"]["world"]
