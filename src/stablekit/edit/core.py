@@ -152,6 +152,13 @@ def encode_prompts(pipe, prompts: list[str], latent: torch.Tensor) -> tuple[dict
             {"encoder_hidden_states": out[0], "added_cond_kwargs": {"text_embeds": out[2], "time_ids": ids}})
 
 
+def tile(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` (one row per image) repeated for each branch of a branch-major batch of `rows` rows."""
+    if rows % len(x):
+        raise StablekitError(f"{rows} rows do not make whole branches of {len(x)} images")
+    return x.repeat(rows // len(x), *[1] * (x.ndim - 1))
+
+
 def _map(fn, *kws):
     return {k: _map(fn, *(kw[k] for kw in kws)) if isinstance(v, dict) else fn(*(kw[k] for kw in kws))
             for k, v in kws[0].items()}

@@ -43,35 +43,31 @@ def edit(pipe, image, source_prompt: str | list[str], target_prompt: str | list[
         raise StablekitError(f"unknown editing method '{method}'; choose one of: {', '.join(EDIT_METHODS)}")
     single, targets = isinstance(target_prompt, str), prompt_list(target_prompt, "target prompt")
     if isinstance(image, Inversion):
-        images, sources = [image] * len(image.prompts), prompt_list(source_prompt, "source prompt")
+        if method == "infedit":
+            raise StablekitError("InfEdit inverts nothing: pass the image itself, not an Inversion")
+        inv, images, sources = image, None, prompt_list(source_prompt, "source prompt")
+        if inv.prompts != sources:
+            raise StablekitError(f"the inversion was made under the prompt {inv.prompt!r}, not the source prompt "
+                                 f"{sources[0] if len(sources) == 1 else sources!r}")
     else:
-        images, sources = batch(image, source_prompt, "source prompt")
+        inv, (images, sources) = None, batch(image, source_prompt, "source prompt")
     if len(targets) != len(sources):
         raise StablekitError(f"{len(sources)} source prompts but {len(targets)} target prompts: give one of each per image")
     steps = EDIT_STEPS[method] if steps is None else steps
     if method == "infedit":
-        out = _infedit(pipe, images, sources, targets, controller, steps, guidance, **options)
+        traj = _infedit(pipe, images, sources, targets, controller, steps, guidance, **options)
     else:
-        out = _inverted(pipe, image if isinstance(image, Inversion) else None, images, sources, targets, method,
-                        controller, steps, guidance, options)
+        if inv is None:
+            inv = invert(pipe, images, sources, method, steps, guidance, **options)
+        traj = _controlled(pipe, controller, sources + targets, inv.latents[0], inv.schedule, inv.guidance != 1,
+                           lambda text, on_step: denoise(pipe, inv, text, on_step))
+    out = [decode(pipe, z[None]) for z in traj[-1, -len(targets):]]
     return out[0] if single else out
 
 
-def _inverted(pipe, inv, images, sources, targets, method, controller, steps, guidance, options):
-    if inv is None:
-        inv = invert(pipe, images, sources, method, steps, guidance, **options)
-    elif inv.prompts != sources:
-        raise StablekitError(f"the inversion was made under the prompt {inv.prompt!r}, not the source prompt "
-                             f"{sources[0] if len(sources) == 1 else sources!r}")
-    traj = _controlled(pipe, controller, sources + targets, inv.latents[0], inv.schedule,
-                       inv.guidance != 1, lambda text, on_step: denoise(pipe, inv, text, on_step))
-    return [decode(pipe, z[None]) for z in traj[-1, -len(targets):]]
-
-
 def _infedit(pipe, images, sources, targets, controller, steps, guidance,
-             source_guidance: float = infedit.SOURCE_GUIDANCE, seed: int = 0, decoder_steps: int = 0):
-    if isinstance(images[0], Inversion):
-        raise StablekitError("InfEdit inverts nothing: pass the image itself, not an Inversion")
+             source_guidance: float = infedit.SOURCE_GUIDANCE, seed: int = 0, decoder_steps: int = 0) -> torch.Tensor:
+    """InfEdit's trajectory (steps + 1, branches * images, C, h, w); the targets are the last branch."""
     if int(steps) < 1:
         raise StablekitError(f"need steps >= 1 (got steps={steps})")
     z0 = encode_image(pipe, load_images(pipe, images), decoder_steps)
@@ -80,9 +76,8 @@ def _infedit(pipe, images, sources, targets, controller, steps, guidance,
         sources, targets]
     scales = [float(source_guidance)] * (len(branches) - 1) + [infedit.GUIDANCE if guidance is None else float(guidance)]
     generator = torch.Generator().manual_seed(int(seed))
-    traj = _controlled(pipe, controller, sum(branches, []), z0, sched, any(s != 1 for s in scales),
+    return _controlled(pipe, controller, sum(branches, []), z0, sched, any(s != 1 for s in scales),
                        lambda text, on_step: infedit.sample(pipe, sched, z0, text, scales, generator, on_step))
-    return [decode(pipe, z[None]) for z in traj[-1, -len(targets):]]
 
 
 def _controlled(pipe, controller, prompts: list[str], latent, sched: Schedule, do_cfg: bool, run) -> torch.Tensor:

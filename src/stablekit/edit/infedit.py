@@ -69,7 +69,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import StablekitError
-from .core import Schedule, eps
+from .core import Schedule, eps, tile
 from .prompt_to_prompt import PromptToPrompt, _Scores
 
 STEPS, GUIDANCE, SOURCE_GUIDANCE = 12, 2.3, 1.0
@@ -79,19 +79,14 @@ def _noised(alpha: float, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor
     return alpha ** 0.5 * x0 + (1 - alpha) ** 0.5 * noise
 
 
-def _tile(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """`x` (one row per image) repeated for each branch of a branch-major batch of `rows` rows."""
-    return x.repeat(rows // len(x), *[1] * (x.ndim - 1))
-
-
 def step(sched: Schedule, i: int, z: torch.Tensor, e: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor):
     """DDCM step `i` of branches `z` (branch-major, one row per image of `z0` in each branch; the first
     branch is the source) with guided noise predictions `e`: each branch's x0 estimate re-noised with its
     image's `noise`, shared by the branches, or after the last step the x0 estimates themselves."""
     a, n = sched.alphas[i].item(), len(z)
-    src, e_src = _tile(z[:len(z0)], n), _tile(e[:len(z0)], n)
-    x0 = _tile(z0, n) + (z - src - (1 - a) ** 0.5 * (e - e_src)) / a ** 0.5
-    return x0 if i == len(sched) - 1 else _noised(sched.alphas[i + 1].item(), x0, _tile(noise, n))
+    src, e_src = tile(z[:len(z0)], n), tile(e[:len(z0)], n)
+    x0 = tile(z0, n) + (z - src - (1 - a) ** 0.5 * (e - e_src)) / a ** 0.5
+    return x0 if i == len(sched) - 1 else _noised(sched.alphas[i + 1].item(), x0, tile(noise, n))
 
 
 @torch.no_grad()
@@ -109,7 +104,7 @@ def sample(pipe, sched: Schedule, z0: torch.Tensor, text, guidance: list[float],
     def fresh():
         return torch.randn(z0.shape, generator=generator).to(z0)
 
-    z = _tile(_noised(sched.alphas[0].item(), z0, fresh()), n)
+    z = tile(_noised(sched.alphas[0].item(), z0, fresh()), n)
     traj = [z]
     for i in range(len(sched)):
         z = step(sched, i, z, eps(pipe, sched, z, i, cond, uncond, scale), z0, fresh())

@@ -30,7 +30,7 @@ import torch
 from ..errors import StablekitError
 from ..eval.metrics import psnr
 from . import direct_inversion, edict, null_text
-from .core import Schedule, cast, decode, encode_image, encode_prompts, eps, load_image
+from .core import Schedule, cast, decode, encode_image, encode_prompts, eps, load_image, tile
 
 METHODS = ("ddim", "edict", "nulltext", "direct")
 GUIDANCE = {"ddim": 7.5, "edict": 3.0, "nulltext": 7.5, "direct": 7.5}  # each paper's default
@@ -140,15 +140,13 @@ def denoise(pipe, inv: Inversion, text: tuple[dict, dict], on_step=None) -> torc
     each step. Returns the trajectory (steps + 1, branches * images, C, h, w)."""
     (uncond, cond), sched = text, inv.schedule
     images, rows = inv.latents.shape[1], len(cond["encoder_hidden_states"])
-    if rows % images:
-        raise StablekitError(f"{rows} prompts do not make whole branches of the inversion's {images} images")
-    x = inv.latents[0].repeat(rows // images, 1, 1, 1)
-    y = None if inv.coupled is None else inv.coupled[0].repeat(rows // images, 1, 1, 1)
+    x = tile(inv.latents[0], rows)
+    y = None if inv.coupled is None else tile(inv.coupled[0], rows)
     traj = [x]
     with cast(pipe.unet, torch.float64 if inv.latents.dtype == torch.float64 else None):
         for i in range(len(sched)):
             if inv.null_embeds is not None:
-                uncond = {**uncond, "encoder_hidden_states": inv.null_embeds[i].repeat(rows // images, 1, 1)}
+                uncond = {**uncond, "encoder_hidden_states": tile(inv.null_embeds[i], rows)}
             if y is not None:
                 x, y = edict.step(pipe, sched, i, x, y, (uncond, cond), inv.guidance, inv.mix)
             else:

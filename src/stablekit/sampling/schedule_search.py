@@ -31,9 +31,9 @@ Implemented here, for a budget of N model calls (one per step; guidance batches 
   starts from known solvers (the pipeline's default DPM-Solver++ at the budget, as ``--scheduler dpm++``
   makes it: its timesteps, 2M orders with a first-order first and last step, no corrector; DDIM (first
   order throughout); second order with correctors, i.e. UniPC; third order; each also on timesteps uniform
-  in t and in log-SNR, from the last training timestep down to DPM-Solver++'s last), then for `generations` rounds mutates one decision (an order, a
-  corrector, or a timestep moved between its neighbours) of one of the `parents` best schedules found so far,
-  `children` times per round. Every schedule evaluated is remembered, and the best is returned: the default
+  in t and in log-SNR, from the last training timestep down to DPM-Solver++'s last), then for `generations`
+  rounds mutates one decision (an order, a corrector, or a timestep moved between its neighbours) of one of
+  the `parents` best schedules found so far, `children` times per round. Every schedule evaluated is remembered, and the best is returned: the default
   DPM-Solver++ is the first one evaluated, so the result is never worse than it on the calibration loss.
 
 Deviations from the paper: its decision space also has the prediction type (noise or data), the starting
