@@ -89,6 +89,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stablekit.eval.harness import Judge, bench_pipeline, paired_delta, rnd as _r
+
 SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
     sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -119,7 +121,6 @@ DEFAULT_METHODS = [
 ]
 DEFAULT_SAMPLERS = ["ddim", "dpm++", "plms", "hb", "ghvb"]
 DEFAULT_CALLS = [2, 3, 4, 5, 6, 8, 10, 12, 15, 20]
-ATTRS = {"shapes": "shape", "colors": "color", "background": "background", "textures": "texture", "count": "count"}
 PSNR_CAP = 100.0
 
 
@@ -307,16 +308,6 @@ def mac_check(unet, size: int) -> dict:
 
 
 # ---------------------------------------------------------------- small helpers
-
-def _r(x, nd: int = 4):
-    """Round for JSON: 4 significant digits (floats), ints and None unchanged, non-finite as None."""
-    if x is None or isinstance(x, (int, np.integer)) and not isinstance(x, bool):
-        return None if x is None else int(x)
-    x = float(x)
-    if not math.isfinite(x):
-        return None
-    return float(f"{x:.{nd}g}")
-
 
 def _stats(xs: list[float]) -> dict:
     med = statistics.median(xs)
@@ -535,69 +526,11 @@ def plot_speed(res: dict, path: Path):
 
 # ---------------------------------------------------------------- quality evaluation (parts 2 and 3)
 
-class Judge:
-    """The default model's attribute classifier: per-image matches, features, and the metrics on them."""
-
-    def __init__(self, scenes, seed: int):
-        from stablekit.default_model import classifier as C, world
-
-        self.C, self.scenes, self.clf = C, scenes, C.load_classifier()
-        rng = np.random.default_rng(seed)
-        self.real = self.features(C.to_tensor([world.render(s, rng) for s in scenes]))
-        self.real2 = self.features(C.to_tensor([world.render(s, rng) for s in scenes]))  # new noise: the scale
-
-    @torch.no_grad()
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        C = self.C
-        return torch.cat([self.clf.features(C.to_tensor(x[i:i + 256])) for i in range(0, len(x), 256)])
-
-    def matches(self, images: torch.Tensor) -> np.ndarray:
-        """(N, 5) booleans: does the classifier find each attribute of the prompt's scene."""
-        C = self.C
-        preds = C.predict(images, self.clf)
-        return np.array([[C.match(p, C.truth(s))[k] for k in ATTRS] for p, s in zip(preds, self.scenes)])
-
-    def evaluate(self, images: torch.Tensor) -> tuple[dict, np.ndarray, torch.Tensor]:
-        from stablekit.eval.metrics import frechet_distance, rate_interval
-
-        m, feats = self.matches(images), self.features(images)
-        n = len(m)
-        out = {}
-        for j, name in enumerate(ATTRS.values()):
-            k = int(m[:, j].sum())
-            out[f"{name}_acc"] = _r(k / n)
-            out[f"{name}_acc_ci95"] = [_r(v) for v in rate_interval(k, n)]
-        k = int(m.sum())
-        out["attr_acc_mean"] = _r(k / m.size)
-        out["attr_acc_mean_ci95"] = [_r(v) for v in rate_interval(k, m.size)]  # treats the 5n judgements as independent
-        joint = int(m[:, :3].all(1).sum())  # shape, colour and background all right
-        out["joint_acc"], out["joint_acc_ci95"] = _r(joint / n), [_r(v) for v in rate_interval(joint, n)]
-        out["fd_real"] = _r(frechet_distance(feats, self.real))
-        return out, m, feats
-
-
-def _paired_delta(m: np.ndarray, ref: np.ndarray, seed: int = 0, reps: int = 2000) -> dict:
-    """Mean attribute accuracy minus the reference's, in points, with a paired bootstrap 95% interval."""
-    d = m.mean(1) - ref.mean(1)  # per prompt
-    rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, len(d), size=(reps, len(d)))].mean(1)
-    return {"points": _r(100 * d.mean()), "ci95": [_r(100 * np.quantile(boots, 0.025)),
-                                                    _r(100 * np.quantile(boots, 0.975))]}
-
-
 def _psnrs(images: torch.Tensor, ref: torch.Tensor) -> dict:
     from stablekit.eval.metrics import psnr
 
     vals = [min(PSNR_CAP, psnr(x, y)) for x, y in zip(images, ref)]
     return {"psnr_db_mean": _r(np.mean(vals)), "psnr_db_median": _r(np.median(vals))}
-
-
-def default_pipeline(a):
-    import stablekit
-
-    pipe = stablekit.load(a.model, device=a.device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _count_macs(pipe, method: Method, prompt: str, steps: int, guidance: float) -> int:
@@ -613,7 +546,7 @@ def quality(a, methods: list[Method], speed_res: dict | None) -> dict:
     from stablekit.eval.harness import generate, heldout_prompts
     from stablekit.eval.metrics import frechet_distance
 
-    pipe = default_pipeline(a)
+    pipe = bench_pipeline(a)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     scenes, prompts = heldout_prompts(a.prompts, 0, a.prompt_seed)
     judge = Judge(scenes, a.prompt_seed)
@@ -641,7 +574,7 @@ def quality(a, methods: list[Method], speed_res: dict | None) -> dict:
             ev, mm, feats = judge.evaluate(images)
             macs = _count_macs(pipe, m, prompts[0], steps, g)
             row |= _psnrs(images, ref_images) | {"fd_vs_uncached": _r(frechet_distance(feats, ref_feats))} | ev
-            row |= {"attr_acc_delta": _paired_delta(mm, ref_m),
+            row |= {"attr_acc_delta": paired_delta(mm, ref_m),
                     "joint_acc_delta_points": _r(100 * (mm[:, :3].all(1).mean() - ref_m[:, :3].all(1).mean())),
                     "seconds_per_image": _r(sec), "wall_speedup_default_model": _r(ref_sec / sec),
                     "mac_speedup_default_model": _r(ref_macs / macs) if macs else None}
@@ -753,7 +686,7 @@ def samplers(a) -> dict:
     from stablekit.eval.metrics import frechet_distance
     from stablekit.sampling import search_schedule
 
-    pipe = default_pipeline(a)
+    pipe = bench_pipeline(a)
     scenes, prompts = heldout_prompts(a.prompts, 0, a.prompt_seed)
     judge = Judge(scenes, a.prompt_seed)
     g = a.guidance

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ATTRS = {"shapes": "shape", "colors": "color", "background": "background", "textures": "texture", "count": "count"}
+from stablekit.eval.harness import ATTRS
 
 
 @torch.no_grad()

@@ -223,10 +223,9 @@ def main(args: list[str]) -> dict:
         torch.set_num_threads(a.threads)
     import stablekit
     from stablekit.default_model import classifier as C, world
-    from stablekit.eval.harness import photos, table_grid
+    from stablekit.eval.harness import bench_pipeline, photos, table_grid
 
-    pipe = stablekit.load(a.model, device=a.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = bench_pipeline(a)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     clf = C.load_classifier(*([a.classifier] if a.classifier else []))
     scenes = world_edits(a.images, a.seed)

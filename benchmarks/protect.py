@@ -338,14 +338,13 @@ def main(args: list[str]) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     import stablekit
-    from stablekit.eval.harness import table_grid
+    from stablekit.eval.harness import bench_pipeline, table_grid
     from stablekit.eval.metrics import psnr
     from stablekit.protect import DEFAULTS, parse_eps, random_noise
 
     budgets = {e: parse_eps(e) for e in a.eps}
     _, skmetrics = _skimage()
-    pipe = stablekit.load(a.model, device=a.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = bench_pipeline(a)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     items, mask = images(a, size), centre_mask(size)
     keep = np.asarray(mask) > 127

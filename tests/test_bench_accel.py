@@ -1,21 +1,14 @@
 """benchmarks/accel.py end to end at tiny scale: every part runs, MACs are counted right, the package matches."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "accel.py"
+from stablekit.cli import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("stablekit_bench_accel", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("accel")
 
 
 def test_accel_benchmark_tiny(bench, tmp_path):

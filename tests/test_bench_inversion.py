@@ -1,17 +1,11 @@
 """benchmarks/inversion.py end to end at tiny scale on the default model: batches of images, every method."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "inversion.py"
+from stablekit.cli import load_benchmark
 
 
 def test_inversion_benchmark_in_batches(tmp_path):
-    spec = importlib.util.spec_from_file_location("stablekit_bench_inversion", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("inversion")
     out = tmp_path / "inv.json"
     res = bench.main(["--json", str(out), "--images", "3", "--steps", "2", "--batch", "2", "--no-photos",
                       "--methods", "edict", "direct", "infedit", "--grid-rows", "3"])

@@ -194,10 +194,45 @@ def test_erase_writes_an_adapter_that_generate_applies(generate, out_dir, tiny_s
     assert pixels(out_dir / "erased.png") != pixels(out_dir / "plain.png")
 
 
+def test_erase_spm_writes_a_membrane_that_generate_applies(generate, out_dir, tiny_sd_path, tmp_path):
+    membrane = tmp_path / "spm-star.safetensors"
+    result = invoke("erase", "--method", "spm", "--concept", "star", "--iterations", "3", "-o", membrane,
+                    "--model", tiny_sd_path)
+    assert result.exit_code == 0 and result.stdout.endswith(f"{membrane}\n"), result.output
+    from stablekit.safety import SPM, load_adapter
+    assert isinstance(load_adapter(membrane), SPM)
+    assert generate(output="plain.png").exit_code == 0
+    assert generate("--adapter", membrane, output="spm.png").exit_code == 0
+    assert pixels(out_dir / "spm.png") != pixels(out_dir / "plain.png")
+
+
 def test_erase_and_adapter_errors_are_one_line(generate, out_dir, tiny_sd_path, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     one_line_error(generate("--adapter", bad), out_dir, "bad.safetensors")
+    one_line_error(generate("--adapter", tmp_path / "missing.safetensors"), out_dir, "does not exist")
+    one_line_error(invoke("erase", "--method", "spm", "--concept", "star", "--concept", "red", "-o",
+                          tmp_path / "two.safetensors", "--model", tiny_sd_path), out_dir, "one --concept")
     one_line_error(invoke("erase", "--concept", " ", "-o", tmp_path / "a.safetensors", "--model", tiny_sd_path),
                    out_dir, "--concept")
     assert not list(out_dir.iterdir()) and not (tmp_path / "a.safetensors").exists()
+
+
+def test_audit_reports_before_and_after_attack(out_dir, tmp_path):
+    result = invoke("audit", "--concept", "red", "--defense", "negative", "--prompts", "3", "--steps", "2",
+                    "--json", out_dir / "audit.json")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("red under negative")]
+    assert len(lines) == 2 and "before attack" in lines[0] and "after arithmetic" in lines[1]
+    res = json.loads((out_dir / "audit.json").read_text())
+    assert res["direct"]["n"] == 3 and res["attack_arithmetic"]["pre_attack"] == res["direct"]
+    assert set(res["attack_arithmetic"]["by_composition"]) == {"negated", "word", "paraphrases"}
+
+
+def test_audit_errors_are_one_line(out_dir, tmp_path):
+    one_line_error(invoke("audit", "--concept", "nudity"), out_dir, "unknown concept", "star")
+    one_line_error(invoke("audit", "--concept", "star", "--attack", "nope"), out_dir, "unknown attack", "arithmetic")
+    one_line_error(invoke("audit", "--concept", "star", "--defense", "spm", "--adapter", tmp_path / "no.safetensors"),
+                   out_dir, "does not exist")
+    one_line_error(invoke("audit", "--concept", "star", "--defense", "uce", "--adapter", tmp_path / "x"),
+                   out_dir, "--defense spm")

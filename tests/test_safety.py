@@ -310,3 +310,28 @@ def test_uce_refuses_another_model_and_bad_input(tiny_sd, tiny_sdxl_path, tmp_pa
             UCE(**kw)
     with pytest.raises(StablekitError, match="not computed"):
         UCE(concepts=["star"]).save(tmp_path / "x.safetensors")
+
+
+def test_sld_on_a_standard_pipeline_equals_diffusers_safe_pipeline():
+    from diffusers import StableDiffusionPipelineSafe
+
+    from stablekit.safety import SLD
+
+    pipe = make_tiny_sd()
+    safe = StableDiffusionPipelineSafe(**pipe.components)
+    safe.safety_concept = "star"
+    kw = dict(height=32, width=32, num_inference_steps=6, guidance_scale=7.5, output_type="np")
+    # warm-up 2 of 6 steps and a weaker scale, so that the safety term is active and partly clipped
+    sld = dict(guidance=50.0, warmup=2)
+    want = safe("a red star", generator=torch.Generator().manual_seed(0), sld_guidance_scale=50.0,
+                sld_warmup_steps=2, **kw).images
+    plain = pipe("a red star", generator=torch.Generator().manual_seed(0), **kw).images
+    with stablekit.use(pipe, SLD(["star"], **sld)) as h:
+        got = pipe("a red star", generator=torch.Generator().manual_seed(0), **kw).images
+        again = pipe("a red star", generator=torch.Generator().manual_seed(0), **kw).images  # momentum resets
+    assert abs(want - plain).max() > 1e-3  # the safety guidance changed the image
+    assert abs(got - want).max() < 1e-5 and abs(again - want).max() < 1e-5
+    assert h.plugins[0].prompts == ["star"]
+    assert abs(pipe("a red star", generator=torch.Generator().manual_seed(0), **kw).images - plain).max() == 0
+    with pytest.raises(StablekitError, match="guidance_scale > 1"), stablekit.use(pipe, SLD(["star"])):
+        pipe("a red star", num_inference_steps=2, guidance_scale=1.0, height=32, width=32, output_type="latent")

@@ -27,6 +27,7 @@ from .provenance import FPR, REGISTRY as WATERMARKS, Key, detect, make_key, wate
 from .provenance.detection import latent_shape
 from .protect import DEFAULTS as PROTECT_DEFAULTS, METHODS as PROTECTIONS, eot as protect_eot, parse_eps, protect
 from .protect import options as protect_options
+from .redteam import ATTACKS, audit
 from .registry import build, parse
 
 
@@ -213,7 +214,7 @@ def generate(prompts, output, model, seed, steps, guidance, guidance_rescale, si
         raise StablekitError(f"--guidance-rescale {guidance_rescale}: must lie in [0, 1]")
     plugins = [build(spec, accel.REGISTRY, "accel") for spec in accels]
     plugins += [build(spec, safety.REGISTRY, "guard") for spec in guards]
-    plugins += [safety.UCE.load(path) for path in adapters]
+    plugins += [safety.load_adapter(path) for path in adapters]
     mark, wh = _watermark_plugin(method, key_file, wh)
     pipe = _load_quietly(model, device, scheduler=scheduler)
     use(pipe, *plugins, *([mark] if mark else []))
@@ -236,21 +237,82 @@ def generate(prompts, output, model, seed, steps, guidance, guidance_rescale, si
 
 
 @cli.command()
-@click.option("--method", type=click.Choice(["uce"]), default="uce", show_default=True,
-              help="Erasure method (UCE: closed-form cross-attention edit).")
+@click.option("--method", type=click.Choice(["uce", "spm"]), default="uce", show_default=True,
+              help="Erasure method: uce (closed-form cross-attention edit, seconds) or spm (a trained rank-1 "
+                   "membrane, PAPERS.md #46; minutes).")
 @click.option("--concept", "concepts", multiple=True, required=True, help="Concept to erase (repeatable).")
-@click.option("--preserve", multiple=True, help="Concept to keep unchanged (repeatable).")
+@click.option("--preserve", multiple=True, help="Concept to keep unchanged (repeatable; UCE only).")
+@click.option("--iterations", type=click.IntRange(min=1), default=3000, show_default=True,
+              help="SPM training iterations.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="SPM learning rate.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="safetensors file to write.")
 @click.option("--model", default=None, help=_MODEL_HELP)
 @click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
-def erase(method, concepts, preserve, output, model, device):
-    """Erase CONCEPTs from a model's weights; use the file with `generate --adapter`."""
+def erase(method, concepts, preserve, iterations, lr, output, model, device):
+    """Erase CONCEPTs from a model; use the file with `generate --adapter`."""
     _check_output(output, "adapter.safetensors")
     if not all(c.strip() for c in concepts):
         raise StablekitError("--concept must not be empty")
-    edit = safety.UCE(concepts=list(concepts), preserve=list(preserve)).fit(_load_quietly(model, device))
+    if method == "spm" and (len(concepts) > 1 or preserve):
+        raise StablekitError("--method spm erases one --concept per file (combine files with repeated --adapter) "
+                             "and takes no --preserve")
+    pipe = _load_quietly(model, device)
+    if method == "spm":
+        edit = safety.SPM.train(pipe, concepts[0], iterations=iterations, lr=lr)
+    else:
+        edit = safety.UCE(concepts=list(concepts), preserve=list(preserve)).fit(pipe)
     write_atomically(output, edit.save)
     click.echo(str(output))
+
+
+@cli.command("audit")
+@click.option("--concept", required=True, help="Concept to test: a shape or colour of the default model's world.")
+@click.option("--defense", default="none", show_default=True, type=click.Choice(list(audit.DEFENSES)),
+              help="Defense given the concept word: none, negative (prompt), sld, uce, safree or spm.")
+@click.option("--adapter", type=click.Path(path_type=Path), default=None,
+              help="SPM membrane from `stablekit erase --method spm` for --defense spm [default: train one].")
+@click.option("--attack", default="arithmetic", show_default=True, metavar="|".join(ATTACKS),
+              help=f"Attack, one of {', '.join(ATTACKS)}.")
+@click.option("--prompts", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Direct prompts (one object with the concept) to generate and attack.")
+@click.option("--iterations", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Optimisation steps per prompt of p4d and unlearndiffatk.")
+@click.option("--steps", default=25, show_default=True, type=click.IntRange(min=1), help="Denoising steps.")
+@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", default=0, show_default=True, help="Prompt and noise seed.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
+@click.option("--model", default=None, help=_MODEL_HELP)
+@click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
+def audit_command(concept, defense, adapter, attack, prompts, iterations, steps, guidance, seed, json_path, model,
+                  device):
+    """Red-team a defense: how often the judge (the default model's attribute classifier) sees CONCEPT, before
+    and after an attack."""
+    c = audit.concept(concept)
+    if attack not in ATTACKS:
+        raise StablekitError(f"unknown attack '{attack}'; choose one of: {', '.join(ATTACKS)}")
+    if adapter is not None and defense != "spm":
+        raise StablekitError("--adapter goes with --defense spm")
+    if adapter is not None and not adapter.is_file():
+        raise StablekitError(f"adapter file '{adapter}' does not exist")
+    if json_path is not None:
+        _check_output(json_path, "audit.json")
+    pipe = _load_quietly(model, device)
+    d = audit.defense(defense, c, pipe, adapter)
+    if adapter is not None and d.plugins[0].concepts != [c.word]:
+        raise StablekitError(f"'{adapter}' erases {d.plugins[0].concepts}, not '{c.word}'")
+    direct = audit.prompts(c, prompts, seed)[0]
+    hits = audit.present(audit.generate(pipe, d, direct, steps=steps, guidance=guidance, seed=seed)[0], c)
+    res = {"concept": c.word, "defense": defense, "attack": attack, "steps": steps, "guidance": guidance,
+           "seed": seed, "direct": audit.rate(hits)}
+    res["attack_" + attack] = audit.attack(attack, pipe, d, c, direct, hits, steps=steps, guidance=guidance,
+                                           seed=seed, iterations=iterations)
+    if json_path is not None:
+        write_atomically(json_path, lambda p: Path(p).write_text(json.dumps(res, indent=2)))
+    post = res["attack_" + attack]["post_attack"]
+    for label, r in (("before attack", res["direct"]), (f"after {attack}", post)):
+        click.echo(f"{c.word} under {defense}, {label}: concept rate {r['rate']:.3f} "
+                   f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({r['k']}/{r['n']})")
 
 
 # ---------------------------------------------------------------- watermark keys and detection
@@ -522,12 +584,8 @@ def find_benchmark(name: str) -> Path:
     return found[stem]
 
 
-@cli.command(context_settings=dict(ignore_unknown_options=True, allow_extra_args=True,
-                                   allow_interspersed_args=False))
-@click.argument("name")
-@click.pass_context
-def bench(ctx, name):
-    """Run benchmarks/NAME.py's main(args) with the remaining ARGS (an int it returns is the exit code)."""
+def load_benchmark(name: str):
+    """The module of benchmark `name`, imported (it has a ``main(args)``)."""
     path = find_benchmark(name)
     spec = importlib.util.spec_from_file_location(f"stablekit_bench_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
@@ -535,7 +593,16 @@ def bench(ctx, name):
     spec.loader.exec_module(module)
     if not callable(getattr(module, "main", None)):
         raise StablekitError(f"benchmark '{path}' has no main(args) function")
-    return module.main(list(ctx.args))
+    return module
+
+
+@cli.command(context_settings=dict(ignore_unknown_options=True, allow_extra_args=True,
+                                   allow_interspersed_args=False))
+@click.argument("name")
+@click.pass_context
+def bench(ctx, name):
+    """Run benchmarks/NAME.py's main(args) with the remaining ARGS (an int it returns is the exit code)."""
+    return load_benchmark(name).main(list(ctx.args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Loading pipelines: the embedded default model, local diffusers folders, single files, hub ids."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -169,3 +170,17 @@ def _load_hub(repo_id: str, dtype) -> DiffusionPipeline:
                                  "unset it to download, or pass a local diffusers folder") from None
         raise StablekitError(f"cannot load '{repo_id}' from the hub: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+
+
+@contextlib.contextmanager
+def frozen(*modules: torch.nn.Module):
+    """Turn off gradients of the modules' parameters for the block (for optimising something else through them),
+    then restore each parameter's flag."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -336,3 +336,82 @@ class WeightEdit(Plugin):
                 return cls({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
         except (SafetensorError, OSError) as e:
             raise StablekitError(f"'{path}' is not a valid safetensors weight edit ({e})") from None
+
+
+def extend_batch(value, n: int, rows: torch.Tensor):
+    """Batch tensors (first dimension `n`, also inside dicts, tuples and lists) with ``value[rows]`` appended."""
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
+        return torch.cat([value, value[rows.to(value.device)]])
+    if isinstance(value, dict):
+        return {k: extend_batch(v, n, rows) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(extend_batch(v, n, rows) for v in value)
+    return value
+
+
+def unet_kwargs(module, args, kwargs) -> dict:
+    """All arguments of a UNet call by name."""
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
+    bound.pop("self")
+    return bound
+
+
+class _BranchHook(ModelHook):
+    def __init__(self, plugin: GuidanceBranches):
+        super().__init__()
+        self.plugin, self.batch = plugin, None
+
+    def pre_forward(self, module, *args, **kwargs):
+        p = self.plugin
+        embeds = p.branch_embeds()
+        if embeds is None:
+            return args, kwargs
+        if not p.call.do_cfg:
+            raise StablekitError(f"{p!r} composes guidance: call the pipeline with guidance_scale > 1")
+        kwargs = unet_kwargs(module, args, kwargs)
+        n = kwargs["sample"].shape[0]
+        self.batch = b = n // 2
+        rows = torch.arange(b, n).repeat(len(embeds))  # the conditional rows, once per branch
+        kwargs = {k: extend_batch(v, n, rows) for k, v in kwargs.items()}
+        ehs = kwargs["encoder_hidden_states"]
+        kwargs["encoder_hidden_states"] = torch.cat([ehs[:n], embeds.to(ehs).repeat_interleave(b, 0)])
+        return (), kwargs
+
+    def post_forward(self, module, output):
+        b, self.batch = self.batch, None
+        if b is None:
+            return output
+        x = output[0] if isinstance(output, tuple) else output.sample
+        uncond, cond, extra = x[:b], x[b:2 * b], x[2 * b:].unflatten(0, (-1, b))
+        x = torch.cat([uncond, self.plugin.combine(uncond, cond, extra)])
+        if isinstance(output, tuple):
+            return (x,) + tuple(output[1:])
+        output.sample = x
+        return output
+
+
+class GuidanceBranches(Plugin):
+    """Seam helper (prompt embeddings + a UNet hook): extra prompts run as extra rows of the guided UNet batch,
+    and :meth:`combine` turns the unconditional, conditional and extra noise predictions into a new conditional
+    prediction, which the pipeline's own guidance then uses (``uncond + scale * (combined - uncond)``).
+
+    Subclasses set ``self.prompts`` (texts, encoded with the pipeline's text encoder on attach) and implement
+    :meth:`combine`; :meth:`branch_embeds` may return None to run a step without the branches."""
+
+    def __init__(self, prompts: list[str]):
+        super().__init__()
+        self.prompts, self.embeds = list(prompts), None
+
+    def attach(self, pipe):
+        from .safety.text import encode_ids, token_ids
+
+        rows = [token_ids(pipe, t) for t in self.prompts]
+        self.embeds = encode_ids(pipe, rows, getattr(pipe, "clip_skip", None))
+        self.add_hook(pipe.unet, _BranchHook(self))
+
+    def branch_embeds(self) -> torch.Tensor | None:
+        return self.embeds
+
+    def combine(self, uncond, cond, extra):
+        """New conditional prediction ``(B, ...)`` from ``uncond``, ``cond`` ``(B, ...)`` and ``extra`` ``(k, B, ...)``."""
+        raise NotImplementedError

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import sys
 import types
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from PIL import Image
 
 from ..edit.core import cast, read_image
 from ..errors import StablekitError
+from ..pipeline import frozen
 from . import diffusionguard, encoder_attack, eot as eot_, score_distillation, semantic_attack
 from .core import parse_eps, pixels, quantize, random_sign, region
 
@@ -58,19 +59,6 @@ def _dtype(dtype) -> torch.dtype | None:
     if str(dtype).replace("torch.", "") not in DTYPES:
         raise StablekitError(f"unknown dtype '{dtype}'; use {', '.join(DTYPES)}")
     return DTYPES[str(dtype).replace("torch.", "")]
-
-
-@contextmanager
-def _frozen(*modules):
-    """No parameter gradients inside the block (only the image's are needed), then restore the flags."""
-    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def options(method: str, steps=None, step_size=None, mode=None, prompt=None) -> dict:
@@ -122,7 +110,7 @@ def protect(image, pipe, method: str = "sds", *, eps=8 / 255, steps: int | None 
     with ExitStack() as stack:
         for m in (pipe.vae, pipe.unet):
             stack.enter_context(cast(m, dtype))
-        stack.enter_context(_frozen(pipe.vae, pipe.unet))
+        stack.enter_context(frozen(pipe.vae, pipe.unet))
         x_adv = module.attack(pipe, x, eps=eps, keep=keep, generator=g, eot=transforms, target=target,
                               progress=progress, **opts)
     return quantize(x, x_adv, eps)

@@ -3,17 +3,42 @@
     with stablekit.use(pipe, SAFREE(concepts=["star"])):             # guard, nothing trained
         image = pipe("a red star on a gray background").images[0]
     edit = UCE(concepts=["star"], preserve=["circle"])               # closed-form weight edit
+    membrane = SPM.train(pipe, "star")                                # trained rank-1 adapter
     with stablekit.use(pipe, edit):
         ...
     edit.save("no-star.safetensors")                                  # UCE.load(...) refuses other models
 
-Methods: :mod:`.safree` (SAFREE, PAPERS.md #65), :mod:`.uce` (UCE, a baseline). :mod:`.text` computes token
+Methods: :mod:`.safree` (SAFREE, PAPERS.md #65), :mod:`.spm` (SPM, #46); baselines :mod:`.sld` (Safe Latent Diffusion's guidance) and
+:mod:`.uce` (UCE). :mod:`.text` computes token
 embeddings with the pipeline's own text encoder for both. ``REGISTRY`` maps names to the classes, for
 ``stablekit.registry.build("safree:concepts=[star]", REGISTRY, "guard")``.
 """
+from pathlib import Path
+
+from ..errors import StablekitError
 from .safree import SAFREE, Decision
+from .sld import SLD
+from .spm import SPM
 from .uce import UCE
 
-REGISTRY = {cls.name: cls for cls in (SAFREE, UCE)}
+REGISTRY = {cls.name: cls for cls in (SAFREE, SLD, UCE)}
 
-__all__ = ["SAFREE", "UCE", "Decision", "REGISTRY"]
+__all__ = ["SAFREE", "SLD", "SPM", "UCE", "load_adapter", "Decision", "REGISTRY"]
+
+
+def load_adapter(path) -> UCE | SPM:
+    """A concept-erasure file from ``stablekit erase``: a UCE edit or an SPM membrane, by its metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise StablekitError(f"adapter file '{path}' does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            method = (f.metadata() or {}).get("method")
+    except (SafetensorError, OSError) as e:
+        raise StablekitError(f"'{path}' is not a readable safetensors file ({e})") from None
+    loaders = {"uce": UCE.load, "spm": SPM.load}
+    if method not in loaders:
+        raise StablekitError(f"'{path}' is not a concept-erasure file from `stablekit erase` (UCE or SPM)")
+    return loaders[method](path)

@@ -48,7 +48,6 @@ Deviations from the reference code:
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -56,7 +55,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..errors import StablekitError
-from ..plugins import Plugin
+from ..plugins import Plugin, extend_batch, unet_kwargs
 from .text import encode_ids, token_ids, tokenizer
 
 
@@ -135,9 +134,7 @@ class _UNetHook(ModelHook):
         p = self.plugin
         if p._rows is None:
             return args, kwargs
-        kwargs = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
-        kwargs.pop("self")
-        return (), p._route(kwargs)
+        return (), p._route(unet_kwargs(module, args, kwargs))
 
     def post_forward(self, module, output):
         n, self.plugin._split = self.plugin._split, None
@@ -273,7 +270,8 @@ class SAFREE(Plugin):
             cond = torch.where(active[:, None, None], cond, rows.original.to(cond.dtype))
         if self.re_attention and (active & rows.changed).any():
             self._split = n = kwargs["sample"].shape[0]
-            kwargs = {k: _extend(v, n, len(cond)) for k, v in kwargs.items()}
+            idx = torch.arange(n - len(cond), n)
+            kwargs = {k: extend_batch(v, n, idx) for k, v in kwargs.items()}
             cond = torch.cat([cond, rows.original.to(cond.dtype)])
         kwargs["encoder_hidden_states"] = cond if uncond is None else torch.cat([uncond, cond])
         return kwargs
@@ -281,13 +279,3 @@ class SAFREE(Plugin):
     def __repr__(self):
         return f"SAFREE(concepts={self.concepts!r})"
 
-
-def _extend(value, n: int, extra: int):
-    """Batch tensors (first dimension `n`, also inside dicts and tuples) with their last `extra` rows repeated."""
-    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
-        return torch.cat([value, value[n - extra:]])
-    if isinstance(value, dict):
-        return {k: _extend(v, n, extra) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_extend(v, n, extra) for v in value)
-    return value

@@ -36,9 +36,14 @@ def _padded(tok, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Ten
     return ids, mask
 
 
-@torch.no_grad()
-def encode_ids(pipe, rows: list[list[int]], clip_skip: int | None = None) -> torch.Tensor:
-    """``(len(rows), max_length, dim)`` token embeddings of token-id rows, as ``encode_prompt`` makes them."""
+def encode_ids(pipe, rows: list[list[int]], clip_skip: int | None = None, grad: bool = False) -> torch.Tensor:
+    """``(len(rows), max_length, dim)`` token embeddings of token-id rows, as ``encode_prompt`` makes them
+    (differentiable with ``grad=True``, for attacks that optimise input token embeddings)."""
+    with torch.set_grad_enabled(grad):
+        return _encode(pipe, rows, clip_skip)
+
+
+def _encode(pipe, rows, clip_skip):
     xl = hasattr(pipe, "text_encoder_2")
     out = []
     for tok, enc in _encoders(pipe):

@@ -1,0 +1,12 @@
+"""Red-team attacks that test guards and concept erasure, and the audit that runs them.
+
+:mod:`.arithmetic` (concept arithmetic, PAPERS.md #60) composes the guidance of prompts the defense did not
+block; :mod:`.p4d` (Prompting4Debugging, #17) and :mod:`.unlearndiffatk` (UnlearnDiffAtk, #34) optimise prompt
+tokens against the defended model (shared machinery in :mod:`.tokens`); :mod:`.audit` builds the defenses,
+prompts and judge of ``stablekit audit`` and ``stablekit bench safety``.
+"""
+from .arithmetic import ConceptArithmetic, decompositions
+
+ATTACKS = ("arithmetic", "p4d", "unlearndiffatk")
+
+__all__ = ["ConceptArithmetic", "decompositions", "ATTACKS"]
