@@ -42,7 +42,7 @@ class Concept:
 
 def concept(word: str) -> Concept:
     """The world concept named `word` (a shape or a colour)."""
-    for attribute, table in (("shape", {k: v for k, v in world.SHAPES.items()}),
+    for attribute, table in (("shape", world.SHAPES),
                              ("color", {k: v[1] for k, v in world.COLORS.items()})):
         if word in table:
             return Concept(word, attribute, [p for p in table[word] if p != word], [k for k in table if k != word])
