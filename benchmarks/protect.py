@@ -232,13 +232,14 @@ def clock(pipe) -> float:
     return time.perf_counter()
 
 
-def cost(a, pipe, image: Image.Image, label: str) -> dict:
-    """Per method on `image`: one warm-up step, seconds per step over ``--cost-steps`` (or ``--sd15-steps``)
+def cost(a, pipe, label: str) -> dict:
+    """Per method on the first photo: one warm-up step, seconds per step over ``--cost-steps`` (or ``--sd15-steps``)
     steps, and the peak tensor memory of a 2-step run (measured apart: the profiler slows the clock)."""
     import stablekit
+    from stablekit.eval.harness import photos
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    image = image.resize((size, size), Image.LANCZOS)
+    (_, image), = photos(size, 1)
     steps, rows = a.sd15_steps if label == "sd15" else a.cost_steps, {}
     for m in a.methods:
         kw = dict(eps=float(Fraction(a.eps[0])), progress=False, mask=centre_mask(size) if m == "diffusionguard" else None)
@@ -270,19 +271,19 @@ def curves(res: dict, path: Path):
     budgets = list(res["results"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for eps, style in zip(budgets, ("o-", "s--", "^:", "d-.")):
-        for m in res["methods"]:
-            sd = res["results"][eps][m]["sdedit"]
+        for m, r in res["results"][eps].items():
+            sd = r["sdedit"]
             axes[0].plot([float(s) for s in sd], [v["ratio_mse_vs_random"] for v in sd.values()], style,
                          label=f"{m} {eps}")
     axes[0].axhline(1, color="gray", lw=0.8)
     axes[0].set(xlabel="SDEdit strength", ylabel="output MSE vs clean / random's", title="efficacy")
     axes[0].legend(fontsize=7)
     eps = budgets[0]
-    names = list(res["results"][eps][res["methods"][0]].get("resilience", {}))
+    names = list(next(iter(res["results"][eps].values())).get("resilience", {}))
     if names:
-        width = 0.8 / len(res["methods"])
-        for k, m in enumerate(res["methods"]):
-            rs = res["results"][eps][m]["resilience"]
+        width = 0.8 / len(res["results"][eps])
+        for k, (m, r) in enumerate(res["results"][eps].items()):
+            rs = r["resilience"]
             axes[1].bar(np.arange(len(names)) + k * width, [rs[n]["ratio_mse_vs_random"] for n in names], width,
                         label=m)
         axes[1].set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, fontsize=8)
@@ -322,7 +323,9 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model to load (default: the embedded default model)")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32", help="the model's (float32 on every device by default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--merge", nargs="+", type=Path, help="combine these finished runs' JSON into --json; run nothing")
     a = p.parse_args(args)
     if int(a.edit_steps * min(a.strengths)) < 1:
         from stablekit import StablekitError
@@ -335,12 +338,14 @@ def parse(args: list[str]) -> argparse.Namespace:
 
 def main(args: list[str]) -> dict:
     a = parse(args)
+    if a.merge:
+        return merge(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     import stablekit
     from stablekit.eval.harness import bench_pipeline, table_grid
     from stablekit.eval.metrics import psnr
-    from stablekit.protect import DEFAULTS, parse_eps, random_noise
+    from stablekit.protect import parse_eps, random_noise
 
     budgets = {e: parse_eps(e) for e in a.eps}
     _, skmetrics = _skimage()
@@ -380,7 +385,7 @@ def main(args: list[str]) -> dict:
     acc = {e: {m: dict(slots(), psnr_db=[], ssim=[], seconds=[], world_joint={s: [] for s in a.strengths},
                        random=slots()) for m in a.methods} for e in budgets}
     clean_acc = {"reseed_mse": {s: [] for s in a.strengths}, "world_joint": {s: [] for s in a.strengths}}
-    cells = []
+    cells, res = [], summary(a, pipe, [], acc, clean_acc, transforms)
     for n, item in enumerate(items):
         im, prompt, seed = item["image"], item["prompt"], a.seed * 1000 + n
         item["seed"] = seed
@@ -420,20 +425,43 @@ def main(args: list[str]) -> dict:
                       f"{base['mask' if m == 'diffusionguard' else None]['sdedit'][mid]['mse']:.2e})", flush=True)
         if n < a.grid_rows:
             cells.append(row)
+        res = summary(a, pipe, items[:n + 1], acc, clean_acc, transforms)
+        write(res, a)  # after every image: a stopped run keeps what it finished
+    if a.cost_steps:
+        res["cost"] = cost(a, pipe, "model")
+    if a.sd15:
+        big = sd15_pipe().to(pipe.device)
+        big.set_progress_bar_config(disable=True)
+        res["cost_sd15"] = cost(a, big, "sd15")
+    write(res, a)
+    if cells:
+        table_grid(cells, ["original", "clean sdedit"] + [c for m in a.methods for c in (m, f"{m} sdedit")], a.grid)
+        print(f"wrote {a.grid}")
+    return finish(res, a)
+
+
+def summary(a, pipe, items: list[dict], acc: dict, clean_acc: dict, transforms: dict) -> dict:
+    """The results over `items` (the images done so far) from the per-image rows in `acc` and `clean_acc`."""
+    import stablekit
+    from stablekit.protect import DEFAULTS
+
     res = {"model": str(a.model or stablekit.pipeline.DEFAULT_MODEL), "device": str(pipe.device),
-           "threads": torch.get_num_threads(), "image_size": size, "images": [i["name"] for i in items],
-           "methods": a.methods, "settings": {m: dict(DEFAULTS[m], **({"steps": a.steps} if a.steps else {}))
-                                              for m in a.methods},
+           "threads": torch.get_num_threads(), "image_size": pipe.unet.config.sample_size * pipe.vae_scale_factor,
+           "images": [i["name"] for i in items], "methods": a.methods,
+           "settings": {m: dict(DEFAULTS[m], **({"steps": a.steps} if a.steps else {})) for m in a.methods},
            "strengths": a.strengths, "edit_steps": a.edit_steps, "guidance": a.guidance,
            "resilience_strength": a.resilience_strength, "protected_region": "centre square, half the side",
-           "clean": {"sdedit_reseed_mse": {str(s): float(np.mean(v)) for s, v in clean_acc["reseed_mse"].items()},
+           "clean": {"sdedit_reseed_mse": {str(s): float(np.mean(v)) for s, v in clean_acc["reseed_mse"].items()
+                                           if v},
                      "world_joint_acc": {str(s): float(np.mean(v)) for s, v in clean_acc["world_joint"].items() if v}},
            "results": {}}
-    for e in budgets:
+    for e, methods in acc.items():
         res["results"][e] = {}
-        for m, r in acc[e].items():
+        for m, r in methods.items():
+            if not r["psnr_db"]:
+                continue
             rr = r["random"]
-            entry = {"psnr_db": float(np.mean(r["psnr_db"])), "ssim": float(np.mean(r["ssim"])),
+            entry = {"images": len(r["psnr_db"]), "psnr_db": float(np.mean(r["psnr_db"])), "ssim": float(np.mean(r["ssim"])),
                      "seconds_per_image": float(np.mean(r["seconds"])),
                      "sdedit": {str(s): ratios(mean_rows(r["sdedit"][s]), mean_rows(rr["sdedit"][s]))
                                 for s in a.strengths},
@@ -446,25 +474,46 @@ def main(args: list[str]) -> dict:
             if any(r["world_joint"].values()):
                 entry["world_joint_acc"] = {str(s): float(np.mean(v)) for s, v in r["world_joint"].items()}
             res["results"][e][m] = entry
-    if a.cost_steps:
-        res["cost"] = cost(a, pipe, items[0]["image"], "model")
-    if a.sd15:
-        big = sd15_pipe().to(pipe.device)
-        big.set_progress_bar_config(disable=True)
-        res["cost_sd15"] = cost(a, big, items[0]["image"], "sd15")
-    res["targets"] = targets(res, a)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=2))
-    if cells:
-        table_grid(cells, ["original", "clean sdedit"] + [c for m in a.methods for c in (m, f"{m} sdedit")], a.grid)
-    curves(res, a.curves)
-    report(res, a)
-    print(f"wrote {a.json}, {a.grid} and {a.curves}")
     return res
 
 
-def targets(res: dict, a) -> dict:
-    out, mid = {}, str(a.strengths[len(a.strengths) // 2])
+def write(res: dict, a):
+    res["targets"] = targets(res)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(res, indent=2))
+
+
+def finish(res: dict, a) -> dict:
+    report(res)
+    if any(res["results"].values()):
+        curves(res, a.curves)
+        print(f"wrote {a.curves}")
+    print(f"wrote {a.json}")
+    return res
+
+
+def merge(a) -> dict:
+    """One result from runs over the same image list (e.g. one run per method, in parallel, and a cost
+    run): each run's methods' results (each entry says over how many of the first images) and its cost
+    entries; recomputed targets. "images" lists the longest run's images."""
+    from stablekit import StablekitError
+
+    runs = sorted(((p, json.loads(Path(p).read_text())) for p in a.merge), key=lambda r: -len(r[1]["images"]))
+    res = dict(runs[0][1], methods=[], settings={}, results={}, merged_from=[str(p) for p in a.merge])
+    for path, run in runs:
+        if run["images"] != res["images"][:len(run["images"])]:
+            raise StablekitError(f"{path} covers other images than the other runs: merge runs over one image list")
+        for e, methods in ((e, ms) for e, ms in run["results"].items() if ms):
+            res["results"].setdefault(e, {}).update(methods)
+            res["methods"] += [m for m in methods if m not in res["methods"]]
+            res["settings"].update({m: run["settings"][m] for m in methods})
+        res.update({k: run[k] for k in ("cost", "cost_sd15") if k in run})
+    write(res, a)
+    return finish(res, a)
+
+
+def targets(res: dict) -> dict:
+    out, mid = {}, str(res["strengths"][len(res["strengths"]) // 2])
     eight = next((e for e in res["results"] if abs(float(Fraction(e)) - 8 / 255) < 1e-9), None)
     if eight:
         out["psnr_at_8_255_ge_35db"] = {m: r["psnr_db"] >= 35 for m, r in res["results"][eight].items()}
@@ -477,8 +526,8 @@ def targets(res: dict, a) -> dict:
     return out
 
 
-def report(res: dict, a):
-    mid = str(a.strengths[len(a.strengths) // 2])
+def report(res: dict):
+    mid = str(res["strengths"][len(res["strengths"]) // 2])
     for e, methods in res["results"].items():
         for m, r in methods.items():
             line = (f"eps {e:7s} {m:15s} PSNR {r['psnr_db']:5.2f} dB SSIM {r['ssim']:.3f} "

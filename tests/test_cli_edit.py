@@ -45,7 +45,7 @@ def test_edit_writes_png_with_metadata(inputs, out_dir, tiny_sd_path):
     assert [p.name for p in out_dir.iterdir()] == ["edit.png"]  # no temp file left behind
     image = Image.open(path)
     assert image.size == (32, 32)
-    assert image.text == {"source": SOURCE, "target": "a blue star on a gray background", "method": "ddim",
+    assert image.text == {"source": SOURCE, "target": "a blue star on a gray background", "method": "ddim", "strength": "",
                           "controller": "replace", "weights": "", "blend": "red", "steps": "3", "guidance": "7.5",
                           "decoder_steps": "0", "model": str(tiny_sd_path), "stablekit": stablekit.__version__}
 
@@ -84,6 +84,8 @@ BAD = {
     "blend without controller": ("edit", "in.png", ["--blend", "red"]),
     "zero steps": ("invert", "in.png", ["--reconstruct", "--steps", "0"]),
     "negative guidance": ("edit", "in.png", ["--guidance", "-2"]),
+    "strength over 1": ("edit", "in.png", ["--method", "edict", "--strength", "1.5"]),
+    "strength for infedit": ("edit", "in.png", ["--method", "infedit", "--strength", "0.5"]),
     "output not png": ("invert", "in.png", ["--reconstruct", "-o", "{out}/rec.jpg"]),
     "no --reconstruct": ("invert", "in.png", []),
 }

@@ -97,11 +97,12 @@ class StepProbe(Plugin):
                 probe.unet_calls.append((probe.call.step, len(args[0])))
                 return args, kwargs
 
-        self.unet_calls, self.steps = [], []
+        self.unet_calls, self.steps, self.latents = [], [], []
         self.add_hook(pipe.unet, Hook())
 
     def on_step_end(self, call, step, timestep, latents):
         self.steps.append(step)
+        self.latents.append(latents.clone())
         return latents
 
 
@@ -110,9 +111,23 @@ def test_edit_runs_source_and_target_branches_with_a_controller(pipe, image, met
     probe = StepProbe()
     out = edit(pipe, image, PROMPT, "a blue circle on a white background", method, controller=probe, steps=4)
     assert isinstance(out, Image.Image) and out.size == (32, 32)
-    assert probe.steps == [0, 1, 2, 3] and stablekit.attached(pipe) == []
+    start = 1 if method == "edict" else 0  # EDICT's paper regenerates the last 80%: round(0.2 * 4) = 1
+    assert probe.steps == list(range(start, 4)) and stablekit.attached(pipe) == []
     per_step = 2 if method == "edict" else 1  # EDICT evaluates the unet on x, then on y
-    assert probe.unet_calls == [(i, 4) for i in range(4) for _ in range(per_step)]  # [u_src, u_tgt, c_src, c_tgt]
+    assert probe.unet_calls == [(i, 4) for i in range(start, 4) for _ in range(per_step)]  # [u_src, u_tgt, c_src, c_tgt]
+
+
+@pytest.mark.parametrize("method", ["edict", "direct"])
+def test_an_edit_at_strength_half_resumes_the_source_trajectory_half_way(pipe, image, method):
+    inv, probe = invert(pipe, image, PROMPT, method, 4), StepProbe()
+    edit(pipe, inv, PROMPT, "a blue circle", method, controller=probe, strength=0.5)
+    assert probe.steps == [2, 3] and [step for step, _ in probe.unet_calls][0] == 2
+    source = torch.stack([z[:1] for z in probe.latents])  # the source branch after steps 2 and 3
+    tol = 1e-10 if method == "edict" else 1e-4  # float64; float32 at another batch size than the offsets'
+    assert (source.double() - inv.latents[3:].double()).abs().max() < tol
+    for bad in (0, 1.5, 0.1):  # 0.1 of 4 steps rounds to none
+        with pytest.raises(StablekitError, match="strength must be in"):
+            edit(pipe, inv, PROMPT, "a blue circle", method, strength=bad)
 
 
 def test_edict_edit_with_the_source_prompt_reproduces_the_image(pipe, image):

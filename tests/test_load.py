@@ -120,3 +120,9 @@ def test_hub_id_offline_fails_fast(monkeypatch, no_network, tmp_path):
     assert time.monotonic() - start < 10
     assert "HF_HUB_OFFLINE" in one_line(err)
     assert not no_network
+
+
+def test_default_model_in_half_precision_has_every_part_in_it():
+    """Found on a GPU (where float16 is the default): an fp32 MiniLM beside an fp16 VAE broke image-to-image."""
+    pipe = stablekit.load(device="cpu", dtype="bfloat16")
+    assert {m.dtype for m in pipe.components.values() if isinstance(m, torch.nn.Module)} == {torch.bfloat16}

@@ -50,7 +50,8 @@ def test_removal_restores_the_pipeline_bit_for_bit(pipe, image):
 def test_full_replace_with_identical_prompts_gives_the_source(pipe, image, method):
     c = Recorded("replace", cross_replace_steps=1.0, self_replace_steps=1.0)
     edit(pipe, image, SOURCE, SOURCE, method, controller=c, steps=4)
-    assert len(c.steps) == 4 and all(torch.equal(z[1], z[0]) for z, _ in c.steps)
+    assert len(c.steps) == (3 if method == "edict" else 4)  # EDICT regenerates the last 80%
+    assert all(torch.equal(z[1], z[0]) for z, _ in c.steps)
 
 
 def test_control_replaces_the_targets_maps_in_the_conditional_half(pipe):

@@ -257,7 +257,7 @@ def erase(method, concepts, preserve, iterations, lr, output, model, device):
     if method == "spm" and (len(concepts) > 1 or preserve):
         raise StablekitError("--method spm erases one --concept per file (combine files with repeated --adapter) "
                              "and takes no --preserve")
-    pipe = _load_quietly(model, device)
+    pipe = _load_quietly(model, device, dtype="float32")  # training and closed-form edits want float32
     if method == "spm":
         edit = safety.SPM.train(pipe, concepts[0], iterations=iterations, lr=lr)
     else:
@@ -459,13 +459,15 @@ def _inversion_options(guidance: dict[str, float], steps: int | None = 50, metho
                    "replace (word swap), refine (added words), reweight (refine with --weight) [default: none].")
 @click.option("--weight", "weights", multiple=True, metavar="WORD=SCALE", help="Scale a target word's attention.")
 @click.option("--blend", multiple=True, metavar="WORD", help="Local blend: edit only where WORD attends.")
+@click.option("--strength", type=float, default=None, help="Fraction of the schedule the edit regenerates "
+              "[default: edict 0.8 (its paper), the other inversions 1].")
 @click.option("-o", "--output", default="edit.png", show_default=True, type=click.Path(path_type=Path),
               help="PNG file to write.")
 @_inversion_options(EDIT_GUIDANCE, None, "Editing method: an inversion, or infedit (none needed; --guidance is "
                     "the target branch's, the source's is 1).",
                     f"Diffusion steps [default: the method's paper's, 50, infedit {EDIT_STEPS['infedit']}].")
-def edit_command(image, source, target, controller, weights, blend, output, method, steps, guidance, decoder_steps,
-                 model, device):
+def edit_command(image, source, target, controller, weights, blend, strength, output, method, steps, guidance,
+                 decoder_steps, model, device):
     """Edit IMAGE from the --source prompt to the --target prompt; print the written path."""
     steps = EDIT_STEPS[method] if steps is None else steps
     _check_inversion(steps, guidance, decoder_steps, output)
@@ -475,9 +477,10 @@ def edit_command(image, source, target, controller, weights, blend, output, meth
     if plugin is not None:
         plugin.prepare(pipe.tokenizer, source, target)  # fail before the inversion, not after it
     out = edit(pipe, picture, source, target, method, controller=plugin, steps=steps, guidance=guidance,
-               decoder_steps=decoder_steps)
+               strength=strength, decoder_steps=decoder_steps)
     guidance = EDIT_GUIDANCE[method] if guidance is None else guidance
-    save_png(out, output, dict(source=source, target=target, method=method, controller=controller or "",
+    save_png(out, output, dict(source=source, target=target, method=method, strength=strength or "",
+                               controller=controller or "",
                                weights=",".join(weights), blend=",".join(blend), steps=steps, guidance=guidance,
                                decoder_steps=decoder_steps, model=model or DEFAULT_MODEL, stablekit=__version__))
     click.echo(str(output))

@@ -102,7 +102,7 @@ def _load_folder(path: Path, dtype) -> DiffusionPipeline:
     if spec.get("text_encoder", [None, None])[1] == "BertModel" and not (path / "text_encoder").exists():
         from .default_model import load_text_encoder  # stablekit-format folders take MiniLM from its package
 
-        kwargs["text_encoder"] = load_text_encoder()[0]
+        kwargs["text_encoder"] = load_text_encoder()[0].to(dtype)  # from_pretrained leaves given parts as they are
     from diffusers.utils import logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()

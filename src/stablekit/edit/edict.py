@@ -12,15 +12,19 @@ inputs the forward pass will see. Reconstruction is therefore exact up to float 
 model, weights, prompt and guidance. Everything runs in float64 (the unet is cast while it runs, as
 in the paper's code) because the inverse mixing amplifies rounding by up to 1/p per step.
 
-Paper defaults: p = 0.93, 50 DDIM steps, guidance 3, leapfrog on. Deviations: inversion always
-runs the full schedule (the paper's editing inverts only to strength 0.8 of it); the image latent
-is the encoder's mean (the paper's code samples the posterior); the x sequence is the output.
+Paper defaults: p = 0.93, 50 DDIM steps, guidance 3, leapfrog on; editing regenerates the last 80%
+of the schedule (:data:`EDIT_STRENGTH`). Inversion always runs the whole schedule and stores both
+trajectories, so an edit starts from ``(x, y)`` at step ``round(0.2 * steps)`` of them: exactly what
+inverting only 80% gives, and one inversion serves any strength. Deviations: the image latent is
+the encoder's mean (the paper's code samples the posterior); the x sequence is the output.
 """
 from __future__ import annotations
 
 import torch
 
 from .core import Schedule, eps
+
+EDIT_STRENGTH = 0.8  # fraction of the schedule an edit regenerates (the paper's default)
 
 
 def _noise(pipe, sched, text, guidance):

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import StablekitError
 from ..plugins import CallState, Plugin, use
-from . import infedit
+from . import edict, infedit
 from .core import Schedule, decode, encode_image, encode_prompts
 from .inversion import GUIDANCE, METHODS, Inversion, batch, denoise, invert, load_images, prompt_list
 
@@ -18,7 +18,8 @@ EDIT_GUIDANCE = {**GUIDANCE, "infedit": infedit.GUIDANCE}  # the target's, for I
 
 
 def edit(pipe, image, source_prompt: str | list[str], target_prompt: str | list[str], method: str = "direct",
-         controller: Plugin | None = None, steps: int | None = None, guidance: float | None = None, **options):
+         controller: Plugin | None = None, steps: int | None = None, guidance: float | None = None,
+         strength: float | None = None, **options):
     """Edit `image` (path, PIL image or tensor in [0, 1]) from `source_prompt` to `target_prompt`; a PIL image.
     Lists of images (of one size), source and target prompts edit the images together, one batch
     (see :mod:`.inversion`), and give a list of PIL images.
@@ -29,13 +30,15 @@ def edit(pipe, image, source_prompt: str | list[str], target_prompt: str | list[
     `guidance` and `options` say), then two branches are denoised together from the inverted noise
     along the method's reconstruction path: the source (prompt `source_prompt`; Direct Inversion
     adds its offsets here only) and the target (prompt `target_prompt`), whose result is returned.
+    They regenerate the last `strength` of the schedule from the inversion's latents at that point
+    (default: EDICT's paper 0.8, :data:`.edict.EDIT_STRENGTH`; the whole schedule for the others).
     With ``method="infedit"`` the branches are sampled by :func:`.infedit.sample` instead (`options`:
     ``source_guidance``, ``seed``, ``decoder_steps``); `guidance` is the target's.
     `steps` and `guidance` default to the method's paper (:data:`EDIT_STEPS`, :data:`EDIT_GUIDANCE`).
 
     `controller`, a :class:`~stablekit.Plugin` (e.g. :class:`.prompt_to_prompt.PromptToPrompt`, or for
     InfEdit :class:`.infedit.UnifiedAttentionControl`), is attached for the regeneration. It gets a
-    fresh :class:`~stablekit.CallState` whose ``step`` counts the steps done and whose ``prompt``
+    fresh :class:`~stablekit.CallState` whose ``step`` counts the steps done (skipped ones included) and whose ``prompt``
     lists the branches' prompts (model batches are ``[uncond branches, cond branches]`` when
     ``do_cfg``), and its ``on_step_end`` sees the latents of the branches after every step.
     """
@@ -54,15 +57,29 @@ def edit(pipe, image, source_prompt: str | list[str], target_prompt: str | list[
     if len(targets) != len(sources):
         raise StablekitError(f"{len(sources)} source prompts but {len(targets)} target prompts: give one of each per image")
     steps = EDIT_STEPS[method] if steps is None else steps
+    if method == "infedit" and strength is not None:
+        raise StablekitError("InfEdit samples the whole schedule: it takes no strength")
     if method == "infedit":
         traj = _infedit(pipe, images, sources, targets, controller, steps, guidance, **options)
     else:
+        start = _start(inv.method if inv else method, len(inv.schedule) if inv else int(steps), strength)
         if inv is None:
             inv = invert(pipe, images, sources, method, steps, guidance, **options)
         traj = _controlled(pipe, controller, sources + targets, inv.latents[0], inv.schedule, inv.guidance != 1,
-                           lambda text, on_step: denoise(pipe, inv, text, on_step))
+                           lambda text, on_step: denoise(pipe, inv, text, on_step, start), start)
     out = [decode(pipe, z[None]) for z in traj[-1, -len(targets):]]
     return out[0] if single else out
+
+
+def _start(method: str, steps: int, strength: float | None) -> int:
+    """The first of `steps` steps that an edit by inversion `method` regenerates at `strength` (see :func:`edit`)."""
+    if strength is None:
+        strength = edict.EDIT_STRENGTH if method == "edict" else 1.0
+    start = round((1 - float(strength)) * steps)
+    if not 0 < strength <= 1 or start >= steps:
+        raise StablekitError(f"strength must be in (0, 1] and leave at least one of the {steps} steps "
+                             f"to regenerate (got {strength})")
+    return start
 
 
 def _infedit(pipe, images, sources, targets, controller, steps, guidance,
@@ -80,10 +97,11 @@ def _infedit(pipe, images, sources, targets, controller, steps, guidance,
                        lambda text, on_step: infedit.sample(pipe, sched, z0, text, scales, generator, on_step))
 
 
-def _controlled(pipe, controller, prompts: list[str], latent, sched: Schedule, do_cfg: bool, run) -> torch.Tensor:
+def _controlled(pipe, controller, prompts: list[str], latent, sched: Schedule, do_cfg: bool, run,
+                start: int = 0) -> torch.Tensor:
     """``run(text, on_step)`` for the branches' `prompts` (encoded for latents shaped like `latent`), with
-    `controller` attached and reset, its ``on_step_end`` called after every step; the trajectory."""
-    call = CallState(do_cfg=do_cfg, prompt=prompts, num_steps=len(sched), timesteps=sched.timesteps)
+    `controller` attached and reset, its ``on_step_end`` called after every step from `start` on; the trajectory."""
+    call = CallState(do_cfg=do_cfg, prompt=prompts, step=start, num_steps=len(sched), timesteps=sched.timesteps)
 
     def on_step(i, latents):
         call.step = i + 1

@@ -237,7 +237,7 @@ class SPM(Plugin):
 def _partial_sample(unet, ddim, shape, u, c, k: int, steps: int, guidance: float):
     """``k`` guided DDIM steps of a `steps`-step run from noise: the latent and the timestep it is at."""
     ddim.set_timesteps(steps)
-    x = torch.randn(shape) * ddim.init_noise_sigma
+    x = torch.randn(shape, device=c.device, dtype=c.dtype) * ddim.init_noise_sigma
     for t in ddim.timesteps[:k]:
         eu, ec = unet(torch.cat([x, x]), t, torch.cat([u, c])).sample.chunk(2)
         x = ddim.step(eu + guidance * (ec - eu), t, x).prev_sample
@@ -246,6 +246,6 @@ def _partial_sample(unet, ddim, shape, u, c, k: int, steps: int, guidance: float
 
 def _anchors(c: torch.Tensor, n: int, rng: random.Random) -> torch.Tensor:
     """`n` random embeddings shaped like `c` ``(1, L, D)``, of its norm times U(0.8, 1.2)."""
-    z = torch.randn(n, *c.shape[1:])
+    z = torch.randn(n, *c.shape[1:], device=c.device, dtype=c.dtype)
     z = z / z.flatten(1).norm(dim=1).view(-1, 1, 1)
-    return z * c.norm() * torch.tensor([rng.uniform(0.8, 1.2) for _ in range(n)]).view(-1, 1, 1)
+    return z * c.norm() * torch.tensor([rng.uniform(0.8, 1.2) for _ in range(n)]).to(c).view(-1, 1, 1)
