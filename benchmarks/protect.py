@@ -20,20 +20,26 @@ Measured, per method and budget (means over images):
   output from the clean one -- MSE and PSNR (inpainting: over the repainted region only) and the L2
   distance of the attribute classifier's features -- and the ratio of the MSE (and feature distance)
   to that of the random baseline (> 1: the protection moves the edit more than noise of its budget);
-  for world images, the joint attribute accuracy (shape, colour, background) of the SDEdit outputs;
+  for world images, the joint attribute accuracy (shape, colour, background) of the SDEdit outputs; with
+  several kinds of image, the SDEdit measures per kind too (``sdedit_by_kind``);
   ``clean`` gives, for scale, the MSE between two SDEdit outputs of the clean image with other seeds;
 * resilience (CopyrightMeter's protocol, PAPERS.md #28): each transformation -- JPEG 75, resize
   x0.5 and back, x2 and back (bicubic), Gaussian noise (sd 0.03), diffusion purification (SDEdit with
   the empty prompt at ``--purify`` strength, ``stablekit.eval.attacks.purification``) -- is applied to
   the protected, the random and the clean image alike; the SDEdit efficacy at ``--resilience-strength``
   is measured again between the transformed protected and the transformed clean image;
-* cost: seconds per image (wall clock of each protection above) and, per method on the first image,
+* cost: seconds per image (wall clock of each protection above) and, per method on the first photo,
   seconds per step (``--cost-steps`` steps after one warm-up step) and the peak memory of the tensors a
   protection allocates (on CPU: the running sum of torch.profiler's allocation and free events, in a
   separate 2-step run; on CUDA: the allocator's peak) -- resident memory would only show the model
   loading at this size; SDS's ratios to the full semantic attack, from the same run. ``--sd15``
   repeats the cost run on a randomly initialised model of Stable Diffusion 1.5's architecture at
   512x512 (cost only; about 4 GB of weights in float32).
+
+The JSON is written after every image (a stopped run keeps the images it finished; each result says over
+how many). Runs made apart -- one per method in parallel processes, a cost-only run (``--photos 0 --faces 0
+--world 0``) -- combine with ``--merge A.json B.json ... --json OUT.json``, which runs nothing. The model runs
+in float32 on every device (``--dtype``), so CPU and GPU runs measure the same arithmetic.
 
 Targets (issue 7), reported under "targets": PSNR >= 35 dB at 8/255; encoder and SDS SDEdit MSE ratio
 clearly above 1; SDS at most 0.6x the time and memory of the semantic attack.
@@ -276,7 +282,7 @@ def curves(res: dict, path: Path):
             axes[0].plot([float(s) for s in sd], [v["ratio_mse_vs_random"] for v in sd.values()], style,
                          label=f"{m} {eps}")
     axes[0].axhline(1, color="gray", lw=0.8)
-    axes[0].set(xlabel="SDEdit strength", ylabel="output MSE vs clean / random's", title="efficacy")
+    axes[0].set(xlabel="SDEdit strength", ylabel="output MSE vs clean / random's", title="efficacy", yscale="log")
     axes[0].legend(fontsize=7)
     eps = budgets[0]
     names = list(next(iter(res["results"][eps].values())).get("resilience", {}))
@@ -288,7 +294,7 @@ def curves(res: dict, path: Path):
                         label=m)
         axes[1].set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, fontsize=8)
         axes[1].axhline(1, color="gray", lw=0.8)
-        axes[1].set(ylabel="ratio after transformation", title=f"resilience at {eps}")
+        axes[1].set(ylabel="ratio after transformation", title=f"resilience at {eps}", yscale="log")
         axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -455,6 +461,7 @@ def summary(a, pipe, items: list[dict], acc: dict, clean_acc: dict, transforms: 
                                            if v},
                      "world_joint_acc": {str(s): float(np.mean(v)) for s, v in clean_acc["world_joint"].items() if v}},
            "results": {}}
+    kinds = {k: [i for i, it in enumerate(items) if it["kind"] == k] for k in dict.fromkeys(it["kind"] for it in items)}
     for e, methods in acc.items():
         res["results"][e] = {}
         for m, r in methods.items():
@@ -471,6 +478,10 @@ def summary(a, pipe, items: list[dict], acc: dict, clean_acc: dict, transforms: 
             if transforms:
                 entry["resilience"] = {t: ratios(mean_rows(r["resilience"][t]), mean_rows(rr["resilience"][t]))
                                        for t in transforms}
+            if len(kinds) > 1:  # a mean over kinds is ruled by the kind whose edits move most (faces)
+                entry["sdedit_by_kind"] = {k: {str(s): ratios(mean_rows([r["sdedit"][s][i] for i in idx]),
+                                                              mean_rows([rr["sdedit"][s][i] for i in idx]))
+                                               for s in a.strengths} for k, idx in kinds.items()}
             if any(r["world_joint"].values()):
                 entry["world_joint_acc"] = {str(s): float(np.mean(v)) for s, v in r["world_joint"].items()}
             res["results"][e][m] = entry

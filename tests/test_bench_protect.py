@@ -20,6 +20,9 @@ def test_protect_benchmark_runs_apart_and_merged(tmp_path):
         assert r["images"] == 3 and r["psnr_db"] >= floor - 1e-6 and 0 < r["ssim"] <= 1  # the budget holds in PNG
         assert r["sdedit"]["0.2"]["ratio_mse_vs_random"] > 0 and set(r["resilience"]) >= {"jpeg75", "purify0.2"}
         assert "ratio_mse_vs_random" in r["inpaint"] and 0 <= r["world_joint_acc"]["0.2"] <= 1
+        by_kind = r["sdedit_by_kind"]  # one image of each kind: the overall mean is the mean of the three
+        assert set(by_kind) == {"photo", "face", "world"}
+        assert math.isclose(sum(v["0.2"]["mse"] for v in by_kind.values()) / 3, r["sdedit"]["0.2"]["mse"], rel_tol=1e-9)
     only = bench.main(["--json", str(cost), "--photos", "0", "--faces", "0", "--world", "0", "--cost-steps", "1",
                        "--methods", "semantic", "sds"])
     assert only["results"] == {"8/255": {}, "16/255": {}} and set(only["cost"]["methods"]) == {"semantic", "sds"}
