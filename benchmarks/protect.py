@@ -509,7 +509,7 @@ def merge(a) -> dict:
     entries; recomputed targets. "images" lists the longest run's images."""
     from stablekit import StablekitError
 
-    runs = sorted(((p, json.loads(Path(p).read_text())) for p in a.merge), key=lambda r: -len(r[1]["images"]))
+    runs = sorted(((p, _run(p)) for p in a.merge), key=lambda r: -len(r[1]["images"]))
     res = dict(runs[0][1], methods=[], settings={}, results={}, merged_from=[str(p) for p in a.merge])
     for path, run in runs:
         if run["images"] != res["images"][:len(run["images"])]:
@@ -521,6 +521,19 @@ def merge(a) -> dict:
         res.update({k: run[k] for k in ("cost", "cost_sd15") if k in run})
     write(res, a)
     return finish(res, a)
+
+
+def _run(path: Path) -> dict:
+    """A finished run's JSON, or one clear error."""
+    from stablekit import StablekitError
+
+    try:
+        run = json.loads(path.read_text())
+        if {"images", "methods", "settings", "results"} <= set(run):
+            return run
+    except (OSError, ValueError, TypeError):  # unreadable, not JSON, not an object
+        pass
+    raise StablekitError(f"cannot merge '{path}': not a JSON that `stablekit bench protect --json` wrote")
 
 
 def targets(res: dict) -> dict:

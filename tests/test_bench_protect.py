@@ -3,6 +3,9 @@ a cost-only run, and the merge of runs made apart."""
 import json
 import math
 
+import pytest
+
+from stablekit import StablekitError
 from stablekit.cli import load_benchmark
 
 
@@ -22,10 +25,15 @@ def test_protect_benchmark_runs_apart_and_merged(tmp_path):
         assert "ratio_mse_vs_random" in r["inpaint"] and 0 <= r["world_joint_acc"]["0.2"] <= 1
         by_kind = r["sdedit_by_kind"]  # one image of each kind: the overall mean is the mean of the three
         assert set(by_kind) == {"photo", "face", "world"}
-        assert math.isclose(sum(v["0.2"]["mse"] for v in by_kind.values()) / 3, r["sdedit"]["0.2"]["mse"], rel_tol=1e-9)
+        mean = sum(v["0.2"]["mse"] for v in by_kind.values()) / 3
+        assert math.isclose(mean, r["sdedit"]["0.2"]["mse"], rel_tol=1e-9)
     only = bench.main(["--json", str(cost), "--photos", "0", "--faces", "0", "--world", "0", "--cost-steps", "1",
                        "--methods", "semantic", "sds"])
     assert only["results"] == {"8/255": {}, "16/255": {}} and set(only["cost"]["methods"]) == {"semantic", "sds"}
     both = bench.main(["--json", str(merged), "--merge", str(cost), str(out)])
     assert both["results"] == res["results"] and both["cost"] == only["cost"] and both["images"] == res["images"]
     assert both["methods"] == list(bench.METHODS) and set(both["targets"]) >= {"sds_time_le_0.6x_semantic"}
+    (tmp_path / "other.json").write_text("5")
+    for bad in ("other.json", "missing.json"):
+        with pytest.raises(StablekitError, match=f"cannot merge '.*{bad}'"):
+            bench.main(["--json", str(merged), "--merge", str(out), str(tmp_path / bad)])

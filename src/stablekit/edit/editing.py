@@ -38,8 +38,8 @@ def edit(pipe, image, source_prompt: str | list[str], target_prompt: str | list[
 
     `controller`, a :class:`~stablekit.Plugin` (e.g. :class:`.prompt_to_prompt.PromptToPrompt`, or for
     InfEdit :class:`.infedit.UnifiedAttentionControl`), is attached for the regeneration. It gets a
-    fresh :class:`~stablekit.CallState` whose ``step`` counts the steps done (skipped ones included) and whose ``prompt``
-    lists the branches' prompts (model batches are ``[uncond branches, cond branches]`` when
+    fresh :class:`~stablekit.CallState` whose ``step`` counts the steps done (skipped ones included) and
+    whose ``prompt`` lists the branches' prompts (model batches are ``[uncond branches, cond branches]`` when
     ``do_cfg``), and its ``on_step_end`` sees the latents of the branches after every step.
     """
     if method not in EDIT_METHODS:
@@ -57,9 +57,9 @@ def edit(pipe, image, source_prompt: str | list[str], target_prompt: str | list[
     if len(targets) != len(sources):
         raise StablekitError(f"{len(sources)} source prompts but {len(targets)} target prompts: give one of each per image")
     steps = EDIT_STEPS[method] if steps is None else steps
-    if method == "infedit" and strength is not None:
-        raise StablekitError("InfEdit samples the whole schedule: it takes no strength")
     if method == "infedit":
+        if strength is not None:
+            raise StablekitError("InfEdit samples the whole schedule: it takes no strength")
         traj = _infedit(pipe, images, sources, targets, controller, steps, guidance, **options)
     else:
         start = _start(inv.method if inv else method, len(inv.schedule) if inv else int(steps), strength)
