@@ -7,7 +7,8 @@ Images, at the model's size (64x64 for the embedded model): the photos scikit-im
 (``data.lfw_subset``, the first ``--faces`` of its 100 faces, 25x25 greyscale upscaled); and world
 scenes (seed 4242; training used 0) whose attributes are known. Every image gets every method at
 every ``--eps`` (pixel units) with the method's default steps (``--steps`` overrides them all), plus
-the baseline: random signs of the same budget (inside the protected region for DiffusionGuard).
+the baseline: random signs of the same budget (inside the protected region for DiffusionGuard). With
+``--min-psnr DB`` every protection and the baseline also keep that PSNR (``stablekit.protect``'s floor).
 The protected region (DiffusionGuard's mask, kept by the inpainting) is the centre square of half
 the side; the editor repaints the rest.
 
@@ -32,7 +33,8 @@ Measured, per method and budget (means over images):
   seconds per step (``--cost-steps`` steps after one warm-up step) and the peak memory of the tensors a
   protection allocates (on CPU: the running sum of torch.profiler's allocation and free events, in a
   separate 2-step run; on CUDA: the allocator's peak) -- resident memory would only show the model
-  loading at this size; SDS's ratios to the full semantic attack, from the same run. ``--sd15``
+  loading at this size -- and the floating-point operations of one step (torch's FlopCounterMode: a two-step
+  run minus a one-step run); SDS's ratios to the full semantic attack, from the same run. ``--sd15``
   repeats the cost run on a randomly initialised model of Stable Diffusion 1.5's architecture at
   512x512 (cost only; about 4 GB of weights in float32).
 
@@ -232,6 +234,16 @@ def peak_tensor_mb(pipe, fn) -> float:
     return peak / 2 ** 20
 
 
+def tflop(fn) -> float:
+    """Floating-point operations (forward and backward) of `fn()` in TFLOP, as torch's FlopCounterMode counts
+    them (convolutions and matrix products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e12
+
+
 def clock(pipe) -> float:
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
@@ -248,21 +260,25 @@ def cost(a, pipe, label: str) -> dict:
     (_, image), = photos(size, 1)
     steps, rows = a.sd15_steps if label == "sd15" else a.cost_steps, {}
     for m in a.methods:
-        kw = dict(eps=float(Fraction(a.eps[0])), progress=False, mask=centre_mask(size) if m == "diffusionguard" else None)
+        kw = dict(eps=float(Fraction(a.eps[0])), progress=False, mask=centre_mask(size) if m == "diffusionguard" else None,
+                  min_psnr=a.min_psnr)
         stablekit.protect(image, pipe, m, steps=1, **kw)
         t0 = clock(pipe)
         stablekit.protect(image, pipe, m, steps=steps, **kw)
         seconds = (clock(pipe) - t0) / steps
-        rows[m] = {"seconds_per_step": seconds,
-                   "peak_tensor_mb": peak_tensor_mb(pipe, lambda: stablekit.protect(image, pipe, m, steps=2, **kw))}
-        print(f"cost ({label}, {size}px): {m} {seconds:.3f} s/step, peak {rows[m]['peak_tensor_mb']:.1f} MiB", flush=True)
+        run = {n: (lambda n=n: stablekit.protect(image, pipe, m, steps=n, **kw)) for n in (1, 2)}
+        rows[m] = {"seconds_per_step": seconds, "peak_tensor_mb": peak_tensor_mb(pipe, run[2]),
+                   "tflop_per_step": tflop(run[2]) - tflop(run[1])}
+        print(f"cost ({label}, {size}px): {m} {seconds:.3f} s/step, peak {rows[m]['peak_tensor_mb']:.1f} MiB, "
+              f"{rows[m]['tflop_per_step']:.4f} TFLOP/step", flush=True)
     res = {"image_size": size, "steps": steps, "device": str(pipe.device), "dtype": str(pipe.unet.dtype),
            "memory_measure": "cuda max_memory_allocated" if pipe.device.type == "cuda" else "torch.profiler CPU tensors",
            "methods": rows}
     if "sds" in rows and "semantic" in rows:
         s, f = rows["sds"], rows["semantic"]
         res["sds_vs_semantic"] = {"time": s["seconds_per_step"] / f["seconds_per_step"],
-                                  "memory": s["peak_tensor_mb"] / f["peak_tensor_mb"]}
+                                  "memory": s["peak_tensor_mb"] / f["peak_tensor_mb"],
+                                  "flops": s["tflop_per_step"] / f["tflop_per_step"]}
     return res
 
 
@@ -310,6 +326,8 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, required=True, help="where to write the results")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--eps", nargs="+", default=["8/255", "16/255"], help="budgets in [0, 1] pixel units")
+    p.add_argument("--min-psnr", type=float, default=None,
+                   help="PSNR floor in dB for every method and the random baseline (stablekit.protect's min_psnr)")
     p.add_argument("--steps", type=int, default=None, help="PGD steps for every method [default: each method's]")
     p.add_argument("--photos", type=int, default=len(PHOTOS), help=f"scikit-image photos (at most {len(PHOTOS)})")
     p.add_argument("--faces", type=int, default=8, help="faces from scikit-image's lfw_subset")
@@ -333,8 +351,11 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--merge", nargs="+", type=Path, help="combine these finished runs' JSON into --json; run nothing")
     a = p.parse_args(args)
+    from stablekit import StablekitError
+    from stablekit.protect.core import parse_psnr
+
+    parse_psnr(a.min_psnr, "--min-psnr")
     if int(a.edit_steps * min(a.strengths)) < 1:
-        from stablekit import StablekitError
         raise StablekitError(f"SDEdit at strength {min(a.strengths)} with --edit-steps {a.edit_steps} runs no "
                              "denoising step; use more --edit-steps")
     a.grid = a.grid or a.json.with_suffix(".png")
@@ -408,11 +429,12 @@ def main(args: list[str]) -> dict:
         row = [(im, item["name"]), (refs["sdedit"][mid], f"clean sdedit {mid:g}")]
         for e, eps in budgets.items():
             kinds = {"mask" if m == "diffusionguard" else None for m in a.methods}
-            base = {k: evaluate(random_noise(im, eps, mask=mask if k else None, seed=seed), item, refs) for k in kinds}
+            base = {k: evaluate(random_noise(im, eps, mask=mask if k else None, seed=seed, min_psnr=a.min_psnr), item,
+                                refs) for k in kinds}
             for m in a.methods:
                 t0 = time.perf_counter()
                 out = stablekit.protect(im, pipe, m, eps=eps, steps=a.steps, seed=seed, progress=False,
-                                        mask=mask if m == "diffusionguard" else None)
+                                        mask=mask if m == "diffusionguard" else None, min_psnr=a.min_psnr)
                 r = acc[e][m]
                 r["seconds"].append(time.perf_counter() - t0)
                 r["psnr_db"].append(min(psnr(arr(out), arr(im)), 99.0))
@@ -455,6 +477,7 @@ def summary(a, pipe, items: list[dict], acc: dict, clean_acc: dict, transforms: 
            "threads": torch.get_num_threads(), "image_size": pipe.unet.config.sample_size * pipe.vae_scale_factor,
            "images": [i["name"] for i in items], "methods": a.methods,
            "settings": {m: dict(DEFAULTS[m], **({"steps": a.steps} if a.steps else {})) for m in a.methods},
+           "min_psnr": a.min_psnr,
            "strengths": a.strengths, "edit_steps": a.edit_steps, "guidance": a.guidance,
            "resilience_strength": a.resilience_strength, "protected_region": "centre square, half the side",
            "clean": {"sdedit_reseed_mse": {str(s): float(np.mean(v)) for s, v in clean_acc["reseed_mse"].items()
@@ -570,7 +593,8 @@ def report(res: dict):
                       f"peak {r['peak_tensor_mb']:.1f} MiB ({c['memory_measure']})")
             if "sds_vs_semantic" in c:
                 s = c["sds_vs_semantic"]
-                print(f"{key}: SDS / semantic: time x{s['time']:.2f}, memory x{s['memory']:.2f}")
+                print(f"{key}: SDS / semantic: time x{s['time']:.2f}, memory x{s['memory']:.2f}, "
+                      f"FLOPs x{s['flops']:.2f}")
     print("targets:", json.dumps(res["targets"]))
 
 

@@ -67,6 +67,29 @@ def test_budget_holds_for_non_8bit_tensors_within_rounding(tiny):
     assert np.abs(levels(out) / 255 - x.permute(1, 2, 0).numpy()).max() <= EIGHT + 1e-6
 
 
+def psnr(a, b) -> float:
+    return 10 * np.log10(255 ** 2 / np.mean((levels(a) - levels(b)) ** 2.0))
+
+
+@pytest.mark.parametrize("method, kw", CASES, ids=[f"{m}-{k.get('mode', '')}" for m, k in CASES])
+def test_psnr_floor_holds_after_rounding_and_binds(tiny, method, kw):
+    image = blocks(32)
+    for eps in (EIGHT, 16 / 255):
+        out = stablekit.protect(image, tiny, method, eps=eps, steps=3, step_size=eps, min_psnr=35, progress=False,
+                                **kw)
+        assert np.abs(levels(out) - levels(image)).max() <= round(eps * 255)
+        top = 99 if "mask" in kw else 36.5  # without a mask the floor binds: the budget is spent up to it
+        assert 35 <= psnr(out, image) < top, (eps, psnr(out, image))
+        base = random_noise(image, eps, mask=kw.get("mask"), min_psnr=35)
+        assert 35 <= psnr(base, image) < top  # the baseline spends as much of the floor
+
+
+def test_sds_under_a_psnr_floor_beats_random_of_the_same_floor(trained, scene):
+    out = stablekit.protect(scene, trained, "sds", steps=15, progress=False, min_psnr=35)
+    clean, noise, ours = (objective(trained, y, scene, "sds") for y in (scene, random_noise(scene, min_psnr=35), out))
+    assert ours - max(clean, noise) > 3 * abs(noise - clean), (clean, noise, ours)
+
+
 def test_encoder_attack_beats_clean_and_random(tiny):
     image = blocks(32)
     for mode in ("toward", "away"):
@@ -228,6 +251,7 @@ def test_stablekit_protect_is_callable_and_a_package():
     (dict(mask=square(16, 2, 8)), "mask is 16x16 but the image is 32x32"), (dict(mask=square(32, 0, 0)), "no pixel"),
     (dict(steps=-1), "steps"), (dict(mode="toward"), "no mode 'toward'"), (dict(dtype="int8"), "unknown dtype"),
     (dict(shrink=0.2), "no option 'shrink'"), (dict(eot=["blur"]), "unknown EOT"),
+    (dict(min_psnr=0), "outside \\(0, 100\\) dB"), (dict(min_psnr="high"), "not a number"),
 ])
 def test_bad_arguments_raise_one_line(tiny, kw, match):
     kw = dict(dict(method="sds", steps=1, progress=False), **kw)
@@ -279,6 +303,7 @@ BAD = {
     "unknown method": ("in.png", ["--method", "glaze"]),
     "diffusionguard without mask": ("in.png", ["--method", "diffusionguard"]),
     "zero steps": ("in.png", ["--steps", "0"]),
+    "psnr floor out of range": ("in.png", ["--min-psnr", "120"]),
     "bad mode": ("in.png", ["--method", "encoder", "--mode", "max"]),
     "output not png": ("in.png", ["-o", "{out}/p.jpg"]),
 }

@@ -26,13 +26,13 @@ PLAIN = "blue circle on white background"
 
 
 class BagOfWords(torch.nn.Module):
-    def __init__(self, tokenizer, dim=32):
+    def __init__(self, tokenizer, dim=32, model_type="clip_text_model"):  # causal like CLIP: SAFREE's sentence space
         super().__init__()
         table = torch.zeros(tokenizer.vocab_size, dim)
         for k, w in enumerate(WORDS):
             table[tokenizer.convert_tokens_to_ids(w), k] = 1.0
         self.table = torch.nn.Parameter(table, requires_grad=False)
-        self.config = types.SimpleNamespace(use_attention_mask=False)
+        self.config = types.SimpleNamespace(use_attention_mask=False, model_type=model_type)
 
     device = property(lambda self: self.table.device)
     dtype = property(lambda self: self.table.dtype)
@@ -238,6 +238,46 @@ def test_sdxl(tiny_sdxl_path):
     assert torch.equal(run(pipe, prompt=STAR, steps=2), ref)
 
 
+@pytest.fixture(scope="module")
+def bag_bert():
+    """A bag-of-words encoder that does not call itself CLIP: SAFREE's default picks the token space."""
+    pipe = make_tiny_sd()
+    pipe.text_encoder = BagOfWords(pipe.tokenizer, model_type="bert")
+    return pipe
+
+
+def test_token_space_removes_the_concept_direction_from_every_position(bag_bert):
+    plugin, seen = SAFREE(concepts=["star"], self_validation=False, re_attention=False), []
+    handle = cond_embeds(bag_bert, seen)
+    with stablekit.use(bag_bert, plugin):
+        run(bag_bert, prompt=STAR, steps=2)
+        handle.remove()
+        assert plugin._space == "tokens" and all(plugin.decisions[0].flagged)
+        star = torch.zeros(32)
+        star[WORDS.index("star")] = 1  # the star token's embedding in every template is the star direction
+        orig = encode(bag_bert, STAR)
+        want = orig - (orig @ star)[:, None] * star  # every position, padding included, loses only that
+        assert (orig @ star).abs().max() == 1  # the star and every later position (causal bag) hold it
+        torch.testing.assert_close(seen[0][1], want)
+        torch.testing.assert_close(seen[1][1], want)
+        assert torch.equal(seen[0][0], encode(bag_bert, ""))
+        ref = run(bag_bert, prompt=PLAIN, steps=2)
+    assert torch.equal(ref, run(bag_bert, prompt=PLAIN, steps=2))  # no star component: nothing changes
+
+
+def test_token_space_filter_defaults_split_concept_prompts_from_others(bag_bert, bag_sd):
+    plugin = SAFREE(concepts=["star"])
+    with stablekit.use(bag_bert, plugin):
+        run(bag_bert, prompt=[STAR, PLAIN], steps=1)
+    star, plain = (d.beta for d in plugin.decisions)
+    assert plain == pytest.approx(1 / 7)  # untouched rows; 1/7: the bag's start token is a zero vector
+    assert star > plain + 0.1
+    assert plugin.steps_filtered(0.12, 25) == 25 and plugin.steps_filtered(0.01, 25) == 0
+    with stablekit.use(bag_sd, plugin):  # a CLIP encoder: the paper's sentence space and constants
+        assert plugin._space == "sentence" and plugin.steps_filtered(0.12, 50) == 0
+        assert plugin.steps_filtered(1.0, 50) == 10
+
+
 def test_safree_bad_input(bag_sd):
     for concepts in ([], "star", [""]):
         with pytest.raises(StablekitError, match="concept"):
@@ -245,6 +285,9 @@ def test_safree_bad_input(bag_sd):
     with pytest.raises(StablekitError, match="concept"):
         build("safree", REGISTRY, "guard")
     assert build("safree:concepts=star,alpha=0.1", REGISTRY, "guard").concepts == ["star"]
+    for kw in (dict(space="words"), dict(rank=0), dict(rank=1.5)):
+        with pytest.raises(StablekitError, match="space is one of"):
+            SAFREE(concepts=["star"], **kw)
     embeds = encode(bag_sd, STAR)[None]
     with stablekit.use(bag_sd, SAFREE(concepts=["star"])), pytest.raises(StablekitError, match="prompt text"):
         bag_sd(prompt_embeds=embeds, num_inference_steps=1, height=32, width=32, output_type="latent")

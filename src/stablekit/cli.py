@@ -26,7 +26,7 @@ from .pipeline import DEFAULT_MODEL, SCHEDULERS, guidance_rescale as guidance_re
 from .provenance import FPR, REGISTRY as WATERMARKS, Key, detect, make_key, watermark
 from .provenance.detection import latent_shape
 from .protect import DEFAULTS as PROTECT_DEFAULTS, METHODS as PROTECTIONS, eot as protect_eot, parse_eps, protect
-from .protect import options as protect_options
+from .protect import options as protect_options, parse_psnr
 from .redteam import ATTACKS, audit
 from .registry import build, parse
 
@@ -524,6 +524,8 @@ def invert_command(image, prompt, reconstruct, output, method, steps, guidance, 
               help="Image of IMAGE's size, white over the region to protect: only those pixels change.")
 @click.option("--eps", default="8/255", show_default=True,
               help="L-infinity budget in [0, 1] pixel units, e.g. 8/255 or 16/255.")
+@click.option("--min-psnr", type=float, default=None,
+              help="Also keep PSNR >= this many dB (e.g. 35; 8/255 filling the ball gives 30.1) [default: no floor].")
 @click.option("--steps", type=int, default=None, help="PGD steps [default: the method's, " +
               ", ".join(f"{m} {d['steps']}" for m, d in PROTECT_DEFAULTS.items()) + "].")
 @click.option("--step-size", default=None, help="PGD step in pixel units, e.g. 1/255 [default: the method's].")
@@ -537,10 +539,11 @@ def invert_command(image, prompt, reconstruct, output, method, steps, guidance, 
 @click.option("--seed", default=0, show_default=True, help="Seed of the random start, timesteps and noise.")
 @click.option("--model", default=None, help=_MODEL_HELP)
 @click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
-def protect_command(image, output, method, mask, eps, steps, step_size, mode, prompt, eot, dtype, seed, model,
-                    device):
+def protect_command(image, output, method, mask, eps, min_psnr, steps, step_size, mode, prompt, eot, dtype, seed,
+                    model, device):
     """Protect IMAGE against diffusion mimicry and editing; print the written path."""
     budget = parse_eps(eps, "--eps")
+    parse_psnr(min_psnr, "--min-psnr")
     step = None if step_size is None else parse_eps(step_size, "--step-size")
     if steps is not None and steps < 1:
         raise StablekitError(f"--steps {steps}: the number of PGD steps must be at least 1, e.g. --steps 100")
@@ -558,8 +561,8 @@ def protect_command(image, output, method, mask, eps, steps, step_size, mode, pr
                              "(what an inpainting editor keeps)")
     pipe = _load_quietly(model, device)
     out = protect(picture, pipe, method, eps=budget, steps=settings["steps"], step_size=settings["step_size"],
-                  mask=region, eot=list(eot), dtype=dtype, mode=mode, prompt=prompt, seed=seed)
-    save_png(out, output, dict(method=method, eps=f"{budget:.6g}", steps=settings["steps"],
+                  mask=region, eot=list(eot), dtype=dtype, mode=mode, prompt=prompt, seed=seed, min_psnr=min_psnr)
+    save_png(out, output, dict(method=method, eps=f"{budget:.6g}", min_psnr=min_psnr or "", steps=settings["steps"],
                                step_size=f"{settings['step_size']:.6g}", mode=settings.get("mode", ""),
                                eot=",".join(eot), seed=seed, model=model or DEFAULT_MODEL, stablekit=__version__))
     click.echo(str(output))

@@ -21,6 +21,11 @@ method, :data:`DEFAULTS`), ``mask`` (white: the only pixels that may change, for
 ``eot`` (expectation over JPEG / resize / noise, :mod:`.eot`), ``dtype`` (the VAE and UNet run in
 float32 or bfloat16 during the attack; the perturbation itself is float32), ``seed``. The result is
 an 8-bit image whose every value lies within ``eps`` of the original's (exactly, for 8-bit inputs).
+``min_psnr`` (dB, off by default) adds a floor on the PSNR: every PGD step also scales the perturbation
+down to the root-mean-square ``10 ** (-min_psnr / 20)`` where it is above it, and the final rounding keeps
+to it (:func:`.core.quantize`), so the floor holds exactly for 8-bit inputs. A perturbation that fills the
+L-infinity ball has PSNR ``20 log10(1 / eps)`` (30.1 dB at 8/255); with ``min_psnr=35`` the budget is
+spent on fewer values (not in the papers, which bound L-infinity alone).
 
 :func:`objective` scores an image under a method's own objective; :func:`random_noise` is the
 baseline of random signs of the same budget.
@@ -39,7 +44,7 @@ from ..edit.core import cast, read_image
 from ..errors import StablekitError
 from ..pipeline import frozen
 from . import diffusionguard, encoder_attack, eot as eot_, score_distillation, semantic_attack
-from .core import parse_eps, pixels, quantize, random_sign, region
+from .core import parse_eps, parse_psnr, pixels, quantize, random_sign, region
 
 METHODS = {"encoder": encoder_attack, "semantic": semantic_attack, "sds": score_distillation,
            "diffusionguard": diffusionguard}
@@ -92,7 +97,8 @@ def _extra(method: str, extra: dict) -> dict:
 
 def protect(image, pipe, method: str = "sds", *, eps=8 / 255, steps: int | None = None,
             step_size: float | None = None, mask=None, eot=False, dtype=None, mode: str | None = None,
-            prompt: str | None = None, target="gray", seed: int = 0, progress: bool = True, **extra) -> Image.Image:
+            prompt: str | None = None, target="gray", seed: int = 0, min_psnr: float | None = None,
+            progress: bool = True, **extra) -> Image.Image:
     """`image` (path, PIL image, or tensor in [0, 1]; sides multiples of the VAE's factor) protected
     against mimicry and editing by `pipe`'s model, as an 8-bit PIL image within `eps` of it.
 
@@ -100,8 +106,9 @@ def protect(image, pipe, method: str = "sds", *, eps=8 / 255, steps: int | None 
     units), `mode` (encoder: toward/away; semantic, sds: max/min) and `prompt` default to the method's
     :data:`DEFAULTS`; `target` is the encoder attack's; `extra` options go to the method (diffusionguard:
     ``inference_steps``, ``shrink``). `eot`: False, True (JPEG 75, resize 0.5, noise 0.03), names, or
-    ``{name: strength}``. `dtype`: the VAE's and UNet's during the attack (None: their own)."""
-    module, eps = _module(method), parse_eps(eps)
+    ``{name: strength}``. `dtype`: the VAE's and UNet's during the attack (None: their own). `min_psnr`:
+    a PSNR floor in dB (module docstring)."""
+    module, eps, rms = _module(method), parse_eps(eps), parse_psnr(min_psnr)
     opts = dict(options(method, steps, step_size, mode, prompt), **_extra(method, extra))
     transforms, dtype = eot_.parse(eot), _dtype(dtype)
     x = pixels(pipe, image)
@@ -112,8 +119,8 @@ def protect(image, pipe, method: str = "sds", *, eps=8 / 255, steps: int | None 
             stack.enter_context(cast(m, dtype))
         stack.enter_context(frozen(pipe.vae, pipe.unet))
         x_adv = module.attack(pipe, x, eps=eps, keep=keep, generator=g, eot=transforms, target=target,
-                              progress=progress, **opts)
-    return quantize(x, x_adv, eps)
+                              progress=progress, rms=rms, **opts)
+    return quantize(x, x_adv, eps, rms)
 
 
 def objective(pipe, protected, original, method: str = "sds", *, mask=None, mode: str | None = None,
@@ -134,15 +141,17 @@ def objective(pipe, protected, original, method: str = "sds", *, mask=None, mode
         return module.objective(pipe, y, x, **kw)
 
 
-def random_noise(image, eps=8 / 255, mask=None, seed: int = 0) -> Image.Image:
-    """The baseline: `image` plus ``eps`` times a uniformly random sign per value (inside `mask`), 8-bit."""
-    eps = parse_eps(eps)
+def random_noise(image, eps=8 / 255, mask=None, seed: int = 0, min_psnr: float | None = None) -> Image.Image:
+    """The baseline: `image` plus ``eps`` times a uniformly random sign per value (inside `mask`; scaled
+    down to the `min_psnr` floor as :func:`protect` does), 8-bit."""
+    eps, rms = parse_eps(eps), parse_psnr(min_psnr)
     if not isinstance(image, torch.Tensor):
         image = read_image(image) if not isinstance(image, Image.Image) else image
         image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
     x = image.float().cpu().reshape(1, 3, *image.shape[-2:])
     keep = region(mask, x)
-    return quantize(x, random_sign(x, eps, keep, torch.Generator().manual_seed(int(seed))), eps)
+    x_rand = random_sign(x, eps, keep, torch.Generator().manual_seed(int(seed)), rms)
+    return quantize(x, x_rand, eps, rms)
 
 
 __all__ = ["protect", "objective", "random_noise", "options", "METHODS", "DEFAULTS"]

@@ -63,26 +63,69 @@ def region(mask, x: torch.Tensor) -> torch.Tensor:
     return m[None, None].to(x.device)
 
 
-def project(x: torch.Tensor, delta: torch.Tensor, eps: float, keep: torch.Tensor) -> torch.Tensor:
-    """`delta` moved into the budget: inside [-eps, eps], zero outside the region, x + delta inside [0, 1]."""
-    delta = delta.clamp(-eps, eps) * keep
-    return (x + delta).clamp(0, 1) - x
+def parse_psnr(value, name: str = "min_psnr") -> float | None:
+    """The largest root-mean-square perturbation (pixel units) that keeps PSNR >= `value` dB (None: no floor)."""
+    if value is None:
+        return None
+    try:
+        db = float(value)
+    except (TypeError, ValueError):
+        raise StablekitError(f"{name} '{value}' is not a number; give decibels, e.g. 35") from None
+    if not 0 < db < 100:
+        raise StablekitError(f"{name} {value} is outside (0, 100) dB; e.g. 35 keeps the perturbation invisible")
+    return 10 ** (-db / 20)
 
 
-def quantize(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> Image.Image:
+def project(x: torch.Tensor, delta: torch.Tensor, eps: float, keep: torch.Tensor, rms: float | None = None):
+    """`delta` moved into the budget: inside [-eps, eps], zero outside the region, x + delta inside [0, 1], and
+    with `rms` (a PSNR floor, :func:`parse_psnr`) scaled down to that root-mean-square if above it (scaling
+    toward 0 keeps the other constraints)."""
+    delta = (x + delta.clamp(-eps, eps) * keep).clamp(0, 1) - x
+    if rms is not None:
+        delta = delta * (rms / delta.pow(2).mean().sqrt().clamp_min(rms)).item()
+    return delta
+
+
+def quantize(x: torch.Tensor, x_adv: torch.Tensor, eps: float, rms: float | None = None) -> Image.Image:
     """`x_adv` as an 8-bit image, each value rounded to the nearest grey level that stays within `eps` of `x`
-    (so the budget holds exactly after rounding whenever `x` itself came from 8-bit pixels)."""
+    (so the budget holds exactly after rounding whenever `x` itself came from 8-bit pixels). With `rms` (a PSNR
+    floor), if rounding lifts the root-mean-square change above it, the perturbation is first scaled by the
+    largest factor (bisection, 1/1024 resolution) whose rounding keeps to it; factor 0 gives `x` itself."""
     x, v = x.detach().double().cpu()[0] * 255, x_adv.detach().double().cpu()[0] * 255
     lo, hi = torch.ceil(x - eps * 255 - 1e-6), torch.floor(x + eps * 255 + 1e-6)
     lo, hi = torch.minimum(lo, hi).clamp(0, 255), torch.maximum(lo, hi).clamp(0, 255)
-    q = torch.minimum(torch.maximum(v.round(), lo), hi)
+
+    def rounded(scale: float) -> torch.Tensor:
+        return torch.minimum(torch.maximum((x + scale * (v - x)).round(), lo), hi)
+
+    def fits(q: torch.Tensor) -> bool:
+        return rms is None or (q - x).pow(2).mean().sqrt().item() <= rms * 255 + 1e-9
+
+    q = rounded(1.0)
+    if not fits(q):
+        low, high = 0.0, 1.0
+        for _ in range(10):
+            mid = (low + high) / 2
+            low, high = (mid, high) if fits(rounded(mid)) else (low, mid)
+        q = rounded(low)
     return Image.fromarray(q.permute(1, 2, 0).numpy().astype(np.uint8))
 
 
-def random_sign(x: torch.Tensor, eps: float, keep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The baseline of the same budget: ``x + eps * s``, s a uniformly random sign per value, in the region."""
+def random_sign(x: torch.Tensor, eps: float, keep: torch.Tensor, generator: torch.Generator,
+                rms: float | None = None) -> torch.Tensor:
+    """The baseline of the same budget: ``x + eps * s``, s a uniformly random sign per value, in the region.
+    With a PSNR floor `rms` below `eps`, the magnitudes are whole grey levels instead, ``floor(255 rms)`` or
+    one more, as many of each as makes their root-mean-square at most `rms` and nearest to it, so that the
+    baseline keeps the floor after 8-bit rounding without losing more of it than the attacks do."""
     s = torch.randint(0, 2, x.shape, generator=generator).to(x) * 2 - 1
-    return x + project(x, eps * s, eps, keep)
+    if rms is None or rms >= eps:
+        return x + project(x, eps * s, eps, keep)
+    r, n = rms * 255, x.numel()
+    low = math.floor(r)
+    more = int(n * (r * r - low * low) / (2 * low + 1))  # values one level up
+    levels = torch.full((n,), float(low))
+    levels[torch.randperm(n, generator=generator)[:more]] += 1
+    return x + project(x, s * levels.view(x.shape).to(x) / 255, eps, keep, rms)
 
 
 def encode(pipe, x: torch.Tensor) -> torch.Tensor:

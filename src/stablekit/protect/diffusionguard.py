@@ -113,7 +113,7 @@ def objective(pipe, x_adv: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, pr
 
 def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, keep: torch.Tensor,
            generator: torch.Generator, eot=None, prompt: str = "", inference_steps: int = 4, shrink: float = 0.5,
-           progress: bool = True, **_) -> torch.Tensor:
+           progress: bool = True, rms=None, **_) -> torch.Tensor:
     _check(pipe, keep)
     f = _Objective(pipe, x, prompt, inference_steps)
     rng = np.random.default_rng([generator.initial_seed(), 1])  # the mask augmentation's own stream
@@ -127,4 +127,4 @@ def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, k
         return f(x_adv, k, noise)
 
     return pgd(x, loss, eps=eps, steps=steps, step_size=step_size, keep=keep, generator=generator, eot=eot,
-               progress=progress, desc="protect (diffusionguard)")
+               progress=progress, rms=rms, desc="protect (diffusionguard)")

@@ -56,7 +56,7 @@ def objective(pipe, x_adv: torch.Tensor, x: torch.Tensor, mode: str = "toward", 
 
 def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, keep: torch.Tensor,
            generator: torch.Generator, eot=None, mode: str = "toward", target="gray", progress: bool = True,
-           **_) -> torch.Tensor:
+           rms=None, **_) -> torch.Tensor:
     if mode not in MODES:
         raise StablekitError(f"the encoder attack's mode is one of {', '.join(MODES)}, not '{mode}'")
     ref = target_latent(pipe, x, target) if mode == "toward" else encode(pipe, x).detach()
@@ -66,4 +66,4 @@ def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, k
         return sign * ((encode(pipe, x_adv) - ref) ** 2).mean()
 
     return pgd(x, loss, eps=eps, steps=steps, step_size=step_size, keep=keep, generator=generator, eot=eot,
-               random_start=True, decay=True, progress=progress, desc=f"protect (encoder, {mode})")
+               random_start=True, decay=True, progress=progress, rms=rms, desc=f"protect (encoder, {mode})")

@@ -2,7 +2,8 @@
 
 Step i: draw an EOT transformation, take the gradient g of the method's ascent objective with respect
 to the perturbation, step ``delta += step_i * sign(g)``, and project: ``|delta| <= eps`` per value,
-zero outside the protected region, ``x + delta`` inside [0, 1]. ``step_i`` is constant, or decays
+zero outside the protected region, ``x + delta`` inside [0, 1], and with a PSNR floor (``rms``) scaled
+down to its root-mean-square. ``step_i`` is constant, or decays
 linearly to 1% of `step_size` over the run (PhotoGuard's schedule). A random start draws delta
 uniformly from the ball (advertorch's ``rand_init``, PhotoGuard's start).
 """
@@ -20,13 +21,14 @@ from .core import project
 
 def pgd(x: torch.Tensor, objective: Callable[[torch.Tensor, int], torch.Tensor], *, eps: float, steps: int,
         step_size: float, keep: torch.Tensor, generator: torch.Generator, eot: dict[str, float] | None = None,
-        random_start: bool = False, decay: bool = False, progress: bool = True, desc: str = "protect") -> torch.Tensor:
+        random_start: bool = False, decay: bool = False, progress: bool = True, desc: str = "protect",
+        rms: float | None = None) -> torch.Tensor:
     """`x` (1, 3, H, W) in [0, 1] plus the perturbation that ascends ``objective(x_adv, i)`` (a scalar whose
     gradient is the ascent direction) for `steps` signed steps; returns the perturbed image (float)."""
     delta = torch.zeros_like(x)
     if random_start:
         delta = (torch.rand(x.shape, generator=generator) * 2 - 1).to(x) * eps
-    delta = project(x, delta, eps, keep)
+    delta = project(x, delta, eps, keep, rms)
     rng = np.random.default_rng([generator.initial_seed(), 0])  # EOT's own stream
     bar = tqdm(range(steps), desc=desc, disable=None if progress else True, leave=False)
     for i in bar:
@@ -34,6 +36,6 @@ def pgd(x: torch.Tensor, objective: Callable[[torch.Tensor, int], torch.Tensor],
         loss = objective(eot_.sample(x + delta, eot or {}, rng), i)
         grad, = torch.autograd.grad(loss, [delta])
         size = step_size * (1 - 0.99 * i / steps) if decay else step_size
-        delta = project(x, delta.detach() + size * grad.sign(), eps, keep)
+        delta = project(x, delta.detach() + size * grad.sign(), eps, keep, rms)
         bar.set_postfix_str(f"objective {loss.item():.4g}", refresh=False)
     return x + delta

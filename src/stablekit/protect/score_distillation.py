@@ -37,7 +37,7 @@ def objective(pipe, x_adv: torch.Tensor, x: torch.Tensor, mode: str = "min", pro
 
 def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, keep: torch.Tensor,
            generator: torch.Generator, eot=None, mode: str = "min", prompt: str = "a photo", progress: bool = True,
-           **_) -> torch.Tensor:
+           rms=None, **_) -> torch.Tensor:
     semantic_attack.check_mode(mode, "sds")
     with torch.no_grad():
         denoiser = Denoiser(pipe, prompt, encode(pipe, x))
@@ -51,4 +51,4 @@ def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, k
         return sign * (z * residual).sum()  # its gradient is the SDS gradient residual^T dz/dx
 
     return pgd(x, surrogate, eps=eps, steps=steps, step_size=step_size, keep=keep, generator=generator, eot=eot,
-               progress=progress, desc=f"protect (sds, {mode})")
+               progress=progress, rms=rms, desc=f"protect (sds, {mode})")

@@ -60,7 +60,7 @@ def check_mode(mode: str, name: str):
 
 def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, keep: torch.Tensor,
            generator: torch.Generator, eot=None, mode: str = "max", prompt: str = "a photo", progress: bool = True,
-           **_) -> torch.Tensor:
+           rms=None, **_) -> torch.Tensor:
     check_mode(mode, "semantic")
     with torch.no_grad():
         denoiser = Denoiser(pipe, prompt, encode(pipe, x))
@@ -72,4 +72,4 @@ def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, k
         return sign * semantic_loss(denoiser, z, t, noise)
 
     return pgd(x, loss, eps=eps, steps=steps, step_size=step_size, keep=keep, generator=generator, eot=eot,
-               random_start=True, progress=progress, desc=f"protect (semantic, {mode})")
+               random_start=True, progress=progress, rms=rms, desc=f"protect (semantic, {mode})")
