@@ -260,15 +260,15 @@ def cost(a, pipe, label: str) -> dict:
     (_, image), = photos(size, 1)
     steps, rows = a.sd15_steps if label == "sd15" else a.cost_steps, {}
     for m in a.methods:
-        kw = dict(eps=float(Fraction(a.eps[0])), progress=False, mask=centre_mask(size) if m == "diffusionguard" else None,
-                  min_psnr=a.min_psnr)
-        stablekit.protect(image, pipe, m, steps=1, **kw)
+        kw = dict(eps=float(Fraction(a.eps[0])), progress=False, min_psnr=a.min_psnr,
+                  mask=centre_mask(size) if m == "diffusionguard" else None)
+        run = {n: (lambda n=n: stablekit.protect(image, pipe, m, steps=n, **kw)) for n in (1, 2)}
+        one_step = tflop(run[1])  # also the warm-up step
         t0 = clock(pipe)
         stablekit.protect(image, pipe, m, steps=steps, **kw)
         seconds = (clock(pipe) - t0) / steps
-        run = {n: (lambda n=n: stablekit.protect(image, pipe, m, steps=n, **kw)) for n in (1, 2)}
         rows[m] = {"seconds_per_step": seconds, "peak_tensor_mb": peak_tensor_mb(pipe, run[2]),
-                   "tflop_per_step": tflop(run[2]) - tflop(run[1])}
+                   "tflop_per_step": tflop(run[2]) - one_step}
         print(f"cost ({label}, {size}px): {m} {seconds:.3f} s/step, peak {rows[m]['peak_tensor_mb']:.1f} MiB, "
               f"{rows[m]['tflop_per_step']:.4f} TFLOP/step", flush=True)
     res = {"image_size": size, "steps": steps, "device": str(pipe.device), "dtype": str(pipe.unet.dtype),
@@ -352,7 +352,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--merge", nargs="+", type=Path, help="combine these finished runs' JSON into --json; run nothing")
     a = p.parse_args(args)
     from stablekit import StablekitError
-    from stablekit.protect.core import parse_psnr
+    from stablekit.protect import parse_psnr
 
     parse_psnr(a.min_psnr, "--min-psnr")
     if int(a.edit_steps * min(a.strengths)) < 1:

@@ -46,8 +46,8 @@ def test_edit_writes_png_with_metadata(inputs, out_dir, tiny_sd_path):
     image = Image.open(path)
     assert image.size == (32, 32)
     assert image.text == {"source": SOURCE, "target": "a blue star on a gray background", "method": "ddim",
-                          "strength": "", "controller": "replace", "weights": "", "blend": "red", "steps": "3", "guidance": "7.5",
-                          "decoder_steps": "0", "model": str(tiny_sd_path), "stablekit": stablekit.__version__}
+                          "strength": "", "controller": "replace", "weights": "", "blend": "red", "steps": "3",
+                          "guidance": "7.5", "decoder_steps": "0", "model": str(tiny_sd_path), "stablekit": stablekit.__version__}
 
 
 @pytest.mark.parametrize("method, args", [("edict", ["--controller", "reweight", "--weight", "star=2"]),

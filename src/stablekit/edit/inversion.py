@@ -137,7 +137,8 @@ def denoise(pipe, inv: Inversion, text: tuple[dict, dict], on_step=None, start: 
     the method's reconstruction path, one branch per image and prompt of `text` (from
     :func:`.core.encode_prompts`), branch-major: the first branch (the images' own prompts, the one that
     gets Direct Inversion's offsets), then the next branch's prompts for the same images, and so on.
-    ``on_step(i, latents)`` may change the latents after each step. Returns the trajectory (steps - start + 1, branches * images, C, h, w)."""
+    ``on_step(i, latents)`` may change the latents after each step. Returns the trajectory
+    (steps - start + 1, branches * images, C, h, w)."""
     (uncond, cond), sched = text, inv.schedule
     images, rows = inv.latents.shape[1], len(cond["encoder_hidden_states"])
     x = tile(inv.latents[start], rows)

@@ -126,6 +126,12 @@ def reattend(filtered: torch.Tensor, original: torch.Tensor, radius: int, scale:
     return filtered + delta.to(filtered.dtype)
 
 
+def _beta(embeds: torch.Tensor, projected: torch.Tensor, length: int) -> float:
+    """The self-validating filter's beta: 1 - mean cosine of the prompt's first `length` token embeddings (start
+    and end tokens included) and their projections."""
+    return 1 - torch.cosine_similarity(embeds[:length].float(), projected[:length].float(), dim=-1).mean().item()
+
+
 def _clip(pipe) -> bool:
     """Whether every text encoder of `pipe` is a CLIP text model (causal: its end token sums up the prompt)."""
     encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
@@ -250,11 +256,10 @@ class SAFREE(Plugin):
         prompts = [call.prompt] if isinstance(call.prompt, str) else list(call.prompt)
         per = pe.shape[0] // len(prompts)
         if self._space == "tokens":
-            concept = self._token_subspace()
-            filtered, decisions = zip(*(self._remove(p, pe[i * per], concept) for i, p in enumerate(prompts)))
+            concept, filter_ = self._token_subspace(), self._remove
         else:
-            concept = basis(self._sentences([token_ids(self.pipe, c) for c in self.concepts]))
-            filtered, decisions = zip(*(self._filter(p, pe[i * per], concept) for i, p in enumerate(prompts)))
+            concept, filter_ = basis(self._sentences([token_ids(self.pipe, c) for c in self.concepts])), self._filter
+        filtered, decisions = zip(*(filter_(p, pe[i * per], concept) for i, p in enumerate(prompts)))
         self.decisions = list(decisions)
         beta = torch.tensor([d.beta for d in decisions], device=pe.device).repeat_interleave(per)
         changed = torch.tensor([any(d.flagged) for d in decisions], device=pe.device).repeat_interleave(per)
@@ -286,9 +291,8 @@ class SAFREE(Plugin):
         """Token space: every position of one prompt's embeddings off the concept subspace, and the decision."""
         ids = token_ids(self.pipe, prompt)
         out = remove(embeds.float(), concept)
-        beta = 1 - torch.cosine_similarity(embeds[:len(ids)].float(), out[:len(ids)], dim=-1).mean().item()
         names = tokenizer(self.pipe).convert_ids_to_tokens(ids[1:-1])
-        return out.to(embeds.dtype), Decision(names, [True] * len(names), beta)
+        return out.to(embeds.dtype), Decision(names, [True] * len(names), _beta(embeds, out, len(ids)))
 
     def _filter(self, prompt: str, embeds: torch.Tensor, concept: torch.Tensor) -> tuple[torch.Tensor, Decision]:
         """Filtered embeddings ``(length, dim)`` of one prompt, and the decision."""
@@ -300,11 +304,10 @@ class SAFREE(Plugin):
         loo = self._sentences([ids[:i] + ids[i + 1:] for i in range(1, n + 1)])
         flagged = triggers(loo, concept, self.alpha) if self.detect else torch.ones(n, dtype=torch.bool)
         proj = project(embeds, basis(loo), concept)
-        beta = 1 - torch.cosine_similarity(embeds[:n + 2].float(), proj[:n + 2], dim=-1).mean().item()
         out = embeds.clone()
         rows = torch.arange(1, n + 1, device=embeds.device)[flagged.to(embeds.device)]
         out[rows] = proj[rows].to(embeds.dtype)
-        return out, Decision(names, flagged.tolist(), beta)
+        return out, Decision(names, flagged.tolist(), _beta(embeds, proj, n + 2))
 
     # the UNet call
     def steps_filtered(self, beta: float, num_steps: int) -> int:
