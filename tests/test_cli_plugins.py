@@ -194,12 +194,15 @@ def test_erase_writes_an_adapter_that_generate_applies(generate, out_dir, tiny_s
     assert pixels(out_dir / "erased.png") != pixels(out_dir / "plain.png")
 
 
-def test_erase_spm_writes_a_membrane_that_generate_applies(generate, out_dir, tiny_sd_path, tmp_path):
-    membrane = tmp_path / "spm-star.safetensors"
-    result = invoke("erase", "--method", "spm", "--concept", "star", "--iterations", "3", "-o", membrane,
-                    "--model", tiny_sd_path)
-    assert result.exit_code == 0 and result.stdout.endswith(f"{membrane}\n"), result.output
+def test_erase_spm_writes_a_membrane_that_generate_applies(generate, out_dir, tiny_sd_path, tmp_path, monkeypatch):
     from stablekit.safety import SPM, load_adapter
+    seen, train = {}, SPM.train.__func__
+    monkeypatch.setattr(SPM, "train", classmethod(lambda cls, *a, **kw: seen.update(kw) or train(cls, *a, **kw)))
+    membrane = tmp_path / "spm-star.safetensors"
+    result = invoke("erase", "--method", "spm", "--concept", "star", "--iterations", "3", "--lr", "1e-3",
+                    "--anchor-weight", "1", "-o", membrane, "--model", tiny_sd_path)
+    assert result.exit_code == 0 and result.stdout.endswith(f"{membrane}\n"), result.output
+    assert seen == {"iterations": 3, "lr": 1e-3, "anchor_weight": 1.0}
     assert isinstance(load_adapter(membrane), SPM)
     assert generate(output="plain.png").exit_code == 0
     assert generate("--adapter", membrane, output="spm.png").exit_code == 0

@@ -7,7 +7,7 @@ from conftest import make_tiny_sd, run
 import stablekit
 from stablekit import StablekitError
 from stablekit.safety.spm import SPM, target_modules
-from stablekit.safety.text import encode_ids, token_ids
+from stablekit.safety.text import TEMPLATES, encode_ids, token_ids
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,13 @@ def trained(pipe):
     return SPM.train(pipe, "star", iterations=40, lr=1e-2, anchor_weight=1.0, sample_steps=6, progress=False)
 
 
-def _erase_error(pipe, spm, concept="star", other="blue circle"):
+def _erase_error(pipe, spm, concept="star", other="blue circle", surrogate=""):
     """Distance of the membrane's prediction to the erasing target for `concept`, and how much the membrane moves
     the prediction for `other`, on fixed latents and timesteps."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 4, 16, 16, generator=g)
     t = torch.tensor([900, 600, 300, 100])
-    c, s, o = encode_ids(pipe, [token_ids(pipe, w) for w in (concept, "", other)]).split(1)
+    c, s, o = encode_ids(pipe, [token_ids(pipe, w) for w in (concept, surrogate, other)]).split(1)
     with torch.no_grad():
         p_, n_, o_ = (pipe.unet(x, t, e.expand(4, -1, -1)).sample for e in (c, s, o))
         with stablekit.use(pipe, spm):
@@ -50,6 +50,25 @@ def test_training_moves_the_concept_to_the_erasing_target_and_leaves_the_model(p
     assert set(trained.weights) == set(target_modules(pipe.unet)) 
     blocks = sum(type(m).__name__ == "Transformer2DModel" for m in pipe.unet.modules())
     assert len(trained.weights) == 12 * blocks  # proj in/out, 2 x attention q/k/v/out, 2 feed-forward
+
+
+def test_templates_erase_the_concept_in_context(pipe, trained, monkeypatch):
+    in_context = dict(concept="a photo of a star", surrogate="a photo of a")
+    templated = SPM.train(pipe, "star", iterations=40, lr=1e-2, anchor_weight=1.0, sample_steps=6,
+                          templates=("a photo of a {}",), progress=False)
+    err = _erase_error(pipe, templated, **in_context)[0]
+    assert err < 0.6 and err < 0.8 * _erase_error(pipe, trained, **in_context)[0]
+    with pytest.raises(StablekitError, match="templates"):
+        SPM.train(pipe, "star", iterations=1, templates=("a photo",))
+    # the default: the bare word for CLIP (the tiny pipeline's), the generic templates for other encoders
+    import stablekit.safety.spm as spm_module
+    seen = []
+    monkeypatch.setattr(spm_module, "token_ids", lambda p, text: seen.append(text) or token_ids(p, text))
+    SPM.train(pipe, "star", iterations=1, sample_steps=6, progress=False)
+    assert "star" in seen and "a photo of a star" not in seen
+    monkeypatch.setattr(spm_module, "is_clip", lambda p: False)
+    SPM.train(pipe, "star", iterations=1, sample_steps=6, progress=False)
+    assert {t.format("star") for t in TEMPLATES} <= set(seen)
 
 
 def test_untrained_membrane_is_identity_and_detaches_exactly(pipe, trained):

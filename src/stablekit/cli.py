@@ -246,10 +246,12 @@ def generate(prompts, output, model, seed, steps, guidance, guidance_rescale, si
               help="SPM training iterations.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="SPM learning rate.")
+@click.option("--anchor-weight", type=click.FloatRange(min=0), default=1000.0, show_default=True,
+              help="SPM latent-anchoring weight (the paper's 1000; 1 on the embedded default model).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="safetensors file to write.")
 @click.option("--model", default=None, help=_MODEL_HELP)
 @click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
-def erase(method, concepts, preserve, iterations, lr, output, model, device):
+def erase(method, concepts, preserve, iterations, lr, anchor_weight, output, model, device):
     """Erase CONCEPTs from a model; use the file with `generate --adapter`."""
     _check_output(output, "adapter.safetensors")
     if not all(c.strip() for c in concepts):
@@ -259,7 +261,7 @@ def erase(method, concepts, preserve, iterations, lr, output, model, device):
                              "and takes no --preserve")
     pipe = _load_quietly(model, device, dtype="float32")  # training and closed-form edits want float32
     if method == "spm":
-        edit = safety.SPM.train(pipe, concepts[0], iterations=iterations, lr=lr)
+        edit = safety.SPM.train(pipe, concepts[0], iterations=iterations, lr=lr, anchor_weight=anchor_weight)
     else:
         edit = safety.UCE(concepts=list(concepts), preserve=list(preserve)).fit(pipe)
     write_atomically(output, edit.save)

@@ -89,8 +89,9 @@ class Defense:
     setup_seconds: float = 0.0  # erasing time (UCE's solve, SPM's training)
 
 
-def defense(name: str, c: Concept, pipe, spm_file=None, spm_iterations: int = 3000, spm_lr: float = 1e-4) -> Defense:
-    """The defense `name` against concept `c`, given the concept word only."""
+def defense(name: str, c: Concept, pipe, spm_file=None, spm_train: dict | None = None) -> Defense:
+    """The defense `name` against concept `c`, given the concept word only; an SPM membrane is read from
+    `spm_file` if it exists, else trained with ``SPM.train(..., **spm_train)`` (and saved there)."""
     from ..safety import SAFREE, SLD, SPM, UCE
 
     t0 = time.perf_counter()
@@ -108,7 +109,7 @@ def defense(name: str, c: Concept, pipe, spm_file=None, spm_iterations: int = 30
     if name == "spm":
         if spm_file is not None and spm_file.exists():
             return Defense(name, [SPM.load(spm_file)])
-        spm = SPM.train(pipe, c.word, iterations=spm_iterations, lr=spm_lr)
+        spm = SPM.train(pipe, c.word, **(spm_train or {}))
         if spm_file is not None:
             spm.save(spm_file)
         return Defense(name, [spm], setup_seconds=time.perf_counter() - t0)

@@ -27,7 +27,7 @@ Token space (``space="tokens"``, our addition; ``"auto"``, the default, picks it
 is not CLIP): in a bidirectional encoder such as the default model's MiniLM the end token is no sentence
 embedding, and the concept spreads over every position of the prompt. The concept subspace is then the top
 ``rank`` principal directions (per keyword) of the keyword's own token embeddings in the generic
-:data:`TEMPLATES` ("a photo of a {}", ...), and every position of the conditional embeddings, padding
+:data:`~.text.TEMPLATES` ("a photo of a {}", ...), and every position of the conditional embeddings, padding
 included, is projected onto its orthogonal complement (trigger detection and the input-space projection do
 not apply: ``detect`` is ignored). Self-validation, re-attention and the negative prompt work as above; the
 filter's constants are recalibrated (:data:`FILTER`): beta is 1 - cos of a token and its projection, which
@@ -72,10 +72,8 @@ from diffusers.hooks import ModelHook
 
 from ..errors import StablekitError
 from ..plugins import Plugin, extend_batch, unet_kwargs
-from .text import encode_ids, token_ids, tokenizer
+from .text import TEMPLATES, encode_ids, is_clip, token_ids, tokenizer
 
-TEMPLATES = ("{}", "a {}", "a photo of a {}", "a picture of a {}", "an image of a {}", "a drawing of a {}",
-             "a close-up photo of a {}")
 SPACES = ("auto", "sentence", "tokens")
 FILTER = {"sentence": dict(upper=0.2, gain=50.0, center=0.5333), "tokens": dict(upper=1.0, gain=100.0, center=0.05)}
 
@@ -130,12 +128,6 @@ def _beta(embeds: torch.Tensor, projected: torch.Tensor, length: int) -> float:
     """The self-validating filter's beta: 1 - mean cosine of the prompt's first `length` token embeddings (start
     and end tokens included) and their projections."""
     return 1 - torch.cosine_similarity(embeds[:length].float(), projected[:length].float(), dim=-1).mean().item()
-
-
-def _clip(pipe) -> bool:
-    """Whether every text encoder of `pipe` is a CLIP text model (causal: its end token sums up the prompt)."""
-    encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
-    return all(getattr(e.config, "model_type", "").startswith("clip") for e in encoders if e is not None)
 
 
 @dataclass
@@ -230,7 +222,7 @@ class SAFREE(Plugin):
             raise StablekitError("SAFREE negative_prompt=True works with SD 1.x/2.x pipelines; with SDXL pass "
                                  "negative_prompt=... to the pipeline yourself")
         self.pipe = pipe
-        self._space = self.space if self.space != "auto" else "sentence" if _clip(pipe) else "tokens"
+        self._space = self.space if self.space != "auto" else "sentence" if is_clip(pipe) else "tokens"
         if self.project and (self.self_validation or self.re_attention):
             self.add_hook(pipe.unet, _UNetHook(self))
         if self.project and self.re_attention:

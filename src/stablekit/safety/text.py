@@ -12,6 +12,17 @@ from __future__ import annotations
 
 import torch
 
+# generic contexts of a concept word, for encoders that spread a word over the whole prompt (SAFREE's token space,
+# SPM's training prompts)
+TEMPLATES = ("{}", "a {}", "a photo of a {}", "a picture of a {}", "an image of a {}", "a drawing of a {}",
+             "a close-up photo of a {}")
+
+
+def is_clip(pipe) -> bool:
+    """Whether every text encoder of `pipe` is a CLIP text model (causal: its end token sums up the prompt)."""
+    encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+    return all(getattr(e.config, "model_type", "").startswith("clip") for e in encoders if e is not None)
+
 
 def tokenizer(pipe):
     return getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
