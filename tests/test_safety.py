@@ -6,6 +6,7 @@ far (the end token's embedding is the sum of the whole prompt), as in a causal e
 """
 import math
 import types
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -49,11 +50,16 @@ def bag_sd():
     return pipe
 
 
-def cond_embeds(pipe, store):
-    """Record the conditional embeddings that reach the UNet's cross-attention, one entry per UNet call."""
-    def hook(module, args, kwargs):
-        store.append(kwargs["encoder_hidden_states"].detach().clone())
-    return pipe.unet.down_blocks[1].register_forward_pre_hook(hook, with_kwargs=True)
+@contextmanager
+def cond_embeds(pipe):
+    """The embeddings that reach the UNet's cross-attention while inside, one entry per UNet call."""
+    seen = []
+    handle = pipe.unet.down_blocks[1].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].detach().clone()), with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def encode(pipe, prompt):
@@ -103,11 +109,9 @@ def test_reattention_changes_only_the_low_band_and_only_where_filtered_is_strong
 
 # ---- SAFREE on a pipeline
 def test_detection_flags_the_concept_token_and_projection_removes_it(bag_sd):
-    plugin, seen = SAFREE(concepts=["star"], self_validation=False, re_attention=False), []
-    handle = cond_embeds(bag_sd, seen)
-    with stablekit.use(bag_sd, plugin):
+    plugin = SAFREE(concepts=["star"], self_validation=False, re_attention=False)
+    with cond_embeds(bag_sd) as seen, stablekit.use(bag_sd, plugin):
         run(bag_sd, prompt=STAR, steps=2)
-    handle.remove()
     (d,) = plugin.decisions
     assert [t for t, f in zip(d.tokens, d.flagged) if f] == ["star"]
     orig, cond = encode(bag_sd, STAR), seen[0][1]
@@ -135,11 +139,9 @@ def test_prompt_without_the_concept_is_unchanged(bag_sd):
 
 def test_self_validating_filter_step_count_follows_its_formula(bag_sd):
     steps, upper, gain, center = 6, 1.0, 8.0, 0.3
-    plugin, seen = SAFREE(concepts=["star"], upper=upper, gain=gain, center=center, re_attention=False), []
-    handle = cond_embeds(bag_sd, seen)
-    with stablekit.use(bag_sd, plugin):
+    plugin = SAFREE(concepts=["star"], upper=upper, gain=gain, center=center, re_attention=False)
+    with cond_embeds(bag_sd) as seen, stablekit.use(bag_sd, plugin):
         run(bag_sd, prompt=STAR, steps=steps)
-    handle.remove()
     orig = encode(bag_sd, STAR)
     ids = token_ids(bag_sd, STAR)
     n = len(ids)
@@ -216,12 +218,10 @@ def test_state_resets_per_call_and_batches_are_row_by_row(bag_sd):
 
 
 def test_negative_prompt_is_off_by_default(bag_sd):
-    seen = []
-    handle = cond_embeds(bag_sd, seen)
-    for flag in (False, True):
-        with stablekit.use(bag_sd, SAFREE(concepts=["star", "red"], negative_prompt=flag)):
-            run(bag_sd, prompt=PLAIN, steps=1)
-    handle.remove()
+    with cond_embeds(bag_sd) as seen:
+        for flag in (False, True):
+            with stablekit.use(bag_sd, SAFREE(concepts=["star", "red"], negative_prompt=flag)):
+                run(bag_sd, prompt=PLAIN, steps=1)
     assert torch.equal(seen[0][0], encode(bag_sd, ""))
     assert torch.equal(seen[1][0], encode(bag_sd, "star, red"))
 
@@ -247,11 +247,10 @@ def bag_bert():
 
 
 def test_token_space_removes_the_concept_direction_from_every_position(bag_bert):
-    plugin, seen = SAFREE(concepts=["star"], self_validation=False, re_attention=False), []
-    handle = cond_embeds(bag_bert, seen)
+    plugin = SAFREE(concepts=["star"], self_validation=False, re_attention=False)
     with stablekit.use(bag_bert, plugin):
-        run(bag_bert, prompt=STAR, steps=2)
-        handle.remove()
+        with cond_embeds(bag_bert) as seen:
+            run(bag_bert, prompt=STAR, steps=2)
         assert plugin._space == "tokens" and all(plugin.decisions[0].flagged)
         star = torch.zeros(32)
         star[WORDS.index("star")] = 1  # the star token's embedding in every template is the star direction
