@@ -3,9 +3,9 @@
 Step i: draw an EOT transformation, take the gradient g of the method's ascent objective with respect
 to the perturbation, step ``delta += step_i * sign(g)``, and project: ``|delta| <= eps`` per value,
 zero outside the protected region, ``x + delta`` inside [0, 1], and with a PSNR floor (``rms``) scaled
-down to its root-mean-square. ``step_i`` is constant, or decays
-linearly to 1% of `step_size` over the run (PhotoGuard's schedule). A random start draws delta
-uniformly from the ball (advertorch's ``rand_init``, PhotoGuard's start).
+down to its root-mean-square. ``step_i`` is constant, or decays linearly to 1% of `step_size` over the
+run (PhotoGuard's schedule). A random start draws delta uniformly from the ball (advertorch's ``rand_init``,
+PhotoGuard's start).
 """
 from __future__ import annotations
 
