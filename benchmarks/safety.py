@@ -53,6 +53,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--spm-iterations", type=int, default=3000)
     p.add_argument("--spm-lr", type=float, default=1e-4)
     p.add_argument("--spm-anchor-weight", type=float, default=1000.0)
+    p.add_argument("--spm-multiplier", type=float, default=1.0, help="times the membrane's transport strength")
     p.add_argument("--spm-dir", type=Path, default=None,
                    help="folder of membranes <concept>.safetensors: read if there, else trained and saved there")
     p.add_argument("--seed", type=int, default=2024, help="prompt and noise seed")
@@ -84,7 +85,7 @@ def run_concept(pipe, word: str, a, out: dict, save) -> None:
     out |= {"attribute": c.attribute, "paraphrases": c.paraphrases, "defenses": {}}
     ref_m = None
     for name in ["none"] + [d for d in a.defenses if d != "none"]:
-        d = audit.defense(name, c, pipe, spm_file, spm_train(a))
+        d = audit.defense(name, c, pipe, spm_file, spm_train(a), a.spm_multiplier)
         direct_hits = audit.present(audit.generate(pipe, d, direct, seed=a.seed, **gen)[0], c)
         para_hits = audit.present(audit.generate(pipe, d, para, seed=a.seed, **gen)[0], c)
         images, sec = audit.generate(pipe, d, keep, seed=a.seed + 1, **gen)
@@ -164,7 +165,7 @@ def main(args: list[str]) -> dict:
     res = {"command": "stablekit bench safety " + " ".join(args), "model": str(a.model or "stablekit-default"),
            "steps": a.steps, "guidance": a.guidance, "prompts": a.prompts, "attack_prompts": a.attack_prompts,
            "optimise_prompts": a.optimise_prompts, "attack_iterations": a.attack_iterations,
-           "seed": a.seed, "spm": spm_train(a), "concepts": {}}
+           "seed": a.seed, "spm": spm_train(a) | {"multiplier": a.spm_multiplier}, "concepts": {}}
     a.json.parent.mkdir(parents=True, exist_ok=True)
     def save():  # after every defense: a stopped run keeps what it finished
         res["targets"], res["total_seconds"] = targets(res), round(time.time() - t0, 1)

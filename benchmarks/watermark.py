@@ -13,8 +13,8 @@ Protocol (on the embedded default model unless ``--model``):
   the generative detectors resize back to 64x64 (area), invert with DDIM (empty prompt, no guidance,
   ``--inv-steps``) and score the recovered noise. Resizing averages 4x4 pixels, which halves the
   standard deviation of pixel noise four times over for the generative methods; dwtDct decodes at 256.
-* decision: each method's statistic (Tree-Ring: minus the L1 distance; Gaussian Shading, dwtDct:
-  bit accuracy; SEAL: fraction of matching patches), threshold = the calibration negatives'
+* decision: each method's statistic (Tree-Ring: minus the L1 distance; Gaussian Shading: its z, the
+  recovered noise against the key's signs; dwtDct: bit accuracy; SEAL: fraction of matching patches), threshold = the calibration negatives'
   (1 - FPR) quantile, detected when strictly above. TPR at 1% and 0.1% FPR and the FPR measured on
   the (attacked) test negatives, each with a 95% Clopper-Pearson interval; with 500 calibration
   negatives the 0.1% threshold is their maximum. The analytic p-value rule (p <= FPR) is reported too.

@@ -207,6 +207,8 @@ def test_erase_spm_writes_a_membrane_that_generate_applies(generate, out_dir, ti
     assert generate(output="plain.png").exit_code == 0
     assert generate("--adapter", membrane, output="spm.png").exit_code == 0
     assert pixels(out_dir / "spm.png") != pixels(out_dir / "plain.png")
+    assert generate("--adapter", membrane, "--spm-multiplier", "0", output="spm0.png").exit_code == 0
+    assert pixels(out_dir / "spm0.png") == pixels(out_dir / "plain.png")  # a membrane at strength 0 is no membrane
 
 
 def test_erase_and_adapter_errors_are_one_line(generate, out_dir, tiny_sd_path, tmp_path):
@@ -214,6 +216,7 @@ def test_erase_and_adapter_errors_are_one_line(generate, out_dir, tiny_sd_path, 
     bad.write_bytes(b"not a safetensors file")
     one_line_error(generate("--adapter", bad), out_dir, "bad.safetensors")
     one_line_error(generate("--adapter", tmp_path / "missing.safetensors"), out_dir, "does not exist")
+    one_line_error(generate("--spm-multiplier", "2"), out_dir, "--adapter")
     one_line_error(invoke("erase", "--method", "spm", "--concept", "star", "--concept", "red", "-o",
                           tmp_path / "two.safetensors", "--model", tiny_sd_path), out_dir, "one --concept")
     one_line_error(invoke("erase", "--concept", " ", "-o", tmp_path / "a.safetensors", "--model", tiny_sd_path),
@@ -238,4 +241,6 @@ def test_audit_errors_are_one_line(out_dir, tmp_path):
     one_line_error(invoke("audit", "--concept", "star", "--defense", "spm", "--adapter", tmp_path / "no.safetensors"),
                    out_dir, "does not exist")
     one_line_error(invoke("audit", "--concept", "star", "--defense", "uce", "--adapter", tmp_path / "x"),
+                   out_dir, "--defense spm")
+    one_line_error(invoke("audit", "--concept", "star", "--defense", "safree", "--spm-multiplier", "2"),
                    out_dir, "--defense spm")

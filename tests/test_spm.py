@@ -122,6 +122,22 @@ def test_facilitated_transport_is_per_prompt(pipe, trained):
     assert (full[1] - alone[1][0]).abs().max() > 1e-2
 
 
+def test_multiplier_scales_the_transported_strength(pipe, trained, tmp_path):
+    prompts, m = ["a red star", "a blue circle"], {}
+    for k in (1.0, 2.5):
+        trained.multiplier = k
+        with stablekit.use(pipe, trained):
+            pipe(prompts, num_inference_steps=1, height=32, width=32, output_type="latent")
+            m[k] = trained.strength(4)  # guided: the prompts' rows twice
+    trained.multiplier = 1.0
+    assert m[1.0][0] == 1.0 and 0 < m[1.0][1] < 1
+    torch.testing.assert_close(m[2.5], 2.5 * m[1.0])
+    trained.save(tmp_path / "spm.safetensors")
+    assert SPM.load(tmp_path / "spm.safetensors", multiplier=1.5).multiplier == 1.5
+    with pytest.raises(StablekitError, match="multiplier"):
+        SPM(["star"], trained.weights, multiplier=-1.0)
+
+
 def test_membranes_add(pipe, trained):
     other = SPM(["circle"], {n: (d.flip(-1), u * 2) for n, (d, u) in trained.weights.items()})
     name, layer = next(iter(target_modules(pipe.unet).items()))

@@ -81,6 +81,18 @@ def test_gaussian_shading_latents_are_gaussian_and_bits_decode_exactly(pipe):
     assert 0.35 < acc < 0.65  # another key reads noise
 
 
+def test_gaussian_shading_score_is_standard_normal_without_the_mark_and_keeps_weak_marks(pipe):
+    mark = GaussianShading(make_key("gaussian-shading", pipe, seed=0))
+    g = torch.Generator().manual_seed(0)
+    null = [mark.score(torch.randn(4, 16, 16, generator=g).double(), None)["score"] for _ in range(300)]
+    assert stats.kstest(null, "norm").pvalue > 0.01
+    lat = mark.make_latents(CallState(), (200, 4, 16, 16), torch.Generator().manual_seed(1), torch.float64, "cpu")
+    weak = 0.15 * lat + (1 - 0.15 ** 2) ** 0.5 * torch.randn(lat.shape, generator=g, dtype=torch.float64)
+    res = [mark.score(w, None) for w in weak]  # a noise recovered at correlation 0.15
+    soft, bits = (np.mean([r[k] < 0.01 for r in res]) for k in ("p_value", "bits_p_value"))
+    assert soft > 0.8 and soft > bits + 0.3
+
+
 def test_tree_ring_latents_keep_moments_and_carry_the_rings(pipe):
     mark = TreeRing(make_key("tree-ring", pipe, seed=0))
     assert (mark.radius, mark.channel) == (3, 3)  # 10 at 64x64 latents, scaled to 16x16; last channel
@@ -119,8 +131,9 @@ def test_detected_in_marked_latents_only_with_the_right_key(pipe, method):
 def test_gaussian_shading_identifies_the_user_among_ten_keys(pipe):
     keys = [make_key("gaussian-shading", pipe, seed=100 + i) for i in range(10)]
     res = detect(None, pipe, keys, latents=generate(pipe, watermark(keys[3])), steps=STEPS)
-    assert res.detected and res.user == 3 and res.score > 0.9
-    assert sum(a == b for a, b in zip(res.message, keys[3].params["message"])) == round(res.score * 256)
+    acc = res.details["bit_accuracy"]
+    assert res.detected and res.user == 3 and acc > 0.9 and res.details["bits_p_value"] < 1e-20
+    assert sum(a == b for a, b in zip(res.message, keys[3].params["message"])) == round(acc * 256)
     assert not detect(None, pipe, keys, latents=generate(pipe), steps=STEPS).detected
 
 

@@ -199,6 +199,8 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
                    "safree:concepts=[star] (repeatable).")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=Path),
               help="Concept-erasure file from `stablekit erase` (repeatable).")
+@click.option("--spm-multiplier", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Multiply each SPM membrane's strength (its facilitated transport) by this.")
 @click.option("--watermark", "method", type=click.Choice(list(WATERMARKS)), default=None,
               help="Watermark the images with --key-file's key.")
 @click.option("--key-file", type=click.Path(path_type=Path), default=None,
@@ -206,7 +208,7 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
 @click.option("--negative", default=None, help="Negative prompt.")
 @click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
 def generate(prompts, output, model, seed, steps, guidance, guidance_rescale, size, n, scheduler, accels, guards,
-             adapters, method, key_file, negative, device):
+             adapters, spm_multiplier, method, key_file, negative, device):
     """Generate images from PROMPT(s); print each written path."""
     wh = parse_size(size)
     _check_generate(prompts, output, steps, guidance, n)
@@ -214,7 +216,9 @@ def generate(prompts, output, model, seed, steps, guidance, guidance_rescale, si
         raise StablekitError(f"--guidance-rescale {guidance_rescale}: must lie in [0, 1]")
     plugins = [build(spec, accel.REGISTRY, "accel") for spec in accels]
     plugins += [build(spec, safety.REGISTRY, "guard") for spec in guards]
-    plugins += [safety.load_adapter(path) for path in adapters]
+    plugins += [safety.load_adapter(path, spm_multiplier) for path in adapters]
+    if spm_multiplier != 1 and not any(isinstance(p, safety.SPM) for p in plugins):
+        raise StablekitError("--spm-multiplier scales SPM membranes: give one with --adapter")
     mark, wh = _watermark_plugin(method, key_file, wh)
     pipe = _load_quietly(model, device, scheduler=scheduler)
     use(pipe, *plugins, *([mark] if mark else []))
@@ -274,6 +278,8 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, output, mod
               help="Defense given the concept word: none, negative (prompt), sld, uce, safree or spm.")
 @click.option("--adapter", type=click.Path(path_type=Path), default=None,
               help="SPM membrane from `stablekit erase --method spm` for --defense spm [default: train one].")
+@click.option("--spm-multiplier", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Multiply the SPM membrane's strength (its facilitated transport) by this.")
 @click.option("--attack", default="arithmetic", show_default=True, metavar="|".join(ATTACKS),
               help=f"Attack, one of {', '.join(ATTACKS)}.")
 @click.option("--prompts", default=50, show_default=True, type=click.IntRange(min=1),
@@ -286,21 +292,21 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, output, mod
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 @click.option("--model", default=None, help=_MODEL_HELP)
 @click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
-def audit_command(concept, defense, adapter, attack, prompts, iterations, steps, guidance, seed, json_path, model,
-                  device):
+def audit_command(concept, defense, adapter, spm_multiplier, attack, prompts, iterations, steps, guidance, seed,
+                  json_path, model, device):
     """Red-team a defense: how often the judge (the default model's attribute classifier) sees CONCEPT, before
     and after an attack."""
     c = audit.concept(concept)
     if attack not in ATTACKS:
         raise StablekitError(f"unknown attack '{attack}'; choose one of: {', '.join(ATTACKS)}")
-    if adapter is not None and defense != "spm":
-        raise StablekitError("--adapter goes with --defense spm")
+    if (adapter is not None or spm_multiplier != 1) and defense != "spm":
+        raise StablekitError("--adapter and --spm-multiplier go with --defense spm")
     if adapter is not None and not adapter.is_file():
         raise StablekitError(f"adapter file '{adapter}' does not exist")
     if json_path is not None:
         _check_output(json_path, "audit.json")
     pipe = _load_quietly(model, device)
-    d = audit.defense(defense, c, pipe, adapter)
+    d = audit.defense(defense, c, pipe, adapter, spm_multiplier=spm_multiplier)
     if adapter is not None and d.plugins[0].concepts != [c.word]:
         raise StablekitError(f"'{adapter}' erases {d.plugins[0].concepts}, not '{c.word}'")
     direct = audit.prompts(c, prompts, seed)[0]

@@ -136,9 +136,9 @@ def watermark(key: Key, method: str | None = None, **kw) -> Watermark:
 @dataclass
 class DetectionResult:
     """One detection. `score` is the method's statistic (Tree-Ring: L1 distance in the key's Fourier
-    region, lower means marked; Gaussian Shading: bit accuracy; SEAL: fraction of matching patches);
-    `p_value` the probability of a statistic at least as extreme in an unmarked image; `detected`
-    the decision at false-positive rate `fpr`; `seconds` the inversion's cost."""
+    region, lower means marked; Gaussian Shading: its z, with the bit accuracy in `details`; SEAL:
+    fraction of matching patches); `p_value` the probability of a statistic at least as extreme in an
+    unmarked image; `detected` the decision at false-positive rate `fpr`; `seconds` the inversion's cost."""
 
     method: str
     detected: bool

@@ -13,10 +13,19 @@ the standard normal restricted to the y-th of 2^l equal-probability intervals:
 As the ciphertext is uniform, ``z`` is exactly standard Gaussian.
 
 Decoding: invert the image to its noise (DDIM, empty prompt, no guidance), ``y = floor(2^l Phi(z))``,
-decrypt, majority vote over the copies (a tie gives 0, as in the paper's code). ``score`` is the
-bit accuracy against the key's message; ``p_value`` the binomial probability of at least that many
-matching bits by chance (the paper's threshold, written as a p-value). With several keys (one per
-user) detection reports the best-matching user.
+decrypt, majority vote over the copies (a tie gives 0, as in the paper's code): the ``message``, its
+``bit_accuracy`` against the key's and ``bits_p_value``, the binomial probability of at least that many
+matching bits by chance (the paper's test, written as a p-value).
+
+Detection (our deviation): ``score`` is ``z = sum_i s_i x_i / ||x||`` over every latent ``x_i`` of the
+recovered noise, ``s_i = +-1`` the half of the Gaussian the key put latent ``i`` in, and ``p_value =
+1 - Phi(z)`` (for a key independent of the image, ``z`` is standard normal). The paper thresholds the
+bit accuracy of the majority vote, which keeps only signs and loses ties; ``z`` keeps every magnitude.
+Where inversion recovers the noise only weakly the difference is large: on the default model (ad-hoc
+probe, 100 marked, 100 unmarked and 100 calibration images of held-out captions, published at 256 px,
+25-step DDIM inversion; threshold at the calibration images' 99th percentile) TPR at 1% FPR is 0.61 with
+``z`` and 0.16 with the bit accuracy. With several keys (one per user) detection reports the key of
+smallest p-value.
 
 Paper defaults: channel_copies 1, hw_copies 8 at 64x64 latents (256 bits), l = 1, FPR 1e-6,
 50 inversion steps. Here ``hw_copies`` scales with the latent (``round(8 * min(h, w) / 64)``) and is
@@ -80,10 +89,11 @@ class GaussianShading(Watermark):
         bits = np.unpackbits(np.frombuffer(stream, np.uint8))[:size]
         self.stream = torch.from_numpy(bits.copy()).view(c, h, w, self.l)
         self.weights = 2 ** torch.arange(self.l - 1, -1, -1)
+        self.bits = self.message.view(self.grid).repeat(self.fc, self.f, self.f, 1) ^ self.stream
+        self.signs = self.bits[..., 0].double() * 2 - 1  # the top bit: which half of the Gaussian each latent is in
 
     def mark(self, noise, call):
-        bits = self.message.view(self.grid).repeat(self.fc, self.f, self.f, 1) ^ self.stream
-        y = (bits.long() * self.weights).sum(-1).double()
+        y = (self.bits.long() * self.weights).sum(-1).double()
         u = torch.special.ndtr(noise).clamp(1e-15, 1 - 1e-15)
         return torch.special.ndtri((y + u) / 2 ** self.l)
 
@@ -98,5 +108,6 @@ class GaussianShading(Watermark):
     def score(self, noise, image, embed=None):
         bits = self.decode(noise)
         k = int((bits == self.message).sum())
-        return {"score": k / len(bits), "p_value": float(stats.binom.sf(k - 1, len(bits), 0.5)),
-                "message": "".join(map(str, bits.tolist()))}
+        z = float((self.signs * noise).sum() / noise.norm())
+        return {"score": z, "p_value": float(stats.norm.sf(z)), "message": "".join(map(str, bits.tolist())),
+                "bit_accuracy": k / len(bits), "bits_p_value": float(stats.binom.sf(k - 1, len(bits), 0.5))}

@@ -89,9 +89,11 @@ class Defense:
     setup_seconds: float = 0.0  # erasing time (UCE's solve, SPM's training)
 
 
-def defense(name: str, c: Concept, pipe, spm_file=None, spm_train: dict | None = None) -> Defense:
+def defense(name: str, c: Concept, pipe, spm_file=None, spm_train: dict | None = None,
+            spm_multiplier: float = 1.0) -> Defense:
     """The defense `name` against concept `c`, given the concept word only; an SPM membrane is read from
-    `spm_file` if it exists, else trained with ``SPM.train(..., **spm_train)`` (and saved there)."""
+    `spm_file` if it exists, else trained with ``SPM.train(..., **spm_train)`` (and saved there), and used at
+    `spm_multiplier` times its transport strength."""
     from ..safety import SAFREE, SLD, SPM, UCE
 
     t0 = time.perf_counter()
@@ -108,10 +110,11 @@ def defense(name: str, c: Concept, pipe, spm_file=None, spm_train: dict | None =
         return Defense(name, [edit], setup_seconds=time.perf_counter() - t0)
     if name == "spm":
         if spm_file is not None and spm_file.exists():
-            return Defense(name, [SPM.load(spm_file)])
+            return Defense(name, [SPM.load(spm_file, spm_multiplier)])
         spm = SPM.train(pipe, c.word, **(spm_train or {}))
         if spm_file is not None:
             spm.save(spm_file)
+        spm.multiplier = spm_multiplier
         return Defense(name, [spm], setup_seconds=time.perf_counter() - t0)
     raise StablekitError(f"unknown defense '{name}'; choose one of: {', '.join(DEFENSES)}")
 

@@ -26,8 +26,9 @@ REGISTRY = {cls.name: cls for cls in (SAFREE, SLD, UCE)}
 __all__ = ["SAFREE", "SLD", "SPM", "UCE", "load_adapter", "Decision", "REGISTRY"]
 
 
-def load_adapter(path) -> UCE | SPM:
-    """A concept-erasure file from ``stablekit erase``: a UCE edit or an SPM membrane, by its metadata."""
+def load_adapter(path, spm_multiplier: float = 1.0) -> UCE | SPM:
+    """A concept-erasure file from ``stablekit erase``: a UCE edit or an SPM membrane (its transport strength
+    times `spm_multiplier`), by its metadata."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -38,7 +39,6 @@ def load_adapter(path) -> UCE | SPM:
             method = (f.metadata() or {}).get("method")
     except (SafetensorError, OSError) as e:
         raise StablekitError(f"'{path}' is not a readable safetensors file ({e})") from None
-    loaders = {"uce": UCE.load, "spm": SPM.load}
-    if method not in loaders:
+    if method not in ("uce", "spm"):
         raise StablekitError(f"'{path}' is not a concept-erasure file from `stablekit erase` (UCE or SPM)")
-    return loaders[method](path)
+    return UCE.load(path) if method == "uce" else SPM.load(path, spm_multiplier)
