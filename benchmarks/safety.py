@@ -64,6 +64,8 @@ def parse(args: list[str]) -> argparse.Namespace:
     a = p.parse_args(args)
     if a.prompts < 1 or not (0 <= a.attack_prompts <= a.prompts and 0 <= a.optimise_prompts <= a.prompts):
         p.error("--prompts must be >= 1 and --attack-prompts, --optimise-prompts between 0 and --prompts")
+    if a.spm_multiplier < 0:
+        p.error(f"--spm-multiplier must be >= 0 (got {a.spm_multiplier})")
     return a
 
 

@@ -14,10 +14,11 @@ Protocol (on the embedded default model unless ``--model``):
   ``--inv-steps``) and score the recovered noise. Resizing averages 4x4 pixels, which halves the
   standard deviation of pixel noise four times over for the generative methods; dwtDct decodes at 256.
 * decision: each method's statistic (Tree-Ring: minus the L1 distance; Gaussian Shading: its z, the
-  recovered noise against the key's signs; dwtDct: bit accuracy; SEAL: fraction of matching patches), threshold = the calibration negatives'
-  (1 - FPR) quantile, detected when strictly above. TPR at 1% and 0.1% FPR and the FPR measured on
-  the (attacked) test negatives, each with a 95% Clopper-Pearson interval; with 500 calibration
-  negatives the 0.1% threshold is their maximum. The analytic p-value rule (p <= FPR) is reported too.
+  recovered noise against the key's signs; dwtDct: bit accuracy; SEAL: fraction of matching patches),
+  threshold = the calibration negatives' (1 - FPR) quantile, detected when strictly above. TPR at 1% and
+  0.1% FPR and the FPR measured on the (attacked) test negatives, each with a 95% Clopper-Pearson
+  interval; with 500 calibration negatives the 0.1% threshold is their maximum. The analytic p-value
+  rule (p <= FPR) is reported too.
 * attacks (``stablekit.eval.attacks``): a row per attack and strength on ``--attack-n`` images per set;
   VAE regeneration and purification act at the model's 64x64. Forgeries: ``spoof`` (imprint: the
   noise inverted from a marked image regenerates another prompt, guidance as generation) on test

@@ -1,6 +1,8 @@
 """benchmarks/safety.py end to end at tiny scale on the default model: defenses, attacks, targets."""
 import json
 
+import pytest
+
 from stablekit.cli import load_benchmark
 
 
@@ -33,3 +35,9 @@ def test_safety_benchmark_end_to_end(tmp_path):
                                    "--defenses", "spm"])  # the membrane is read back from --spm-dir, not trained again
     assert again["concepts"]["star"]["defenses"]["spm"]["erase_seconds"] == 0
     assert again["concepts"]["star"]["defenses"]["spm"]["direct"] == rows["spm"]["direct"]
+
+
+def test_safety_benchmark_refuses_a_negative_spm_multiplier(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_benchmark("safety").parse(["--json", str(tmp_path / "s.json"), "--spm-multiplier", "-1"])
+    assert e.value.code != 0 and "--spm-multiplier must be >= 0" in capsys.readouterr().err
