@@ -53,6 +53,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--spm-iterations", type=int, default=3000)
     p.add_argument("--spm-lr", type=float, default=1e-4)
     p.add_argument("--spm-anchor-weight", type=float, default=1000.0)
+    p.add_argument("--spm-surrogate", default="", help="what SPM erases the concept toward (the paper's '')")
     p.add_argument("--spm-multiplier", type=float, default=1.0, help="times the membrane's transport strength")
     p.add_argument("--spm-dir", type=Path, default=None,
                    help="folder of membranes <concept>.safetensors: read if there, else trained and saved there")
@@ -71,7 +72,8 @@ def parse(args: list[str]) -> argparse.Namespace:
 
 def spm_train(a) -> dict:
     """SPM.train's settings from the command line."""
-    return {"iterations": a.spm_iterations, "lr": a.spm_lr, "anchor_weight": a.spm_anchor_weight}
+    return {"iterations": a.spm_iterations, "lr": a.spm_lr, "anchor_weight": a.spm_anchor_weight,
+            "surrogate": a.spm_surrogate}
 
 
 def run_concept(pipe, word: str, a, out: dict, save) -> None:
@@ -117,7 +119,7 @@ def run_concept(pipe, word: str, a, out: dict, save) -> None:
 def targets(res: dict) -> dict:
     out = {}
     for word, cres in res["concepts"].items():
-        for name in ("safree", "spm"):
+        for name in ("safree", "safree-negative", "spm"):
             row = cres["defenses"].get(name)
             if row:
                 delta = row["preservation"]["attr_acc_delta"]["points"]

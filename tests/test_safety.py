@@ -217,13 +217,24 @@ def test_state_resets_per_call_and_batches_are_row_by_row(bag_sd):
         assert len(plugin.decisions) == 1 and not any(plugin.decisions[0].flagged)
 
 
-def test_negative_prompt_is_off_by_default(bag_sd):
+def test_negative_prompt_is_off_by_default_and_follows_the_filter(bag_sd):
+    concepts = ["star", "red"]
     with cond_embeds(bag_sd) as seen:
-        for flag in (False, True):
-            with stablekit.use(bag_sd, SAFREE(concepts=["star", "red"], negative_prompt=flag)):
+        for flag in (False, True):  # no self-validation: every step filters, so the negative prompt always holds
+            with stablekit.use(bag_sd, SAFREE(concepts=concepts, negative_prompt=flag, self_validation=False)):
                 run(bag_sd, prompt=PLAIN, steps=1)
     assert torch.equal(seen[0][0], encode(bag_sd, ""))
     assert torch.equal(seen[1][0], encode(bag_sd, "star, red"))
+    plugin = SAFREE(concepts=concepts, negative_prompt=True, upper=1.0, gain=1e4)
+    with stablekit.use(bag_sd, plugin):
+        run(bag_sd, prompt=[STAR, PLAIN], steps=1)
+        star, plain = (d.beta for d in plugin.decisions)
+        assert star > plain
+        plugin.filter["center"] = (star + plain) / 2  # the filter takes STAR and leaves PLAIN alone
+        with cond_embeds(bag_sd) as seen:
+            run(bag_sd, prompt=[STAR, PLAIN], steps=1)
+    uncond = seen[0][:2]  # the unconditional rows come first
+    assert torch.equal(uncond[0], encode(bag_sd, "star, red")) and torch.equal(uncond[1], encode(bag_sd, ""))
 
 
 def test_sdxl(tiny_sdxl_path):

@@ -252,10 +252,13 @@ def generate(prompts, output, model, seed, steps, guidance, guidance_rescale, si
               help="SPM learning rate.")
 @click.option("--anchor-weight", type=click.FloatRange(min=0), default=1000.0, show_default=True,
               help="SPM latent-anchoring weight (the paper's 1000; 1 on the embedded default model).")
+@click.option("--surrogate", default=None,
+              help="What SPM erases the concept toward [default: '', the paper's; 'shape' suits a shape of the "
+                   "embedded default model].")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="safetensors file to write.")
 @click.option("--model", default=None, help=_MODEL_HELP)
 @click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
-def erase(method, concepts, preserve, iterations, lr, anchor_weight, output, model, device):
+def erase(method, concepts, preserve, iterations, lr, anchor_weight, surrogate, output, model, device):
     """Erase CONCEPTs from a model; use the file with `generate --adapter`."""
     _check_output(output, "adapter.safetensors")
     if not all(c.strip() for c in concepts):
@@ -263,9 +266,12 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, output, mod
     if method == "spm" and (len(concepts) > 1 or preserve):
         raise StablekitError("--method spm erases one --concept per file (combine files with repeated --adapter) "
                              "and takes no --preserve")
+    if method == "uce" and surrogate is not None:
+        raise StablekitError("--surrogate goes with --method spm")
     pipe = _load_quietly(model, device, dtype="float32")  # training and closed-form edits want float32
     if method == "spm":
-        edit = safety.SPM.train(pipe, concepts[0], iterations=iterations, lr=lr, anchor_weight=anchor_weight)
+        edit = safety.SPM.train(pipe, concepts[0], iterations=iterations, lr=lr, anchor_weight=anchor_weight,
+                                surrogate=surrogate or "")
     else:
         edit = safety.UCE(concepts=list(concepts), preserve=list(preserve)).fit(pipe)
     write_atomically(output, edit.save)
@@ -275,7 +281,8 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, output, mod
 @cli.command("audit")
 @click.option("--concept", required=True, help="Concept to test: a shape or colour of the default model's world.")
 @click.option("--defense", default="none", show_default=True, type=click.Choice(list(audit.DEFENSES)),
-              help="Defense given the concept word: none, negative (prompt), sld, uce, safree or spm.")
+              help="Defense given the concept word: none, negative (prompt), sld, uce, safree, safree-negative "
+                   "(SAFREE with the word as negative prompt while it filters) or spm.")
 @click.option("--adapter", type=click.Path(path_type=Path), default=None,
               help="SPM membrane from `stablekit erase --method spm` for --defense spm [default: train one].")
 @click.option("--spm-multiplier", type=click.FloatRange(min=0), default=1.0, show_default=True,

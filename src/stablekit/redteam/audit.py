@@ -25,7 +25,7 @@ from ..errors import StablekitError
 from ..pipeline import guidance_rescale
 from . import ATTACKS
 
-DEFENSES = ("none", "negative", "sld", "uce", "safree", "spm")
+DEFENSES = ("none", "negative", "sld", "uce", "safree", "safree-negative", "spm")
 
 
 @dataclass
@@ -105,6 +105,8 @@ def defense(name: str, c: Concept, pipe, spm_file=None, spm_train: dict | None =
         return Defense(name, [SLD([c.word])])
     if name == "safree":
         return Defense(name, [SAFREE([c.word])])
+    if name == "safree-negative":  # with its negative-prompt component, gated by the self-validating filter
+        return Defense(name, [SAFREE([c.word], negative_prompt=True)])
     if name == "uce":
         edit = UCE([c.word], preserve=c.others).fit(pipe)
         return Defense(name, [edit], setup_seconds=time.perf_counter() - t0)
