@@ -123,7 +123,9 @@ def test_an_edit_at_strength_half_resumes_the_source_trajectory_half_way(pipe, i
     edit(pipe, inv, PROMPT, "a blue circle", method, controller=probe, strength=0.5)
     assert probe.steps == [2, 3] and [step for step, _ in probe.unet_calls][0] == 2
     source = torch.stack([z[:1] for z in probe.latents])  # the source branch after steps 2 and 3
-    tol = 1e-10 if method == "edict" else 1e-4  # float64; float32 at another batch size than the offsets'
+    # EDICT's coupling is float64, but its float32 UNet calls run at another batch size than at inversion, which
+    # some CPUs round differently (4e-8 on an AMD EPYC); direct's offsets are float32 throughout
+    tol = 1e-6 if method == "edict" else 1e-4
     assert (source.double() - inv.latents[3:].double()).abs().max() < tol
     for bad in (0, 1.5, 0.1):  # 0.1 of 4 steps rounds to none
         with pytest.raises(StablekitError, match="strength must be in"):
