@@ -200,9 +200,10 @@ def test_erase_spm_writes_a_membrane_that_generate_applies(generate, out_dir, ti
     monkeypatch.setattr(SPM, "train", classmethod(lambda cls, *a, **kw: seen.update(kw) or train(cls, *a, **kw)))
     membrane = tmp_path / "spm-star.safetensors"
     result = invoke("erase", "--method", "spm", "--concept", "star", "--iterations", "3", "--lr", "1e-3",
-                    "--anchor-weight", "1", "--surrogate", "shape", "-o", membrane, "--model", tiny_sd_path)
+                    "--anchor-weight", "1", "--eta", "2", "--surrogate", "shape", "-o", membrane,
+                    "--model", tiny_sd_path)
     assert result.exit_code == 0 and result.stdout.endswith(f"{membrane}\n"), result.output
-    assert seen == {"iterations": 3, "lr": 1e-3, "anchor_weight": 1.0, "surrogate": "shape"}
+    assert seen == {"iterations": 3, "lr": 1e-3, "anchor_weight": 1.0, "eta": 2.0, "surrogate": "shape"}
     assert isinstance(load_adapter(membrane), SPM)
     assert generate(output="plain.png").exit_code == 0
     assert generate("--adapter", membrane, output="spm.png").exit_code == 0
@@ -223,6 +224,8 @@ def test_erase_and_adapter_errors_are_one_line(generate, out_dir, tiny_sd_path, 
                    out_dir, "--concept")
     one_line_error(invoke("erase", "--concept", "star", "--surrogate", "shape", "-o", tmp_path / "a.safetensors",
                           "--model", tiny_sd_path), out_dir, "--surrogate")
+    one_line_error(invoke("erase", "--method", "spm", "--concept", "star", "--eta", "0", "-o",
+                          tmp_path / "a.safetensors", "--model", tiny_sd_path), out_dir, "--eta")
     assert not list(out_dir.iterdir()) and not (tmp_path / "a.safetensors").exists()
 
 

@@ -252,13 +252,15 @@ def generate(prompts, output, model, seed, steps, guidance, guidance_rescale, si
               help="SPM learning rate.")
 @click.option("--anchor-weight", type=click.FloatRange(min=0), default=1000.0, show_default=True,
               help="SPM latent-anchoring weight (the paper's 1000; 1 on the embedded default model).")
+@click.option("--eta", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="SPM erasing guidance: the target is N - eta (P - N) [default: 1, the paper's].")
 @click.option("--surrogate", default=None,
               help="What SPM erases the concept toward [default: '', the paper's; 'shape' suits a shape of the "
                    "embedded default model].")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="safetensors file to write.")
 @click.option("--model", default=None, help=_MODEL_HELP)
 @click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
-def erase(method, concepts, preserve, iterations, lr, anchor_weight, surrogate, output, model, device):
+def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrogate, output, model, device):
     """Erase CONCEPTs from a model; use the file with `generate --adapter`."""
     _check_output(output, "adapter.safetensors")
     if not all(c.strip() for c in concepts):
@@ -266,12 +268,12 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, surrogate, 
     if method == "spm" and (len(concepts) > 1 or preserve):
         raise StablekitError("--method spm erases one --concept per file (combine files with repeated --adapter) "
                              "and takes no --preserve")
-    if method == "uce" and surrogate is not None:
-        raise StablekitError("--surrogate goes with --method spm")
+    if method == "uce" and (surrogate is not None or eta is not None):
+        raise StablekitError("--surrogate and --eta go with --method spm")
     pipe = _load_quietly(model, device, dtype="float32")  # training and closed-form edits want float32
     if method == "spm":
         edit = safety.SPM.train(pipe, concepts[0], iterations=iterations, lr=lr, anchor_weight=anchor_weight,
-                                surrogate=surrogate or "")
+                                eta=eta or 1.0, surrogate=surrogate or "")
     else:
         edit = safety.UCE(concepts=list(concepts), preserve=list(preserve)).fit(pipe)
     write_atomically(output, edit.save)
