@@ -41,3 +41,30 @@ def test_safety_benchmark_refuses_a_negative_spm_multiplier(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         load_benchmark("safety").parse(["--json", str(tmp_path / "s.json"), "--spm-multiplier", "-1"])
     assert e.value.code != 0 and "--spm-multiplier must be >= 0" in capsys.readouterr().err
+
+
+def _row(rate, acc):
+    return {"direct": {"rate": rate, "ci95": [rate / 2, min(1, rate * 2)]},
+            "preservation": {"attr_acc_mean": acc, "attr_acc_delta": {"points": 100 * (acc - 0.9)}}}
+
+
+def test_merge_puts_every_run_s_defenses_in_one_result_and_refuses_other_settings(tmp_path):
+    from stablekit import StablekitError
+    bench = load_benchmark("safety")
+    settings = {"seed": 2024, "prompts": 200, "steps": 25, "guidance": 7.5}
+    runs = {"a": {"none": _row(0.98, 0.9), "safree": _row(0.5, 0.9)},
+            "b": {"none": _row(0.97, 0.9), "spm": _row(0.01, 0.89)}}
+    for stem, rows in runs.items():
+        (tmp_path / f"{stem}.json").write_text(json.dumps(settings | {"concepts": {"star": {"defenses": rows}}}))
+    out = tmp_path / "all.json"
+    res = bench.main(["--json", str(out), "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    rows = res["concepts"]["star"]["defenses"]
+    assert list(rows) == ["none", "safree (a)", "spm (b)"] and rows["none"] == runs["a"]["none"]
+    assert {k: v["pass"] for k, v in res["targets"].items()} == {"safree (a)_star": False, "spm (b)_star": True}
+    assert json.loads(out.read_text()) == res and out.with_suffix(".png").exists()
+    (tmp_path / "c.json").write_text(json.dumps(settings | {"prompts": 50, "concepts": {}}))
+    (tmp_path / "d.json").write_text("not json")
+    for bad, message in (("c.json", "other prompts or settings"), ("d.json", "cannot merge")):
+        with pytest.raises(StablekitError, match=message):
+            bench.main(["--json", str(tmp_path / "x.json"), "--merge", str(tmp_path / "a.json"), str(tmp_path / bad)])
+    assert not (tmp_path / "x.json").exists()
