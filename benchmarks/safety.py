@@ -132,13 +132,13 @@ def targets(res: dict) -> dict:
     return out
 
 
-def merge(a) -> dict:
+def merge(a, args: list[str]) -> dict:
     """One result from runs over the same prompts and seeds: per concept, the first run's undefended row and
     every run's defenses, each named "<defense> (<run file's stem>)"."""
     from stablekit import StablekitError
 
     same = ("seed", "prompts", "steps", "guidance")
-    res = {"command": "stablekit bench safety " + " ".join(a.argv), "merged_from": [str(p) for p in a.merge],
+    res = {"command": "stablekit bench safety " + " ".join(args), "merged_from": [str(p) for p in a.merge],
            "concepts": {}}
     for path in a.merge:
         if not path.is_file():
@@ -193,9 +193,8 @@ def plot(res: dict, path: Path):
 
 def main(args: list[str]) -> dict:
     a = parse(args)
-    a.argv = args
     if a.merge:
-        res = merge(a)
+        res = merge(a, args)
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=2))
         plot(res, a.json.with_suffix(".png"))
