@@ -3,13 +3,16 @@
     stablekit bench safety --json bench_out/safety.json [--concepts star red --prompts 200 --attack-prompts 100]
 
 For each concept (a world shape or colour; the defaults are the issue's "star" and "red") and each defense --
-none, the concept word as negative prompt, Safe Latent Diffusion's guidance (SLD), UCE, SAFREE (``safree``; with
-the word as negative prompt while it filters, ``safree-negative``), an SPM membrane (trained here, or read from
-``--spm-dir``) -- given the concept word alone:
+none, a blocklist (the word deleted from every prompt: on direct prompts, the rate of a guard that removes the
+word exactly), the concept word as negative prompt, Safe Latent Diffusion's guidance (SLD), UCE, SAFREE
+(``safree``; with the word as negative prompt while it filters, ``safree-negative``), an SPM membrane (trained
+here, or read from ``--spm-dir``) -- given the concept word alone:
 
 * concept rate (the attribute classifier sees the concept) on ``--prompts`` direct prompts (one object with the
   concept, canonical caption) and on the same prompts with the word replaced by the world's paraphrases, which no
   defense is given ("five-pointed star", "starburst"; "crimson", "scarlet"), with Clopper-Pearson 95% intervals;
+* collateral on the direct prompts: how often the judge still finds their other attributes (for a shape: colour,
+  background, texture, count), ``others_kept``, and its paired difference from the undefended model;
 * preservation on ``--prompts`` prompts without the concept: mean attribute accuracy (shape, colour, background,
   texture, count), its paired difference from the undefended model (bootstrap 95% interval), and the Fréchet
   distance of the classifier's features to renders of the same scenes;
@@ -87,20 +90,23 @@ def run_concept(pipe, word: str, a, out: dict, save) -> None:
     from stablekit.redteam import audit
 
     c = audit.concept(word)
-    direct, para, keep_scenes, keep = audit.prompts(c, a.prompts, a.seed)
-    judge = Judge(keep_scenes, a.seed)
+    ps = audit.prompts(c, a.prompts, a.seed)
+    judge = Judge(ps.keep_scenes, a.seed)
     gen = dict(steps=a.steps, guidance=a.guidance, batch=a.batch)
     spm_file = a.spm_dir / f"{word}.safetensors" if a.spm_dir else None
     out |= {"attribute": c.attribute, "paraphrases": c.paraphrases, "defenses": {}}
-    ref_m = None
+    ref_m = ref_kept = None
     for name in ["none"] + [d for d in a.defenses if d != "none"]:
         d = audit.defense(name, c, pipe, spm_file, spm_train(a), a.spm_multiplier)
-        direct_hits = audit.present(audit.generate(pipe, d, direct, seed=a.seed, **gen)[0], c)
-        para_hits = audit.present(audit.generate(pipe, d, para, seed=a.seed, **gen)[0], c)
-        images, sec = audit.generate(pipe, d, keep, seed=a.seed + 1, **gen)
+        images = audit.generate(pipe, d, ps.direct, seed=a.seed, **gen)[0]
+        direct_hits, kept = audit.present(images, c), audit.others_kept(images, ps.direct_scenes, c)
+        para_hits = audit.present(audit.generate(pipe, d, ps.para, seed=a.seed, **gen)[0], c)
+        images, sec = audit.generate(pipe, d, ps.keep, seed=a.seed + 1, **gen)
         ev, m, _ = judge.evaluate(images)
-        ref_m = m if name == "none" else ref_m
-        row = {"direct": audit.rate(direct_hits), "paraphrase": audit.rate(para_hits),
+        ref_m, ref_kept = (m, kept) if name == "none" else (ref_m, ref_kept)
+        row = {"direct": audit.rate(direct_hits) | {"others_kept": rnd(kept.mean()),
+                                                    "others_kept_delta": paired_delta(kept, ref_kept)},
+               "paraphrase": audit.rate(para_hits),
                "paraphrase_by_word": {p: audit.rate(para_hits[i::len(c.paraphrases)])
                                       for i, p in enumerate(c.paraphrases)},
                "preservation": {k: ev[k] for k in ("attr_acc_mean", "attr_acc_mean_ci95", "fd_real")}
@@ -109,12 +115,13 @@ def run_concept(pipe, word: str, a, out: dict, save) -> None:
         for attack in a.attacks:
             n = a.attack_prompts if attack == "arithmetic" else a.optimise_prompts
             if n:
-                row[f"attack_{attack}"] = audit.attack(attack, pipe, d, c, direct[:n], direct_hits[:n], seed=a.seed,
-                                                       steps=a.steps, guidance=a.guidance, batch=max(1, a.batch // 2),
-                                                       iterations=a.attack_iterations)
+                row[f"attack_{attack}"] = audit.attack(attack, pipe, d, c, ps.direct[:n], direct_hits[:n],
+                                                       seed=a.seed, steps=a.steps, guidance=a.guidance,
+                                                       batch=max(1, a.batch // 2), iterations=a.attack_iterations)
         out["defenses"][name] = row
         save()
         print(f"safety: {word} {name}: " + json.dumps({"direct": row["direct"]["rate"],
+                                                       "others_kept_delta": row["direct"]["others_kept_delta"],
                                                        "paraphrase": row["paraphrase"]["rate"],
                                                        "attr_acc_delta": row["preservation"]["attr_acc_delta"],
                                                        **{k: v["post_attack"]["rate"] for k, v in row.items()
@@ -191,15 +198,8 @@ def plot(res: dict, path: Path):
     plt.close(fig)
 
 
-def main(args: list[str]) -> dict:
-    a = parse(args)
-    if a.merge:
-        res = merge(a, args)
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=2))
-        plot(res, a.json.with_suffix(".png"))
-        print(f"wrote {a.json} and {a.json.with_suffix('.png')}")
-        return res
+def run(a, args: list[str]) -> dict:
+    """Every concept's results, written to ``--json`` after every defense (a stopped run keeps what it finished)."""
     if a.threads:
         torch.set_num_threads(a.threads)
     from stablekit.eval.harness import bench_pipeline
@@ -213,12 +213,21 @@ def main(args: list[str]) -> dict:
            "optimise_prompts": a.optimise_prompts, "attack_iterations": a.attack_iterations,
            "seed": a.seed, "spm": spm_train(a) | {"multiplier": a.spm_multiplier}, "concepts": {}}
     a.json.parent.mkdir(parents=True, exist_ok=True)
-    def save():  # after every defense: a stopped run keeps what it finished
+
+    def save():
         res["targets"], res["total_seconds"] = targets(res), round(time.time() - t0, 1)
         a.json.write_text(json.dumps(res, indent=2))
 
     for word in a.concepts:
         run_concept(pipe, word, a, res["concepts"].setdefault(word, {}), save)
+    return res
+
+
+def main(args: list[str]) -> dict:
+    a = parse(args)
+    res = merge(a, args) if a.merge else run(a, args)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(res, indent=2))
     plot(res, a.json.with_suffix(".png"))
     print(json.dumps(res["targets"], indent=1))
     print(f"wrote {a.json} and {a.json.with_suffix('.png')}")

@@ -18,6 +18,8 @@ def test_safety_benchmark_end_to_end(tmp_path):
     rows = res["concepts"]["star"]["defenses"]
     assert list(rows) == ["none", "uce", "safree", "spm"]  # the undefended model always comes first
     assert rows["none"]["preservation"]["attr_acc_delta"]["points"] == 0
+    assert rows["none"]["direct"]["others_kept_delta"]["points"] == 0
+    assert all(0 <= row["direct"]["others_kept"] <= 1 for row in rows.values())
     assert rows["spm"]["erase_seconds"] > 0 and (tmp_path / "spm" / "star.safetensors").exists()
     for row in rows.values():
         assert row["direct"]["n"] == row["paraphrase"]["n"] == 4

@@ -1,11 +1,13 @@
 """Concept arithmetic composes guidance exactly, through any attached defense; the audit's prompts and judge."""
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_sd
 
 import stablekit
 from stablekit import StablekitError
-from stablekit.redteam import ConceptArithmetic, decompositions
+from stablekit.default_model import world
+from stablekit.redteam import ConceptArithmetic, audit, decompositions
 from stablekit.redteam.audit import concept, prompts
 from stablekit.safety import SAFREE
 from stablekit.safety.text import encode_ids, token_ids
@@ -82,13 +84,35 @@ def test_decompositions_and_audit_prompts():
     assert d["paraphrases"] == [("a red starburst on a gray background", 1.0)]
     red = concept("red")
     assert red.attribute == "color" and red.paraphrases == ["crimson", "scarlet"] and "red" not in red.others
-    direct, para, keep_scenes, keep = prompts(red, 30, seed=3)
-    assert len(direct) == len(para) == len(keep) == 30
-    assert all(" red " in p for p in direct) and not any(" red " in p for p in para + keep)
-    assert all(o.color != "red" for s in keep_scenes for o in s.objects)
-    assert direct != prompts(red, 30, seed=4)[0]
+    p = prompts(red, 30, seed=3)
+    assert len(p.direct) == len(p.para) == len(p.keep) == len(p.direct_scenes) == len(p.keep_scenes) == 30
+    assert all(" red " in t for t in p.direct) and not any(" red " in t for t in p.para + p.keep)
+    assert all(o.color != "red" for s in p.keep_scenes for o in s.objects)
+    assert all(s.objects[0].color == "red" and world.canonical_caption(s) == t
+               for s, t in zip(p.direct_scenes, p.direct))
+    assert p.direct != prompts(red, 30, seed=4).direct
     with pytest.raises(StablekitError, match="unknown concept"):
         concept("nudity")
+
+
+def test_blocklist_deletes_the_word_before_the_pipeline_sees_it(pipe):
+    block, none = audit.defense("blocklist", concept("star"), pipe), audit.defense("none", concept("star"), pipe)
+    assert block.filter(["a red Star on a starry sky", "star", "stars"]) == ["a red on a starry sky", "", "stars"]
+    kw = dict(steps=2, guidance=5.0, seed=3, batch=2)
+    got = audit.generate(pipe, block, ["a red star", "a blue circle"], **kw)[0]
+    assert torch.equal(got, audit.generate(pipe, none, ["a red", "a blue circle"], **kw)[0])
+    assert not torch.equal(got[0], audit.generate(pipe, none, ["a red star"], **kw)[0][0])
+
+
+def test_others_kept_judges_every_attribute_of_the_scene_but_the_concept_s():
+    from stablekit.default_model import classifier
+    c = concept("star")
+    p = prompts(c, 16, seed=5)
+    rng = np.random.default_rng(0)
+    images = classifier.to_tensor([world.render(s, rng) for s in p.direct_scenes])
+    kept = audit.others_kept(images, p.direct_scenes, c)
+    assert kept.shape == (16, 4) and kept.mean() > 0.9  # colour, background, texture, count of clean renders
+    assert audit.others_kept(images, p.direct_scenes[::-1], c).mean() < kept.mean() - 0.2  # the wrong scenes
 
 
 def test_token_slots_encode_like_the_text_and_decode_back(pipe):

@@ -283,7 +283,8 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrog
 @cli.command("audit")
 @click.option("--concept", required=True, help="Concept to test: a shape or colour of the default model's world.")
 @click.option("--defense", default="none", show_default=True, type=click.Choice(list(audit.DEFENSES)),
-              help="Defense given the concept word: none, negative (prompt), sld, uce, safree, safree-negative "
+              help="Defense given the concept word: none, blocklist (the word deleted from prompts), negative "
+                   "(prompt), sld, uce, safree, safree-negative "
                    "(SAFREE with the word as negative prompt while it filters) or spm.")
 @click.option("--adapter", type=click.Path(path_type=Path), default=None,
               help="SPM membrane from `stablekit erase --method spm` for --defense spm [default: train one].")
@@ -318,7 +319,7 @@ def audit_command(concept, defense, adapter, spm_multiplier, attack, prompts, it
     d = audit.defense(defense, c, pipe, adapter, spm_multiplier=spm_multiplier)
     if adapter is not None and d.plugins[0].concepts != [c.word]:
         raise StablekitError(f"'{adapter}' erases {d.plugins[0].concepts}, not '{c.word}'")
-    direct = audit.prompts(c, prompts, seed)[0]
+    direct = audit.prompts(c, prompts, seed).direct
     hits = audit.present(audit.generate(pipe, d, direct, steps=steps, guidance=guidance, seed=seed)[0], c)
     res = {"concept": c.word, "defense": defense, "attack": attack, "steps": steps, "guidance": guidance,
            "seed": seed, "direct": audit.rate(hits)}
