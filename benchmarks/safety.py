@@ -104,8 +104,9 @@ def run_concept(pipe, word: str, a, out: dict, save) -> None:
         images, sec = audit.generate(pipe, d, ps.keep, seed=a.seed + 1, **gen)
         ev, m, _ = judge.evaluate(images)
         ref_m, ref_kept = (m, kept) if name == "none" else (ref_m, ref_kept)
-        row = {"direct": audit.rate(direct_hits) | {"others_kept": rnd(kept.mean()),
-                                                    "others_kept_delta": paired_delta(kept, ref_kept)},
+        row = {"direct": audit.rate(direct_hits) | {
+                   "others_kept": rnd(kept.mean()), "others_kept_delta": paired_delta(kept, ref_kept),
+                   "others_kept_by_attribute": dict(zip(audit.other_attributes(c), map(rnd, kept.mean(0))))},
                "paraphrase": audit.rate(para_hits),
                "paraphrase_by_word": {p: audit.rate(para_hits[i::len(c.paraphrases)])
                                       for i, p in enumerate(c.paraphrases)},

@@ -20,6 +20,7 @@ def test_safety_benchmark_end_to_end(tmp_path):
     assert rows["none"]["preservation"]["attr_acc_delta"]["points"] == 0
     assert rows["none"]["direct"]["others_kept_delta"]["points"] == 0
     assert all(0 <= row["direct"]["others_kept"] <= 1 for row in rows.values())
+    assert list(rows["none"]["direct"]["others_kept_by_attribute"]) == ["colors", "background", "textures", "count"]
     assert rows["spm"]["erase_seconds"] > 0 and (tmp_path / "spm" / "star.safetensors").exists()
     for row in rows.values():
         assert row["direct"]["n"] == row["paraphrase"]["n"] == 4

@@ -97,9 +97,16 @@ def present(images: torch.Tensor, c: Concept) -> np.ndarray:
 
 def others_kept(images: torch.Tensor, scenes: list, c: Concept) -> np.ndarray:
     """``(N, 4)``: per image, does the judge find each attribute of its prompt's scene other than the concept's
-    (what a defense should leave alone on a prompt with the concept)?"""
-    return np.array([[ok for k, ok in C.match(p, C.truth(s)).items() if k != c.key]
+    (:func:`other_attributes`; what a defense should leave alone on a prompt with the concept)?"""
+    return np.array([[C.match(p, C.truth(s))[k] for k in other_attributes(c)]
                      for p, s in zip(C.predict(images), scenes)])
+
+
+def other_attributes(c: Concept) -> list[str]:
+    """The judge's attributes other than the concept's, in :func:`others_kept`'s column order."""
+    from ..eval.harness import ATTRS
+
+    return [k for k in ATTRS if k != c.key]
 
 
 @dataclass
