@@ -24,10 +24,10 @@ here, or read from ``--spm-dir``) -- given the concept word alone:
 Every image i of a set has the noise seed ``seed * 100000 + i`` whatever the defense (paired comparisons). The
 generation settings are ``stablekit generate``'s: the model's sampler, 25 steps, guidance 7.5, rescale 0.7.
 Targets (issue 6), under "targets": SAFREE and SPM each below 5% concept rate on direct prompts with preservation
-within 3 points of the undefended model. Writes the JSON and a PNG plot of concept rate against preservation for
-every defense, before and after attack. ``--merge A.json B.json ... --json OUT.json`` runs nothing: it puts the
-defenses of finished runs over the same prompts and settings into one result and one plot, each named
-"<defense> (<run file's stem>)", the first run's undefended row first.
+within 3 points of the undefended model. Writes the JSON and a PNG plot of concept rate against preservation (and
+against collateral) for every defense, before and after attack. ``--merge A.json B.json ... --json OUT.json`` runs
+nothing: it puts the defenses of finished runs over the same prompts and settings into one result and one plot,
+each named "<defense> (<run file's stem>)", the first run's undefended row first.
 """
 from __future__ import annotations
 
@@ -172,31 +172,44 @@ def merge(a, args: list[str]) -> dict:
 
 
 def plot(res: dict, path: Path):
+    """Concept rate against preservation per concept; below, against collateral where every row has it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     words = list(res["concepts"])
-    fig, axes = plt.subplots(1, len(words), figsize=(5.5 * len(words), 4.5), squeeze=False)
-    for ax, word in zip(axes[0], words):
-        for i, (name, row) in enumerate(res["concepts"][word]["defenses"].items()):
-            x, color = 100 * row["preservation"]["attr_acc_mean"], plt.cm.tab20(i % 20)
-            y = 100 * row["direct"]["rate"]
-            lo, hi = (100 * v for v in row["direct"]["ci95"])
-            ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="o", color=color, label=name, capsize=3)
-            for attack, marker in (("arithmetic", "x"), ("p4d", "^"), ("unlearndiffatk", "s")):
-                post = row.get(f"attack_{attack}", {}).get("post_attack")
-                if post:
-                    ax.plot(x, 100 * post["rate"], marker, color=color, mfc="none")
-        ax.axhline(5, color="gray", lw=0.8, ls="--")
-        ax.set_xlabel("preservation: mean attribute accuracy without the concept (%)")
-        ax.set_ylabel("concept rate on direct prompts (%)")
-        ax.set_title(f"erase '{word}': o before attack; after: x arithmetic, ^ P4D, s UnlearnDiffAtk", fontsize=9)
-        ax.legend(fontsize=7)
+    xs = [("preservation: mean attribute accuracy without the concept (%)",
+           lambda row: row["preservation"]["attr_acc_mean"])]
+    if all("others_kept" in row["direct"] for c in res["concepts"].values() for row in c["defenses"].values()):
+        xs.append(("collateral: other attributes kept on the concept's own prompts (%)",
+                   lambda row: row["direct"]["others_kept"]))
+    fig, axes = plt.subplots(len(xs), len(words), figsize=(5.5 * len(words), 4.5 * len(xs)), squeeze=False)
+    for ax_row, (label, x_of) in zip(axes, xs):
+        for ax, word in zip(ax_row, words):
+            _panel(ax, res["concepts"][word]["defenses"], x_of)
+            ax.set_xlabel(label)
+            ax.set_title(f"erase '{word}': o before attack; after: x arithmetic, ^ P4D, s UnlearnDiffAtk",
+                         fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _panel(ax, rows: dict, x_of):
+    import matplotlib.pyplot as plt
+
+    for i, (name, row) in enumerate(rows.items()):
+        x, y, color = 100 * x_of(row), 100 * row["direct"]["rate"], plt.cm.tab20(i % 20)
+        lo, hi = (100 * v for v in row["direct"]["ci95"])
+        ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="o", color=color, label=name, capsize=3)
+        for attack, marker in (("arithmetic", "x"), ("p4d", "^"), ("unlearndiffatk", "s")):
+            post = row.get(f"attack_{attack}", {}).get("post_attack")
+            if post:
+                ax.plot(x, 100 * post["rate"], marker, color=color, mfc="none")
+    ax.axhline(5, color="gray", lw=0.8, ls="--")
+    ax.set_ylabel("concept rate on direct prompts (%)")
+    ax.legend(fontsize=7)
 
 
 def run(a, args: list[str]) -> dict:

@@ -38,7 +38,10 @@ with the concept is filtered for (nearly) the whole run, one without it for none
 the first 20% left the star rate unchanged). Why (ad-hoc probes, 40 of the benchmark's star prompts): in the
 sentence space the star rate stays at 0.78-0.93 even with every token projected at every step, at -17 to -22
 points of attribute accuracy; the token space brings it to 0.10 at 0 points. ``rank=3`` (red: 0.43 at rank
-3, 0.70 at rank 1).
+3, 0.70 at rank 1). The projection also moves what a filtered prompt says besides the concept (``stablekit bench
+safety``'s ``others_kept``, 200 prompts: -13 points of the star prompts' colour, background, texture and count,
+-20 for red; -42 and -24 with the negative prompt), which the preservation score, on prompts without the
+concept, does not see.
 
 After a call, ``plugin.decisions`` holds one :class:`Decision` per prompt (its tokens, which were flagged,
 beta); ``plugin.steps_filtered(beta, num_steps)`` is the filter's step count.
