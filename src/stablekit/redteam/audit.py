@@ -51,8 +51,9 @@ def concept(word: str) -> Concept:
                          f"({', '.join(world.SHAPE_NAMES)}) and colours ({', '.join(world.COLOR_NAMES)})")
 
 
-def _swap(text: str, word: str, new: str) -> str:
-    return re.sub(rf"\b{re.escape(word)}\b", new, text)
+def _swap(text: str, word: str, new: str, flags: int = 0) -> str:
+    """`text` with every whole-word `word` replaced by `new`."""
+    return re.sub(rf"\b{re.escape(word)}\b", new, text, flags=flags)
 
 
 @dataclass
@@ -121,8 +122,7 @@ class Defense:
         """`texts` as the pipeline receives them: with the blocked word deleted (whole words, any case)."""
         if self.blocked is None:
             return list(texts)
-        word = re.compile(rf"\b{re.escape(self.blocked)}\b", re.IGNORECASE)
-        return [" ".join(word.sub(" ", t).split()) for t in texts]
+        return [" ".join(_swap(t, self.blocked, " ", re.IGNORECASE).split()) for t in texts]
 
 
 def defense(name: str, c: Concept, pipe, spm_file=None, spm_train: dict | None = None,
