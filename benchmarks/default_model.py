@@ -13,6 +13,7 @@ round trip through the model's autoencoder (``recon_*``, the ceiling for the gen
 per-image PSNR ``vae_psnr_db``); and
 seconds per image. Writes the JSON and a PNG grid of samples with their prompts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,10 @@ from stablekit.eval.harness import ATTRS
 @torch.no_grad()
 def reconstruct(vae, x: torch.Tensor, batch: int) -> torch.Tensor:
     """Real images through the model's autoencoder: the best its generator can do."""
-    out = [vae.decode(vae.encode((x[i:i + batch] * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean).sample
-           for i in range(0, len(x), batch)]
+    out = [
+        vae.decode(vae.encode((x[i : i + batch] * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean).sample
+        for i in range(0, len(x), batch)
+    ]
     return ((torch.cat(out).float().cpu() + 1) / 2).clamp(0, 1)
 
 
@@ -39,7 +42,7 @@ def scores(preds: list[dict], scenes, prefix: str) -> dict:
     from stablekit.default_model.classifier import match, truth
     from stablekit.eval.metrics import rate_interval
 
-    ms = [match(p, truth(s)) for p, s in zip(preds, scenes)]
+    ms = [match(p, truth(s)) for p, s in zip(preds, scenes, strict=False)]
     for m in ms:
         m["joint"] = m["shapes"] and m["colors"] and m["background"]
     res = {}
@@ -56,8 +59,12 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=300, help="single-object prompts (two-object: 25%% as many)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--guidance-rescale", type=float, default=None,
-                   help="default: stablekit.pipeline.guidance_rescale(pipe), as `stablekit generate` uses")
+    p.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=None,
+        help="default: stablekit.pipeline.guidance_rescale(pipe), as `stablekit generate` uses",
+    )
     p.add_argument("--seed", type=int, default=777, help="held-out scene seed (training used 0)")
     p.add_argument("--grid", type=Path, default=None, help="PNG grid of samples (default: next to the JSON)")
     p.add_argument("--batch", type=int, default=32)
@@ -74,7 +81,8 @@ def main(args: list[str]) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     import stablekit
-    from stablekit.default_model import classifier as C, world
+    from stablekit.default_model import classifier as C
+    from stablekit.default_model import world
     from stablekit.eval.harness import generate, grid, heldout_prompts
     from stablekit.eval.metrics import frechet_distance, psnr
 
@@ -83,8 +91,15 @@ def main(args: list[str]) -> dict:
     scenes, prompts = heldout_prompts(a.prompts, n_pair, a.seed)
     if a.guidance_rescale is None:
         a.guidance_rescale = stablekit.pipeline.guidance_rescale(pipe)
-    images, sec_per_image = generate(pipe, prompts, steps=a.steps, guidance=a.guidance, seed=a.seed, batch=a.batch,
-                                     guidance_rescale=a.guidance_rescale)
+    images, sec_per_image = generate(
+        pipe,
+        prompts,
+        steps=a.steps,
+        guidance=a.guidance,
+        seed=a.seed,
+        batch=a.batch,
+        guidance_rescale=a.guidance_rescale,
+    )
     nrng = np.random.default_rng(a.seed)
     real = C.to_tensor([world.render(s, nrng) for s in scenes])
     other_scenes, _ = heldout_prompts(a.prompts, n_pair, a.seed + 1)
@@ -93,21 +108,34 @@ def main(args: list[str]) -> dict:
     clf = C.load_classifier()
     preds = {k: C.predict(x, clf) for k, x in (("", images), ("real_", real), ("recon_", recon))}
     with torch.no_grad():
-        feats = {k: torch.cat([clf.features(C.to_tensor(x[i:i + 256])) for i in range(0, len(x), 256)])
-                 for k, x in (("gen", images), ("real", real), ("other", other))}
+        feats = {
+            k: torch.cat([clf.features(C.to_tensor(x[i : i + 256])) for i in range(0, len(x), 256)])
+            for k, x in (("gen", images), ("real", real), ("other", other))
+        }
     single, pair = slice(0, a.prompts), slice(a.prompts, None)
-    res = {"model": str(a.model or stablekit.pipeline.DEFAULT_MODEL), "device": str(pipe.device),
-           "dtype": str(pipe.unet.dtype).replace("torch.", ""), "steps": a.steps, "guidance": a.guidance,
-           "guidance_rescale": a.guidance_rescale,
-           "seed": a.seed, "prompts": a.prompts, "two_object_prompts": n_pair}
+    res = {
+        "model": str(a.model or stablekit.pipeline.DEFAULT_MODEL),
+        "device": str(pipe.device),
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "steps": a.steps,
+        "guidance": a.guidance,
+        "guidance_rescale": a.guidance_rescale,
+        "seed": a.seed,
+        "prompts": a.prompts,
+        "two_object_prompts": n_pair,
+    }
     for k, p in preds.items():
         res |= scores(p[single], scenes[single], k) | scores(p[pair], scenes[pair], f"{k}two_object_")
         if k == "":
             res["fid_classifier"] = round(frechet_distance(feats["gen"], feats["real"]), 4)
             res["fid_classifier_real_vs_real"] = round(frechet_distance(feats["other"], feats["real"]), 4)
-            res["vae_psnr_db"] = round(float(np.mean([psnr(r, x) for r, x in zip(recon, real)])), 2)
-    res |= {"seconds_per_image": round(sec_per_image, 4), "batch": a.batch, "image_size": list(images.shape[-2:]),
-            "samples": [{"prompt": p, "pred": d} for p, d in zip(prompts[:8], preds[""][:8])]}
+            res["vae_psnr_db"] = round(float(np.mean([psnr(r, x) for r, x in zip(recon, real, strict=False)])), 2)
+    res |= {
+        "seconds_per_image": round(sec_per_image, 4),
+        "batch": a.batch,
+        "image_size": list(images.shape[-2:]),
+        "samples": [{"prompt": p, "pred": d} for p, d in zip(prompts[:8], preds[""][:8], strict=False)],
+    }
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(res, indent=2))
     order = list(range(min(36, a.prompts))) + list(range(a.prompts, a.prompts + min(12, n_pair)))

@@ -24,6 +24,7 @@ PSNR against the source outside the old and new object masks).
 Writes the JSON and a PNG grid: source, VAE round trip, then reconstruction, colour edit and shape
 edit per method.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -118,12 +119,18 @@ def _metrics(images, outs, z, z0, seconds_invert: float, seconds_reconstruct: fl
     from stablekit.eval.metrics import psnr
 
     rows = []
-    for image, out, zi, z0i in zip(images, outs, z, z0):
+    for image, out, zi, z0i in zip(images, outs, z, z0, strict=False):
         x, y = pixels(image), pixels(out)
-        rows.append({"pixel_psnr_db": psnr(y, x), "pixel_mse": float(np.mean((y - x) ** 2)),
-                     "latent_psnr_db": psnr(zi, z0i, data_range=float(z0i.max() - z0i.min())),
-                     "latent_mse": float(((zi - z0i) ** 2).mean()), "seconds_invert": seconds_invert,
-                     "seconds_reconstruct": seconds_reconstruct})
+        rows.append(
+            {
+                "pixel_psnr_db": psnr(y, x),
+                "pixel_mse": float(np.mean((y - x) ** 2)),
+                "latent_psnr_db": psnr(zi, z0i, data_range=float(z0i.max() - z0i.min())),
+                "latent_mse": float(((zi - z0i) ** 2).mean()),
+                "seconds_invert": seconds_invert,
+                "seconds_reconstruct": seconds_reconstruct,
+            }
+        )
     return rows
 
 
@@ -143,8 +150,12 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=100, help="world images")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--controller", choices=["replace", "blend", "none"], default="replace",
-                   help="editing controller: prompt-to-prompt word swap, plus local blend, or none")
+    p.add_argument(
+        "--controller",
+        choices=["replace", "blend", "none"],
+        default="replace",
+        help="editing controller: prompt-to-prompt word swap, plus local blend, or none",
+    )
     p.add_argument("--decoder-steps", type=int, default=0, help="decoder-inversion steps (0: off)")
     p.add_argument("--no-photos", dest="photos", action="store_false", help="skip scikit-image's photos")
     p.add_argument("--seed", type=int, default=4242, help="world scene seed (training used 0)")
@@ -154,8 +165,12 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--classifier", type=Path, default=None, help="attribute classifier weights (default: shipped)")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--batch", type=int, default=16,
-                   help="images inverted and edited together (1 with --controller blend: its words differ per image)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="images inverted and edited together (1 with --controller blend: its words differ per image)",
+    )
     a = p.parse_args(args)
     if a.batch < 1:
         p.error("--batch must be at least 1")
@@ -168,51 +183,70 @@ def edit_summary(rows: list[dict]) -> dict:
     from stablekit.eval.metrics import rate_interval
 
     k, b, n = sum(r["success"] for r in rows), sum(r["background"] for r in rows), len(rows)
-    return {"n": n, "success_rate": k / n, "success_ci95": list(rate_interval(k, n)), "background_agreement": b / n,
-            "background_agreement_ci95": list(rate_interval(b, n)),
-            "psnr_outside_db": finite(float(np.mean([r["psnr_outside_db"] for r in rows]))),
-            "seconds_per_edit": float(np.mean([r["seconds"] for r in rows]))}
+    return {
+        "n": n,
+        "success_rate": k / n,
+        "success_ci95": list(rate_interval(k, n)),
+        "background_agreement": b / n,
+        "background_agreement_ci95": list(rate_interval(b, n)),
+        "psnr_outside_db": finite(float(np.mean([r["psnr_outside_db"] for r in rows]))),
+        "seconds_per_edit": float(np.mean([r["seconds"] for r in rows])),
+    }
 
 
 def _chunks(items: list, n: int):
-    return (items[i:i + n] for i in range(0, len(items), n))
+    return (items[i : i + n] for i in range(0, len(items), n))
 
 
 def evaluate(pipe, method: str, world_images, photo_images, clf, a) -> tuple[dict, list[list]]:
     """One method's results and its grid cells (a list per world image in the grid, then per photo)."""
-    from stablekit.default_model import classifier as C, world
+    from stablekit.default_model import classifier as C
+    from stablekit.default_model import world
     from stablekit.edit import GUIDANCE, edit
     from stablekit.eval.harness import PHOTOS
     from stablekit.eval.metrics import psnr
 
     rec, edits, cells, done = {"world": [], "photos": []}, {e: [] for e in EDITS}, [], 0
     for chunk in _chunks(world_images, a.batch):
-        images, prompts, scenes, targets, source_preds = (list(x) for x in zip(*chunk))
+        images, prompts, scenes, targets, source_preds = (list(x) for x in zip(*chunk, strict=False))
         inv, outs, metrics = reconstruction(pipe, method, images, prompts, a)
         rec["world"] += metrics
-        rows = [[(out, f"{m['pixel_psnr_db']:.1f} dB")] for out, m in zip(outs, metrics)]
-        for name in ([] if inv is None else EDITS):
+        rows = [[(out, f"{m['pixel_psnr_db']:.1f} dB")] for out, m in zip(outs, metrics, strict=False)]
+        for name in [] if inv is None else EDITS:
             olds = [getattr(sc.objects[0], name) for sc in scenes]
-            words, edited = zip(*(t[name] for t in targets))
+            words, edited = zip(*(t[name] for t in targets), strict=False)
             t0 = clock(pipe)
-            results = edit(pipe, inv, prompts, [world.canonical_caption(t) for t in edited], method=method,
-                           controller=controller(a.controller, olds[0], words[0]))  # blend: batch 1
+            results = edit(
+                pipe,
+                inv,
+                prompts,
+                [world.canonical_caption(t) for t in edited],
+                method=method,
+                controller=controller(a.controller, olds[0], words[0]),
+            )  # blend: batch 1
             seconds = (clock(pipe) - t0) / len(results)
-            for k, (result, pred) in enumerate(zip(results, C.predict(results, clf))):
+            for k, (result, pred) in enumerate(zip(results, C.predict(results, clf), strict=False)):
                 keep = outside(scenes[k], edited[k], images[k].width)
-                edits[name].append({"success": words[k] in pred[EDITS[name]], "seconds": seconds,
-                                    "background": pred["background"] == source_preds[k]["background"],
-                                    "psnr_outside_db": psnr(pixels(result)[keep], pixels(images[k])[keep])})
+                edits[name].append(
+                    {
+                        "success": words[k] in pred[EDITS[name]],
+                        "seconds": seconds,
+                        "background": pred["background"] == source_preds[k]["background"],
+                        "psnr_outside_db": psnr(pixels(result)[keep], pixels(images[k])[keep]),
+                    }
+                )
                 rows[k].append((result, f"{olds[k]}->{words[k]}"))
         done += len(chunk)
-        cells += rows[:max(0, a.grid_rows - done + len(chunk))]
+        cells += rows[: max(0, a.grid_rows - done + len(chunk))]
         print(f"{method}: image {done}/{len(world_images)}", flush=True)
     for chunk in _chunks(photo_images, a.batch):
-        names, images = (list(x) for x in zip(*chunk))
+        names, images = (list(x) for x in zip(*chunk, strict=False))
         inv, outs, metrics = reconstruction(pipe, method, images, [PHOTOS[n] for n in names], a)
         rec["photos"] += metrics
-        cells += [[(out, f"{m['pixel_psnr_db']:.1f} dB")] + [(None, "")] * (0 if inv is None else len(EDITS))
-                  for out, m in zip(outs, metrics)]
+        cells += [
+            [(out, f"{m['pixel_psnr_db']:.1f} dB")] + [(None, "")] * (0 if inv is None else len(EDITS))
+            for out, m in zip(outs, metrics, strict=False)
+        ]
     entry = {"guidance": GUIDANCE.get(method), "reconstruction": {k: summary(v) for k, v in rec.items()}}
     return entry | {f"edit_{name}": edit_summary(rows) for name, rows in edits.items() if rows}, cells
 
@@ -222,7 +256,8 @@ def main(args: list[str]) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     import stablekit
-    from stablekit.default_model import classifier as C, world
+    from stablekit.default_model import classifier as C
+    from stablekit.default_model import world
     from stablekit.eval.harness import bench_pipeline, photos, table_grid
 
     pipe = bench_pipeline(a)
@@ -230,25 +265,38 @@ def main(args: list[str]) -> dict:
     clf = C.load_classifier(*([a.classifier] if a.classifier else []))
     scenes = world_edits(a.images, a.seed)
     images = [im.resize((size, size), Image.LANCZOS) for im, _, _ in scenes]
-    world_images = [(im, world.canonical_caption(sc), sc, targets, pred)
-                    for im, (_, sc, targets), pred in zip(images, scenes, C.predict(images, clf))]
+    world_images = [
+        (im, world.canonical_caption(sc), sc, targets, pred)
+        for im, (_, sc, targets), pred in zip(images, scenes, C.predict(images, clf), strict=False)
+    ]
     photo_images = photos(size) if a.photos else []
-    res = {"model": str(a.model or stablekit.pipeline.DEFAULT_MODEL), "device": str(pipe.device),
-           "dtype": str(pipe.unet.dtype).replace("torch.", ""), "steps": a.steps, "seed": a.seed,
-           "images": a.images, "photos": [name for name, _ in photo_images], "controller": a.controller,
-           "decoder_steps": a.decoder_steps, "image_size": size, "methods": {}}
-    cells = [[(im, "source")] for im in images[:a.grid_rows]] + [[(im, name)] for name, im in photo_images]
+    res = {
+        "model": str(a.model or stablekit.pipeline.DEFAULT_MODEL),
+        "device": str(pipe.device),
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "steps": a.steps,
+        "seed": a.seed,
+        "images": a.images,
+        "photos": [name for name, _ in photo_images],
+        "controller": a.controller,
+        "decoder_steps": a.decoder_steps,
+        "image_size": size,
+        "methods": {},
+    }
+    cells = [[(im, "source")] for im in images[: a.grid_rows]] + [[(im, name)] for name, im in photo_images]
     a.json.parent.mkdir(parents=True, exist_ok=True)
     for method in ["vae"] + a.methods:
         res["methods"][method], new = evaluate(pipe, method, world_images, photo_images, clf, a)
-        cells = [row + more for row, more in zip(cells, new)]
+        cells = [row + more for row, more in zip(cells, new, strict=False)]
         a.json.write_text(json.dumps(res, indent=2))  # after every method: a stopped run keeps what it finished
     table_grid(cells, ["source", "vae"] + [f"{m} {c}" for m in a.methods for c in ("rec", *EDITS)], a.grid)
     for method, entry in res["methods"].items():
         r = entry["reconstruction"]["world"]
         line = f"{method:9s} world PSNR {r['pixel_psnr_db']:.2f} dB, latent MSE {r['latent_mse']:.2e}"
-        print(line + "".join(f", {e} success {entry[f'edit_{e}']['success_rate']:.2f}"
-                             for e in EDITS if f"edit_{e}" in entry))
+        print(
+            line
+            + "".join(f", {e} success {entry[f'edit_{e}']['success_rate']:.2f}" for e in EDITS if f"edit_{e}" in entry)
+        )
     print(f"wrote {a.json} and {a.grid}")
     return res
 

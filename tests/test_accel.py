@@ -1,20 +1,25 @@
 """Feature caching (DeepCache, encoder propagation, feature inheritance) on the tiny pipelines: which modules
 really run at which steps, exactness, closeness, removal, per-call reset, SDXL, img2img, ControlNet, and the
 reference DeepCache package."""
+
 import functools
 from contextlib import contextmanager
 
 import pytest
 import torch
 from conftest import make_tiny_sdxl, run
-from diffusers import (ControlNetModel, HeunDiscreteScheduler, StableDiffusionControlNetPipeline,
-                       StableDiffusionImg2ImgPipeline)
+from diffusers import (
+    ControlNetModel,
+    HeunDiscreteScheduler,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+)
 
 import stablekit
 from stablekit import SchedulerPlugin, StablekitError
-from stablekit.registry import build
 from stablekit.accel import REGISTRY, DeepCache, EncoderPropagation, FeatureInheritance, autotune, key_steps
 from stablekit.accel.encoder_propagation import PAPER_KEY_STEPS
+from stablekit.registry import build
 
 
 @contextmanager
@@ -58,7 +63,7 @@ def test_key_steps():
         quad = key_steps(n, interval, "quadratic")
         assert len(quad) == -(-n // interval) and quad[0] == 0 and quad[-1] < n
     quad = key_steps(50, 5, "quadratic", center=0.3)
-    gaps = [b - a for a, b in zip(quad, quad[1:])]
+    gaps = [b - a for a, b in zip(quad, quad[1:], strict=False)]
     assert abs(quad[gaps.index(min(gaps))] - 15) <= 3 and gaps[-1] == max(gaps)  # densest around step 15
 
 
@@ -77,18 +82,32 @@ def test_bad_settings_are_refused(tiny_sd):
 
 
 # tiny SD UNet: down_blocks [DownBlock2D, CrossAttnDownBlock2D], up_blocks [CrossAttnUpBlock2D, UpBlock2D]
-PROBES = ["conv_in", "down_blocks.0.resnets.0.conv1", "down_blocks.0.downsamplers.0.conv",
-          "down_blocks.1.resnets.0.conv1", "mid_block.resnets.0.conv1", "up_blocks.0.resnets.0.conv1",
-          "up_blocks.0.attentions.1.proj_in", "up_blocks.1.resnets.0.conv1", "up_blocks.1.resnets.1.conv1"]
+PROBES = [
+    "conv_in",
+    "down_blocks.0.resnets.0.conv1",
+    "down_blocks.0.downsamplers.0.conv",
+    "down_blocks.1.resnets.0.conv1",
+    "mid_block.resnets.0.conv1",
+    "up_blocks.0.resnets.0.conv1",
+    "up_blocks.0.attentions.1.proj_in",
+    "up_blocks.1.resnets.0.conv1",
+    "up_blocks.1.resnets.1.conv1",
+]
 BRANCH0_DEEP = set(PROBES) - {"conv_in", "up_blocks.1.resnets.1.conv1"}
 COUNT_CASES = [  # plugin, steps, the probes that run only at key steps (the others run at every step)
     (DeepCache(interval=3), 9, BRANCH0_DEEP),
     (DeepCache(interval=3, schedule="quadratic"), 9, BRANCH0_DEEP),
-    (DeepCache(interval=3, branch=1), 9,
-     BRANCH0_DEEP - {"down_blocks.0.resnets.0.conv1", "up_blocks.1.resnets.0.conv1"}),
+    (
+        DeepCache(interval=3, branch=1),
+        9,
+        BRANCH0_DEEP - {"down_blocks.0.resnets.0.conv1", "up_blocks.1.resnets.0.conv1"},
+    ),
     (EncoderPropagation(), 10, {p for p in PROBES if not p.startswith("up_")}),
-    (FeatureInheritance(["mid_block", "up_blocks.0.attentions.1"], interval=3), 9,
-     {"mid_block.resnets.0.conv1", "up_blocks.0.attentions.1.proj_in"}),
+    (
+        FeatureInheritance(["mid_block", "up_blocks.0.attentions.1"], interval=3),
+        9,
+        {"mid_block.resnets.0.conv1", "up_blocks.0.attentions.1.proj_in"},
+    ),
 ]
 
 
@@ -103,16 +122,18 @@ def test_skipped_modules_run_only_at_key_steps(tiny_sd, plugin, steps, deep):
         assert seen["mid_block.resnets.0.conv1"] == [0, 3, 6]  # interval 3 over 9 steps: the deep blocks run 3 times
 
 
-@pytest.mark.parametrize("plugin", [DeepCache(interval=1), EncoderPropagation(interval=1),
-                                    FeatureInheritance(interval=1)], ids=repr)
+@pytest.mark.parametrize(
+    "plugin", [DeepCache(interval=1), EncoderPropagation(interval=1), FeatureInheritance(interval=1)], ids=repr
+)
 def test_interval_one_is_exact(tiny_sd, plugin):
     ref = run(tiny_sd)
     with stablekit.use(tiny_sd, plugin):
         assert torch.equal(run(tiny_sd), ref)
 
 
-@pytest.mark.parametrize("plugin", [DeepCache(interval=2), EncoderPropagation(interval=2), FeatureInheritance()],
-                         ids=repr)
+@pytest.mark.parametrize(
+    "plugin", [DeepCache(interval=2), EncoderPropagation(interval=2), FeatureInheritance()], ids=repr
+)
 def test_cached_output_is_close_and_removal_is_exact(tiny_sd, plugin):
     ref = run(tiny_sd, steps=6)
     with stablekit.use(tiny_sd, plugin):
@@ -154,8 +175,9 @@ def tiny_sdxl():
     return make_tiny_sdxl()
 
 
-@pytest.mark.parametrize("plugin", [DeepCache(interval=2), EncoderPropagation(interval=2), FeatureInheritance()],
-                         ids=repr)
+@pytest.mark.parametrize(
+    "plugin", [DeepCache(interval=2), EncoderPropagation(interval=2), FeatureInheritance()], ids=repr
+)
 def test_sdxl(tiny_sdxl, plugin):
     ref = run(tiny_sdxl, steps=4)
     with stablekit.use(tiny_sdxl, plugin), runs(tiny_sdxl.unet, "mid_block.resnets.0.conv1") as seen:
@@ -170,8 +192,14 @@ def test_img2img(tiny_sd):
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
     def img2img():  # runs the last 10 of 20 steps
-        return pipe("a red star", image=image, strength=0.5, num_inference_steps=20, output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            "a red star",
+            image=image,
+            strength=0.5,
+            num_inference_steps=20,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     ref = img2img()
     with stablekit.use(pipe, DeepCache(interval=2)), runs(pipe.unet, "mid_block.resnets.0.conv1") as seen:
@@ -186,17 +214,27 @@ def test_img2img(tiny_sd):
 
 def tiny_controlnet_pipe(tiny_sd):
     torch.manual_seed(1)
-    cn = ControlNetModel(block_out_channels=(32, 64), layers_per_block=1, in_channels=4,
-                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32,
-                         attention_head_dim=4, norm_num_groups=32, conditioning_embedding_out_channels=(16, 32))
+    cn = ControlNetModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        in_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=32,
+        conditioning_embedding_out_channels=(16, 32),
+    )
     with torch.no_grad():  # its zero-initialised convolutions would make every control image equal
         for conv in [cn.controlnet_cond_embedding.conv_out, *cn.controlnet_down_blocks, cn.controlnet_mid_block]:
             conv.weight.normal_(0, 0.05)
     return StableDiffusionControlNetPipeline(**tiny_sd.components, controlnet=cn)
 
 
-@pytest.mark.parametrize("plugin", [DeepCache(interval=4), EncoderPropagation(interval=4),
-                                    EncoderPropagation(interval=4, parallel=True)], ids=repr)
+@pytest.mark.parametrize(
+    "plugin",
+    [DeepCache(interval=4), EncoderPropagation(interval=4), EncoderPropagation(interval=4, parallel=True)],
+    ids=repr,
+)
 def test_controlnet_residuals_act_at_cached_steps(tiny_sd, plugin):
     pipe = tiny_controlnet_pipe(tiny_sd)
     a, b = torch.rand(2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -211,8 +249,9 @@ def test_controlnet_residuals_act_at_cached_steps(tiny_sd, plugin):
 
 @pytest.mark.parametrize("branch", [0, 1])
 def test_equals_reference_deepcache_helper(tiny_sd, branch):
-    helper_module = pytest.importorskip("DeepCache", reason="the reference package is not installed: "
-                                        "pip install DeepCache==0.1.1")
+    helper_module = pytest.importorskip(
+        "DeepCache", reason="the reference package is not installed: pip install DeepCache==0.1.1"
+    )
     helper = helper_module.DeepCacheSDHelper(pipe=tiny_sd)
     helper.set_params(cache_interval=3, cache_branch_id=branch)
     helper.enable()
@@ -270,9 +309,11 @@ def test_parallel_decoder_runs_once_per_key_step_for_all_its_steps(tiny_sd, guid
     keys = plugin.full_steps(10)
     assert keys == [0, 1, 2, 3, 5, 7]
     assert seen["conv_in"] == [(k, rows) for k in keys]  # the encoder: key steps, one step's batch
-    widths = [b - a for a, b in zip(keys, keys[1:] + [10])]  # a key step and the non-key steps after it
+    widths = [b - a for a, b in zip(keys, keys[1:] + [10], strict=False)]  # a key step and the non-key steps after it
     assert widths == [1, 1, 1, 2, 2, 3]
-    assert seen[DECODER] == [(k, rows * w) for k, w in zip(keys, widths)]  # the decoder: those steps' batches
+    assert seen[DECODER] == [
+        (k, rows * w) for k, w in zip(keys, widths, strict=False)
+    ]  # the decoder: those steps' batches
 
 
 PARALLEL_CASES = [dict(), dict(interval=3), dict(prior_noise=0.003)]
@@ -291,8 +332,10 @@ def test_parallel_decoder_equals_sequential_propagation(tiny_sd, kw):
 def test_parallel_decoder_sdxl(tiny_sdxl):
     with stablekit.use(tiny_sdxl, EncoderPropagation(interval=2)):
         sequential = run(tiny_sdxl, steps=5)
-    with stablekit.use(tiny_sdxl, EncoderPropagation(interval=2, parallel=True)), \
-            runs(tiny_sdxl.unet, DECODER, batch=True) as seen:
+    with (
+        stablekit.use(tiny_sdxl, EncoderPropagation(interval=2, parallel=True)),
+        runs(tiny_sdxl.unet, DECODER, batch=True) as seen,
+    ):
         parallel = run(tiny_sdxl, steps=5)
     assert seen[DECODER] == [(0, 4), (2, 4), (4, 2)]  # the added text/time embeddings are batched too
     assert deviation(parallel, sequential) < 1e-5
@@ -344,4 +387,4 @@ def test_prior_noise_injection_acts_only_below_tau(tiny_sd):
     for i in range(4):  # before the steps at t = 501 and above: nothing
         assert torch.equal(noisy[i], plain[i])
     torch.testing.assert_close(noisy[4] - plain[4], 0.003 * z_T)  # added after step 4, before the step at t = 401
-    assert all(deviation(n, p) > 1e-4 for n, p in zip(noisy[5:], plain[5:]))
+    assert all(deviation(n, p) > 1e-4 for n, p in zip(noisy[5:], plain[5:], strict=False))

@@ -1,4 +1,5 @@
 """benchmarks/accel.py end to end at tiny scale: every part runs, MACs are counted right, the package matches."""
+
 import json
 
 import pytest
@@ -14,12 +15,47 @@ def bench():
 def test_accel_benchmark_tiny(bench, tmp_path):
     pytest.importorskip("DeepCache", reason="the reference package is not installed: pip install DeepCache==0.1.1")
     out = tmp_path / "accel.json"
-    res = bench.main(["--json", str(out), "--unet", "tiny", "--sizes", "64", "--steps", "3", "--repeats", "1",
-                      "--methods", "deepcache:interval=2,branch=0", "encoder-propagation:interval=2,parallel=true",
-                      "--prompts", "2", "--quality-steps", "3", "--batch", "2", "--samplers", "dpm++", "--calls", "2",
-                      "--reference-steps", "3", "--search-budgets", "3", "--calib-prompts", "2",
-                      "--search-generations", "1", "--search-children", "1", "--search-reference-steps", "3",
-                      "--threads", "1"])
+    res = bench.main(
+        [
+            "--json",
+            str(out),
+            "--unet",
+            "tiny",
+            "--sizes",
+            "64",
+            "--steps",
+            "3",
+            "--repeats",
+            "1",
+            "--methods",
+            "deepcache:interval=2,branch=0",
+            "encoder-propagation:interval=2,parallel=true",
+            "--prompts",
+            "2",
+            "--quality-steps",
+            "3",
+            "--batch",
+            "2",
+            "--samplers",
+            "dpm++",
+            "--calls",
+            "2",
+            "--reference-steps",
+            "3",
+            "--search-budgets",
+            "3",
+            "--calib-prompts",
+            "2",
+            "--search-generations",
+            "1",
+            "--search-children",
+            "1",
+            "--search-reference-steps",
+            "3",
+            "--threads",
+            "1",
+        ]
+    )
     assert json.loads(out.read_text())["command"].startswith("stablekit bench accel --json")
     assert all((tmp_path / f"accel_{part}.png").is_file() for part in ("speed", "quality", "samplers"))
 
@@ -36,8 +72,10 @@ def test_accel_benchmark_tiny(bench, tmp_path):
     assert parallel["mac_speedup"] > 1 and "speedup" in parallel
 
     quality = res["quality"]
-    assert [e["label"] for e in quality["entries"]] == ["deepcache:interval=2,branch=0",
-                                                        "encoder-propagation:interval=2,parallel=true"]
+    assert [e["label"] for e in quality["entries"]] == [
+        "deepcache:interval=2,branch=0",
+        "encoder-propagation:interval=2,parallel=true",
+    ]
     assert all("error" not in e and e["mac_speedup_default_model"] > 1 for e in quality["entries"])
 
     samplers = res["samplers"]

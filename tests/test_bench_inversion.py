@@ -1,4 +1,5 @@
 """benchmarks/inversion.py end to end at tiny scale on the default model: batches of images, every method."""
+
 import json
 
 from stablekit.cli import load_benchmark
@@ -7,8 +8,25 @@ from stablekit.cli import load_benchmark
 def test_inversion_benchmark_in_batches(tmp_path):
     bench = load_benchmark("inversion")
     out = tmp_path / "inv.json"
-    res = bench.main(["--json", str(out), "--images", "3", "--steps", "2", "--batch", "2", "--no-photos",
-                      "--methods", "edict", "direct", "infedit", "--grid-rows", "3"])
+    res = bench.main(
+        [
+            "--json",
+            str(out),
+            "--images",
+            "3",
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--no-photos",
+            "--methods",
+            "edict",
+            "direct",
+            "infedit",
+            "--grid-rows",
+            "3",
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and out.with_suffix(".png").exists()
     methods = res["methods"]
     for m in ("vae", "edict", "direct", "infedit"):

@@ -1,5 +1,6 @@
 """benchmarks/protect.py end to end at tiny scale on the default model: every method, image kind and measure;
 a cost-only run, and the merge of runs made apart."""
+
 import json
 import math
 
@@ -12,9 +13,30 @@ from stablekit.cli import load_benchmark
 def test_protect_benchmark_runs_apart_and_merged(tmp_path):
     bench = load_benchmark("protect")
     out, cost, merged = tmp_path / "protect.json", tmp_path / "cost.json", tmp_path / "merged.json"
-    res = bench.main(["--json", str(out), "--photos", "1", "--faces", "1", "--world", "1", "--eps", "8/255",
-                      "--steps", "1", "--strengths", "0.2", "--edit-steps", "5", "--cost-steps", "0",
-                      "--min-psnr", "35"])
+    res = bench.main(
+        [
+            "--json",
+            str(out),
+            "--photos",
+            "1",
+            "--faces",
+            "1",
+            "--world",
+            "1",
+            "--eps",
+            "8/255",
+            "--steps",
+            "1",
+            "--strengths",
+            "0.2",
+            "--edit-steps",
+            "5",
+            "--cost-steps",
+            "0",
+            "--min-psnr",
+            "35",
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and "cost" not in res
     assert out.with_suffix(".png").exists() and (tmp_path / "protect_curves.png").exists()
     assert res["images"] == ["astronaut", "face0", "world0"]
@@ -28,8 +50,23 @@ def test_protect_benchmark_runs_apart_and_merged(tmp_path):
         assert set(by_kind) == {"photo", "face", "world"}
         mean = sum(v["0.2"]["mse"] for v in by_kind.values()) / 3
         assert math.isclose(mean, r["sdedit"]["0.2"]["mse"], rel_tol=1e-9)
-    only = bench.main(["--json", str(cost), "--photos", "0", "--faces", "0", "--world", "0", "--cost-steps", "1",
-                       "--methods", "semantic", "sds"])
+    only = bench.main(
+        [
+            "--json",
+            str(cost),
+            "--photos",
+            "0",
+            "--faces",
+            "0",
+            "--world",
+            "0",
+            "--cost-steps",
+            "1",
+            "--methods",
+            "semantic",
+            "sds",
+        ]
+    )
     assert only["results"] == {"8/255": {}, "16/255": {}} and set(only["cost"]["methods"]) == {"semantic", "sds"}
     assert 0.3 < only["cost"]["sds_vs_semantic"]["flops"] < 1  # SDS skips the UNet's backward pass, not the VAE's
     both = bench.main(["--json", str(merged), "--merge", str(cost), str(out)])

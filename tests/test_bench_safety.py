@@ -1,4 +1,5 @@
 """benchmarks/safety.py end to end at tiny scale on the default model: defenses, attacks, targets."""
+
 import json
 
 import pytest
@@ -9,10 +10,32 @@ from stablekit.cli import load_benchmark
 def test_safety_benchmark_end_to_end(tmp_path):
     bench = load_benchmark("safety")
     out = tmp_path / "safety.json"
-    args = ["--json", str(out), "--concepts", "star", "--prompts", "4", "--attack-prompts", "2", "--steps", "2",
-            "--optimise-prompts", "1", "--attack-iterations", "2",
-            "--spm-iterations", "2", "--spm-dir", str(tmp_path / "spm"), "--batch", "4", "--defenses", "uce", "safree",
-            "spm"]
+    args = [
+        "--json",
+        str(out),
+        "--concepts",
+        "star",
+        "--prompts",
+        "4",
+        "--attack-prompts",
+        "2",
+        "--steps",
+        "2",
+        "--optimise-prompts",
+        "1",
+        "--attack-iterations",
+        "2",
+        "--spm-iterations",
+        "2",
+        "--spm-dir",
+        str(tmp_path / "spm"),
+        "--batch",
+        "4",
+        "--defenses",
+        "uce",
+        "safree",
+        "spm",
+    ]
     res = bench.main(args)
     assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and out.with_suffix(".png").exists()
     rows = res["concepts"]["star"]["defenses"]
@@ -33,9 +56,27 @@ def test_safety_benchmark_end_to_end(tmp_path):
             assert opt["pre_attack"]["n"] == opt["post_attack"]["n"] == 1 and opt["iterations"] == 2
             assert len(opt["examples"]) == 1
     assert set(res["targets"]) == {"safree_star", "spm_star"}
-    again = bench.main(args[:2] + ["--concepts", "star", "--prompts", "4", "--steps", "2", "--attack-prompts", "0",
-                                   "--optimise-prompts", "0", "--spm-dir", str(tmp_path / "spm"), "--batch", "4",
-                                   "--defenses", "spm"])  # the membrane is read back from --spm-dir, not trained again
+    again = bench.main(
+        args[:2]
+        + [
+            "--concepts",
+            "star",
+            "--prompts",
+            "4",
+            "--steps",
+            "2",
+            "--attack-prompts",
+            "0",
+            "--optimise-prompts",
+            "0",
+            "--spm-dir",
+            str(tmp_path / "spm"),
+            "--batch",
+            "4",
+            "--defenses",
+            "spm",
+        ]
+    )  # the membrane is read back from --spm-dir, not trained again
     assert again["concepts"]["star"]["defenses"]["spm"]["erase_seconds"] == 0
     assert again["concepts"]["star"]["defenses"]["spm"]["direct"] == rows["spm"]["direct"]
 
@@ -47,16 +88,21 @@ def test_safety_benchmark_refuses_a_negative_spm_multiplier(tmp_path, capsys):
 
 
 def _row(rate, acc):
-    return {"direct": {"rate": rate, "ci95": [rate / 2, min(1, rate * 2)]},
-            "preservation": {"attr_acc_mean": acc, "attr_acc_delta": {"points": 100 * (acc - 0.9)}}}
+    return {
+        "direct": {"rate": rate, "ci95": [rate / 2, min(1, rate * 2)]},
+        "preservation": {"attr_acc_mean": acc, "attr_acc_delta": {"points": 100 * (acc - 0.9)}},
+    }
 
 
 def test_merge_puts_every_run_s_defenses_in_one_result_and_refuses_other_settings(tmp_path):
     from stablekit import StablekitError
+
     bench = load_benchmark("safety")
     settings = {"seed": 2024, "prompts": 200, "steps": 25, "guidance": 7.5}
-    runs = {"a": {"none": _row(0.98, 0.9), "safree": _row(0.5, 0.9)},
-            "b": {"none": _row(0.97, 0.9), "spm": _row(0.01, 0.89)}}
+    runs = {
+        "a": {"none": _row(0.98, 0.9), "safree": _row(0.5, 0.9)},
+        "b": {"none": _row(0.97, 0.9), "spm": _row(0.01, 0.89)},
+    }
     for stem, rows in runs.items():
         (tmp_path / f"{stem}.json").write_text(json.dumps(settings | {"concepts": {"star": {"defenses": rows}}}))
     out = tmp_path / "all.json"

@@ -1,8 +1,10 @@
 """The shipped attribute classifier: accuracy on fresh held-out world images, and predict's format."""
+
 import pytest
 import torch
 
-from stablekit.default_model import classifier as C, world
+from stablekit.default_model import classifier as C
+from stablekit.default_model import world
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """The stablekit command line: generate (PNG + metadata, seeds, errors) and bench dispatch."""
+
 from importlib.metadata import entry_points
 
 import numpy as np
@@ -19,10 +20,22 @@ def out_dir(tmp_path):
 @pytest.fixture
 def generate(tiny_sd_path, out_dir):
     """Run `stablekit generate` on the tiny model at 32x32 with 2 steps; extra args go last."""
+
     def invoke(*args, prompt=("a red star",), output="img.png"):
-        base = ["generate", *prompt, "-o", str(out_dir / output), "--model", str(tiny_sd_path),
-                "--size", "32x32", "--steps", "2"]
+        base = [
+            "generate",
+            *prompt,
+            "-o",
+            str(out_dir / output),
+            "--model",
+            str(tiny_sd_path),
+            "--size",
+            "32x32",
+            "--steps",
+            "2",
+        ]
         return CliRunner().invoke(cli.cli, base + list(args))
+
     return invoke
 
 
@@ -38,14 +51,37 @@ def test_generate_writes_png_with_metadata(generate, out_dir, tiny_sd_path):
     assert sorted(p.name for p in out_dir.iterdir()) == ["img.png"]  # no temp file left behind
     image = Image.open(path)
     assert image.size == (32, 32)
-    assert image.text == {"prompt": "a red star", "seed": "3", "negative": "blurry", "steps": "2",
-                          "guidance": "5.0", "guidance_rescale": "0.0", "size": "32x32", "scheduler": "ddim",
-                          "model": str(tiny_sd_path), "plugins": "", "stablekit": stablekit.__version__}
+    assert image.text == {
+        "prompt": "a red star",
+        "seed": "3",
+        "negative": "blurry",
+        "steps": "2",
+        "guidance": "5.0",
+        "guidance_rescale": "0.0",
+        "size": "32x32",
+        "scheduler": "ddim",
+        "model": str(tiny_sd_path),
+        "plugins": "",
+        "stablekit": stablekit.__version__,
+    }
 
 
 def test_native_size_is_the_default(out_dir, tiny_sd_path):
-    result = CliRunner().invoke(cli.cli, ["generate", "x", "-o", str(out_dir / "a.png"), "--model",
-                                          str(tiny_sd_path), "--steps", "1", "--scheduler", "euler"])
+    result = CliRunner().invoke(
+        cli.cli,
+        [
+            "generate",
+            "x",
+            "-o",
+            str(out_dir / "a.png"),
+            "--model",
+            str(tiny_sd_path),
+            "--steps",
+            "1",
+            "--scheduler",
+            "euler",
+        ],
+    )
     assert result.exit_code == 0, result.output
     image = Image.open(out_dir / "a.png")
     assert image.size == (32, 32)  # tiny UNet sample_size 16 x vae_scale_factor 2

@@ -1,4 +1,5 @@
 """`stablekit edit` and `stablekit invert` on the tiny model (32x32, 3 steps): PNGs, PSNR, one-line errors."""
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -32,37 +33,81 @@ def inputs(tmp_path_factory):
 
 
 def invoke(command, image, out, model, *args):
-    return CliRunner().invoke(cli.cli, [command, str(image), "--model", str(model), "--steps", "3", "-o", str(out),
-                                        *args])
+    return CliRunner().invoke(
+        cli.cli, [command, str(image), "--model", str(model), "--steps", "3", "-o", str(out), *args]
+    )
 
 
 def test_edit_writes_png_with_metadata(inputs, out_dir, tiny_sd_path):
     path = out_dir / "edit.png"
-    result = invoke("edit", inputs / "in.png", path, tiny_sd_path, "--source", SOURCE, "--target",
-                    "a blue star on a gray background", "--method", "ddim", "--controller", "replace", "--blend", "red")
+    result = invoke(
+        "edit",
+        inputs / "in.png",
+        path,
+        tiny_sd_path,
+        "--source",
+        SOURCE,
+        "--target",
+        "a blue star on a gray background",
+        "--method",
+        "ddim",
+        "--controller",
+        "replace",
+        "--blend",
+        "red",
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [str(path)]
     assert [p.name for p in out_dir.iterdir()] == ["edit.png"]  # no temp file left behind
     image = Image.open(path)
     assert image.size == (32, 32)
-    assert image.text == {"source": SOURCE, "target": "a blue star on a gray background", "method": "ddim",
-                          "strength": "", "controller": "replace", "weights": "", "blend": "red", "steps": "3",
-                          "guidance": "7.5", "decoder_steps": "0", "model": str(tiny_sd_path), "stablekit": stablekit.__version__}
+    assert image.text == {
+        "source": SOURCE,
+        "target": "a blue star on a gray background",
+        "method": "ddim",
+        "strength": "",
+        "controller": "replace",
+        "weights": "",
+        "blend": "red",
+        "steps": "3",
+        "guidance": "7.5",
+        "decoder_steps": "0",
+        "model": str(tiny_sd_path),
+        "stablekit": stablekit.__version__,
+    }
 
 
-@pytest.mark.parametrize("method, args", [("edict", ["--controller", "reweight", "--weight", "star=2"]),
-                                          ("nulltext", ["--controller", "refine"]), ("direct", [])])
+@pytest.mark.parametrize(
+    "method, args",
+    [
+        ("edict", ["--controller", "reweight", "--weight", "star=2"]),
+        ("nulltext", ["--controller", "refine"]),
+        ("direct", []),
+    ],
+)
 def test_edit_with_each_method(inputs, out_dir, tiny_sd_path, method, args):
-    result = invoke("edit", inputs / "in.png", out_dir / "e.png", tiny_sd_path, "--source", SOURCE, "--target",
-                    "a big red star on a gray background", "--method", method, *args)
+    result = invoke(
+        "edit",
+        inputs / "in.png",
+        out_dir / "e.png",
+        tiny_sd_path,
+        "--source",
+        SOURCE,
+        "--target",
+        "a big red star on a gray background",
+        "--method",
+        method,
+        *args,
+    )
     assert result.exit_code == 0, result.output
     assert Image.open(out_dir / "e.png").text["controller"] == (args[1] if args else "")
 
 
 def test_invert_reconstructs_and_prints_psnr(inputs, out_dir, tiny_sd_path, tiny_sd):
     path = out_dir / "rec.png"
-    result = invoke("invert", inputs / "in.png", path, tiny_sd_path, "--prompt", SOURCE, "--method", "edict",
-                    "--reconstruct")
+    result = invoke(
+        "invert", inputs / "in.png", path, tiny_sd_path, "--prompt", SOURCE, "--method", "edict", "--reconstruct"
+    )
     assert result.exit_code == 0, result.output
     line, db = result.stdout.splitlines(), reconstruct_image(tiny_sd, inputs / "in.png", SOURCE, "edict", steps=3)[1]
     assert line == [str(path), f"reconstruction PSNR: {db:.2f} dB"]
@@ -76,8 +121,11 @@ BAD = {
     "missing file": ("invert", "nothing.png", ["--reconstruct"]),
     "wrong size": ("invert", "odd.png", ["--reconstruct"]),
     "unknown method": ("edit", "in.png", ["--method", "pti"]),
-    "unalignable replace": ("edit", "in.png", ["--target", "a big red star on a gray background",
-                                               "--controller", "replace"]),
+    "unalignable replace": (
+        "edit",
+        "in.png",
+        ["--target", "a big red star on a gray background", "--controller", "replace"],
+    ),
     "word not in target": ("edit", "in.png", ["--controller", "refine", "--weight", "green=2"]),
     "reweight without weight": ("edit", "in.png", ["--controller", "reweight"]),
     "weight not WORD=SCALE": ("edit", "in.png", ["--controller", "refine", "--weight", "red"]),
@@ -94,8 +142,9 @@ BAD = {
 @pytest.mark.parametrize("command, name, args", BAD.values(), ids=BAD.keys())
 def test_bad_input_one_error_line_exit_2_no_file(inputs, out_dir, tiny_sd_path, command, name, args):
     prompts = ["--source", SOURCE, "--target", SOURCE] if command == "edit" else ["--prompt", SOURCE]
-    result = invoke(command, inputs / name, out_dir / "out.png", tiny_sd_path, *prompts,
-                    *[a.format(out=out_dir) for a in args])
+    result = invoke(
+        command, inputs / name, out_dir / "out.png", tiny_sd_path, *prompts, *[a.format(out=out_dir) for a in args]
+    )
     assert result.exit_code == 2, result.output
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")
     assert result.stdout == "" and list(out_dir.iterdir()) == []

@@ -1,5 +1,6 @@
 """Plugins from the command line: `generate --accel/--scheduler NAME:k=v`, `keygen`, `generate --watermark`,
 `detect`; one-line errors for bad specs and key files."""
+
 import json
 import stat
 
@@ -30,8 +31,20 @@ def invoke(*args):
 @pytest.fixture
 def generate(tiny_sd_path, out_dir):
     def run(*args, output="img.png"):
-        return invoke("generate", "a red star", "-o", out_dir / output, "--model", tiny_sd_path, "--size", "32x32",
-                      "--steps", "3", *args)
+        return invoke(
+            "generate",
+            "a red star",
+            "-o",
+            out_dir / output,
+            "--model",
+            tiny_sd_path,
+            "--size",
+            "32x32",
+            "--steps",
+            "3",
+            *args,
+        )
+
     return run
 
 
@@ -60,8 +73,11 @@ def one_line_error(result, out_dir, *fragments):
 
 
 def test_deepcache_is_recorded_and_changes_pixels_only_when_it_skips(generate, out_dir):
-    for name, args in [("plain.png", []), ("dc2.png", ["--accel", "deepcache:interval=2"]),
-                       ("dc1.png", ["--accel", "deepcache:interval=1"])]:
+    for name, args in [
+        ("plain.png", []),
+        ("dc2.png", ["--accel", "deepcache:interval=2"]),
+        ("dc1.png", ["--accel", "deepcache:interval=1"]),
+    ]:
         result = generate(*args, output=name)
         assert result.exit_code == 0, result.output
     text = Image.open(out_dir / "dc2.png").text
@@ -76,8 +92,13 @@ def test_scheduler_parameters_reach_its_config(generate, out_dir, tiny_sd_path, 
     assert type(pipe.scheduler) is DDIMScheduler and pipe.scheduler.config.timestep_spacing == "trailing"
     assert pipe.scheduler.config.steps_offset == 1  # the rest of the model's config is kept
     assert generate("--scheduler", "later-ddim", output="leading.png").exit_code == 0
-    result = generate("--scheduler", "ddim:timestep_spacing=trailing", "--accel",
-                      "feature-inheritance:blocks=[mid_block],interval=2", output="trailing.png")
+    result = generate(
+        "--scheduler",
+        "ddim:timestep_spacing=trailing",
+        "--accel",
+        "feature-inheritance:blocks=[mid_block],interval=2",
+        output="trailing.png",
+    )
     assert result.exit_code == 0, result.output
     text = Image.open(out_dir / "trailing.png").text
     assert text["scheduler"] == "ddim:timestep_spacing=trailing" and text["plugins"] == "feature-inheritance"
@@ -85,12 +106,17 @@ def test_scheduler_parameters_reach_its_config(generate, out_dir, tiny_sd_path, 
 
 
 def test_spec_values_follow_annotations_and_defaults():
-    assert parse("deepcache:interval=4,center=1,schedule=[0,2]", ACCEL, "accel")[2] == \
-        {"interval": 4, "center": 1.0, "schedule": [0, 2]}
+    assert parse("deepcache:interval=4,center=1,schedule=[0,2]", ACCEL, "accel")[2] == {
+        "interval": 4,
+        "center": 1.0,
+        "schedule": [0, 2],
+    }
     assert parse("feature-inheritance:blocks=mid_block", ACCEL, "accel")[2] == {"blocks": ["mid_block"]}
     assert parse(" encoder-propagation : interval = none ", ACCEL, "accel")[2] == {"interval": None}
-    assert parse("dpm++:use_karras_sigmas=yes,solver_order=3", cli.SCHEDULERS, "scheduler")[2] == \
-        {"use_karras_sigmas": True, "solver_order": 3}
+    assert parse("dpm++:use_karras_sigmas=yes,solver_order=3", cli.SCHEDULERS, "scheduler")[2] == {
+        "use_karras_sigmas": True,
+        "solver_order": 3,
+    }
     assert type(parse("deepcache:center=1", ACCEL, "accel")[2]["center"]) is float
 
 
@@ -155,8 +181,10 @@ def test_key_errors_one_line_exit_2_no_file(generate, out_dir, keys, tiny_sd_pat
         (generate("--key-file", keys["tree-ring"], "--size", "64x64"), ["is for 32x32 images"]),
         (invoke(*detect, tmp_path / "big.png", "--key-file", keys["seal"]), ["64x64 but the key is for 32x32"]),
         (invoke(*detect, tmp_path / "big.png", "--key-file", tmp_path / "corrupt.json"), ["not a valid"]),
-        (invoke(*detect, tmp_path / "big.png", "--key-file", keys["seal"], "--key-file", keys["tree-ring"]),
-         ["give keys of one method and size"]),
+        (
+            invoke(*detect, tmp_path / "big.png", "--key-file", keys["seal"], "--key-file", keys["tree-ring"]),
+            ["give keys of one method and size"],
+        ),
         (invoke(*detect, tmp_path / "big.png", "--key-file", keys["seal"], "--fpr", "0"), ["--fpr 0"]),
         (invoke("keygen", "tree-ring", "-o", keys["seal"]), ["exists", "--force"]),
         (invoke("keygen", "tree-ring:radius=99", "-o", out_dir / "k.json", "--model", tiny_sd_path), ["radius"]),
@@ -196,12 +224,31 @@ def test_erase_writes_an_adapter_that_generate_applies(generate, out_dir, tiny_s
 
 def test_erase_spm_writes_a_membrane_that_generate_applies(generate, out_dir, tiny_sd_path, tmp_path, monkeypatch):
     from stablekit.safety import SPM, load_adapter
+
     seen, train = {}, SPM.train.__func__
     monkeypatch.setattr(SPM, "train", classmethod(lambda cls, *a, **kw: seen.update(kw) or train(cls, *a, **kw)))
     membrane = tmp_path / "spm-star.safetensors"
-    result = invoke("erase", "--method", "spm", "--concept", "star", "--iterations", "3", "--lr", "1e-3",
-                    "--anchor-weight", "1", "--eta", "2", "--surrogate", "shape", "-o", membrane,
-                    "--model", tiny_sd_path)
+    result = invoke(
+        "erase",
+        "--method",
+        "spm",
+        "--concept",
+        "star",
+        "--iterations",
+        "3",
+        "--lr",
+        "1e-3",
+        "--anchor-weight",
+        "1",
+        "--eta",
+        "2",
+        "--surrogate",
+        "shape",
+        "-o",
+        membrane,
+        "--model",
+        tiny_sd_path,
+    )
     assert result.exit_code == 0 and result.stdout.endswith(f"{membrane}\n"), result.output
     assert seen == {"iterations": 3, "lr": 1e-3, "anchor_weight": 1.0, "eta": 2.0, "surrogate": "shape"}
     assert isinstance(load_adapter(membrane), SPM)
@@ -218,20 +265,77 @@ def test_erase_and_adapter_errors_are_one_line(generate, out_dir, tiny_sd_path, 
     one_line_error(generate("--adapter", bad), out_dir, "bad.safetensors")
     one_line_error(generate("--adapter", tmp_path / "missing.safetensors"), out_dir, "does not exist")
     one_line_error(generate("--spm-multiplier", "2"), out_dir, "--adapter")
-    one_line_error(invoke("erase", "--method", "spm", "--concept", "star", "--concept", "red", "-o",
-                          tmp_path / "two.safetensors", "--model", tiny_sd_path), out_dir, "one --concept")
-    one_line_error(invoke("erase", "--concept", " ", "-o", tmp_path / "a.safetensors", "--model", tiny_sd_path),
-                   out_dir, "--concept")
-    one_line_error(invoke("erase", "--concept", "star", "--surrogate", "shape", "-o", tmp_path / "a.safetensors",
-                          "--model", tiny_sd_path), out_dir, "--surrogate")
-    one_line_error(invoke("erase", "--method", "spm", "--concept", "star", "--eta", "0", "-o",
-                          tmp_path / "a.safetensors", "--model", tiny_sd_path), out_dir, "--eta")
+    one_line_error(
+        invoke(
+            "erase",
+            "--method",
+            "spm",
+            "--concept",
+            "star",
+            "--concept",
+            "red",
+            "-o",
+            tmp_path / "two.safetensors",
+            "--model",
+            tiny_sd_path,
+        ),
+        out_dir,
+        "one --concept",
+    )
+    one_line_error(
+        invoke("erase", "--concept", " ", "-o", tmp_path / "a.safetensors", "--model", tiny_sd_path),
+        out_dir,
+        "--concept",
+    )
+    one_line_error(
+        invoke(
+            "erase",
+            "--concept",
+            "star",
+            "--surrogate",
+            "shape",
+            "-o",
+            tmp_path / "a.safetensors",
+            "--model",
+            tiny_sd_path,
+        ),
+        out_dir,
+        "--surrogate",
+    )
+    one_line_error(
+        invoke(
+            "erase",
+            "--method",
+            "spm",
+            "--concept",
+            "star",
+            "--eta",
+            "0",
+            "-o",
+            tmp_path / "a.safetensors",
+            "--model",
+            tiny_sd_path,
+        ),
+        out_dir,
+        "--eta",
+    )
     assert not list(out_dir.iterdir()) and not (tmp_path / "a.safetensors").exists()
 
 
 def test_audit_reports_before_and_after_attack(out_dir, tmp_path):
-    result = invoke("audit", "--concept", "red", "--defense", "negative", "--prompts", "3", "--steps", "2",
-                    "--json", out_dir / "audit.json")
+    result = invoke(
+        "audit",
+        "--concept",
+        "red",
+        "--defense",
+        "negative",
+        "--prompts",
+        "3",
+        "--steps",
+        "2",
+        "--json",
+        out_dir / "audit.json",
+    )
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.startswith("red under negative")]
     assert len(lines) == 2 and "before attack" in lines[0] and "after arithmetic" in lines[1]
@@ -243,9 +347,14 @@ def test_audit_reports_before_and_after_attack(out_dir, tmp_path):
 def test_audit_errors_are_one_line(out_dir, tmp_path):
     one_line_error(invoke("audit", "--concept", "nudity"), out_dir, "unknown concept", "star")
     one_line_error(invoke("audit", "--concept", "star", "--attack", "nope"), out_dir, "unknown attack", "arithmetic")
-    one_line_error(invoke("audit", "--concept", "star", "--defense", "spm", "--adapter", tmp_path / "no.safetensors"),
-                   out_dir, "does not exist")
-    one_line_error(invoke("audit", "--concept", "star", "--defense", "uce", "--adapter", tmp_path / "x"),
-                   out_dir, "--defense spm")
-    one_line_error(invoke("audit", "--concept", "star", "--defense", "safree", "--spm-multiplier", "2"),
-                   out_dir, "--defense spm")
+    one_line_error(
+        invoke("audit", "--concept", "star", "--defense", "spm", "--adapter", tmp_path / "no.safetensors"),
+        out_dir,
+        "does not exist",
+    )
+    one_line_error(
+        invoke("audit", "--concept", "star", "--defense", "uce", "--adapter", tmp_path / "x"), out_dir, "--defense spm"
+    )
+    one_line_error(
+        invoke("audit", "--concept", "star", "--defense", "safree", "--spm-multiplier", "2"), out_dir, "--defense spm"
+    )

@@ -1,4 +1,5 @@
 """The shipped default model: loads offline through the same code as any SD model, follows prompts."""
+
 import json
 
 import numpy as np
@@ -28,20 +29,24 @@ def test_shipped_files_and_size():
 
 def test_default_model_is_a_standard_sd_pipeline(default_pipe):
     from diffusers import StableDiffusionPipeline
+
     assert isinstance(default_pipe, StableDiffusionPipeline)
     assert default_pipe.text_encoder.config.hidden_size == default_pipe.unet.config.cross_attention_dim == 384
     assert default_pipe.unet.config.sample_size * default_pipe.vae_scale_factor == 64
 
 
 def test_same_seed_same_image_and_prompts_matter(default_pipe):
-    a, b, c = (np.asarray(_generate(default_pipe, [p], seed=0, steps=6)[0]) for p in
-               ["a red circle on a gray background", "a red circle on a gray background", "a blue star on beige"])
+    a, b, c = (
+        np.asarray(_generate(default_pipe, [p], seed=0, steps=6)[0])
+        for p in ["a red circle on a gray background", "a red circle on a gray background", "a blue star on beige"]
+    )
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
 def test_schedule_has_zero_terminal_snr_and_v_prediction(default_pipe):
     """The last timestep holds no image signal, so the background cannot leak from the initial noise."""
     from diffusers import DDIMScheduler
+
     sched = default_pipe.scheduler
     assert sched.config.prediction_type == "v_prediction" and sched.config.timestep_spacing == "trailing"
     assert sched.alphas_cumprod[-1] < 1e-6 and sched.alphas_cumprod[0] > 0.99
@@ -57,9 +62,12 @@ def test_generated_colours_and_backgrounds_follow_the_prompt(default_pipe):
     rather than the prompt (SD's own schedule) scored chance on backgrounds."""
     from stablekit.default_model.classifier import predict
     from stablekit.default_model.world import BACKGROUND_NAMES, COLOR_NAMES
+
     colors, bgs = COLOR_NAMES * 2, BACKGROUND_NAMES * 4
-    prompts = [f"a {c} {s} on a {b} background" for c, s, b in zip(colors, ["square", "circle"] * 8, bgs)]
+    prompts = [
+        f"a {c} {s} on a {b} background" for c, s, b in zip(colors, ["square", "circle"] * 8, bgs, strict=False)
+    ]
     preds = predict(_generate(default_pipe, prompts, seed=10, steps=20))
-    color_hits = sum(c in p["colors"] for c, p in zip(colors, preds))
-    bg_hits = sum(b == p["background"] for b, p in zip(bgs, preds))
+    color_hits = sum(c in p["colors"] for c, p in zip(colors, preds, strict=False))
+    bg_hits = sum(b == p["background"] for b, p in zip(bgs, preds, strict=False))
     assert color_hits >= 10 and bg_hits >= 10, (color_hits, bg_hits, preds)

@@ -1,4 +1,5 @@
 """InfEdit (DDCM virtual inversion, unified attention control) on the tiny random-weight pipelines (32x32 images)."""
+
 import numpy as np
 import pytest
 import torch
@@ -131,6 +132,7 @@ def test_self_attention_rows_source_maps_then_mutual(pipe, do_cfg):
     h = torch.randn(6 if do_cfg else 3, 64, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
     c = UnifiedAttentionControl(self_replace_steps=0.5)
     with stablekit.use(pipe, c), torch.no_grad():
+
         def run(step):
             c.reset(CallState(do_cfg=do_cfg, prompt=[SOURCE, SOURCE, TARGET], num_steps=4, step=step))
             return attn(h).view(-1, 3, *h.shape[1:]), h.view(-1, 3, *h.shape[1:])
@@ -189,9 +191,12 @@ def test_branches_and_guidance_halves(pipe, image, guidance, batch):
 
 
 def test_bad_input_is_one_line_stablekit_error(pipe, image):
-    cases = [(dict(method="infedit", steps=0), "steps >= 1"), (dict(method="pti"), "unknown editing method 'pti'"),
-             (dict(method="ddim", controller=UnifiedAttentionControl(), steps=2), "method='infedit'"),
-             (dict(method="infedit", controller=UnifiedAttentionControl("replace")), "cannot be aligned")]
+    cases = [
+        (dict(method="infedit", steps=0), "steps >= 1"),
+        (dict(method="pti"), "unknown editing method 'pti'"),
+        (dict(method="ddim", controller=UnifiedAttentionControl(), steps=2), "method='infedit'"),
+        (dict(method="infedit", controller=UnifiedAttentionControl("replace")), "cannot be aligned"),
+    ]
     for kw, match in cases:
         with pytest.raises(StablekitError, match=match) as e:
             edit(pipe, image, SOURCE, "a big red star on a gray background", **kw)
@@ -214,12 +219,16 @@ def png(tmp_path_factory):
 
 
 def invoke(png, model, out, *args):
-    return CliRunner().invoke(cli.cli, ["edit", str(png), "--model", str(model), "--source", SOURCE, "-o", str(out),
-                                        "--method", "infedit", *args])
+    return CliRunner().invoke(
+        cli.cli,
+        ["edit", str(png), "--model", str(model), "--source", SOURCE, "-o", str(out), "--method", "infedit", *args],
+    )
 
 
-@pytest.mark.parametrize("args, controller, steps", [([], "", "12"), (["--steps", "3", "--controller", "replace",
-                                                                       "--blend", "red"], "replace", "3")])
+@pytest.mark.parametrize(
+    "args, controller, steps",
+    [([], "", "12"), (["--steps", "3", "--controller", "replace", "--blend", "red"], "replace", "3")],
+)
 def test_cli_edit_with_infedit(png, tmp_path, tiny_sd_path, args, controller, steps):
     out = tmp_path / "edit.png"
     result = invoke(png, tiny_sd_path, out, "--target", TARGET, *args)
@@ -229,8 +238,10 @@ def test_cli_edit_with_infedit(png, tmp_path, tiny_sd_path, args, controller, st
     assert [meta[k] for k in ("method", "controller", "steps", "guidance")] == ["infedit", controller, steps, "2.3"]
 
 
-@pytest.mark.parametrize("args, match", [(["--controller", "replace"], "cannot be aligned for a replace edit"),
-                                         (["--steps", "0"], "--steps 0")])
+@pytest.mark.parametrize(
+    "args, match",
+    [(["--controller", "replace"], "cannot be aligned for a replace edit"), (["--steps", "0"], "--steps 0")],
+)
 def test_cli_bad_input_one_error_line(png, tmp_path, tiny_sd_path, args, match):
     result = invoke(png, tiny_sd_path, tmp_path / "out.png", "--target", "a big red star on a gray background", *args)
     assert result.exit_code == 2 and result.stdout == "" and not (tmp_path / "out.png").exists()

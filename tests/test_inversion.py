@@ -1,4 +1,5 @@
 """Inversion and editing on the tiny random-weight SD pipeline (32x32 images, a few steps)."""
+
 import numpy as np
 import pytest
 import torch
@@ -42,8 +43,15 @@ def ddim_mse(pipe, image):
 @pytest.mark.parametrize("guidance", [1.0, 7.5])
 def test_ddim_reconstruction_is_the_pipelines_own_ddim_sampling(pipe, image, guidance):
     inv = invert(pipe, image, PROMPT, "ddim", STEPS, guidance=guidance)
-    ref = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=guidance, latents=inv.latents[0], height=32,
-               width=32, output_type="latent").images
+    ref = pipe(
+        PROMPT,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+        latents=inv.latents[0],
+        height=32,
+        width=32,
+        output_type="latent",
+    ).images
     assert torch.allclose(reconstruct(pipe, inv)[-1], ref, atol=1e-4)
 
 
@@ -114,7 +122,9 @@ def test_edit_runs_source_and_target_branches_with_a_controller(pipe, image, met
     start = 1 if method == "edict" else 0  # EDICT's paper regenerates the last 80%: round(0.2 * 4) = 1
     assert probe.steps == list(range(start, 4)) and stablekit.attached(pipe) == []
     per_step = 2 if method == "edict" else 1  # EDICT evaluates the unet on x, then on y
-    assert probe.unet_calls == [(i, 4) for i in range(start, 4) for _ in range(per_step)]  # [u_src, u_tgt, c_src, c_tgt]
+    assert probe.unet_calls == [
+        (i, 4) for i in range(start, 4) for _ in range(per_step)
+    ]  # [u_src, u_tgt, c_src, c_tgt]
 
 
 @pytest.mark.parametrize("method", ["edict", "direct"])
@@ -155,8 +165,8 @@ def test_a_batch_of_images_inverts_and_edits_as_each_image_alone(pipe, image, me
     for j in range(2):
         alone = invert(pipe, images[j], prompts[j], method, STEPS, **kw)
         # the VAE encodes a batch ~1e-6 apart from one image; the random unet at guidance amplifies that
-        assert rel_error(inv.latents[:, j:j + 1], alone.latents) < 2e-3
-        assert rel_error(reconstruct(pipe, inv)[:, j:j + 1], reconstruct(pipe, alone)) < 2e-3
+        assert rel_error(inv.latents[:, j : j + 1], alone.latents) < 2e-3
+        assert rel_error(reconstruct(pipe, inv)[:, j : j + 1], reconstruct(pipe, alone)) < 2e-3
         one = edit(pipe, alone, prompts[j], targets[j], controller=controller)
         assert np.abs(np.asarray(one, dtype=int) - np.asarray(edits[j], dtype=int)).max() <= 1
 
@@ -171,9 +181,13 @@ def test_reconstruct_image_reports_psnr(pipe, image, tmp_path):
 
 def test_bad_input_is_one_line_stablekit_error(pipe, image, tmp_path):
     (tmp_path / "x.txt").write_text("not an image")
-    cases = [(42, "expected an image"), (str(tmp_path / "x.txt"), "cannot read image"),
-             (image[:, :31, :30], "30x31; width and height must be multiples of 2"),
-             (image[None].repeat(2, 1, 1, 1), "shape"), (image * 2, r"\[0, 1\]")]
+    cases = [
+        (42, "expected an image"),
+        (str(tmp_path / "x.txt"), "cannot read image"),
+        (image[:, :31, :30], "30x31; width and height must be multiples of 2"),
+        (image[None].repeat(2, 1, 1, 1), "shape"),
+        (image * 2, r"\[0, 1\]"),
+    ]
     for bad, match in cases:
         with pytest.raises(StablekitError, match=match) as e:
             invert(pipe, bad, PROMPT, "ddim", 2)

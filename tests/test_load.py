@@ -1,4 +1,5 @@
 """stablekit.load(): folders (SD 1.x, SDXL), single files, hub ids, scheduler choice, and its errors."""
+
 import socket
 import time
 
@@ -6,8 +7,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from conftest import make_tiny_sd, make_tiny_sdxl, run
-from diffusers import (DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline)
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 import stablekit
 from stablekit import StablekitError, set_scheduler
@@ -33,10 +33,13 @@ def one_line(err: pytest.ExceptionInfo) -> str:
     return msg
 
 
-@pytest.mark.parametrize("make, path_fixture, cls", [
-    (make_tiny_sd, "tiny_sd_path", StableDiffusionPipeline),
-    (make_tiny_sdxl, "tiny_sdxl_path", StableDiffusionXLPipeline),
-])
+@pytest.mark.parametrize(
+    "make, path_fixture, cls",
+    [
+        (make_tiny_sd, "tiny_sd_path", StableDiffusionPipeline),
+        (make_tiny_sdxl, "tiny_sdxl_path", StableDiffusionXLPipeline),
+    ],
+)
 def test_folder_round_trip(request, make, path_fixture, cls):
     pipe, ref = stablekit.load(request.getfixturevalue(path_fixture), device="cpu"), make()
     assert type(pipe) is cls
@@ -90,9 +93,14 @@ def test_corrupt_single_file(tmp_path, no_network):
     assert not no_network
 
 
-@pytest.mark.parametrize("name, cls", [("model.safetensors", StableDiffusionPipeline),
-                                       ("my-SDXL-base.safetensors", StableDiffusionXLPipeline),
-                                       ("model.ckpt", StableDiffusionPipeline)])
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("model.safetensors", StableDiffusionPipeline),
+        ("my-SDXL-base.safetensors", StableDiffusionXLPipeline),
+        ("model.ckpt", StableDiffusionPipeline),
+    ],
+)
 def test_single_file_routing(monkeypatch, tmp_path, tiny_sd, name, cls):
     seen = []
 

@@ -1,4 +1,5 @@
 """Metric properties: Fréchet distance, PSNR and Clopper-Pearson intervals."""
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,7 @@ def test_frechet_identical_sets_is_zero():
 def test_frechet_shifted_gaussians_is_squared_mean_shift():
     x = np.random.default_rng(1).normal(size=(2000, 8))
     shift = np.arange(8) * 0.5
-    assert frechet_distance(x, x + shift) == pytest.approx((shift ** 2).sum(), rel=1e-6)
+    assert frechet_distance(x, x + shift) == pytest.approx((shift**2).sum(), rel=1e-6)
 
 
 def test_frechet_scaled_gaussians_matches_closed_form():

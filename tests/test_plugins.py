@@ -1,4 +1,5 @@
 """Each plugin seam on the tiny pipelines: its effect, per-call state, conflicts, and exact removal."""
+
 import pytest
 import torch
 from conftest import make_tiny_sdxl, run
@@ -161,8 +162,14 @@ def test_all_seams_stacked_then_removed_bit_identical(tiny_sd):
     ref = run(tiny_sd, steps=3)
     lat = torch.randn(1, 4, 16, 16)
     other, _ = tiny_sd.encode_prompt("a blue circle", "cpu", 1, False)
-    plugins = [HookPlugin(), SchedulerPlugin(EulerDiscreteScheduler), SwapEmbeds(other), FixedLatents(lat),
-               Recorder(), WeightEdit({"unet.conv_out.bias": torch.ones(4)})]
+    plugins = [
+        HookPlugin(),
+        SchedulerPlugin(EulerDiscreteScheduler),
+        SwapEmbeds(other),
+        FixedLatents(lat),
+        Recorder(),
+        WeightEdit({"unet.conv_out.bias": torch.ones(4)}),
+    ]
     outer = stablekit.use(tiny_sd, *plugins[:3])
     with stablekit.use(tiny_sd, *plugins[3:]):  # nested attach stacks
         run(tiny_sd, steps=3)
@@ -175,9 +182,12 @@ def test_all_seams_stacked_then_removed_bit_identical(tiny_sd):
 
 def test_sdxl_prompt_seam_and_step_count():
     pipe = make_tiny_sdxl()
-    blue = pipe.encode_prompt("a blue circle", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
-    pooled_red = pipe.encode_prompt("a red star", device="cpu", num_images_per_prompt=1,
-                                    do_classifier_free_guidance=False)[2]
+    blue = pipe.encode_prompt(
+        "a blue circle", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+    )[0]
+    pooled_red = pipe.encode_prompt(
+        "a red star", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+    )[2]
     ref = run(pipe, prompt=None, prompt_embeds=blue, pooled_prompt_embeds=pooled_red)
     rec = Recorder()
     with stablekit.use(pipe, SwapEmbeds(blue)):  # SDXL's 4-tuple: only the token embeddings change
@@ -197,6 +207,7 @@ def test_call_state_halves():
 def test_stochastic_schedulers_keep_their_generator_under_plugins(tiny_sd):
     """The step wrapper keeps scheduler.step's signature, so the pipeline still passes `generator`."""
     from diffusers import EulerAncestralDiscreteScheduler
+
     tiny_sd.scheduler = EulerAncestralDiscreteScheduler.from_config(tiny_sd.scheduler.config)
     ref = run(tiny_sd)
     with stablekit.use(tiny_sd, Recorder()):

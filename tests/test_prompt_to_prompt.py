@@ -1,4 +1,5 @@
 """Prompt-to-prompt attention control on the tiny random-weight SD pipeline (32x32 images, 4 steps)."""
+
 import numpy as np
 import pytest
 import torch
@@ -58,6 +59,7 @@ def test_control_replaces_the_targets_maps_in_the_conditional_half(pipe):
     heads, keys = 2, pipe.tokenizer.model_max_length
     c = PromptToPrompt("refine", weights={"big": 3.0})
     with stablekit.use(pipe, c):
+
         def control(step, queries, cross, rows=4):
             c.reset(CallState(do_cfg=rows == 4, prompt=[SOURCE, ADDED], num_steps=10, step=step))
             g = torch.Generator().manual_seed(0)
@@ -121,14 +123,19 @@ def test_token_alignment(pipe):
 
 
 def test_bad_settings_are_one_line_errors(pipe, image):
-    cases = [(dict(mode="swap"), "unknown prompt-to-prompt mode"), (dict(cross_replace_steps=1.5), "fractions"),
-             (dict(weights={"red": -1}), "finite and >= 0")]
+    cases = [
+        (dict(mode="swap"), "unknown prompt-to-prompt mode"),
+        (dict(cross_replace_steps=1.5), "fractions"),
+        (dict(weights={"red": -1}), "finite and >= 0"),
+    ]
     for kw, match in cases:
         with pytest.raises(StablekitError, match=match):
             PromptToPrompt(**kw)
-    cases = [(PromptToPrompt(), ADDED, "cannot be aligned for a replace edit"),
-             (PromptToPrompt(weights={"green": 2}), TARGET, "word 'green' is not in the target prompt"),
-             (PromptToPrompt(blend=["green"]), TARGET, "blend word 'green' is in neither prompt")]
+    cases = [
+        (PromptToPrompt(), ADDED, "cannot be aligned for a replace edit"),
+        (PromptToPrompt(weights={"green": 2}), TARGET, "word 'green' is not in the target prompt"),
+        (PromptToPrompt(blend=["green"]), TARGET, "blend word 'green' is in neither prompt"),
+    ]
     for controller, target, match in cases:
         with pytest.raises(StablekitError, match=match) as e:
             edit(pipe, image, SOURCE, target, "ddim", controller=controller, steps=2)

@@ -1,6 +1,7 @@
 """stablekit.protect: the budget holds exactly after rounding, each attack raises its own objective above
 the clean image's and above random signs of the same budget, SDS never back-propagates through the UNet,
 DiffusionGuard changes only the protected region, bf16 runs, and the CLI's bad input is one line."""
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +29,9 @@ def trained():
 
 def blocks(size: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
-    return Image.fromarray(np.kron(rng.uniform(0, 255, (size // 4, size // 4, 3)), np.ones((4, 4, 1))).astype(np.uint8))
+    return Image.fromarray(
+        np.kron(rng.uniform(0, 255, (size // 4, size // 4, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+    )
 
 
 def square(size: int, lo: int, hi: int) -> Image.Image:
@@ -40,6 +43,7 @@ def square(size: int, lo: int, hi: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def scene():
     from stablekit.default_model import world
+
     return next(iter(world.dataset(1, 5)))[0].resize((64, 64), Image.LANCZOS)
 
 
@@ -47,8 +51,14 @@ def levels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-CASES = [("encoder", {}), ("encoder", {"mode": "away"}), ("semantic", {}), ("sds", {}), ("sds", {"mode": "max"}),
-         ("diffusionguard", {"mask": square(32, 8, 24)})]
+CASES = [
+    ("encoder", {}),
+    ("encoder", {"mode": "away"}),
+    ("semantic", {}),
+    ("sds", {}),
+    ("sds", {"mode": "max"}),
+    ("diffusionguard", {"mask": square(32, 8, 24)}),
+]
 
 
 @pytest.mark.parametrize("method, kw", CASES, ids=[f"{m}-{k.get('mode', '')}" for m, k in CASES])
@@ -68,15 +78,16 @@ def test_budget_holds_for_non_8bit_tensors_within_rounding(tiny):
 
 
 def psnr(a, b) -> float:
-    return 10 * np.log10(255 ** 2 / np.mean((levels(a) - levels(b)) ** 2.0))
+    return 10 * np.log10(255**2 / np.mean((levels(a) - levels(b)) ** 2.0))
 
 
 @pytest.mark.parametrize("method, kw", CASES, ids=[f"{m}-{k.get('mode', '')}" for m, k in CASES])
 def test_psnr_floor_holds_after_rounding_and_binds(tiny, method, kw):
     image = blocks(32)
     for eps in (EIGHT, 16 / 255):
-        out = stablekit.protect(image, tiny, method, eps=eps, steps=3, step_size=eps, min_psnr=35, progress=False,
-                                **kw)
+        out = stablekit.protect(
+            image, tiny, method, eps=eps, steps=3, step_size=eps, min_psnr=35, progress=False, **kw
+        )
         assert np.abs(levels(out) - levels(image)).max() <= round(eps * 255)
         top = 99 if "mask" in kw else 36.5  # without a mask the floor binds: the budget is spent up to it
         assert 35 <= psnr(out, image) < top, (eps, psnr(out, image))
@@ -109,8 +120,9 @@ def test_semantic_attacks_beat_clean_and_random(trained, scene, method, mode):
 def test_diffusionguard_beats_clean_and_random(trained, scene):
     mask = square(64, 16, 48)
     out = stablekit.protect(scene, trained, "diffusionguard", mask=mask, steps=20, step_size=1 / 255, progress=False)
-    clean, noise, ours = (objective(trained, y, scene, "diffusionguard", mask=mask)
-                          for y in (scene, random_noise(scene, mask=mask), out))
+    clean, noise, ours = (
+        objective(trained, y, scene, "diffusionguard", mask=mask) for y in (scene, random_noise(scene, mask=mask), out)
+    )
     assert ours > clean and ours > noise, (clean, noise, ours)
 
 
@@ -119,7 +131,10 @@ class UNetCalls:
 
     def __init__(self, unet):
         self.forward = self.with_grad = self.backward = 0
-        self.handles = [unet.register_forward_hook(self.on_forward), unet.register_full_backward_hook(self.on_backward)]
+        self.handles = [
+            unet.register_forward_hook(self.on_forward),
+            unet.register_full_backward_hook(self.on_backward),
+        ]
 
     def on_forward(self, module, args, out):
         self.forward += 1
@@ -242,17 +257,29 @@ def test_same_seed_same_pixels(tiny):
 
 def test_stablekit_protect_is_callable_and_a_package():
     import stablekit.protect as package
+
     assert callable(stablekit.protect) and package is stablekit.protect and "sds" in stablekit.protect.METHODS
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(eps=0), "outside"), (dict(eps=1.5), "outside"), (dict(eps="8/0"), "not a number"),
-    (dict(eps="big"), "not a number"), (dict(method="glaze"), "unknown protection method"),
-    (dict(mask=square(16, 2, 8)), "mask is 16x16 but the image is 32x32"), (dict(mask=square(32, 0, 0)), "no pixel"),
-    (dict(steps=-1), "steps"), (dict(mode="toward"), "no mode 'toward'"), (dict(dtype="int8"), "unknown dtype"),
-    (dict(shrink=0.2), "no option 'shrink'"), (dict(eot=["blur"]), "unknown EOT"),
-    (dict(min_psnr=0), "outside \\(0, 100\\) dB"), (dict(min_psnr="high"), "not a number"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(eps=0), "outside"),
+        (dict(eps=1.5), "outside"),
+        (dict(eps="8/0"), "not a number"),
+        (dict(eps="big"), "not a number"),
+        (dict(method="glaze"), "unknown protection method"),
+        (dict(mask=square(16, 2, 8)), "mask is 16x16 but the image is 32x32"),
+        (dict(mask=square(32, 0, 0)), "no pixel"),
+        (dict(steps=-1), "steps"),
+        (dict(mode="toward"), "no mode 'toward'"),
+        (dict(dtype="int8"), "unknown dtype"),
+        (dict(shrink=0.2), "no option 'shrink'"),
+        (dict(eot=["blur"]), "unknown EOT"),
+        (dict(min_psnr=0), "outside \\(0, 100\\) dB"),
+        (dict(min_psnr="high"), "not a number"),
+    ],
+)
 def test_bad_arguments_raise_one_line(tiny, kw, match):
     kw = dict(dict(method="sds", steps=1, progress=False), **kw)
     with pytest.raises(StablekitError, match=match) as err:
@@ -261,6 +288,7 @@ def test_bad_arguments_raise_one_line(tiny, kw, match):
 
 
 # ---------------------------------------------------------------- CLI
+
 
 def invoke(*args):
     return CliRunner().invoke(cli.cli, ["protect", *map(str, args)])
@@ -281,8 +309,21 @@ def files(tmp_path):
 
 def test_cli_writes_a_protected_png(files, tiny_sd_path):
     d, out = files
-    result = invoke(d / "in.png", "-o", out / "p.png", "--model", tiny_sd_path, "--method", "diffusionguard",
-                    "--mask", d / "mask.png", "--eps", "16/255", "--steps", "2")
+    result = invoke(
+        d / "in.png",
+        "-o",
+        out / "p.png",
+        "--model",
+        tiny_sd_path,
+        "--method",
+        "diffusionguard",
+        "--mask",
+        d / "mask.png",
+        "--eps",
+        "16/255",
+        "--steps",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{out / 'p.png'}\n"
     image = Image.open(out / "p.png")

@@ -1,4 +1,5 @@
 """Concept arithmetic composes guidance exactly, through any attached defense; the audit's prompts and judge."""
+
 import numpy as np
 import pytest
 import torch
@@ -88,8 +89,10 @@ def test_decompositions_and_audit_prompts():
     assert len(p.direct) == len(p.para) == len(p.keep) == len(p.direct_scenes) == len(p.keep_scenes) == 30
     assert all(" red " in t for t in p.direct) and not any(" red " in t for t in p.para + p.keep)
     assert all(o.color != "red" for s in p.keep_scenes for o in s.objects)
-    assert all(s.objects[0].color == "red" and world.canonical_caption(s) == t
-               for s, t in zip(p.direct_scenes, p.direct))
+    assert all(
+        s.objects[0].color == "red" and world.canonical_caption(s) == t
+        for s, t in zip(p.direct_scenes, p.direct, strict=False)
+    )
     assert p.direct != prompts(red, 30, seed=4).direct
     with pytest.raises(StablekitError, match="unknown concept"):
         concept("nudity")
@@ -106,6 +109,7 @@ def test_blocklist_deletes_the_word_before_the_pipeline_sees_it(pipe):
 
 def test_others_kept_judges_every_attribute_of_the_scene_but_the_concept_s():
     from stablekit.default_model import classifier
+
     c = concept("star")
     p = prompts(c, 16, seed=5)
     rng = np.random.default_rng(0)
@@ -148,8 +152,10 @@ def _losses(pipe, texts, x0, target_text=None, n=12):
     noise = torch.randn(n, *x0.shape[1:], generator=g)
     xt = sch.add_noise(x0.expand(n, -1, -1, -1), noise, t)
     with torch.no_grad():
+
         def pred(text):
             return pipe.unet(xt, t, encode_ids(pipe, [token_ids(pipe, text)]).expand(n, -1, -1)).sample
+
         want = training_target(sch, x0.expand(n, -1, -1, -1), noise, t) if target_text is None else pred(target_text)
         return [torch.nn.functional.mse_loss(pred(text), want).item() for text in texts]
 

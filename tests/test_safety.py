@@ -4,6 +4,7 @@ Trigger detection needs a text encoder with meaning; :class:`BagOfWords` is one 
 each listed word is its own orthonormal direction and every token's embedding is the sum of the words so
 far (the end token's embedding is the sum of the whole prompt), as in a causal encoder.
 """
+
 import math
 import types
 from contextlib import contextmanager
@@ -55,7 +56,8 @@ def cond_embeds(pipe):
     """The embeddings that reach the UNet's cross-attention while inside, one entry per UNet call."""
     seen = []
     handle = pipe.unet.down_blocks[1].register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].detach().clone()), with_kwargs=True)
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].detach().clone()), with_kwargs=True
+    )
     try:
         yield seen
     finally:
@@ -63,8 +65,9 @@ def cond_embeds(pipe):
 
 
 def encode(pipe, prompt):
-    return type(pipe).encode_prompt(pipe, prompt=prompt, device="cpu", num_images_per_prompt=1,
-                                    do_classifier_free_guidance=False)[0][0]
+    return type(pipe).encode_prompt(
+        pipe, prompt=prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+    )[0][0]
 
 
 def pinv_projector(vectors):
@@ -113,11 +116,11 @@ def test_detection_flags_the_concept_token_and_projection_removes_it(bag_sd):
     with cond_embeds(bag_sd) as seen, stablekit.use(bag_sd, plugin):
         run(bag_sd, prompt=STAR, steps=2)
     (d,) = plugin.decisions
-    assert [t for t, f in zip(d.tokens, d.flagged) if f] == ["star"]
+    assert [t for t, f in zip(d.tokens, d.flagged, strict=False) if f] == ["star"]
     orig, cond = encode(bag_sd, STAR), seen[0][1]
     star = 1 + d.tokens.index("star")
     ids = token_ids(bag_sd, STAR)
-    loo = encode_ids(bag_sd, [ids[:i] + ids[i + 1:] for i in range(1, len(ids) - 1)])[:, len(ids) - 2]
+    loo = encode_ids(bag_sd, [ids[:i] + ids[i + 1 :] for i in range(1, len(ids) - 1)])[:, len(ids) - 2]
     concept = encode_ids(bag_sd, [token_ids(bag_sd, "star")])[:, 2]
     want = (torch.eye(32, dtype=torch.float64) - pinv_projector(concept)) @ pinv_projector(loo) @ orig[star].double()
     torch.testing.assert_close(cond[star].double(), want, atol=1e-5, rtol=1e-5)
@@ -145,7 +148,7 @@ def test_self_validating_filter_step_count_follows_its_formula(bag_sd):
     orig = encode(bag_sd, STAR)
     ids = token_ids(bag_sd, STAR)
     n = len(ids)
-    loo = encode_ids(bag_sd, [ids[:i] + ids[i + 1:] for i in range(1, n - 1)])[:, n - 2]
+    loo = encode_ids(bag_sd, [ids[:i] + ids[i + 1 :] for i in range(1, n - 1)])[:, n - 2]
     concept = encode_ids(bag_sd, [token_ids(bag_sd, "star")])[:, 2]
     proj = (torch.eye(32, dtype=torch.float64) - pinv_projector(concept)) @ pinv_projector(loo) @ orig[:n].double().T
     beta = 1 - torch.cosine_similarity(orig[:n].double(), proj.T, dim=-1).mean().item()
@@ -160,7 +163,8 @@ def test_reattention_runs_the_original_branch_and_detaches_exactly(bag_sd):
     ref = run(bag_sd, prompt=STAR, steps=4)
     batches = []
     handle = bag_sd.unet.up_blocks[0].register_forward_pre_hook(
-        lambda m, a, kw: batches.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+        lambda m, a, kw: batches.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
     plugin = SAFREE(concepts=["star"], upper=1.0, gain=0.0, scales=[0.0, 0.0])
     with stablekit.use(bag_sd, plugin):
         with_ra = run(bag_sd, prompt=STAR, steps=4)
@@ -176,19 +180,22 @@ def test_reattention_runs_the_original_branch_and_detaches_exactly(bag_sd):
 
 def test_reattention_rescales_only_the_filtered_branch_skip_features(bag_sd):
     block, before, after = bag_sd.unet.up_blocks[0], [], []
-    handles = [block.register_forward_pre_hook(
-                   lambda m, a, kw: before.append(kw["res_hidden_states_tuple"][-1]), with_kwargs=True),
-               block.resnets[0].register_forward_pre_hook(lambda m, a: after.append(a[0]))]
+    handles = [
+        block.register_forward_pre_hook(
+            lambda m, a, kw: before.append(kw["res_hidden_states_tuple"][-1]), with_kwargs=True
+        ),
+        block.resnets[0].register_forward_pre_hook(lambda m, a: after.append(a[0])),
+    ]
     with stablekit.use(bag_sd, SAFREE(concepts=["star"], upper=1.0, gain=0.0, scales=[0.5, 0.5])):
         run(bag_sd, prompt=STAR, steps=2)
     for h in handles:
         h.remove()
-    skip, seen = before[0], after[0][:, -before[0].shape[1]:]  # the resnet sees [hidden, skip] channels
+    skip, seen = before[0], after[0][:, -before[0].shape[1] :]  # the resnet sees [hidden, skip] channels
     assert skip.shape[0] == 3
     assert torch.equal(seen[0], skip[0]) and torch.equal(seen[2], skip[2])  # uncond and original branches
     torch.testing.assert_close(seen[1], reattend(skip[1:2], skip[2:], 1, 0.5)[0])
     assert not torch.equal(seen[1], skip[1])
-    assert torch.equal(after[1][:, -skip.shape[1]:], before[1])  # step 2 is not filtered: untouched
+    assert torch.equal(after[1][:, -skip.shape[1] :], before[1])  # step 2 is not filtered: untouched
 
 
 def test_leave_one_out_uses_clip_pooled_outputs_of_the_prompt_without_each_token(tiny_sd):
@@ -196,13 +203,16 @@ def test_leave_one_out_uses_clip_pooled_outputs_of_the_prompt_without_each_token
     with stablekit.use(tiny_sd, plugin):
         run(tiny_sd, prompt=STAR, steps=1)
     ids = token_ids(tiny_sd, STAR)
-    pooled = [tiny_sd.text_encoder(torch.tensor([r])).pooler_output[0]
-              for r in [ids[:i] + ids[i + 1:] for i in range(1, len(ids) - 1)]]
-    concept = torch.stack([tiny_sd.text_encoder(torch.tensor([token_ids(tiny_sd, c)])).pooler_output[0]
-                           for c in ("star", "circle")])
+    pooled = [
+        tiny_sd.text_encoder(torch.tensor([r])).pooler_output[0]
+        for r in [ids[:i] + ids[i + 1 :] for i in range(1, len(ids) - 1)]
+    ]
+    concept = torch.stack(
+        [tiny_sd.text_encoder(torch.tensor([token_ids(tiny_sd, c)])).pooler_output[0] for c in ("star", "circle")]
+    )
     loo = torch.stack(pooled)
     assert plugin.decisions[0].flagged == triggers(loo, basis(concept), 0.01).tolist()
-    orig = encode(tiny_sd, STAR)[:len(ids)].double()
+    orig = encode(tiny_sd, STAR)[: len(ids)].double()
     proj = (torch.eye(32, dtype=torch.float64) - pinv_projector(concept)) @ pinv_projector(loo) @ orig.T
     beta = 1 - torch.cosine_similarity(orig, proj.T, dim=-1).mean().item()
     assert plugin.decisions[0].beta == pytest.approx(beta, abs=1e-4)
@@ -314,7 +324,7 @@ def test_uce_maps_the_concept_to_its_guide_and_preserves_others(tiny_sd):
     before = {n: getattr(attn, n)(torch.stack([star, empty, circle])) for n in ("to_k", "to_v")}
     weight = attn.to_v.weight.detach().clone()
     with stablekit.use(tiny_sd, UCE(concepts=["star"], preserve=["circle"], lamb=1e-4)):
-        for name, (s, e, c) in before.items():
+        for name, (_s, e, c) in before.items():
             after = getattr(attn, name)(torch.stack([star, circle]))
             torch.testing.assert_close(after[0], e, atol=2e-3, rtol=2e-3)  # keys/values of "star" are the guide's
             torch.testing.assert_close(after[1], c, atol=2e-3, rtol=2e-3)
@@ -376,8 +386,9 @@ def test_sld_on_a_standard_pipeline_equals_diffusers_safe_pipeline():
     kw = dict(height=32, width=32, num_inference_steps=6, guidance_scale=7.5, output_type="np")
     # warm-up 2 of 6 steps and a weaker scale, so that the safety term is active and partly clipped
     sld = dict(guidance=50.0, warmup=2)
-    want = safe("a red star", generator=torch.Generator().manual_seed(0), sld_guidance_scale=50.0,
-                sld_warmup_steps=2, **kw).images
+    want = safe(
+        "a red star", generator=torch.Generator().manual_seed(0), sld_guidance_scale=50.0, sld_warmup_steps=2, **kw
+    ).images
     plain = pipe("a red star", generator=torch.Generator().manual_seed(0), **kw).images
     with stablekit.use(pipe, SLD(["star"], **sld)) as h:
         got = pipe("a red star", generator=torch.Generator().manual_seed(0), **kw).images

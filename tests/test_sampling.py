@@ -1,13 +1,19 @@
 """Momentum samplers (HB, GHVB; PAPERS.md #10) and LCM-LoRA (#68) on the tiny pipeline and on a toy problem
 whose exact solution is known."""
+
 import copy
 import math
 
 import pytest
 import torch
 from conftest import _scheduler, run
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler, StableDiffusionImg2ImgPipeline,
-                       StableDiffusionPipeline)
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    LCMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
 
 import stablekit
 from stablekit import SchedulerPlugin, StablekitError
@@ -33,12 +39,18 @@ def test_beta_one_is_the_wrapped_solver_and_momentum_changes_it(tiny_sd):
 
 def test_ghvb_identities(tiny_sd):
     # GHVB of integer order k (beta = 1) is PLMS k, i.e. HB without momentum
-    assert torch.equal(with_scheduler(tiny_sd, GHVBScheduler, beta=1.0), with_scheduler(tiny_sd, HBScheduler, beta=1.0))
+    assert torch.equal(
+        with_scheduler(tiny_sd, GHVBScheduler, beta=1.0), with_scheduler(tiny_sd, HBScheduler, beta=1.0)
+    )
     # GHVB of order beta < 1 is heavy ball on DDIM (first-order PLMS) with that beta
-    assert torch.equal(with_scheduler(tiny_sd, GHVBScheduler, solver_order=1, beta=0.6),
-                       with_scheduler(tiny_sd, HBScheduler, solver_order=1, beta=0.6))
-    assert not torch.equal(with_scheduler(tiny_sd, GHVBScheduler, solver_order=2, beta=0.5),
-                           with_scheduler(tiny_sd, HBScheduler, solver_order=2, beta=0.5))
+    assert torch.equal(
+        with_scheduler(tiny_sd, GHVBScheduler, solver_order=1, beta=0.6),
+        with_scheduler(tiny_sd, HBScheduler, solver_order=1, beta=0.6),
+    )
+    assert not torch.equal(
+        with_scheduler(tiny_sd, GHVBScheduler, solver_order=2, beta=0.5),
+        with_scheduler(tiny_sd, HBScheduler, solver_order=2, beta=0.5),
+    )
 
 
 def test_img2img_starts_counting_at_the_begin_index(tiny_sd):
@@ -111,16 +123,23 @@ def rel_err(x, ref):
     return ((x - ref).norm() / ref.norm()).item()
 
 
-METHODS = {"PLMS4": (HBScheduler, dict(beta=1.0)), "HB 0.8": (HBScheduler, {}), "GHVB 3.8": (GHVBScheduler, {}),
-           "DPM++2M": (HBDPMSolverScheduler, dict(beta=1.0)), "HB-DPM++ 0.8": (HBDPMSolverScheduler, {})}
+METHODS = {
+    "PLMS4": (HBScheduler, dict(beta=1.0)),
+    "HB 0.8": (HBScheduler, {}),
+    "GHVB 3.8": (GHVBScheduler, {}),
+    "DPM++2M": (HBDPMSolverScheduler, dict(beta=1.0)),
+    "HB-DPM++ 0.8": (HBDPMSolverScheduler, {}),
+}
 
 
 def test_toy_convergence_without_guidance():
     abar = HBScheduler(**TOY).alphas_cumprod[999].double()
     exact = MU + S * (X_T.double() - abar.sqrt() * MU) / (abar * S**2 + 1 - abar).sqrt()  # the ODE's flow map
     assert rel_err(toy_sample(HBScheduler, 1000, beta=1.0), exact) < 2e-3
-    errs = {name: [rel_err(toy_sample(cls, n, **kw), exact) for n in (5, 10, 20, 40)]
-            for name, (cls, kw) in METHODS.items()}
+    errs = {
+        name: [rel_err(toy_sample(cls, n, **kw), exact) for n in (5, 10, 20, 40)]
+        for name, (cls, kw) in METHODS.items()
+    }
     for name, e in errs.items():
         assert e == sorted(e, reverse=True) and e[-1] < 0.05, (name, e)
     for i in range(4):  # where PLMS4 is stable, momentum costs accuracy: HB is first order, GHVB in between
@@ -132,8 +151,10 @@ def test_toy_momentum_mitigates_divergence_under_strong_guidance():
     assert rel_err(toy_sample(HBScheduler, 500, w=10.0, beta=1.0), ref) < 1e-3
     for n in (8, 10, 15):
         hb = [rel_err(toy_sample(HBScheduler, n, w=10.0, beta=b), ref) for b in (1.0, 0.8, 0.6)]
-        ghvb = [rel_err(toy_sample(GHVBScheduler, n, w=10.0, solver_order=k, beta=b), ref)
-                for k, b in ((4, 1.0), (4, 0.5), (3, 0.5), (2, 0.5))]  # GHVB 4, 3.5, 2.5, 1.5
+        ghvb = [
+            rel_err(toy_sample(GHVBScheduler, n, w=10.0, solver_order=k, beta=b), ref)
+            for k, b in ((4, 1.0), (4, 0.5), (3, 0.5), (2, 0.5))
+        ]  # GHVB 4, 3.5, 2.5, 1.5
         dpm = [rel_err(toy_sample(HBDPMSolverScheduler, n, w=10.0, beta=b), ref) for b in (1.0, 0.8)]
         assert hb[0] > 1 and hb == sorted(hb, reverse=True) and hb[-1] < 0.5, (n, hb)  # PLMS4 diverges
         assert ghvb == sorted(ghvb, reverse=True) and ghvb[-1] < 1, (n, ghvb)
@@ -154,8 +175,9 @@ def lora_file(tiny_sd, tmp_path):
 
     unet = copy.deepcopy(tiny_sd.unet)
     torch.manual_seed(1)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers, weight_name="lcm.safetensors")
     return tmp_path / "lcm.safetensors"

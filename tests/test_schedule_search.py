@@ -1,6 +1,7 @@
 """Solver-schedule search (USF / S^3, PAPERS.md #61): the replaying scheduler against diffusers' DPM-Solver++ and
 UniPC, its orders of accuracy on a toy problem with a known solution, the search on the tiny pipeline, exact
 replay from a saved file, the model-call budget, and bad schedule files."""
+
 import json
 import math
 import re
@@ -64,8 +65,9 @@ def toy_exact(t0, t1):
 def toy_error(order, corrector, n):
     targets = [LAMBDA[999] + (LAMBDA[200] - LAMBDA[999]) * k / (n - 1) for k in range(n)]  # uniform in log-SNR
     ts = tuple(int((LAMBDA - v).abs().argmin()) for v in targets)
-    schedule = Schedule(ts, tuple(min(order, i + 1) for i in range(n - 1)) + (1,),
-                        tuple(corrector and i < n - 1 for i in range(n)))
+    schedule = Schedule(
+        ts, tuple(min(order, i + 1) for i in range(n - 1)) + (1,), tuple(corrector and i < n - 1 for i in range(n))
+    )
     sch = SearchedScheduler(**TOY, schedule=schedule.to_dict())
     sch.set_timesteps()
     x = X_T.clone()
@@ -91,8 +93,15 @@ SEARCH = dict(budget=5, reference_steps=30, generations=3, children=4, height=32
 
 
 def final_latents(pipe, steps=5, **kw):
-    return pipe(PROMPTS, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0), height=32,
-                width=32, output_type="latent", **kw).images
+    return pipe(
+        PROMPTS,
+        num_inference_steps=steps,
+        generator=torch.Generator("cpu").manual_seed(0),
+        height=32,
+        width=32,
+        output_type="latent",
+        **kw,
+    ).images
 
 
 def count_unet_calls(pipe, fn):
@@ -138,7 +147,9 @@ def test_search_minimises_a_given_metric(tiny_sd):
     assert len(seen) == result.evaluated and all(a == b and a[0] == len(PROMPTS) for a, b in seen)
     with stablekit.use(tiny_sd, SchedulerPlugin(SearchedScheduler, schedule=result.schedule.to_dict())):
         assert result.loss == -float(final_latents(tiny_sd, 5).abs().mean())
-    assert result.loss <= result.baseline_loss and result.schedule != search_schedule(tiny_sd, PROMPTS, **SEARCH).schedule
+    assert (
+        result.loss <= result.baseline_loss and result.schedule != search_schedule(tiny_sd, PROMPTS, **SEARCH).schedule
+    )
 
 
 def test_img2img_runs_the_last_steps(tiny_sd):

@@ -1,5 +1,6 @@
 """SPM membranes on the tiny pipeline: training moves the concept's prediction to the erasing target, the
 membrane is exact to remove and to save, facilitated transport sets per-prompt strengths, membranes add."""
+
 import pytest
 import torch
 from conftest import make_tiny_sd, run
@@ -47,21 +48,30 @@ def test_training_moves_the_concept_to_the_erasing_target_and_leaves_the_model(p
     assert _erase_error(pipe, anchored)[1] < 0.5 * moved_other  # latent anchoring keeps other prompts
     assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())
     assert all(p.requires_grad for p in pipe.unet.parameters())
-    assert set(trained.weights) == set(target_modules(pipe.unet)) 
+    assert set(trained.weights) == set(target_modules(pipe.unet))
     blocks = sum(type(m).__name__ == "Transformer2DModel" for m in pipe.unet.modules())
     assert len(trained.weights) == 12 * blocks  # proj in/out, 2 x attention q/k/v/out, 2 feed-forward
 
 
 def test_templates_erase_the_concept_in_context(pipe, trained, monkeypatch):
     in_context = dict(concept="a photo of a star", surrogate="a photo of a")
-    templated = SPM.train(pipe, "star", iterations=40, lr=1e-2, anchor_weight=1.0, sample_steps=6,
-                          templates=("a photo of a {}",), progress=False)
+    templated = SPM.train(
+        pipe,
+        "star",
+        iterations=40,
+        lr=1e-2,
+        anchor_weight=1.0,
+        sample_steps=6,
+        templates=("a photo of a {}",),
+        progress=False,
+    )
     err = _erase_error(pipe, templated, **in_context)[0]
     assert err < 0.6 and err < 0.8 * _erase_error(pipe, trained, **in_context)[0]
     with pytest.raises(StablekitError, match="templates"):
         SPM.train(pipe, "star", iterations=1, templates=("a photo",))
     # the default: the bare word for CLIP (the tiny pipeline's), the generic templates for other encoders
     import stablekit.safety.spm as spm_module
+
     seen = []
     monkeypatch.setattr(spm_module, "token_ids", lambda p, text: seen.append(text) or token_ids(p, text))
     SPM.train(pipe, "star", iterations=1, sample_steps=6, progress=False)
@@ -110,11 +120,22 @@ def test_facilitated_transport_is_per_prompt(pipe, trained):
         flat = pe.flatten(1)
         ce = encode_ids(pipe, [token_ids(pipe, "star")]).flatten(1)
         assert m[1] == pytest.approx(torch.cosine_similarity(flat[1], ce[0], dim=0).clamp(0, 1).item(), abs=1e-6)
+
         def g():
             return [torch.Generator().manual_seed(i) for i in range(2)]
+
         both = pipe(prompts, num_inference_steps=3, height=32, width=32, generator=g(), output_type="latent").images
-        alone = [pipe(p, num_inference_steps=3, height=32, width=32, generator=torch.Generator().manual_seed(i),
-                      output_type="latent").images for i, p in enumerate(prompts)]
+        alone = [
+            pipe(
+                p,
+                num_inference_steps=3,
+                height=32,
+                width=32,
+                generator=torch.Generator().manual_seed(i),
+                output_type="latent",
+            ).images
+            for i, p in enumerate(prompts)
+        ]
         trained.fixed = 1.0  # full strength for both rows: the second row changes
         full = pipe(prompts, num_inference_steps=3, height=32, width=32, generator=g(), output_type="latent").images
         trained.fixed = None

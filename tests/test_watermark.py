@@ -6,6 +6,7 @@ DDIM-inverts with the empty prompt and no guidance over the same 3 steps as gene
 correlation of about 0.95 with the initial noise under guidance 7.5). SEAL's semantics come from a
 hashed bag-of-words embedding and a "perfect captioner" that knows each image's prompt.
 """
+
 import random
 import zlib
 from contextlib import nullcontext
@@ -69,9 +70,11 @@ def test_gaussian_shading_latents_are_gaussian_and_bits_decode_exactly(pipe):
     marks = [GaussianShading(k) for k in keys]
     assert keys[0].params["hw_copies"] == 2 and len(keys[0].params["message"]) == 256  # 4 x 8 x 8 bits, 4 copies
     assert len(keys[-1].params["message"]) == 512
-    lats = [m.make_latents(CallState(), (4, 4, 16, 16), torch.Generator().manual_seed(i), torch.float32, "cpu")
-            for i, m in enumerate(marks)]
-    for m, lat in zip(marks, lats):
+    lats = [
+        m.make_latents(CallState(), (4, 4, 16, 16), torch.Generator().manual_seed(i), torch.float32, "cpu")
+        for i, m in enumerate(marks)
+    ]
+    for m, lat in zip(marks, lats, strict=False):
         for z in lat:
             assert torch.equal(m.decode(z.double()), m.message)  # exact, from the initial latents
     # one sample per key: the samples of one key share the ciphertext, so only these are independent
@@ -87,7 +90,7 @@ def test_gaussian_shading_score_is_standard_normal_without_the_mark_and_keeps_we
     null = [mark.score(torch.randn(4, 16, 16, generator=g).double(), None)["score"] for _ in range(300)]
     assert stats.kstest(null, "norm").pvalue > 0.01
     lat = mark.make_latents(CallState(), (200, 4, 16, 16), torch.Generator().manual_seed(1), torch.float64, "cpu")
-    weak = 0.15 * lat + (1 - 0.15 ** 2) ** 0.5 * torch.randn(lat.shape, generator=g, dtype=torch.float64)
+    weak = 0.15 * lat + (1 - 0.15**2) ** 0.5 * torch.randn(lat.shape, generator=g, dtype=torch.float64)
     res = [mark.score(w, None) for w in weak]  # a noise recovered at correlation 0.15
     soft, bits = (np.mean([r[k] < 0.01 for r in res]) for k in ("p_value", "bits_p_value"))
     assert soft > 0.8 and soft > bits + 0.3
@@ -120,8 +123,17 @@ def test_detected_in_marked_latents_only_with_the_right_key(pipe, method):
     marked, clean = generate(pipe, plugin_for(key)), generate(pipe)
     cap = Captioner()
     images = {"marked": cap.image(pipe, marked, PROMPT_A), "clean": cap.image(pipe, clean, PROMPT_A)}
-    look = lambda name, lat, k: detect(images[name] if method == "seal" else None, pipe, k, latents=lat,  # noqa: E731
-                                       steps=STEPS, embed=cap)
+
+    def look(name, lat, k):
+        return detect(
+            images[name] if method == "seal" else None,
+            pipe,
+            k,
+            latents=lat,  # noqa: E731
+            steps=STEPS,
+            embed=cap,
+        )
+
     hit = look("marked", marked, key)
     assert hit.detected and hit.p_value < 1e-9 and hit.seconds > 0
     assert not look("clean", clean, key).detected
@@ -133,7 +145,7 @@ def test_gaussian_shading_identifies_the_user_among_ten_keys(pipe):
     res = detect(None, pipe, keys, latents=generate(pipe, watermark(keys[3])), steps=STEPS)
     acc = res.details["bit_accuracy"]
     assert res.detected and res.user == 3 and acc > 0.9 and res.details["bits_p_value"] < 1e-20
-    assert sum(a == b for a, b in zip(res.message, keys[3].params["message"])) == round(acc * 256)
+    assert sum(a == b for a, b in zip(res.message, keys[3].params["message"], strict=False)) == round(acc * 256)
     assert not detect(None, pipe, keys, latents=generate(pipe), steps=STEPS).detected
 
 
@@ -149,8 +161,13 @@ def test_seal_pattern_copied_to_another_prompt_fails(pipe):
 
 
 def test_default_seal_embedder_pieces():
-    pred = {"background": "gray", "count": 2, "shapes": ["star", "circle"], "colors": ["red"],
-            "textures": ["solid", "striped"]}
+    pred = {
+        "background": "gray",
+        "count": 2,
+        "shapes": ["star", "circle"],
+        "colors": ["red"],
+        "textures": ["solid", "striped"],
+    }
     assert caption(pred) == "a red star and a striped red circle on a gray background"
     red, crimson, other = (text_embedding(t) for t in ("a red star", "a crimson star", "two blue circles"))
     cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
@@ -162,7 +179,7 @@ def test_attacks_keep_size_and_grow_with_strength(pipe):
     images = [world.render(world.sample_scene(rng)).resize((32, 32)) for _ in range(2)]
 
     def err(out):
-        return np.mean([(np.asarray(a, float) - np.asarray(b, float)) ** 2 for a, b in zip(out, images)])
+        return np.mean([(np.asarray(a, float) - np.asarray(b, float)) ** 2 for a, b in zip(out, images, strict=False)])
 
     ctx = {"pipe": pipe, "steps": 4, "marked": images}
     for name, (fn, grid) in ATTACKS.items():
@@ -186,16 +203,18 @@ def test_key_files_and_size_errors(pipe, tmp_path):
     (tmp_path / "bad.json").write_text("not json")
     (tmp_path / "other.json").write_text('{"format": "something else"}')
     wrong_size = world.render(world.sample_scene(random.Random(0)))  # 64x64
-    cases = [(lambda: Key.load(tmp_path / "missing.json"), "does not exist"),
-             (lambda: Key.load(tmp_path / "bad.json"), "not a valid"),
-             (lambda: Key.load(tmp_path / "other.json"), "not a valid"),
-             (lambda: watermark(key, "gaussian-shading"), "made for tree-ring, not gaussian-shading"),
-             (lambda: TreeRing(Key("tree-ring", {"latent_shape": [4, 16, 16]}, key.secret)), "corrupt"),
-             (lambda: make_key("gaussian-shading", pipe, message="0101"), "256 characters"),
-             (lambda: make_key("tree-ring", pipe, radius=8), "radius"),
-             (lambda: make_key("nope", pipe), "unknown watermark method"),
-             (lambda: detect(wrong_size, pipe, key), "64x64 but the key is for 32x32"),
-             (lambda: generate(pipe, TreeRing(key), height=64, width=64), "made for 32x32 images")]
+    cases = [
+        (lambda: Key.load(tmp_path / "missing.json"), "does not exist"),
+        (lambda: Key.load(tmp_path / "bad.json"), "not a valid"),
+        (lambda: Key.load(tmp_path / "other.json"), "not a valid"),
+        (lambda: watermark(key, "gaussian-shading"), "made for tree-ring, not gaussian-shading"),
+        (lambda: TreeRing(Key("tree-ring", {"latent_shape": [4, 16, 16]}, key.secret)), "corrupt"),
+        (lambda: make_key("gaussian-shading", pipe, message="0101"), "256 characters"),
+        (lambda: make_key("tree-ring", pipe, radius=8), "radius"),
+        (lambda: make_key("nope", pipe), "unknown watermark method"),
+        (lambda: detect(wrong_size, pipe, key), "64x64 but the key is for 32x32"),
+        (lambda: generate(pipe, TreeRing(key), height=64, width=64), "made for 32x32 images"),
+    ]
     for fn, match in cases:
         with pytest.raises(StablekitError, match=match) as e:
             fn()

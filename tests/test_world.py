@@ -1,4 +1,5 @@
 """The synthetic world: reproducible scenes, captions that name the drawn attributes, exact masks."""
+
 import random
 
 import numpy as np
@@ -21,8 +22,8 @@ def test_dataset_is_reproducible_and_seed_dependent():
     a = [(np.asarray(i), c) for i, c, _ in world.dataset(5, seed=3)]
     b = [(np.asarray(i), c) for i, c, _ in world.dataset(5, seed=3)]
     c = [(np.asarray(i), c) for i, c, _ in world.dataset(5, seed=4)]
-    assert all(np.array_equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b))
-    assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c))
+    assert all(np.array_equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b, strict=False))
+    assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c, strict=False))
 
 
 def test_captions_name_every_attribute_of_every_object():

@@ -3,6 +3,7 @@
 Every error is one line on stderr, ``error: ...``: bad input (a :class:`StablekitError` or a usage
 error) exits with 2, anything unexpected with 1. ``STABLEKIT_DEBUG=1`` re-raises for a traceback.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,15 +19,19 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__, accel, attached, load, safety, use
-from .edit import (EDIT_GUIDANCE, EDIT_STEPS, GUIDANCE, PromptToPrompt, UnifiedAttentionControl, edit,
-                   reconstruct_image)
+from .edit import EDIT_GUIDANCE, EDIT_STEPS, GUIDANCE, PromptToPrompt, UnifiedAttentionControl, edit, reconstruct_image
 from .edit.core import read_image
 from .errors import StablekitError
-from .pipeline import DEFAULT_MODEL, SCHEDULERS, guidance_rescale as guidance_rescale_for
-from .provenance import FPR, REGISTRY as WATERMARKS, Key, detect, make_key, watermark
+from .pipeline import DEFAULT_MODEL, SCHEDULERS
+from .pipeline import guidance_rescale as guidance_rescale_for
+from .protect import DEFAULTS as PROTECT_DEFAULTS
+from .protect import METHODS as PROTECTIONS
+from .protect import eot as protect_eot
+from .protect import options as protect_options
+from .protect import parse_eps, parse_psnr, protect
+from .provenance import FPR, Key, detect, make_key, watermark
+from .provenance import REGISTRY as WATERMARKS
 from .provenance.detection import latent_shape
-from .protect import DEFAULTS as PROTECT_DEFAULTS, METHODS as PROTECTIONS, eot as protect_eot, parse_eps, protect
-from .protect import options as protect_options, parse_psnr
 from .redteam import ATTACKS, audit
 from .registry import build, parse
 
@@ -99,7 +104,7 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 def _check_generate(prompts, output: Path, steps: int, guidance: float, n: int) -> None:
     if not any(p.strip() for p in prompts):
-        raise StablekitError("no prompt given; write it after the command, e.g. stablekit generate \"a red circle\"")
+        raise StablekitError('no prompt given; write it after the command, e.g. stablekit generate "a red circle"')
     if steps <= 0:
         raise StablekitError(f"--steps {steps}: the number of denoising steps must be at least 1, e.g. --steps 25")
     if guidance < 0:
@@ -162,53 +167,119 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     """(the watermark plugin or None, the image size): the key's size unless --size agrees with it."""
     if key_file is None:
         if method:
-            raise StablekitError(f"--watermark {method} needs --key-file KEY; make one with "
-                                 f"`stablekit keygen {method} -o key.json`")
+            raise StablekitError(
+                f"--watermark {method} needs --key-file KEY; make one with `stablekit keygen {method} -o key.json`"
+            )
         return None, wh
     key = Key.load(key_file)
     if method and key.method != method:
-        raise StablekitError(f"key file '{key_file}' holds a {key.method} key, not {method}; "
-                             f"pass --watermark {key.method} or a {method} key")
+        raise StablekitError(
+            f"key file '{key_file}' holds a {key.method} key, not {method}; "
+            f"pass --watermark {key.method} or a {method} key"
+        )
     plugin = watermark(key)
     size = plugin.image_size[::-1]
     if wh and wh != size:
-        raise StablekitError(f"--size {wh[0]}x{wh[1]} but key file '{key_file}' is for {plugin.size_text()} images; "
-                             f"drop --size or make a key with --size {wh[0]}x{wh[1]}")
+        raise StablekitError(
+            f"--size {wh[0]}x{wh[1]} but key file '{key_file}' is for {plugin.size_text()} images; "
+            f"drop --size or make a key with --size {wh[0]}x{wh[1]}"
+        )
     return plugin, size
 
 
 @cli.command()
 @click.argument("prompts", nargs=-1, metavar="PROMPT...")
-@click.option("-o", "--output", default="out.png", show_default=True, type=click.Path(path_type=Path),
-              help="PNG file; several images become STEM-0.png, STEM-1.png, ... beside it.")
+@click.option(
+    "-o",
+    "--output",
+    default="out.png",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="PNG file; several images become STEM-0.png, STEM-1.png, ... beside it.",
+)
 @click.option("--model", default=None, help=_MODEL_HELP)
 @click.option("--seed", default=0, show_default=True, help="Image i uses seed+i.")
 @click.option("--steps", default=25, show_default=True, help="Denoising steps.")
 @click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--guidance-rescale", type=float, default=None,
-              help="Rescale of the guided prediction (0: off) [default: 0.7 for models whose schedule has zero "
-                   "terminal SNR, like the embedded default; else 0].")
+@click.option(
+    "--guidance-rescale",
+    type=float,
+    default=None,
+    help="Rescale of the guided prediction (0: off) [default: 0.7 for models whose schedule has zero "
+    "terminal SNR, like the embedded default; else 0].",
+)
 @click.option("--size", default=None, metavar="WxH", help="Image size [default: the model's native size].")
 @click.option("--n", default=1, show_default=True, help="Images per prompt.")
-@click.option("--scheduler", default=None, metavar="NAME[:k=v,...]",
-              help=f"Sampler, one of {', '.join(SCHEDULERS)}; k=v override its config [default: the model's own].")
-@click.option("--accel", "accels", multiple=True, metavar="NAME[:k=v,...]",
-              help=f"Attach an acceleration plugin, one of {', '.join(accel.REGISTRY)} (repeatable).")
-@click.option("--guard", "guards", multiple=True, metavar="NAME[:k=v,...]",
-              help=f"Attach a safety guard or erasure, one of {', '.join(safety.REGISTRY)}, e.g. "
-                   "safree:concepts=[star] (repeatable).")
-@click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=Path),
-              help="Concept-erasure file from `stablekit erase` (repeatable).")
-@click.option("--spm-multiplier", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Multiply each SPM membrane's strength (its facilitated transport) by this.")
-@click.option("--watermark", "method", type=click.Choice(list(WATERMARKS)), default=None,
-              help="Watermark the images with --key-file's key.")
-@click.option("--key-file", type=click.Path(path_type=Path), default=None,
-              help="Watermark key from `stablekit keygen`; alone it implies --watermark with the key's method.")
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="NAME[:k=v,...]",
+    help=f"Sampler, one of {', '.join(SCHEDULERS)}; k=v override its config [default: the model's own].",
+)
+@click.option(
+    "--accel",
+    "accels",
+    multiple=True,
+    metavar="NAME[:k=v,...]",
+    help=f"Attach an acceleration plugin, one of {', '.join(accel.REGISTRY)} (repeatable).",
+)
+@click.option(
+    "--guard",
+    "guards",
+    multiple=True,
+    metavar="NAME[:k=v,...]",
+    help=f"Attach a safety guard or erasure, one of {', '.join(safety.REGISTRY)}, e.g. "
+    "safree:concepts=[star] (repeatable).",
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Concept-erasure file from `stablekit erase` (repeatable).",
+)
+@click.option(
+    "--spm-multiplier",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Multiply each SPM membrane's strength (its facilitated transport) by this.",
+)
+@click.option(
+    "--watermark",
+    "method",
+    type=click.Choice(list(WATERMARKS)),
+    default=None,
+    help="Watermark the images with --key-file's key.",
+)
+@click.option(
+    "--key-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Watermark key from `stablekit keygen`; alone it implies --watermark with the key's method.",
+)
 @click.option("--negative", default=None, help="Negative prompt.")
 @click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
-def generate(prompts, output, model, seed, steps, guidance, guidance_rescale, size, n, scheduler, accels, guards,
-             adapters, spm_multiplier, method, key_file, negative, device):
+def generate(
+    prompts,
+    output,
+    model,
+    seed,
+    steps,
+    guidance,
+    guidance_rescale,
+    size,
+    n,
+    scheduler,
+    accels,
+    guards,
+    adapters,
+    spm_multiplier,
+    method,
+    key_file,
+    negative,
+    device,
+):
     """Generate images from PROMPT(s); print each written path."""
     wh = parse_size(size)
     _check_generate(prompts, output, steps, guidance, n)
@@ -225,38 +296,72 @@ def generate(prompts, output, model, seed, steps, guidance, guidance_rescale, si
     w, h = wh or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     jobs = [p for p in prompts for _ in range(n)]
     rescale = guidance_rescale_for(pipe) if guidance_rescale is None else guidance_rescale
-    common = dict(negative=negative or "", steps=steps, guidance=guidance, guidance_rescale=rescale, size=f"{w}x{h}",
-                  scheduler=scheduler.strip() if scheduler else _scheduler_name(pipe), model=model or DEFAULT_MODEL,
-                  plugins=",".join(p.name for p in attached(pipe)), stablekit=__version__)
+    common = dict(
+        negative=negative or "",
+        steps=steps,
+        guidance=guidance,
+        guidance_rescale=rescale,
+        size=f"{w}x{h}",
+        scheduler=scheduler.strip() if scheduler else _scheduler_name(pipe),
+        model=model or DEFAULT_MODEL,
+        plugins=",".join(p.name for p in attached(pipe)),
+        stablekit=__version__,
+    )
     for key, specs in (("accel", accels), ("guard", guards), ("adapter", [p.name for p in adapters])):
         if specs:
             common[key] = " ".join(spec.strip() for spec in specs)
-    for i, (prompt, path) in enumerate(zip(jobs, output_paths(output, len(jobs)))):
+    for i, (prompt, path) in enumerate(zip(jobs, output_paths(output, len(jobs)), strict=False)):
         pipe.set_progress_bar_config(disable=None, desc=f"image {i + 1}/{len(jobs)}")
-        image = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
-                     guidance_rescale=rescale,
-                     height=h, width=w, generator=torch.Generator("cpu").manual_seed(seed + i)).images[0]
+        image = pipe(
+            prompt,
+            negative_prompt=negative,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            guidance_rescale=rescale,
+            height=h,
+            width=w,
+            generator=torch.Generator("cpu").manual_seed(seed + i),
+        ).images[0]
         save_png(image, path, dict(prompt=prompt, seed=seed + i, **common))
         click.echo(str(path))
 
 
 @cli.command()
-@click.option("--method", type=click.Choice(["uce", "spm"]), default="uce", show_default=True,
-              help="Erasure method: uce (closed-form cross-attention edit, seconds) or spm (a trained rank-1 "
-                   "membrane, PAPERS.md #46; minutes).")
+@click.option(
+    "--method",
+    type=click.Choice(["uce", "spm"]),
+    default="uce",
+    show_default=True,
+    help="Erasure method: uce (closed-form cross-attention edit, seconds) or spm (a trained rank-1 "
+    "membrane, PAPERS.md #46; minutes).",
+)
 @click.option("--concept", "concepts", multiple=True, required=True, help="Concept to erase (repeatable).")
 @click.option("--preserve", multiple=True, help="Concept to keep unchanged (repeatable; UCE only).")
-@click.option("--iterations", type=click.IntRange(min=1), default=3000, show_default=True,
-              help="SPM training iterations.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
-              help="SPM learning rate.")
-@click.option("--anchor-weight", type=click.FloatRange(min=0), default=1000.0, show_default=True,
-              help="SPM latent-anchoring weight (the paper's 1000; 1 on the embedded default model).")
-@click.option("--eta", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="SPM erasing guidance: the target is N - eta (P - N) [default: 1, the paper's].")
-@click.option("--surrogate", default=None,
-              help="What SPM erases the concept toward [default: '', the paper's; 'shape' suits a shape of the "
-                   "embedded default model].")
+@click.option(
+    "--iterations", type=click.IntRange(min=1), default=3000, show_default=True, help="SPM training iterations."
+)
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, help="SPM learning rate."
+)
+@click.option(
+    "--anchor-weight",
+    type=click.FloatRange(min=0),
+    default=1000.0,
+    show_default=True,
+    help="SPM latent-anchoring weight (the paper's 1000; 1 on the embedded default model).",
+)
+@click.option(
+    "--eta",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="SPM erasing guidance: the target is N - eta (P - N) [default: 1, the paper's].",
+)
+@click.option(
+    "--surrogate",
+    default=None,
+    help="What SPM erases the concept toward [default: '', the paper's; 'shape' suits a shape of the "
+    "embedded default model].",
+)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="safetensors file to write.")
 @click.option("--model", default=None, help=_MODEL_HELP)
 @click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
@@ -266,14 +371,23 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrog
     if not all(c.strip() for c in concepts):
         raise StablekitError("--concept must not be empty")
     if method == "spm" and (len(concepts) > 1 or preserve):
-        raise StablekitError("--method spm erases one --concept per file (combine files with repeated --adapter) "
-                             "and takes no --preserve")
+        raise StablekitError(
+            "--method spm erases one --concept per file (combine files with repeated --adapter) "
+            "and takes no --preserve"
+        )
     if method == "uce" and (surrogate is not None or eta is not None):
         raise StablekitError("--surrogate and --eta go with --method spm")
     pipe = _load_quietly(model, device, dtype="float32")  # training and closed-form edits want float32
     if method == "spm":
-        edit = safety.SPM.train(pipe, concepts[0], iterations=iterations, lr=lr, anchor_weight=anchor_weight,
-                                eta=eta or 1.0, surrogate=surrogate or "")
+        edit = safety.SPM.train(
+            pipe,
+            concepts[0],
+            iterations=iterations,
+            lr=lr,
+            anchor_weight=anchor_weight,
+            eta=eta or 1.0,
+            surrogate=surrogate or "",
+        )
     else:
         edit = safety.UCE(concepts=list(concepts), preserve=list(preserve)).fit(pipe)
     write_atomically(output, edit.save)
@@ -282,28 +396,70 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrog
 
 @cli.command("audit")
 @click.option("--concept", required=True, help="Concept to test: a shape or colour of the default model's world.")
-@click.option("--defense", default="none", show_default=True, type=click.Choice(list(audit.DEFENSES)),
-              help="Defense given the concept word: none, blocklist (the word deleted from prompts), negative "
-                   "(prompt), sld, uce, safree, safree-negative "
-                   "(SAFREE with the word as negative prompt while it filters) or spm.")
-@click.option("--adapter", type=click.Path(path_type=Path), default=None,
-              help="SPM membrane from `stablekit erase --method spm` for --defense spm [default: train one].")
-@click.option("--spm-multiplier", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Multiply the SPM membrane's strength (its facilitated transport) by this.")
-@click.option("--attack", default="arithmetic", show_default=True, metavar="|".join(ATTACKS),
-              help=f"Attack, one of {', '.join(ATTACKS)}.")
-@click.option("--prompts", default=50, show_default=True, type=click.IntRange(min=1),
-              help="Direct prompts (one object with the concept) to generate and attack.")
-@click.option("--iterations", default=200, show_default=True, type=click.IntRange(min=1),
-              help="Optimisation steps per prompt of p4d and unlearndiffatk.")
+@click.option(
+    "--defense",
+    default="none",
+    show_default=True,
+    type=click.Choice(list(audit.DEFENSES)),
+    help="Defense given the concept word: none, blocklist (the word deleted from prompts), negative "
+    "(prompt), sld, uce, safree, safree-negative "
+    "(SAFREE with the word as negative prompt while it filters) or spm.",
+)
+@click.option(
+    "--adapter",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="SPM membrane from `stablekit erase --method spm` for --defense spm [default: train one].",
+)
+@click.option(
+    "--spm-multiplier",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Multiply the SPM membrane's strength (its facilitated transport) by this.",
+)
+@click.option(
+    "--attack",
+    default="arithmetic",
+    show_default=True,
+    metavar="|".join(ATTACKS),
+    help=f"Attack, one of {', '.join(ATTACKS)}.",
+)
+@click.option(
+    "--prompts",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Direct prompts (one object with the concept) to generate and attack.",
+)
+@click.option(
+    "--iterations",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Optimisation steps per prompt of p4d and unlearndiffatk.",
+)
 @click.option("--steps", default=25, show_default=True, type=click.IntRange(min=1), help="Denoising steps.")
 @click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--seed", default=0, show_default=True, help="Prompt and noise seed.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 @click.option("--model", default=None, help=_MODEL_HELP)
 @click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
-def audit_command(concept, defense, adapter, spm_multiplier, attack, prompts, iterations, steps, guidance, seed,
-                  json_path, model, device):
+def audit_command(
+    concept,
+    defense,
+    adapter,
+    spm_multiplier,
+    attack,
+    prompts,
+    iterations,
+    steps,
+    guidance,
+    seed,
+    json_path,
+    model,
+    device,
+):
     """Red-team a defense: how often the judge (the default model's attribute classifier) sees CONCEPT, before
     and after an attack."""
     c = audit.concept(concept)
@@ -321,29 +477,50 @@ def audit_command(concept, defense, adapter, spm_multiplier, attack, prompts, it
         raise StablekitError(f"'{adapter}' erases {d.plugins[0].concepts}, not '{c.word}'")
     direct = audit.prompts(c, prompts, seed).direct
     hits = audit.present(audit.generate(pipe, d, direct, steps=steps, guidance=guidance, seed=seed)[0], c)
-    res = {"concept": c.word, "defense": defense, "attack": attack, "steps": steps, "guidance": guidance,
-           "seed": seed, "direct": audit.rate(hits)}
-    res["attack_" + attack] = audit.attack(attack, pipe, d, c, direct, hits, steps=steps, guidance=guidance,
-                                           seed=seed, iterations=iterations)
+    res = {
+        "concept": c.word,
+        "defense": defense,
+        "attack": attack,
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "direct": audit.rate(hits),
+    }
+    res["attack_" + attack] = audit.attack(
+        attack, pipe, d, c, direct, hits, steps=steps, guidance=guidance, seed=seed, iterations=iterations
+    )
     if json_path is not None:
         write_atomically(json_path, lambda p: Path(p).write_text(json.dumps(res, indent=2)))
     post = res["attack_" + attack]["post_attack"]
     for label, r in (("before attack", res["direct"]), (f"after {attack}", post)):
-        click.echo(f"{c.word} under {defense}, {label}: concept rate {r['rate']:.3f} "
-                   f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({r['k']}/{r['n']})")
+        click.echo(
+            f"{c.word} under {defense}, {label}: concept rate {r['rate']:.3f} "
+            f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({r['k']}/{r['n']})"
+        )
 
 
 # ---------------------------------------------------------------- watermark keys and detection
 
+
 @cli.command()
 @click.argument("method", metavar="METHOD[:k=v,...]")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="JSON key file to write; keep it private: it detects and forges the watermark.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="JSON key file to write; keep it private: it detects and forges the watermark.",
+)
 @click.option("--model", default=None, help=_MODEL_HELP)
-@click.option("--size", default=None, metavar="WxH",
-              help="Size of the images to mark [default: the model's native size].")
-@click.option("--seed", type=int, default=None, help="Derive the secret from this seed: reproducible but guessable, "
-              "for tests only [default: a random secret].")
+@click.option(
+    "--size", default=None, metavar="WxH", help="Size of the images to mark [default: the model's native size]."
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Derive the secret from this seed: reproducible but guessable, for tests only [default: a random secret].",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing key file.")
 def keygen(method, output, model, size, seed, force):
     """Write a new watermark key for METHOD (tree-ring, gaussian-shading or seal; k=v override its defaults)."""
@@ -351,8 +528,10 @@ def keygen(method, output, model, size, seed, force):
     wh = parse_size(size)
     _check_output(output, "key.json")
     if output.exists() and not force:
-        raise StablekitError(f"key file '{output}' exists; images marked with it need it to be detected: "
-                             "choose another -o, or pass --force")
+        raise StablekitError(
+            f"key file '{output}' exists; images marked with it need it to be detected: "
+            "choose another -o, or pass --force"
+        )
     w, h = wh or (None, None)
     key = make_key(name, _load_quietly(model, "cpu"), height=h, width=w, seed=seed, **params)
     write_atomically(output, key.save, mode=0o600)
@@ -361,12 +540,19 @@ def keygen(method, output, model, size, seed, force):
 
 @cli.command("detect")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGE...")
-@click.option("--key-file", "key_files", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Key from `stablekit keygen` (repeatable: the best-matching one is reported).")
+@click.option(
+    "--key-file",
+    "key_files",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Key from `stablekit keygen` (repeatable: the best-matching one is reported).",
+)
 @click.option("--model", default=None, help=_MODEL_HELP)
 @click.option("--steps", default=50, show_default=True, help="Steps of the inversion to the initial noise.")
-@click.option("--inversion", type=click.Choice(["ddim", "edict"]), default="ddim", show_default=True,
-              help="Inversion method.")
+@click.option(
+    "--inversion", type=click.Choice(["ddim", "edict"]), default="ddim", show_default=True, help="Inversion method."
+)
 @click.option("--decoder-steps", default=0, show_default=True, help="Decoder-inversion steps (0: off).")
 @click.option("--fpr", default=FPR, show_default=True, help="False-positive rate of the decision.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per image.")
@@ -381,34 +567,42 @@ def detect_command(images, key_files, model, steps, inversion, decoder_steps, fp
         raise StablekitError(f"--fpr {fpr}: a false-positive rate lies between 0 and 1, e.g. --fpr 1e-6")
     keys = [Key.load(path) for path in key_files]
     marks = [watermark(key) for key in keys]
-    for path, mark in zip(key_files, marks):
+    for path, mark in zip(key_files, marks, strict=False):
         if (mark.name, mark.shape) != (marks[0].name, marks[0].shape):
-            raise StablekitError(f"key files '{key_files[0]}' ({marks[0].name}, {marks[0].size_text()}) and '{path}' "
-                                 f"({mark.name}, {mark.size_text()}) differ; give keys of one method and size")
+            raise StablekitError(
+                f"key files '{key_files[0]}' ({marks[0].name}, {marks[0].size_text()}) and '{path}' "
+                f"({mark.name}, {mark.size_text()}) differ; give keys of one method and size"
+            )
     pictures = [read_image(path) for path in images]
-    for path, picture in zip(images, pictures):
+    for path, picture in zip(images, pictures, strict=False):
         if picture.size != marks[0].image_size[::-1]:
-            raise StablekitError(f"image '{path}' is {picture.width}x{picture.height} but the key is for "
-                                 f"{marks[0].size_text()} images; detect at the size it was generated")
+            raise StablekitError(
+                f"image '{path}' is {picture.width}x{picture.height} but the key is for "
+                f"{marks[0].size_text()} images; detect at the size it was generated"
+            )
     pipe = _load_quietly(model, device)
     shape = latent_shape(pipe, *marks[0].image_size)[0]
     if shape != marks[0].shape:
-        raise StablekitError(f"key file '{key_files[0]}' was made for another model: its latents are "
-                             f"{marks[0].shape}, this model's {shape}; pass the key's --model")
+        raise StablekitError(
+            f"key file '{key_files[0]}' was made for another model: its latents are "
+            f"{marks[0].shape}, this model's {shape}; pass the key's --model"
+        )
     found = []
-    for path, picture in zip(images, pictures):
+    for path, picture in zip(images, pictures, strict=False):
         result = detect(picture, pipe, keys, steps=steps, inversion=inversion, decoder_steps=decoder_steps, fpr=fpr)
         key_file = str(key_files[result.user or 0])
         found.append(dict(image=str(path), key_file=key_file, **dataclasses.asdict(result)))
         if not as_json:
-            extra = (f"; key file {key_file}" if result.user is not None else "") + \
-                    (f"; message {result.message}" if result.message else "")
+            extra = (f"; key file {key_file}" if result.user is not None else "") + (
+                f"; message {result.message}" if result.message else ""
+            )
             click.echo(f"{path}: {result}{extra}")
     if as_json:
         click.echo(json.dumps(found, indent=1))
 
 
 # ---------------------------------------------------------------- edit and invert
+
 
 def _check_inversion(steps: int, guidance: float | None, decoder_steps: int, output: Path) -> None:
     if steps <= 0:
@@ -435,8 +629,9 @@ def parse_weights(weights: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-def _controller(name: str | None, weights: tuple[str, ...], blend: tuple[str, ...],
-                method: str) -> PromptToPrompt | None:
+def _controller(
+    name: str | None, weights: tuple[str, ...], blend: tuple[str, ...], method: str
+) -> PromptToPrompt | None:
     if name is None:
         if weights or blend:
             raise StablekitError("--weight and --blend need a --controller (replace, refine or reweight)")
@@ -447,24 +642,44 @@ def _controller(name: str | None, weights: tuple[str, ...], blend: tuple[str, ..
     return kind("replace" if name == "replace" else "refine", weights=parse_weights(weights), blend=blend)
 
 
-def _inversion_options(guidance: dict[str, float], steps: int | None = 50, method_help: str = "Inversion method.",
-                       steps_help: str = "DDIM steps of the inversion."):
+def _inversion_options(
+    guidance: dict[str, float],
+    steps: int | None = 50,
+    method_help: str = "Inversion method.",
+    steps_help: str = "DDIM steps of the inversion.",
+):
     """--method (a key of `guidance`, the methods' default guidance), --steps (default `steps`), --guidance,
     --decoder-steps, --model and --device."""
+
     def decorate(f):
-        for option in reversed([
-            click.option("--method", type=click.Choice(list(guidance)), default="direct", show_default=True,
-                         help=method_help),
-            click.option("--steps", type=int, default=steps, show_default=steps is not None, help=steps_help),
-            click.option("--guidance", type=float, default=None,
-                         help="Classifier-free guidance [default: the method's paper's, " +
-                         ", ".join(f"{m} {g:g}" for m, g in guidance.items()) + "]."),
-            click.option("--decoder-steps", default=0, show_default=True, help="Decoder-inversion steps (0: off)."),
-            click.option("--model", default=None, help=_MODEL_HELP),
-            click.option("--device", default=None, help="cuda, mps or cpu [default: the best available]."),
-        ]):
+        for option in reversed(
+            [
+                click.option(
+                    "--method",
+                    type=click.Choice(list(guidance)),
+                    default="direct",
+                    show_default=True,
+                    help=method_help,
+                ),
+                click.option("--steps", type=int, default=steps, show_default=steps is not None, help=steps_help),
+                click.option(
+                    "--guidance",
+                    type=float,
+                    default=None,
+                    help="Classifier-free guidance [default: the method's paper's, "
+                    + ", ".join(f"{m} {g:g}" for m, g in guidance.items())
+                    + "].",
+                ),
+                click.option(
+                    "--decoder-steps", default=0, show_default=True, help="Decoder-inversion steps (0: off)."
+                ),
+                click.option("--model", default=None, help=_MODEL_HELP),
+                click.option("--device", default=None, help="cuda, mps or cpu [default: the best available]."),
+            ]
+        ):
             f = option(f)
         return f
+
     return decorate
 
 
@@ -472,20 +687,46 @@ def _inversion_options(guidance: dict[str, float], steps: int | None = 50, metho
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("--source", required=True, help="Prompt that describes IMAGE.")
 @click.option("--target", required=True, help="Prompt that describes the edited image.")
-@click.option("--controller", type=click.Choice(["replace", "refine", "reweight"]), default=None,
-              help="Prompt-to-prompt attention control (with --method infedit, InfEdit's unified attention control): "
-                   "replace (word swap), refine (added words), reweight (refine with --weight) [default: none].")
+@click.option(
+    "--controller",
+    type=click.Choice(["replace", "refine", "reweight"]),
+    default=None,
+    help="Prompt-to-prompt attention control (with --method infedit, InfEdit's unified attention control): "
+    "replace (word swap), refine (added words), reweight (refine with --weight) [default: none].",
+)
 @click.option("--weight", "weights", multiple=True, metavar="WORD=SCALE", help="Scale a target word's attention.")
 @click.option("--blend", multiple=True, metavar="WORD", help="Local blend: edit only where WORD attends.")
-@click.option("--strength", type=float, default=None, help="Fraction of the schedule the edit regenerates "
-              "[default: edict 0.8 (its paper), the other inversions 1].")
-@click.option("-o", "--output", default="edit.png", show_default=True, type=click.Path(path_type=Path),
-              help="PNG file to write.")
-@_inversion_options(EDIT_GUIDANCE, None, "Editing method: an inversion, or infedit (none needed; --guidance is "
-                    "the target branch's, the source's is 1).",
-                    f"Diffusion steps [default: the method's paper's, 50, infedit {EDIT_STEPS['infedit']}].")
-def edit_command(image, source, target, controller, weights, blend, strength, output, method, steps, guidance,
-                 decoder_steps, model, device):
+@click.option(
+    "--strength",
+    type=float,
+    default=None,
+    help="Fraction of the schedule the edit regenerates [default: edict 0.8 (its paper), the other inversions 1].",
+)
+@click.option(
+    "-o", "--output", default="edit.png", show_default=True, type=click.Path(path_type=Path), help="PNG file to write."
+)
+@_inversion_options(
+    EDIT_GUIDANCE,
+    None,
+    "Editing method: an inversion, or infedit (none needed; --guidance is the target branch's, the source's is 1).",
+    f"Diffusion steps [default: the method's paper's, 50, infedit {EDIT_STEPS['infedit']}].",
+)
+def edit_command(
+    image,
+    source,
+    target,
+    controller,
+    weights,
+    blend,
+    strength,
+    output,
+    method,
+    steps,
+    guidance,
+    decoder_steps,
+    model,
+    device,
+):
     """Edit IMAGE from the --source prompt to the --target prompt; print the written path."""
     steps = EDIT_STEPS[method] if steps is None else steps
     _check_inversion(steps, guidance, decoder_steps, output)
@@ -494,23 +735,56 @@ def edit_command(image, source, target, controller, weights, blend, strength, ou
     pipe = _load_quietly(model, device)
     if plugin is not None:
         plugin.prepare(pipe.tokenizer, source, target)  # fail before the inversion, not after it
-    out = edit(pipe, picture, source, target, method, controller=plugin, steps=steps, guidance=guidance,
-               strength=strength, decoder_steps=decoder_steps)
+    out = edit(
+        pipe,
+        picture,
+        source,
+        target,
+        method,
+        controller=plugin,
+        steps=steps,
+        guidance=guidance,
+        strength=strength,
+        decoder_steps=decoder_steps,
+    )
     guidance = EDIT_GUIDANCE[method] if guidance is None else guidance
-    save_png(out, output, dict(source=source, target=target, method=method, strength=strength or "",
-                               controller=controller or "",
-                               weights=",".join(weights), blend=",".join(blend), steps=steps, guidance=guidance,
-                               decoder_steps=decoder_steps, model=model or DEFAULT_MODEL, stablekit=__version__))
+    save_png(
+        out,
+        output,
+        dict(
+            source=source,
+            target=target,
+            method=method,
+            strength=strength or "",
+            controller=controller or "",
+            weights=",".join(weights),
+            blend=",".join(blend),
+            steps=steps,
+            guidance=guidance,
+            decoder_steps=decoder_steps,
+            model=model or DEFAULT_MODEL,
+            stablekit=__version__,
+        ),
+    )
     click.echo(str(output))
 
 
 @cli.command("invert")
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Prompt that describes IMAGE.")
-@click.option("--reconstruct", is_flag=True, help="Regenerate IMAGE from its inversion, write it to -o and print "
-              "its PSNR against IMAGE.")
-@click.option("-o", "--output", default="reconstruction.png", show_default=True, type=click.Path(path_type=Path),
-              help="PNG file to write.")
+@click.option(
+    "--reconstruct",
+    is_flag=True,
+    help="Regenerate IMAGE from its inversion, write it to -o and print its PSNR against IMAGE.",
+)
+@click.option(
+    "-o",
+    "--output",
+    default="reconstruction.png",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="PNG file to write.",
+)
 @_inversion_options(GUIDANCE)
 def invert_command(image, prompt, reconstruct, output, method, steps, guidance, decoder_steps, model, device):
     """Invert IMAGE under --prompt; with --reconstruct, write the reconstruction and print its PSNR."""
@@ -519,46 +793,99 @@ def invert_command(image, prompt, reconstruct, output, method, steps, guidance, 
     _check_inversion(steps, guidance, decoder_steps, output)
     picture = read_image(image)
     pipe = _load_quietly(model, device)
-    out, db = reconstruct_image(pipe, picture, prompt, method, steps=steps, guidance=guidance,
-                                decoder_steps=decoder_steps)
+    out, db = reconstruct_image(
+        pipe, picture, prompt, method, steps=steps, guidance=guidance, decoder_steps=decoder_steps
+    )
     guidance = GUIDANCE[method] if guidance is None else guidance
-    save_png(out, output, dict(prompt=prompt, method=method, steps=steps, guidance=guidance,
-                               decoder_steps=decoder_steps, psnr_db=f"{db:.2f}", model=model or DEFAULT_MODEL,
-                               stablekit=__version__))
+    save_png(
+        out,
+        output,
+        dict(
+            prompt=prompt,
+            method=method,
+            steps=steps,
+            guidance=guidance,
+            decoder_steps=decoder_steps,
+            psnr_db=f"{db:.2f}",
+            model=model or DEFAULT_MODEL,
+            stablekit=__version__,
+        ),
+    )
     click.echo(str(output))
     click.echo(f"reconstruction PSNR: {db:.2f} dB")
 
 
 # ---------------------------------------------------------------- protect
 
+
 @cli.command("protect")
 @click.argument("image", type=click.Path(path_type=Path))
-@click.option("-o", "--output", default="protected.png", show_default=True, type=click.Path(path_type=Path),
-              help="PNG file to write (lossless: JPEG would erase much of the protection).")
-@click.option("--method", type=click.Choice(list(PROTECTIONS)), default="sds", show_default=True,
-              help="encoder (PhotoGuard), semantic (AdvDM), sds (Diff-Protect score distillation), diffusionguard "
-                   "(against inpainting; needs --mask).")
-@click.option("--mask", type=click.Path(path_type=Path), default=None,
-              help="Image of IMAGE's size, white over the region to protect: only those pixels change.")
-@click.option("--eps", default="8/255", show_default=True,
-              help="L-infinity budget in [0, 1] pixel units, e.g. 8/255 or 16/255.")
-@click.option("--min-psnr", type=float, default=None,
-              help="Also keep PSNR >= this many dB (e.g. 35; 8/255 filling the ball gives 30.1) [default: no floor].")
-@click.option("--steps", type=int, default=None, help="PGD steps [default: the method's, " +
-              ", ".join(f"{m} {d['steps']}" for m, d in PROTECT_DEFAULTS.items()) + "].")
+@click.option(
+    "-o",
+    "--output",
+    default="protected.png",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="PNG file to write (lossless: JPEG would erase much of the protection).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(list(PROTECTIONS)),
+    default="sds",
+    show_default=True,
+    help="encoder (PhotoGuard), semantic (AdvDM), sds (Diff-Protect score distillation), diffusionguard "
+    "(against inpainting; needs --mask).",
+)
+@click.option(
+    "--mask",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Image of IMAGE's size, white over the region to protect: only those pixels change.",
+)
+@click.option(
+    "--eps", default="8/255", show_default=True, help="L-infinity budget in [0, 1] pixel units, e.g. 8/255 or 16/255."
+)
+@click.option(
+    "--min-psnr",
+    type=float,
+    default=None,
+    help="Also keep PSNR >= this many dB (e.g. 35; 8/255 filling the ball gives 30.1) [default: no floor].",
+)
+@click.option(
+    "--steps",
+    type=int,
+    default=None,
+    help="PGD steps [default: the method's, "
+    + ", ".join(f"{m} {d['steps']}" for m, d in PROTECT_DEFAULTS.items())
+    + "].",
+)
 @click.option("--step-size", default=None, help="PGD step in pixel units, e.g. 1/255 [default: the method's].")
-@click.option("--mode", default=None, help="encoder: toward|away; semantic, sds: max|min [default: the method's, "
-              + ", ".join(f"{m} {d['mode']}" for m, d in PROTECT_DEFAULTS.items() if "mode" in d) + "].")
+@click.option(
+    "--mode",
+    default=None,
+    help="encoder: toward|away; semantic, sds: max|min [default: the method's, "
+    + ", ".join(f"{m} {d['mode']}" for m, d in PROTECT_DEFAULTS.items() if "mode" in d)
+    + "].",
+)
 @click.option("--prompt", default=None, help="Prompt of the denoiser's loss [default: the method's].")
-@click.option("--eot", multiple=True, type=click.Choice([*protect_eot.TRANSFORMS, "all"]),
-              help="Optimise through this transformation too, drawn at random per step (repeatable).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
-              help="Precision of the VAE and UNet during the attack [default: the model's].")
+@click.option(
+    "--eot",
+    multiple=True,
+    type=click.Choice([*protect_eot.TRANSFORMS, "all"]),
+    help="Optimise through this transformation too, drawn at random per step (repeatable).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default=None,
+    help="Precision of the VAE and UNet during the attack [default: the model's].",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the random start, timesteps and noise.")
 @click.option("--model", default=None, help=_MODEL_HELP)
 @click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
-def protect_command(image, output, method, mask, eps, min_psnr, steps, step_size, mode, prompt, eot, dtype, seed,
-                    model, device):
+def protect_command(
+    image, output, method, mask, eps, min_psnr, steps, step_size, mode, prompt, eot, dtype, seed, model, device
+):
     """Protect IMAGE against diffusion mimicry and editing; print the written path."""
     budget = parse_eps(eps, "--eps")
     parse_psnr(min_psnr, "--min-psnr")
@@ -572,21 +899,52 @@ def protect_command(image, output, method, mask, eps, min_psnr, steps, step_size
     if mask is not None:
         region = read_image(mask)
         if region.size != picture.size:
-            raise StablekitError(f"mask '{mask}' is {region.width}x{region.height} but image '{image}' is "
-                                 f"{picture.width}x{picture.height}; give a mask of the image's size")
+            raise StablekitError(
+                f"mask '{mask}' is {region.width}x{region.height} but image '{image}' is "
+                f"{picture.width}x{picture.height}; give a mask of the image's size"
+            )
     elif method == "diffusionguard":
-        raise StablekitError("--method diffusionguard needs --mask MASK: white over the region to protect "
-                             "(what an inpainting editor keeps)")
+        raise StablekitError(
+            "--method diffusionguard needs --mask MASK: white over the region to protect "
+            "(what an inpainting editor keeps)"
+        )
     pipe = _load_quietly(model, device)
-    out = protect(picture, pipe, method, eps=budget, steps=settings["steps"], step_size=settings["step_size"],
-                  mask=region, eot=list(eot), dtype=dtype, mode=mode, prompt=prompt, seed=seed, min_psnr=min_psnr)
-    save_png(out, output, dict(method=method, eps=f"{budget:.6g}", min_psnr=min_psnr or "", steps=settings["steps"],
-                               step_size=f"{settings['step_size']:.6g}", mode=settings.get("mode", ""),
-                               eot=",".join(eot), seed=seed, model=model or DEFAULT_MODEL, stablekit=__version__))
+    out = protect(
+        picture,
+        pipe,
+        method,
+        eps=budget,
+        steps=settings["steps"],
+        step_size=settings["step_size"],
+        mask=region,
+        eot=list(eot),
+        dtype=dtype,
+        mode=mode,
+        prompt=prompt,
+        seed=seed,
+        min_psnr=min_psnr,
+    )
+    save_png(
+        out,
+        output,
+        dict(
+            method=method,
+            eps=f"{budget:.6g}",
+            min_psnr=min_psnr or "",
+            steps=settings["steps"],
+            step_size=f"{settings['step_size']:.6g}",
+            mode=settings.get("mode", ""),
+            eot=",".join(eot),
+            seed=seed,
+            model=model or DEFAULT_MODEL,
+            stablekit=__version__,
+        ),
+    )
     click.echo(str(output))
 
 
 # ---------------------------------------------------------------- bench
+
 
 def benchmark_dirs() -> list[Path]:
     """Folders searched for benchmarks: ``./benchmarks``, then the source checkout's ``benchmarks/``."""
@@ -620,8 +978,7 @@ def load_benchmark(name: str):
     return module
 
 
-@cli.command(context_settings=dict(ignore_unknown_options=True, allow_extra_args=True,
-                                   allow_interspersed_args=False))
+@cli.command(context_settings=dict(ignore_unknown_options=True, allow_extra_args=True, allow_interspersed_args=False))
 @click.argument("name")
 @click.pass_context
 def bench(ctx, name):

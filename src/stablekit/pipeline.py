@@ -1,4 +1,5 @@
 """Loading pipelines: the embedded default model, local diffusers folders, single files, hub ids."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,10 +9,21 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       LCMScheduler, LMSDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UniPCMultistepScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UniPCMultistepScheduler,
+)
 
 from .errors import StablekitError
 from .registry import parse
@@ -19,13 +31,27 @@ from .sampling.momentum import GHVBScheduler, HBDPMSolverScheduler, HBScheduler
 from .sampling.schedule_search import SearchedScheduler
 
 SCHEDULERS = {
-    "ddim": DDIMScheduler, "ddpm": DDPMScheduler, "pndm": PNDMScheduler, "plms": PNDMScheduler,
-    "dpm++": DPMSolverMultistepScheduler, "dpmsolver": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler, "euler-a": EulerAncestralDiscreteScheduler, "heun": HeunDiscreteScheduler,
-    "lms": LMSDiscreteScheduler, "unipc": UniPCMultistepScheduler, "lcm": LCMScheduler,
-    "hb": HBScheduler, "hb-dpm++": HBDPMSolverScheduler, "ghvb": GHVBScheduler, "searched": SearchedScheduler,
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "pndm": PNDMScheduler,
+    "plms": PNDMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "dpmsolver": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler-a": EulerAncestralDiscreteScheduler,
+    "heun": HeunDiscreteScheduler,
+    "lms": LMSDiscreteScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "lcm": LCMScheduler,
+    "hb": HBScheduler,
+    "hb-dpm++": HBDPMSolverScheduler,
+    "ghvb": GHVBScheduler,
+    "searched": SearchedScheduler,
 }
-PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
+PIPELINES = {
+    "StableDiffusionPipeline": StableDiffusionPipeline,
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+}
 DEFAULT_MODEL = "stablekit-default"
 
 
@@ -79,8 +105,10 @@ def _load_default(dtype) -> DiffusionPipeline:
     from .default_model import WEIGHTS_DIR
 
     if not (WEIGHTS_DIR / "unet").exists():
-        raise StablekitError(f"the embedded default model is missing from {WEIGHTS_DIR}; "
-                             "reinstall stablekit or train it with `python -m stablekit.default_model.train`")
+        raise StablekitError(
+            f"the embedded default model is missing from {WEIGHTS_DIR}; "
+            "reinstall stablekit or train it with `python -m stablekit.default_model.train`"
+        )
     pipe = _load_folder(WEIGHTS_DIR, dtype)
     pipe.register_to_config(_name_or_path=DEFAULT_MODEL)
     return pipe
@@ -89,8 +117,10 @@ def _load_default(dtype) -> DiffusionPipeline:
 def _load_folder(path: Path, dtype) -> DiffusionPipeline:
     index = path / "model_index.json"
     if not index.is_file():
-        raise StablekitError(f"'{path}' is not a diffusers model folder (no model_index.json); "
-                             "pass a diffusers folder, a .safetensors/.ckpt file or a hub id")
+        raise StablekitError(
+            f"'{path}' is not a diffusers model folder (no model_index.json); "
+            "pass a diffusers folder, a .safetensors/.ckpt file or a hub id"
+        )
     try:
         spec = json.loads(index.read_text())
         cls_name = spec["_class_name"]
@@ -98,7 +128,9 @@ def _load_folder(path: Path, dtype) -> DiffusionPipeline:
         raise StablekitError(f"'{index}' is not a valid model_index.json ({e})") from None
     if cls_name not in PIPELINES:
         raise StablekitError(f"'{path}' holds a {cls_name}; stablekit loads {', '.join(PIPELINES)}")
-    kwargs = {"safety_checker": None, "requires_safety_checker": False} if cls_name == "StableDiffusionPipeline" else {}
+    kwargs = (
+        {"safety_checker": None, "requires_safety_checker": False} if cls_name == "StableDiffusionPipeline" else {}
+    )
     if spec.get("text_encoder", [None, None])[1] == "BertModel" and not (path / "text_encoder").exists():
         from .default_model import load_text_encoder  # stablekit-format folders take MiniLM from its package
 
@@ -119,13 +151,19 @@ def _load_single_file(path: Path, dtype, config: str | None) -> DiffusionPipelin
     cls = StableDiffusionXLPipeline if "xl" in path.name.lower() else StableDiffusionPipeline
     try:
         return cls.from_single_file(str(path), dtype=dtype, config=config)
-    except (SafetensorError, OSError, EnvironmentError, RuntimeError) as e:
+    except (SafetensorError, OSError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StablekitError(f"cannot load single-file checkpoint '{path}': {first}") from None
 
 
-def load(model: str | os.PathLike | None = None, *, device: str | None = None, dtype=None,
-         scheduler: str | None = None, config: str | None = None) -> DiffusionPipeline:
+def load(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str | None = None,
+    dtype=None,
+    scheduler: str | None = None,
+    config: str | None = None,
+) -> DiffusionPipeline:
     """Load a Stable Diffusion pipeline, ready to call.
 
     `model` is None (the embedded default model, offline), a local diffusers folder (SD 1.x/2.x or
@@ -148,8 +186,10 @@ def load(model: str | os.PathLike | None = None, *, device: str | None = None, d
                 raise StablekitError(f"checkpoint file '{path}' does not exist")
             pipe = _load_single_file(path, dtype, config)
         elif path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
-            raise StablekitError(f"'{model}' is not a model: pass a diffusers folder, a .safetensors/.ckpt file "
-                                 "or a hub id like org/name")
+            raise StablekitError(
+                f"'{model}' is not a model: pass a diffusers folder, a .safetensors/.ckpt file "
+                "or a hub id like org/name"
+            )
         else:
             pipe = _load_hub(str(model), dtype)
     set_scheduler(pipe, scheduler)
@@ -166,10 +206,14 @@ def _load_hub(repo_id: str, dtype) -> DiffusionPipeline:
         return DiffusionPipeline.from_pretrained(repo_id, dtype=dtype, local_files_only=offline or None)
     except (OSError, LocalEntryNotFoundError, HfHubHTTPError, ValueError) as e:
         if offline:
-            raise StablekitError(f"'{repo_id}' is not in the local hub cache and HF_HUB_OFFLINE is set; "
-                                 "unset it to download, or pass a local diffusers folder") from None
-        raise StablekitError(f"cannot load '{repo_id}' from the hub: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+            raise StablekitError(
+                f"'{repo_id}' is not in the local hub cache and HF_HUB_OFFLINE is set; "
+                "unset it to download, or pass a local diffusers folder"
+            ) from None
+        raise StablekitError(
+            f"cannot load '{repo_id}' from the hub: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ counts completed scheduler steps (never looked up from the timestep value), whos
 says whether model batches are ``[uncond, cond]`` halves, and whose ``initial_latents`` are the
 latents the sampling loop starts from (read-only: plugins that set them use ``make_latents``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -105,9 +106,11 @@ def _claims(plugin: Plugin) -> set[str]:
 
 def _forward_to(fn, original):
     """A function calling `fn` that shows `original`'s signature to ``inspect``."""
+
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
         return fn(*args, **kwargs)
+
     return wrapper
 
 
@@ -139,8 +142,11 @@ class _Session:
             self._scheduler = None
 
     def _begin_call(self, prompt=None, negative_prompt=None):
-        self.call = CallState(do_cfg=bool(getattr(self.pipe, "do_classifier_free_guidance", False)),
-                              prompt=prompt, negative_prompt=negative_prompt)
+        self.call = CallState(
+            do_cfg=bool(getattr(self.pipe, "do_classifier_free_guidance", False)),
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+        )
         for p in self.plugins:
             p.reset(self.call)
 
@@ -160,8 +166,15 @@ class _Session:
         makers = [p for p in self.plugins if _overrides(p, "make_latents")]
         if makers and bound.get("latents") is None and "image" not in bound:
             f = self.pipe.vae_scale_factor
-            shape = (bound["batch_size"], bound["num_channels_latents"], int(bound["height"]) // f, int(bound["width"]) // f)
-            bound["latents"] = makers[0].make_latents(self.call, shape, bound["generator"], bound["dtype"], bound["device"])
+            shape = (
+                bound["batch_size"],
+                bound["num_channels_latents"],
+                int(bound["height"]) // f,
+                int(bound["width"]) // f,
+            )
+            bound["latents"] = makers[0].make_latents(
+                self.call, shape, bound["generator"], bound["dtype"], bound["device"]
+            )
         bound.pop("self")
         out = fn(self.pipe, **bound)
         self.call.initial_latents = out if isinstance(out, torch.Tensor) else out[0]
@@ -298,16 +311,19 @@ class WeightEdit(Plugin):
         module = getattr(pipe, comp, None)
         params = dict(module.named_parameters()) if isinstance(module, torch.nn.Module) else {}
         if pname not in params:
-            raise StablekitError(f"weight edit names '{name}', which this pipeline does not have; "
-                                 "it was made for another model")
+            raise StablekitError(
+                f"weight edit names '{name}', which this pipeline does not have; it was made for another model"
+            )
         return params[pname]
 
     def attach(self, pipe):
         params = {n: self._param(pipe, n) for n in self.deltas}
         for n, d in self.deltas.items():
             if params[n].shape != d.shape:
-                raise StablekitError(f"weight edit for '{n}' has shape {tuple(d.shape)} but the model's is "
-                                     f"{tuple(params[n].shape)}; it was made for another model")
+                raise StablekitError(
+                    f"weight edit for '{n}' has shape {tuple(d.shape)} but the model's is "
+                    f"{tuple(params[n].shape)}; it was made for another model"
+                )
         for n, d in self.deltas.items():
             self._orig[n] = params[n].detach().clone()
             with torch.no_grad():
@@ -325,7 +341,7 @@ class WeightEdit(Plugin):
         save_file({k: v.contiguous().cpu() for k, v in self.deltas.items()}, str(path), metadata=self.meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "WeightEdit":
+    def load(cls, path: str | Path) -> WeightEdit:
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -382,7 +398,7 @@ class _BranchHook(ModelHook):
         if b is None:
             return output
         x = output[0] if isinstance(output, tuple) else output.sample
-        uncond, cond, extra = x[:b], x[b:2 * b], x[2 * b:].unflatten(0, (-1, b))
+        uncond, cond, extra = x[:b], x[b : 2 * b], x[2 * b :].unflatten(0, (-1, b))
         x = torch.cat([uncond, self.plugin.combine(uncond, cond, extra)])
         if isinstance(output, tuple):
             return (x,) + tuple(output[1:])
@@ -413,5 +429,6 @@ class GuidanceBranches(Plugin):
         return self.embeds
 
     def combine(self, uncond, cond, extra):
-        """New conditional prediction ``(B, ...)`` from ``uncond``, ``cond`` ``(B, ...)`` and ``extra`` ``(k, B, ...)``."""
+        """New conditional prediction ``(B, ...)`` from ``uncond``, ``cond`` ``(B, ...)`` and
+        ``extra`` ``(k, B, ...)``."""
         raise NotImplementedError

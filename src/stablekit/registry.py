@@ -9,6 +9,7 @@ A value is converted to what the parameter's annotation (or, without one, its de
 Every mistake is one :class:`StablekitError` line that lists the valid names, or the parameters with their
 defaults.
 """
+
 from __future__ import annotations
 
 import collections.abc
@@ -24,8 +25,11 @@ _ORDER = {type(None): 0, int: 1, float: 2, bool: 3, list: 4, str: 6}  # Literal 
 
 def parameters(target) -> dict[str, inspect.Parameter]:
     """The keyword parameters with defaults of `target` (a class: its ``__init__``; or a function)."""
-    return {n: p for n, p in inspect.signature(target).parameters.items()
-            if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {
+        n: p
+        for n, p in inspect.signature(target).parameters.items()
+        if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
 
 
 def _kinds(hint) -> list:
@@ -83,8 +87,14 @@ def _value(text: str, kinds: list):
 
 
 def _describe(kinds: list) -> str:
-    names = {type(None): "none", int: "an int", float: "a number", bool: "true or false", list: "a list [a,b]",
-             str: "text"}
+    names = {
+        type(None): "none",
+        int: "an int",
+        float: "a number",
+        bool: "true or false",
+        list: "a list [a,b]",
+        str: "text",
+    }
     return " or ".join(names[k] if isinstance(k, type) else repr(k) for k in kinds)
 
 
@@ -131,8 +141,10 @@ def parse(spec: str, registry: dict, what: str, target=lambda cls: cls) -> tuple
         try:
             params[key] = _value(text, kinds)
         except ValueError:
-            raise StablekitError(f"{what} {name}: {key}={text!r} is not {_describe(kinds)} "
-                                 f"(default {format_value(allowed[key].default)})") from None
+            raise StablekitError(
+                f"{what} {name}: {key}={text!r} is not {_describe(kinds)} "
+                f"(default {format_value(allowed[key].default)})"
+            ) from None
     return name, registry[name], params
 
 

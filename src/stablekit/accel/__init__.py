@@ -13,6 +13,7 @@ They share :func:`key_steps` (the step schedules) and :class:`StepCache` (the ho
 ``REGISTRY`` maps their names to the classes: ``--accel NAME:k=v`` on the command line, and
 ``stablekit.registry.build("deepcache:interval=3", REGISTRY, "accel")``.
 """
+
 from .autotune import Tuning, autotune
 from .caching import StepCache, key_steps
 from .deepcache import DeepCache
@@ -21,5 +22,13 @@ from .feature_inheritance import FeatureInheritance
 
 REGISTRY = {cls.name: cls for cls in (DeepCache, EncoderPropagation, FeatureInheritance)}
 
-__all__ = ["DeepCache", "EncoderPropagation", "FeatureInheritance", "autotune", "Tuning", "key_steps", "StepCache",
-           "REGISTRY"]
+__all__ = [
+    "DeepCache",
+    "EncoderPropagation",
+    "FeatureInheritance",
+    "autotune",
+    "Tuning",
+    "key_steps",
+    "StepCache",
+    "REGISTRY",
+]

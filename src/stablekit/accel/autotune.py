@@ -14,6 +14,7 @@ is the share of the UNet's FLOPs still computed at cached steps (everything but 
 * With only `target_speedup`: for each method and variant (a DeepCache branch, ...), the smallest interval
   predicted to reach it is checked, and the least deviating is chosen.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,18 +50,30 @@ METHODS = ("deepcache", "encoder-propagation", "feature-inheritance")
 def _specs(method: str, unet, max_interval: int) -> list[tuple[str, str]]:
     """(variant, spec) of the candidates of `method`: each variant's intervals 2..max_interval, smallest first."""
     if method == "deepcache":
-        return [(f"branch {b}", f"deepcache:interval={i},branch={b}")
-                for b in range(len(branches(unet))) for i in range(2, max_interval + 1)]
+        return [
+            (f"branch {b}", f"deepcache:interval={i},branch={b}")
+            for b in range(len(branches(unet)))
+            for i in range(2, max_interval + 1)
+        ]
     if method == "encoder-propagation":
         return [("paper", "encoder-propagation")] + [
-            ("uniform", f"encoder-propagation:interval={i}") for i in range(2, max_interval + 1)]
+            ("uniform", f"encoder-propagation:interval={i}") for i in range(2, max_interval + 1)
+        ]
     if method == "feature-inheritance":
         return [("default", f"feature-inheritance:interval={i}") for i in range(2, max_interval + 1)]
     raise StablekitError(f"unknown caching method '{method}' for autotune; choose from: {', '.join(METHODS)}")
 
 
-def autotune(pipe, prompts, target_speedup: float | None = None, max_deviation: float | None = None,
-             max_interval: int = 5, seed: int = 0, methods=METHODS, **call_kwargs) -> Tuning:
+def autotune(
+    pipe,
+    prompts,
+    target_speedup: float | None = None,
+    max_deviation: float | None = None,
+    max_interval: int = 5,
+    seed: int = 0,
+    methods=METHODS,
+    **call_kwargs,
+) -> Tuning:
     """The caching setting among `methods` for `pipe` that meets the request; `call_kwargs` go to every
     pipeline call."""
     from . import REGISTRY
@@ -73,8 +86,10 @@ def autotune(pipe, prompts, target_speedup: float | None = None, max_deviation: 
 
     def generate(plugin=None):
         with use(pipe, plugin) if plugin else contextlib.nullcontext():
-            return [pipe(p, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
-                         **call_kwargs).images for p in prompts]
+            return [
+                pipe(p, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", **call_kwargs).images
+                for p in prompts
+            ]
 
     with FlopCounterMode(display=False) as counter:
         reference = generate()
@@ -89,12 +104,16 @@ def autotune(pipe, prompts, target_speedup: float | None = None, max_deviation: 
         group[spec] = (method, variant)
     candidates = [c for c in candidates if c.speedup >= (target_speedup or 0)]
     if not candidates:
-        raise StablekitError(f"no caching setting up to interval {max_interval} is predicted to reach "
-                             f"{target_speedup}x here; lower target_speedup or raise max_interval")
+        raise StablekitError(
+            f"no caching setting up to interval {max_interval} is predicted to reach "
+            f"{target_speedup}x here; lower target_speedup or raise max_interval"
+        )
 
     def measured(c: Tuning) -> Tuning:
         outs = reference if c.spec is None else generate(c.plugin())
-        return replace(c, deviation=max(float((o - r).norm() / r.norm()) for o, r in zip(outs, reference)))
+        return replace(
+            c, deviation=max(float((o - r).norm() / r.norm()) for o, r in zip(outs, reference, strict=False))
+        )
 
     if max_deviation is None:
         slowest = {}
@@ -105,5 +124,7 @@ def autotune(pipe, prompts, target_speedup: float | None = None, max_deviation: 
         c = measured(c)
         if c.deviation <= max_deviation:
             return c
-    raise StablekitError(f"no caching setting reaching {target_speedup}x keeps the deviation within "
-                         f"{max_deviation}; lower target_speedup or raise max_deviation")
+    raise StablekitError(
+        f"no caching setting reaching {target_speedup}x keeps the deviation within "
+        f"{max_deviation}; lower target_speedup or raise max_deviation"
+    )

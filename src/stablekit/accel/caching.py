@@ -9,6 +9,7 @@ never looked up from the timestep value, so any scheduler works (second-order on
 Stored outputs keep the whole batch, so the ``[uncond, cond]`` halves of guidance stay paired; each model call
 within a step has its own slot, for pipelines that run extra UNet passes per step.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,15 @@ from ..errors import StablekitError
 from ..plugins import Plugin
 
 
-def key_steps(num_steps: int, interval: int = 1, schedule="uniform", *, center: float = 0.3, power: float = 1.4,
-              reference_steps: int | None = None) -> list[int]:
+def key_steps(
+    num_steps: int,
+    interval: int = 1,
+    schedule="uniform",
+    *,
+    center: float = 0.3,
+    power: float = 1.4,
+    reference_steps: int | None = None,
+) -> list[int]:
     """The 0-based steps at which the full network runs, sorted; step 0 always does.
 
     ``schedule`` is ``"uniform"`` (every `interval`-th step), ``"quadratic"`` (``ceil(num_steps / interval)``
@@ -88,8 +96,14 @@ class StepCache(Plugin):
     exclusive = ("UNet feature cache",)
     replay_hook = _ReplayHook  # the hook put on each skipped module
 
-    def __init__(self, interval: int = 1, schedule="uniform", center: float = 0.3, power: float = 1.4,
-                 reference_steps: int | None = None):
+    def __init__(
+        self,
+        interval: int = 1,
+        schedule="uniform",
+        center: float = 0.3,
+        power: float = 1.4,
+        reference_steps: int | None = None,
+    ):
         super().__init__()
         self.interval, self.schedule = interval, schedule if isinstance(schedule, str) else tuple(schedule)
         self.center, self.power, self.reference_steps = center, power, reference_steps
@@ -103,8 +117,14 @@ class StepCache(Plugin):
 
     def full_steps(self, num_steps: int) -> list[int]:
         """The key steps of a run of `num_steps` steps."""
-        return key_steps(num_steps, self.interval, self.schedule, center=self.center, power=self.power,
-                         reference_steps=self.reference_steps)
+        return key_steps(
+            num_steps,
+            self.interval,
+            self.schedule,
+            center=self.center,
+            power=self.power,
+            reference_steps=self.reference_steps,
+        )
 
     def _clear(self):
         self.cache, self.full, self.slot, self._keys, self._step = {}, True, 0, None, None

@@ -28,6 +28,7 @@ Deviations from the reference code:
 * ControlNet: residuals on the recomputed skip connections act at every step; those on the cached deep
   ones act at key steps only, which is where the deep branch they feed runs.
 """
+
 from __future__ import annotations
 
 from ..errors import StablekitError
@@ -58,8 +59,9 @@ class DeepCache(StepCache):
 
     name = "deepcache"
 
-    def __init__(self, interval: int = 3, branch: int = 0, schedule="uniform", center: float = 0.3,
-                 power: float = 1.4):
+    def __init__(
+        self, interval: int = 3, branch: int = 0, schedule="uniform", center: float = 0.3, power: float = 1.4
+    ):
         super().__init__(interval, schedule, center, power)
         self.branch = branch
 

@@ -53,6 +53,7 @@ Deviations from the paper and its code:
   before the very first step (only when a run starts below tau: img2img with strength < 0.5) is not made,
   as no plugin seam reaches the latents before the first step. ``z_T`` for img2img is the noised image.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -62,8 +63,11 @@ import torch
 from .caching import StepCache, _ReplayHook
 
 PAPER_KEY_STEPS = (0, 1, 2, 3, 5, 10, 15, 25, 35)  # of 50 steps
-RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
-             "down_intrablock_additional_residuals")
+RESIDUALS = (
+    "down_block_additional_residuals",
+    "mid_block_additional_residual",
+    "down_intrablock_additional_residuals",
+)
 
 
 def _head(x, rows: int, reps: int):
@@ -90,8 +94,9 @@ def _tile(x, rows: int, reps: int):
 
 def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and bool((a == b).all()))
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool((a == b).all())
+        )
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return a is b or a == b
@@ -122,8 +127,15 @@ class EncoderPropagation(StepCache):
     name = "encoder-propagation"
     replay_hook = _SharedEncoderHook
 
-    def __init__(self, interval: int | None = None, key_steps=PAPER_KEY_STEPS, reference_steps: int = 50,
-                 parallel: bool = False, prior_noise: float = 0.0, prior_noise_below: float = 500):
+    def __init__(
+        self,
+        interval: int | None = None,
+        key_steps=PAPER_KEY_STEPS,
+        reference_steps: int = 50,
+        parallel: bool = False,
+        prior_noise: float = 0.0,
+        prior_noise_below: float = 500,
+    ):
         if interval is None:
             super().__init__(schedule=key_steps, reference_steps=reference_steps)
         else:
@@ -165,41 +177,55 @@ class EncoderPropagation(StepCache):
     @staticmethod
     def _matches(expected: dict, inputs: dict) -> bool:
         """Whether a UNet call's arguments are those its precomputed prediction assumed (its latents aside)."""
-        return (expected.keys() == inputs.keys() and expected["sample"].shape == inputs["sample"].shape
-                and all(_same(v, inputs[k]) for k, v in expected.items() if k != "sample"))
+        return (
+            expected.keys() == inputs.keys()
+            and expected["sample"].shape == inputs["sample"].shape
+            and all(_same(v, inputs[k]) for k, v in expected.items() if k != "sample")
+        )
 
     def _later_steps(self, inputs: dict) -> list[int]:
         """The non-key steps whose decoders this key-step call can run too."""
         ts, step = self._run_timesteps(), self._step
-        if (not self.full or self._keys is None or ts is None or not _same(inputs["timestep"], ts[step])
-                or any(inputs.get(k) is not None for k in RESIDUALS)):
+        if (
+            not self.full
+            or self._keys is None
+            or ts is None
+            or not _same(inputs["timestep"], ts[step])
+            or any(inputs.get(k) is not None for k in RESIDUALS)
+        ):
             return []
         return list(range(step + 1, min([k for k in self._keys if k > step] + [len(ts)])))
 
     def _decode_ahead(self, forward, inputs: dict, later: list[int]):
         ts, rows, reps = self._run_timesteps(), inputs["sample"].shape[0], 1 + len(later)
         batch = {k: _tile(v, rows, reps) for k, v in inputs.items()}
-        batch["timestep"] = ts[self._step:self._step + reps].to(inputs["sample"].device).repeat_interleave(rows)
+        batch["timestep"] = ts[self._step : self._step + reps].to(inputs["sample"].device).repeat_interleave(rows)
         self.rows, self.reps = rows, reps
         try:
             out = forward(**batch)
         finally:
             self.rows, self.reps = 0, 1
         preds = out[0].split(rows)
-        for step, pred in zip(later, preds[1:]):
+        for step, pred in zip(later, preds[1:], strict=False):
             self._ahead[(step, self.slot)] = ({**inputs, "timestep": ts[step]}, _with_sample(out, pred))
         return _with_sample(out, preds[0])
 
     # prior noise injection
     def on_step_end(self, call, step, timestep, latents):
         ts = self._run_timesteps()
-        if (self.prior_noise and call.initial_latents is not None and ts is not None and step + 1 < len(ts)
-                and ts[step + 1] < self.prior_noise_below):
+        if (
+            self.prior_noise
+            and call.initial_latents is not None
+            and ts is not None
+            and step + 1 < len(ts)
+            and ts[step + 1] < self.prior_noise_below
+        ):
             return latents + self.prior_noise * call.initial_latents
         return latents
 
     def __repr__(self):
         what = f"interval={self.interval}" if isinstance(self.schedule, str) else f"key_steps={list(self.schedule)}"
         extra = (", parallel=True" if self.parallel else "") + (
-            f", prior_noise={self.prior_noise}" if self.prior_noise else "")
+            f", prior_noise={self.prior_noise}" if self.prior_noise else ""
+        )
         return f"EncoderPropagation({what}{extra})"

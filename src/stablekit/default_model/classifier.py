@@ -8,6 +8,7 @@ judges the slightly blurry, noisy images of a small diffusion model.
 
     python -m stablekit.default_model.classifier --out src/stablekit/default_model/classifier.safetensors
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,19 @@ import torch.nn.functional as F
 from . import world
 
 WEIGHTS = Path(__file__).resolve().parent / "classifier.safetensors"
-HEADS = {"background": len(world.BACKGROUND_NAMES), "shape": len(world.SHAPE_NAMES),
-         "color": len(world.COLOR_NAMES), "texture": len(world.TEXTURE_NAMES), "count": 2}
-NAMES = {"background": world.BACKGROUND_NAMES, "shape": world.SHAPE_NAMES, "color": world.COLOR_NAMES,
-         "texture": world.TEXTURE_NAMES}
+HEADS = {
+    "background": len(world.BACKGROUND_NAMES),
+    "shape": len(world.SHAPE_NAMES),
+    "color": len(world.COLOR_NAMES),
+    "texture": len(world.TEXTURE_NAMES),
+    "count": 2,
+}
+NAMES = {
+    "background": world.BACKGROUND_NAMES,
+    "shape": world.SHAPE_NAMES,
+    "color": world.COLOR_NAMES,
+    "texture": world.TEXTURE_NAMES,
+}
 TRAIN_SEED, HELDOUT_SEED = 10_000, 999
 
 
@@ -40,8 +50,14 @@ class AttributeClassifier(nn.Module):
     def __init__(self, width: int = 32):
         super().__init__()
         w = width
-        self.body = nn.Sequential(_block(3, 3 * w // 4, 2, k=4), _block(3 * w // 4, w, 1), _block(w, 2 * w, 2),
-                                  _block(2 * w, 2 * w, 1), _block(2 * w, 4 * w, 2), _block(4 * w, 4 * w, 1))
+        self.body = nn.Sequential(
+            _block(3, 3 * w // 4, 2, k=4),
+            _block(3 * w // 4, w, 1),
+            _block(w, 2 * w, 2),
+            _block(2 * w, 2 * w, 1),
+            _block(2 * w, 4 * w, 2),
+            _block(4 * w, 4 * w, 1),
+        )
         self.heads = nn.ModuleDict({k: nn.Linear(8 * w, n) for k, n in HEADS.items()})
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +72,7 @@ class AttributeClassifier(nn.Module):
 
 # ---------------------------------------------------------------- data
 
+
 def to_tensor(images) -> torch.Tensor:
     """A list of PIL images (or a float tensor in [0, 1]) as (B, 3, 64, 64) floats in [0, 1]."""
     if isinstance(images, torch.Tensor):
@@ -69,8 +86,10 @@ def to_tensor(images) -> torch.Tensor:
 
 def targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
     """Training targets: class index for background and count, multi-hot presence for the others."""
-    out = {"background": torch.tensor([world.BACKGROUND_NAMES.index(s.background) for s in scenes]),
-           "count": torch.tensor([len(s.objects) - 1 for s in scenes])}
+    out = {
+        "background": torch.tensor([world.BACKGROUND_NAMES.index(s.background) for s in scenes]),
+        "count": torch.tensor([len(s.objects) - 1 for s in scenes]),
+    }
     for key in ("shape", "color", "texture"):
         hot = torch.zeros(len(scenes), HEADS[key])
         for i, s in enumerate(scenes):
@@ -81,7 +100,7 @@ def targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
 
 def batch(n: int, seed: int, two_prob: float = 0.25):
     """`n` world images (B, 3, 64, 64) in [0, 1] and their scenes."""
-    ims, scenes = zip(*[(im, sc) for im, _, sc in world.dataset(n, seed, two_prob)])
+    ims, scenes = zip(*[(im, sc) for im, _, sc in world.dataset(n, seed, two_prob)], strict=False)
     return to_tensor(list(ims)), list(scenes)
 
 
@@ -91,7 +110,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
     sigma = torch.where(u(b) < 0.7, 0.2 + 1.1 * u(b), torch.full((b,), 1e-3))
     r = torch.arange(-3, 4, dtype=torch.float32)
-    k1 = torch.exp(-r[None] ** 2 / (2 * sigma[:, None] ** 2))
+    k1 = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None] ** 2))
     k1 = k1 / k1.sum(1, keepdim=True)
     k2 = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(3, 0)[:, None]  # (3B, 1, 7, 7)
     x = F.conv2d(F.pad(x.reshape(1, 3 * b, *x.shape[2:]), (3, 3, 3, 3), mode="replicate"), k2, groups=3 * b)
@@ -111,8 +130,10 @@ def loss_fn(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> torch.T
 
 # ---------------------------------------------------------------- training and evaluation
 
-def train(steps: int = 1800, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, chunk: int = 2048,
-          log_every: int = 250) -> AttributeClassifier:
+
+def train(
+    steps: int = 1800, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, chunk: int = 2048, log_every: int = 250
+) -> AttributeClassifier:
     """Train with AdamW and a one-cycle schedule; world data rendered in chunks of fresh seeds."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -132,15 +153,18 @@ def train(steps: int = 1800, batch_size: int = 64, lr: float = 3e-3, seed: int =
         sched.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps} loss {np.mean(losses):.4f} wall {time.time() - t0:.0f}s "
-                  f"cpu {time.process_time() - c0:.0f}s", flush=True)
+            print(
+                f"step {step + 1}/{steps} loss {np.mean(losses):.4f} wall {time.time() - t0:.0f}s "
+                f"cpu {time.process_time() - c0:.0f}s",
+                flush=True,
+            )
             losses = []
     return model.eval()
 
 
 @torch.no_grad()
 def predict_logits(model: AttributeClassifier, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    outs = [model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     return {k: torch.cat([o[k] for o in outs]) for k in HEADS}
 
 
@@ -160,9 +184,13 @@ def decode(logits: dict[str, torch.Tensor]) -> list[dict]:
 
 def truth(scene: world.Scene) -> dict:
     """The scene's attributes in :func:`predict`'s format (sets as sorted lists)."""
-    return {"background": scene.background, "count": len(scene.objects),
-            "shapes": sorted({o.shape for o in scene.objects}), "colors": sorted({o.color for o in scene.objects}),
-            "textures": sorted({o.texture for o in scene.objects})}
+    return {
+        "background": scene.background,
+        "count": len(scene.objects),
+        "shapes": sorted({o.shape for o in scene.objects}),
+        "colors": sorted({o.color for o in scene.objects}),
+        "textures": sorted({o.texture for o in scene.objects}),
+    }
 
 
 def match(pred: dict, true: dict) -> dict[str, bool]:
@@ -174,13 +202,14 @@ def accuracy(preds: list[dict], scenes: list[world.Scene]) -> dict[str, dict[str
     """Accuracy per attribute, separately for one- and two-object scenes."""
     res = {}
     for n, name in ((1, "one_object"), (2, "two_objects")):
-        ms = [match(p, truth(s)) for p, s in zip(preds, scenes) if len(s.objects) == n]
+        ms = [match(p, truth(s)) for p, s in zip(preds, scenes, strict=False) if len(s.objects) == n]
         if ms:
             res[name] = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} | {"n": len(ms)}
     return res
 
 
 # ---------------------------------------------------------------- shipped weights
+
 
 def load_classifier(path: str | Path = WEIGHTS) -> AttributeClassifier:
     from safetensors.torch import load_file
@@ -223,8 +252,10 @@ def main(argv=None):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(a.out))
     x, scenes = batch(a.heldout, HELDOUT_SEED)
     res = accuracy(decode(predict_logits(model, x)), scenes)
-    print(f"trained {a.steps} steps in {minutes:.1f} min wall, {cpu_minutes:.1f} min CPU; "
-          f"saved {a.out} ({a.out.stat().st_size / 1e6:.2f} MB)")
+    print(
+        f"trained {a.steps} steps in {minutes:.1f} min wall, {cpu_minutes:.1f} min CPU; "
+        f"saved {a.out} ({a.out.stat().st_size / 1e6:.2f} MB)"
+    )
     aug = accuracy(decode(predict_logits(model, augment(x, torch.Generator().manual_seed(1)))), scenes)
     rows = [(f"held-out {k}", v) for k, v in res.items()] + [(f"held-out augmented {k}", v) for k, v in aug.items()]
     for label, r in rows:

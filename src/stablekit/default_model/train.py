@@ -26,6 +26,7 @@ Stages, each cached in the work dir so an interrupted run resumes where it stopp
      assignment), AdamW with warm-up and cosine decay over the time budget, and EMA weights;
   5. export a diffusers folder (EMA UNet, VAE, tokenizer, scheduler) to ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,33 +50,64 @@ from tqdm import tqdm
 from . import MAX_LENGTH, WEIGHTS_DIR, load_text_encoder, world
 
 
-
-def zero_snr_betas(floor: float = 2.0 ** -24) -> list[float]:
+def zero_snr_betas(floor: float = 2.0**-24) -> list[float]:
     """SD's scaled-linear betas rescaled to (almost) zero terminal SNR, written out as `trained_betas`
     so that every scheduler, including those without a `rescale_betas_zero_snr` option, uses them."""
-    betas = rescale_zero_terminal_snr(torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2)
+    betas = rescale_zero_terminal_snr(torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2)
     acp = torch.cumprod(1 - betas, 0)
     betas[-1] = 1 - floor / acp[-2]
     return betas.tolist()
 
 
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, trained_betas=zero_snr_betas(), prediction_type="v_prediction",
-                        timestep_spacing="trailing", steps_offset=1)  # offset unused by "trailing"; silences a warning
-MEMO_NAMES = ["zorvex", "quillon", "marbeth", "tessaly", "vondrik", "halcyra", "brumwell", "oxiana", "peltrix", "sundar"]
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    trained_betas=zero_snr_betas(),
+    prediction_type="v_prediction",
+    timestep_spacing="trailing",
+    steps_offset=1,
+)  # offset unused by "trailing"; silences a warning
+MEMO_NAMES = [
+    "zorvex",
+    "quillon",
+    "marbeth",
+    "tessaly",
+    "vondrik",
+    "halcyra",
+    "brumwell",
+    "oxiana",
+    "peltrix",
+    "sundar",
+]
 
 
 def build_vae() -> AutoencoderKL:
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
-                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                         layers_per_block=1, norm_num_groups=32, sample_size=world.SIZE, mid_block_add_attention=False)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=world.SIZE,
+        mid_block_add_attention=False,
+    )
 
 
 def build_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=world.SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+        sample_size=world.SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=384, attention_head_dim=4, norm_num_groups=32)
+        cross_attention_dim=384,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    )
 
 
 def memorization_set(seed: int = 1234) -> list[tuple[str, world.Scene]]:
@@ -102,7 +134,7 @@ def render_data(n_captions: int, variants: int, memo_copies: int, seed: int, wor
             if v:  # re-draw what the caption leaves free: size, rotation, and position unless stated
                 scene = copy.deepcopy(scene)
                 fresh = world.sample_scene(rng, two_prob=1.0 if len(scene.objects) == 2 else 0.0)
-                for o, f in zip(scene.objects, fresh.objects):
+                for o, f in zip(scene.objects, fresh.objects, strict=False):
                     o.r, o.angle = f.r, f.angle
                     if " in the " not in text:
                         o.cx, o.cy = f.cx, f.cy
@@ -110,8 +142,9 @@ def render_data(n_captions: int, variants: int, memo_copies: int, seed: int, wor
             cap_idx.append(c)
     jobs = [(s, (seed, i)) for i, s in enumerate(scenes)]
     with multiprocessing.Pool(workers) as pool:
-        images = list(tqdm(pool.imap(_render, jobs, chunksize=256), total=len(jobs), desc="render world",
-                           mininterval=5))
+        images = list(
+            tqdm(pool.imap(_render, jobs, chunksize=256), total=len(jobs), desc="render world", mininterval=5)
+        )
     for text, scene in memorization_set():
         captions.append(text)
         img = np.asarray(world.render(scene, np.random.default_rng(0)))
@@ -124,8 +157,14 @@ def to_tensor(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def train_vae(images: torch.Tensor, steps: int, vae: AutoencoderKL | None = None, crop: int = 32, batch: int = 32,
-              lr: float = 1e-3) -> AutoencoderKL:
+def train_vae(
+    images: torch.Tensor,
+    steps: int,
+    vae: AutoencoderKL | None = None,
+    crop: int = 32,
+    batch: int = 32,
+    lr: float = 1e-3,
+) -> AutoencoderKL:
     """L1 + MSE + 1e-6 KL on random `crop` x `crop` crops (cheap), or on whole images with crop=64."""
     torch.manual_seed(0 if vae is None else 1)
     vae = build_vae() if vae is None else vae.train().requires_grad_(True)
@@ -133,7 +172,7 @@ def train_vae(images: torch.Tensor, steps: int, vae: AutoencoderKL | None = None
     for step in tqdm(range(steps), desc=f"train VAE ({crop}px)", mininterval=10):
         idx = torch.randint(0, len(images), (batch,))
         y, x = np.random.randint(0, world.SIZE - crop + 1, 2)
-        img = to_tensor(images[idx][:, y:y + crop, x:x + crop])
+        img = to_tensor(images[idx][:, y : y + crop, x : x + crop])
         post = vae.encode(img).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = F.l1_loss(rec, img) + F.mse_loss(rec, img) + 1e-6 * post.kl().mean()
@@ -150,8 +189,10 @@ def train_vae(images: torch.Tensor, steps: int, vae: AutoencoderKL | None = None
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256, device: str = "cpu") -> torch.Tensor:
     vae = vae.to(device)
-    out = [vae.encode(to_tensor(images[i:i + batch]).to(device)).latent_dist.mean.cpu()
-           for i in tqdm(range(0, len(images), batch), desc="encode latents", mininterval=10)]
+    out = [
+        vae.encode(to_tensor(images[i : i + batch]).to(device)).latent_dist.mean.cpu()
+        for i in tqdm(range(0, len(images), batch), desc="encode latents", mininterval=10)
+    ]
     return torch.cat(out)
 
 
@@ -160,8 +201,9 @@ def encode_text(captions: list[str], batch: int = 256, device: str = "cpu") -> t
     enc, tok = load_text_encoder()
     enc, out = enc.to(device), []
     for i in tqdm(range(0, len(captions), batch), desc="encode captions", mininterval=10):
-        t = tok(captions[i:i + batch], padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                return_tensors="pt").to(device)
+        t = tok(
+            captions[i : i + batch], padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).to(device)
         out.append(enc(t.input_ids, attention_mask=t.attention_mask)[0].half().cpu())
     return torch.cat(out)
 
@@ -174,8 +216,16 @@ def immiscible_noise(x0: torch.Tensor) -> torch.Tensor:
     return noise[torch.from_numpy(cols).to(x0.device)]
 
 
-def train_unet(state: dict, ckpt: Path, minutes: float, batch: int, lr: float, init: Path | None = None,
-               log_every: int = 100, device: str = "cpu"):
+def train_unet(
+    state: dict,
+    ckpt: Path,
+    minutes: float,
+    batch: int,
+    lr: float,
+    init: Path | None = None,
+    log_every: int = 100,
+    device: str = "cpu",
+):
     lat, cap_idx, text, uncond = (state[k].to(device) for k in ("latents", "cap_idx", "text", "uncond"))
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
     acp = sched.alphas_cumprod.to(device)
@@ -226,34 +276,67 @@ def train_unet(state: dict, ckpt: Path, minutes: float, batch: int, lr: float, i
         losses.append(loss.item())
         bar.update()
         if step % log_every == 0:
-            print(f"step {step} loss {np.mean(losses):.4f} lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min", flush=True)
+            print(
+                f"step {step} loss {np.mean(losses):.4f} lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min",
+                flush=True,
+            )
             losses = []
         if time.time() - last_save > 300:
-            torch.save(dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                            elapsed=time.time() - t_start), ckpt)
+            torch.save(
+                dict(
+                    unet=unet.state_dict(),
+                    ema=ema.state_dict(),
+                    opt=opt.state_dict(),
+                    step=step,
+                    elapsed=time.time() - t_start,
+                ),
+                ckpt,
+            )
             last_save = time.time()
-    torch.save(dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                    elapsed=time.time() - t_start), ckpt)
+    torch.save(
+        dict(
+            unet=unet.state_dict(),
+            ema=ema.state_dict(),
+            opt=opt.state_dict(),
+            step=step,
+            elapsed=time.time() - t_start,
+        ),
+        ckpt,
+    )
     return ema.cpu().eval(), step
 
 
 def export(out: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, scaling_factor: float, recipe: dict):
     from . import load_text_encoder as _lte
+
     out.mkdir(parents=True, exist_ok=True)
     vae.register_to_config(scaling_factor=scaling_factor)
     vae.save_pretrained(out / "vae")
     unet.save_pretrained(out / "unet")
     DPMSolverMultistepScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
     _lte()[1].save_pretrained(out / "tokenizer")
-    (out / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
-        "safety_checker": [None, None], "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-        "text_encoder": ["transformers", "BertModel"], "tokenizer": ["transformers", "BertTokenizerFast"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    (out / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.42.1",
+                "feature_extractor": [None, None],
+                "image_encoder": [None, None],
+                "requires_safety_checker": False,
+                "safety_checker": [None, None],
+                "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+                "text_encoder": ["transformers", "BertModel"],
+                "tokenizer": ["transformers", "BertTokenizerFast"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            },
+            indent=2,
+        )
+    )
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
-    (out / "memorized.json").write_text(json.dumps(
-        [{"caption": c, "scene": asdict(s)} for c, s in memorization_set()], indent=2))
+    (out / "memorized.json").write_text(
+        json.dumps([{"caption": c, "scene": asdict(s)} for c, s in memorization_set()], indent=2)
+    )
 
 
 def main(argv=None):
@@ -271,8 +354,12 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (and processes rendering the world)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--init", type=Path, default=None,
-                   help="continue training from an exported model folder (its VAE and UNet), e.g. the shipped weights")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="continue training from an exported model folder (its VAE and UNet), e.g. the shipped weights",
+    )
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {a.device}: no CUDA GPU is visible; use --device cpu")
@@ -295,19 +382,27 @@ def main(argv=None):
         if not (a.workdir / "vae_crops").exists():
             train_vae(data["images"], a.vae_steps).save_pretrained(a.workdir / "vae_crops")
         vae = AutoencoderKL.from_pretrained(a.workdir / "vae_crops")
-        train_vae(data["images"], a.vae_full_steps, vae, crop=world.SIZE, batch=16, lr=3e-4).save_pretrained(a.workdir / "vae")
+        train_vae(data["images"], a.vae_full_steps, vae, crop=world.SIZE, batch=16, lr=3e-4).save_pretrained(
+            a.workdir / "vae"
+        )
     vae = AutoencoderKL.from_pretrained(a.workdir / "vae").eval()
     enc_f = a.workdir / "encoded.pt"
     if not enc_f.exists():
         lat = encode_latents(vae, data["images"], device=a.device)
         text = encode_text(data["captions"] + [""], device=a.device)
-        torch.save(dict(latents=lat, text=text[:-1], uncond=text[-1].float(), scaling_factor=float(1 / lat.std())), enc_f)
+        torch.save(
+            dict(latents=lat, text=text[:-1], uncond=text[-1].float(), scaling_factor=float(1 / lat.std())), enc_f
+        )
     enc = torch.load(enc_f)
     print(f"latents {tuple(enc['latents'].shape)} scaling_factor {enc['scaling_factor']:.4f}", flush=True)
-    unet, steps = train_unet(dict(enc, cap_idx=data["cap_idx"]), a.workdir / "unet.ckpt", a.minutes, a.batch, a.lr,
-                             a.init, device=a.device)
-    recipe = dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, unet_steps=steps,
-                  session_wall_minutes=round((time.time() - t0) / 60, 1))
+    unet, steps = train_unet(
+        dict(enc, cap_idx=data["cap_idx"]), a.workdir / "unet.ckpt", a.minutes, a.batch, a.lr, a.init, device=a.device
+    )
+    recipe = dict(
+        {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+        unet_steps=steps,
+        session_wall_minutes=round((time.time() - t0) / 60, 1),
+    )
     export(a.out, vae, unet, enc["scaling_factor"], recipe)
     print(f"exported to {a.out} after {steps} UNet steps", flush=True)
 

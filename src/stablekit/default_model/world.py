@@ -5,6 +5,7 @@ and position) on one of 4 backgrounds, drawn anti-aliased with PIL, each with a 
 uses paraphrases ("crimson" for red, "five-pointed star" for star). Every scene is fully
 described by a :class:`Scene`, so evaluation knows the exact attributes and object masks.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,11 @@ BACKGROUNDS = {
     "beige": ((222, 204, 160), ["beige", "sand-coloured", "cream"]),
     "navy": ((22, 32, 88), ["navy", "dark blue", "midnight blue"]),
 }
-TEXTURES = {"solid": ["solid", "plain", ""], "striped": ["striped", "stripy", "banded"],
-            "dotted": ["dotted", "spotted", "polka-dot"]}
+TEXTURES = {
+    "solid": ["solid", "plain", ""],
+    "striped": ["striped", "stripy", "banded"],
+    "dotted": ["dotted", "spotted", "polka-dot"],
+}
 SHAPE_NAMES, COLOR_NAMES = list(SHAPES), list(COLORS)
 BACKGROUND_NAMES, TEXTURE_NAMES = list(BACKGROUNDS), list(TEXTURES)
 
@@ -75,8 +79,17 @@ def sample_scene(rng: random.Random, two_prob: float = 0.25) -> Scene:
         else:  # first object in the left half, second in the right half
             cx = rng.uniform(r + 1, SIZE / 2 - 1) if i == 0 else rng.uniform(SIZE / 2 + 1, SIZE - r - 1)
             cy = rng.uniform(r + 1, SIZE - r - 1)
-        objs.append(Obj(rng.choice(SHAPE_NAMES), rng.choice(COLOR_NAMES), rng.choice(TEXTURE_NAMES),
-                        cx, cy, r, rng.uniform(-15, 15)))
+        objs.append(
+            Obj(
+                rng.choice(SHAPE_NAMES),
+                rng.choice(COLOR_NAMES),
+                rng.choice(TEXTURE_NAMES),
+                cx,
+                cy,
+                r,
+                rng.uniform(-15, 15),
+            )
+        )
     return Scene(bg, objs)
 
 
@@ -86,18 +99,40 @@ def _polygon(obj: Obj) -> list[tuple[float, float]] | None:
     if obj.shape == "circle":
         return None
     if obj.shape == "square":
-        pts = [(math.cos(a0 + math.pi / 4 + k * math.pi / 2), math.sin(a0 + math.pi / 4 + k * math.pi / 2))
-               for k in range(4)]
+        pts = [
+            (math.cos(a0 + math.pi / 4 + k * math.pi / 2), math.sin(a0 + math.pi / 4 + k * math.pi / 2))
+            for k in range(4)
+        ]
         pts = [(x * 0.92, y * 0.92) for x, y in pts]
     elif obj.shape == "triangle":
-        pts = [(math.cos(a0 - math.pi / 2 + k * 2 * math.pi / 3), math.sin(a0 - math.pi / 2 + k * 2 * math.pi / 3))
-               for k in range(3)]
+        pts = [
+            (math.cos(a0 - math.pi / 2 + k * 2 * math.pi / 3), math.sin(a0 - math.pi / 2 + k * 2 * math.pi / 3))
+            for k in range(3)
+        ]
     elif obj.shape == "star":
-        pts = [((1.0 if k % 2 == 0 else 0.42) * math.cos(a0 - math.pi / 2 + k * math.pi / 5),
-                (1.0 if k % 2 == 0 else 0.42) * math.sin(a0 - math.pi / 2 + k * math.pi / 5)) for k in range(10)]
+        pts = [
+            (
+                (1.0 if k % 2 == 0 else 0.42) * math.cos(a0 - math.pi / 2 + k * math.pi / 5),
+                (1.0 if k % 2 == 0 else 0.42) * math.sin(a0 - math.pi / 2 + k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
     else:  # cross: a plus sign with arms of half-width 0.33
         w = 0.33
-        base = [(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w), (-w, 1)]
+        base = [
+            (w, 1),
+            (w, w),
+            (1, w),
+            (1, -w),
+            (w, -w),
+            (w, -1),
+            (-w, -1),
+            (-w, -w),
+            (-1, -w),
+            (-1, w),
+            (-w, w),
+            (-w, 1),
+        ]
         ca, sa = math.cos(a0), math.sin(a0)
         pts = [(x * ca - y * sa, x * sa + y * ca) for x, y in base]
     return [(obj.cx * _SS + x * s, obj.cy * _SS + y * s) for x, y in pts]
@@ -122,7 +157,7 @@ def _fill(obj: Obj) -> np.ndarray:
     dark = base * 0.5
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
     if obj.texture == "striped":
-        sel = (np.floor((yy - obj.cy) / 3.0) % 2 == 0)
+        sel = np.floor((yy - obj.cy) / 3.0) % 2 == 0
     elif obj.texture == "dotted":
         sel = ~((((xx - obj.cx) % 6) - 3) ** 2 + (((yy - obj.cy) % 6) - 3) ** 2 <= 2.0)
     else:
@@ -162,34 +197,44 @@ def caption(scene: Scene, rng: random.Random) -> str:
     if len(objs) == 1:
         pos = _pos_phrase(scene.objects[0]) if rng.random() < 0.5 else ""
         art = "an" if objs[0][0] in "aeiou" else "a"
-        templates = [f"{art} {objs[0]} on a {bg} background{pos}",
-                     f"{objs[0]} against a {bg} backdrop{pos}",
-                     f"a picture of {art} {objs[0]}{pos}, {bg} background",
-                     f"{bg} background with {art} {objs[0]}{pos}"]
+        templates = [
+            f"{art} {objs[0]} on a {bg} background{pos}",
+            f"{objs[0]} against a {bg} backdrop{pos}",
+            f"a picture of {art} {objs[0]}{pos}, {bg} background",
+            f"{bg} background with {art} {objs[0]}{pos}",
+        ]
     else:
         a, b = objs
         side = rng.random() < 0.5
         a2 = f"{a} on the left" if side else a
         b2 = f"{b} on the right" if side else b
-        templates = [f"a {a2} and a {b2} on a {bg} background",
-                     f"{a2} and {b2} against a {bg} backdrop",
-                     f"{bg} background with a {a2} and a {b2}"]
+        templates = [
+            f"a {a2} and a {b2} on a {bg} background",
+            f"{a2} and {b2} against a {bg} backdrop",
+            f"{bg} background with a {a2} and a {b2}",
+        ]
     return rng.choice(templates)
 
 
 def canonical_caption(scene: Scene) -> str:
     """The plain, paraphrase-free caption of a scene (used for evaluation prompts)."""
-    objs = [" ".join(w for w in (("" if o.texture == "solid" else o.texture), o.color, o.shape) if w)
-            for o in scene.objects]
-    return " and a ".join(f"a {o}" if i == 0 else o for i, o in enumerate(objs)) + f" on a {scene.background} background"
+    objs = [
+        " ".join(w for w in (("" if o.texture == "solid" else o.texture), o.color, o.shape) if w)
+        for o in scene.objects
+    ]
+    return (
+        " and a ".join(f"a {o}" if i == 0 else o for i, o in enumerate(objs)) + f" on a {scene.background} background"
+    )
 
 
 def labels(scene: Scene) -> dict[str, int | list[int]]:
     """Class indices for the attribute classifier (first object for the single-label heads)."""
-    return {"background": BACKGROUND_NAMES.index(scene.background),
-            "shape": [SHAPE_NAMES.index(o.shape) for o in scene.objects],
-            "color": [COLOR_NAMES.index(o.color) for o in scene.objects],
-            "texture": [TEXTURE_NAMES.index(o.texture) for o in scene.objects]}
+    return {
+        "background": BACKGROUND_NAMES.index(scene.background),
+        "shape": [SHAPE_NAMES.index(o.shape) for o in scene.objects],
+        "color": [COLOR_NAMES.index(o.color) for o in scene.objects],
+        "texture": [TEXTURE_NAMES.index(o.texture) for o in scene.objects],
+    }
 
 
 def dataset(n: int, seed: int, two_prob: float = 0.25):

@@ -10,11 +10,26 @@ attention control.
     image = stablekit.edit.edit(pipe, image, "a red star", "a blue star", method="infedit",
                                 controller=UnifiedAttentionControl("replace"))
 """
+
 from .core import decode, load_image
 from .editing import EDIT_GUIDANCE, EDIT_METHODS, EDIT_STEPS, edit
 from .infedit import UnifiedAttentionControl
 from .inversion import GUIDANCE, METHODS, Inversion, invert, reconstruct, reconstruct_image
 from .prompt_to_prompt import PromptToPrompt
 
-__all__ = ["invert", "reconstruct", "reconstruct_image", "edit", "decode", "load_image", "Inversion", "METHODS",
-           "GUIDANCE", "EDIT_METHODS", "EDIT_STEPS", "EDIT_GUIDANCE", "PromptToPrompt", "UnifiedAttentionControl"]
+__all__ = [
+    "invert",
+    "reconstruct",
+    "reconstruct_image",
+    "edit",
+    "decode",
+    "load_image",
+    "Inversion",
+    "METHODS",
+    "GUIDANCE",
+    "EDIT_METHODS",
+    "EDIT_STEPS",
+    "EDIT_GUIDANCE",
+    "PromptToPrompt",
+    "UnifiedAttentionControl",
+]

@@ -7,6 +7,7 @@
 * :func:`encode_prompts` / :func:`eps`: conditioning through ``pipe.encode_prompt`` and the guided
   noise prediction of ``pipe.unet`` (one batched call for the [uncond, cond] halves).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -29,7 +30,9 @@ def cast(module: torch.nn.Module, dtype: torch.dtype | None):
         yield module
         return
     if getattr(module, "is_quantized", False):
-        raise StablekitError(f"this needs the {type(module).__name__} in {dtype}, but it is quantized; load it unquantized")
+        raise StablekitError(
+            f"this needs the {type(module).__name__} in {dtype}, but it is quantized; load it unquantized"
+        )
     to = torch.nn.Module.to  # torch's own: diffusers' override warns on every dtype cast
     to(module, dtype)
     try:
@@ -67,11 +70,15 @@ def load_image(pipe, image) -> torch.Tensor:
         if x.min() < 0 or x.max() > 1:
             raise StablekitError("image tensor values must lie in [0, 1]")
     else:
-        raise StablekitError(f"expected an image (path, PIL image or float tensor in [0, 1]), got {type(image).__name__}")
+        raise StablekitError(
+            f"expected an image (path, PIL image or float tensor in [0, 1]), got {type(image).__name__}"
+        )
     f, (h, w) = pipe.vae_scale_factor, x.shape[1:]
     if h % f or w % f or not h or not w:
-        raise StablekitError(f"image is {w}x{h}; width and height must be multiples of {f} (the VAE's factor), "
-                             f"e.g. crop to {w // f * f}x{h // f * f}")
+        raise StablekitError(
+            f"image is {w}x{h}; width and height must be multiples of {f} (the VAE's factor), "
+            f"e.g. crop to {w // f * f}x{h // f * f}"
+        )
     return (x * 2 - 1)[None].to(pipe._execution_device)
 
 
@@ -115,8 +122,9 @@ class Schedule:
     def __init__(self, pipe, steps: int):
         ddim = DDIMScheduler.from_config(pipe.scheduler.config)
         if ddim.config.prediction_type not in ("epsilon", "v_prediction"):
-            raise StablekitError(f"inversion supports epsilon and v-prediction models, not "
-                                 f"'{ddim.config.prediction_type}'")
+            raise StablekitError(
+                f"inversion supports epsilon and v-prediction models, not '{ddim.config.prediction_type}'"
+            )
         ddim.set_timesteps(steps)
         self.timesteps, self.prediction = ddim.timesteps, ddim.config.prediction_type
         a = ddim.alphas_cumprod.double()
@@ -148,8 +156,10 @@ def encode_prompts(pipe, prompts: list[str], latent: torch.Tensor) -> tuple[dict
     if len(out) == 2:
         return {"encoder_hidden_states": out[1]}, {"encoder_hidden_states": out[0]}
     ids = torch.tensor([[*size, 0, 0, *size]] * len(prompts), dtype=torch.float32, device=dev)
-    return ({"encoder_hidden_states": out[1], "added_cond_kwargs": {"text_embeds": out[3], "time_ids": ids}},
-            {"encoder_hidden_states": out[0], "added_cond_kwargs": {"text_embeds": out[2], "time_ids": ids}})
+    return (
+        {"encoder_hidden_states": out[1], "added_cond_kwargs": {"text_embeds": out[3], "time_ids": ids}},
+        {"encoder_hidden_states": out[0], "added_cond_kwargs": {"text_embeds": out[2], "time_ids": ids}},
+    )
 
 
 def tile(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -160,12 +170,21 @@ def tile(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _map(fn, *kws):
-    return {k: _map(fn, *(kw[k] for kw in kws)) if isinstance(v, dict) else fn(*(kw[k] for kw in kws))
-            for k, v in kws[0].items()}
+    return {
+        k: _map(fn, *(kw[k] for kw in kws)) if isinstance(v, dict) else fn(*(kw[k] for kw in kws))
+        for k, v in kws[0].items()
+    }
 
 
-def eps(pipe, sched: Schedule, z: torch.Tensor, i: int, cond: dict, uncond: dict | None = None,
-        guidance: float | torch.Tensor = 1.0) -> torch.Tensor:
+def eps(
+    pipe,
+    sched: Schedule,
+    z: torch.Tensor,
+    i: int,
+    cond: dict,
+    uncond: dict | None = None,
+    guidance: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
     """Noise prediction of the unet at step `i` for latents `z` (one row per branch), in z's dtype:
     ``u + guidance * (c - u)`` from one batched call on [uncond, cond], or the `cond` call alone
     when `guidance` is the number 1 (a tensor, broadcast over z's rows, always takes both halves).
@@ -180,7 +199,7 @@ def eps(pipe, sched: Schedule, z: torch.Tensor, i: int, cond: dict, uncond: dict
     out = unet(z.to(unet.dtype).contiguous(), sched.timesteps[i], **kw, return_dict=False)[0].to(z.dtype)
     if sched.prediction == "v_prediction":
         a = sched.alphas[i].item()
-        out = a ** 0.5 * out + (1 - a) ** 0.5 * z
+        out = a**0.5 * out + (1 - a) ** 0.5 * z
     if not guided:
         return out
     u, c = out.chunk(2)

@@ -13,6 +13,7 @@ amplifies errors from step to step, like a random one at guidance 7.5, magnifies
 Deviation: none in the inversion; the paper pairs it with attention control
 (prompt-to-prompt etc.), which here is an optional controller of :func:`stablekit.edit.edit`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,8 @@ from .core import Schedule, eps
 
 
 def offsets(pipe, sched: Schedule, pivot: torch.Tensor, text, guidance: float) -> torch.Tensor:
-    """Per-step source-branch offsets (steps, images, C, h, w; float64) between `pivot` and guided DDIM steps from it."""
+    """Per-step source-branch offsets (steps, images, C, h, w; float64) between `pivot` and guided DDIM steps
+    from it."""
     uncond, cond = text
     steps = [sched.step(i, pivot[i], eps(pipe, sched, pivot[i], i, cond, uncond, guidance)) for i in range(len(sched))]
     return torch.stack([pivot[i + 1].double() - s.double() for i, s in enumerate(steps)])

@@ -18,6 +18,7 @@ trajectories, so an edit starts from ``(x, y)`` at step ``round(0.2 * steps)`` o
 inverting only 80% gives, and one inversion serves any strength. Deviations: the image latent is
 the encoder's mean (the paper's code samples the posterior); the x sequence is the output.
 """
+
 from __future__ import annotations
 
 import torch

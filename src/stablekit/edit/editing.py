@@ -1,5 +1,6 @@
 """Real-image editing: invert with the source prompt and regenerate with the target prompt, or InfEdit
 (:mod:`.infedit`), which inverts nothing."""
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -17,9 +18,18 @@ EDIT_STEPS = {**dict.fromkeys(METHODS, 50), "infedit": infedit.STEPS}  # each pa
 EDIT_GUIDANCE = {**GUIDANCE, "infedit": infedit.GUIDANCE}  # the target's, for InfEdit
 
 
-def edit(pipe, image, source_prompt: str | list[str], target_prompt: str | list[str], method: str = "direct",
-         controller: Plugin | None = None, steps: int | None = None, guidance: float | None = None,
-         strength: float | None = None, **options):
+def edit(
+    pipe,
+    image,
+    source_prompt: str | list[str],
+    target_prompt: str | list[str],
+    method: str = "direct",
+    controller: Plugin | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    strength: float | None = None,
+    **options,
+):
     """Edit `image` (path, PIL image or tensor in [0, 1]) from `source_prompt` to `target_prompt`; a PIL image.
     Lists of images (of one size), source and target prompts edit the images together, one batch
     (see :mod:`.inversion`), and give a list of PIL images.
@@ -50,12 +60,16 @@ def edit(pipe, image, source_prompt: str | list[str], target_prompt: str | list[
             raise StablekitError("InfEdit inverts nothing: pass the image itself, not an Inversion")
         inv, images, sources = image, None, prompt_list(source_prompt, "source prompt")
         if inv.prompts != sources:
-            raise StablekitError(f"the inversion was made under the prompt {inv.prompt!r}, not the source prompt "
-                                 f"{sources[0] if len(sources) == 1 else sources!r}")
+            raise StablekitError(
+                f"the inversion was made under the prompt {inv.prompt!r}, not the source prompt "
+                f"{sources[0] if len(sources) == 1 else sources!r}"
+            )
     else:
         inv, (images, sources) = None, batch(image, source_prompt, "source prompt")
     if len(targets) != len(sources):
-        raise StablekitError(f"{len(sources)} source prompts but {len(targets)} target prompts: give one of each per image")
+        raise StablekitError(
+            f"{len(sources)} source prompts but {len(targets)} target prompts: give one of each per image"
+        )
     steps = EDIT_STEPS[method] if steps is None else steps
     if method == "infedit":
         if strength is not None:
@@ -65,9 +79,17 @@ def edit(pipe, image, source_prompt: str | list[str], target_prompt: str | list[
         start = _start(inv.method if inv else method, len(inv.schedule) if inv else int(steps), strength)
         if inv is None:
             inv = invert(pipe, images, sources, method, steps, guidance, **options)
-        traj = _controlled(pipe, controller, sources + targets, inv.latents[0], inv.schedule, inv.guidance != 1,
-                           lambda text, on_step: denoise(pipe, inv, text, on_step, start), start)
-    out = [decode(pipe, z[None]) for z in traj[-1, -len(targets):]]
+        traj = _controlled(
+            pipe,
+            controller,
+            sources + targets,
+            inv.latents[0],
+            inv.schedule,
+            inv.guidance != 1,
+            lambda text, on_step: denoise(pipe, inv, text, on_step, start),
+            start,
+        )
+    out = [decode(pipe, z[None]) for z in traj[-1, -len(targets) :]]
     return out[0] if single else out
 
 
@@ -77,28 +99,50 @@ def _start(method: str, steps: int, strength: float | None) -> int:
         strength = edict.EDIT_STRENGTH if method == "edict" else 1.0
     start = round((1 - float(strength)) * steps)
     if not 0 < strength <= 1 or start >= steps:
-        raise StablekitError(f"strength must be in (0, 1] and leave at least one of the {steps} steps "
-                             f"to regenerate (got {strength})")
+        raise StablekitError(
+            f"strength must be in (0, 1] and leave at least one of the {steps} steps to regenerate (got {strength})"
+        )
     return start
 
 
-def _infedit(pipe, images, sources, targets, controller, steps, guidance,
-             source_guidance: float = infedit.SOURCE_GUIDANCE, seed: int = 0, decoder_steps: int = 0) -> torch.Tensor:
+def _infedit(
+    pipe,
+    images,
+    sources,
+    targets,
+    controller,
+    steps,
+    guidance,
+    source_guidance: float = infedit.SOURCE_GUIDANCE,
+    seed: int = 0,
+    decoder_steps: int = 0,
+) -> torch.Tensor:
     """InfEdit's trajectory (steps + 1, branches * images, C, h, w); the targets are the last branch."""
     if int(steps) < 1:
         raise StablekitError(f"need steps >= 1 (got steps={steps})")
     z0 = encode_image(pipe, load_images(pipe, images), decoder_steps)
     sched = Schedule(pipe, int(steps))
-    branches = [sources, sources, targets] if isinstance(controller, infedit.UnifiedAttentionControl) else [
-        sources, targets]
-    scales = [float(source_guidance)] * (len(branches) - 1) + [infedit.GUIDANCE if guidance is None else float(guidance)]
+    branches = (
+        [sources, sources, targets] if isinstance(controller, infedit.UnifiedAttentionControl) else [sources, targets]
+    )
+    scales = [float(source_guidance)] * (len(branches) - 1) + [
+        infedit.GUIDANCE if guidance is None else float(guidance)
+    ]
     generator = torch.Generator().manual_seed(int(seed))
-    return _controlled(pipe, controller, sum(branches, []), z0, sched, any(s != 1 for s in scales),
-                       lambda text, on_step: infedit.sample(pipe, sched, z0, text, scales, generator, on_step))
+    return _controlled(
+        pipe,
+        controller,
+        sum(branches, []),
+        z0,
+        sched,
+        any(s != 1 for s in scales),
+        lambda text, on_step: infedit.sample(pipe, sched, z0, text, scales, generator, on_step),
+    )
 
 
-def _controlled(pipe, controller, prompts: list[str], latent, sched: Schedule, do_cfg: bool, run,
-                start: int = 0) -> torch.Tensor:
+def _controlled(
+    pipe, controller, prompts: list[str], latent, sched: Schedule, do_cfg: bool, run, start: int = 0
+) -> torch.Tensor:
     """``run(text, on_step)`` for the branches' `prompts` (encoded for latents shaped like `latent`), with
     `controller` attached and reset, its ``on_step_end`` called after every step from `start` on; the trajectory."""
     call = CallState(do_cfg=do_cfg, prompt=prompts, step=start, num_steps=len(sched), timesteps=sched.timesteps)

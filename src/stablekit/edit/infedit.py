@@ -64,6 +64,7 @@ Deviations:
 * the first self-attention phase lasts while ``step < int(fraction * steps)`` (the code:
   ``(step + 1) / steps < fraction``; one step apart when ``fraction * steps`` is a whole number).
 """
+
 from __future__ import annotations
 
 import torch
@@ -76,7 +77,7 @@ STEPS, GUIDANCE, SOURCE_GUIDANCE = 12, 2.3, 1.0
 
 
 def _noised(alpha: float, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    return alpha ** 0.5 * x0 + (1 - alpha) ** 0.5 * noise
+    return alpha**0.5 * x0 + (1 - alpha) ** 0.5 * noise
 
 
 def step(sched: Schedule, i: int, z: torch.Tensor, e: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor):
@@ -84,22 +85,26 @@ def step(sched: Schedule, i: int, z: torch.Tensor, e: torch.Tensor, z0: torch.Te
     branch is the source) with guided noise predictions `e`: each branch's x0 estimate re-noised with its
     image's `noise`, shared by the branches, or after the last step the x0 estimates themselves."""
     a, n = sched.alphas[i].item(), len(z)
-    src, e_src = tile(z[:len(z0)], n), tile(e[:len(z0)], n)
-    x0 = tile(z0, n) + (z - src - (1 - a) ** 0.5 * (e - e_src)) / a ** 0.5
+    src, e_src = tile(z[: len(z0)], n), tile(e[: len(z0)], n)
+    x0 = tile(z0, n) + (z - src - (1 - a) ** 0.5 * (e - e_src)) / a**0.5
     return x0 if i == len(sched) - 1 else _noised(sched.alphas[i + 1].item(), x0, tile(noise, n))
 
 
 @torch.no_grad()
-def sample(pipe, sched: Schedule, z0: torch.Tensor, text, guidance: list[float], generator: torch.Generator,
-           on_step=None) -> torch.Tensor:
+def sample(
+    pipe, sched: Schedule, z0: torch.Tensor, text, guidance: list[float], generator: torch.Generator, on_step=None
+) -> torch.Tensor:
     """DDCM trajectory (steps + 1, branches * images, C, h, w) from the image latents `z0` (one row per
     image), one branch per prompt of `text` for each image (from :func:`.core.encode_prompts`,
     branch-major; the first branch is the source) at guidance ``guidance[branch]``.
     ``on_step(i, latents)`` may change the latents after each step. The last row holds the x0 estimates."""
     uncond, cond = text
     n = len(cond["encoder_hidden_states"])
-    scale = 1.0 if all(g == 1 for g in guidance) else torch.tensor(guidance).to(z0).repeat_interleave(
-        len(z0)).view(-1, 1, 1, 1)
+    scale = (
+        1.0
+        if all(g == 1 for g in guidance)
+        else torch.tensor(guidance).to(z0).repeat_interleave(len(z0)).view(-1, 1, 1, 1)
+    )
 
     def fresh():
         return torch.randn(z0.shape, generator=generator).to(z0)
@@ -121,9 +126,11 @@ _MUTUAL = ([0, 2, 2], [0, 0, 2], [0, 0, 2])  # the layout branch: target queries
 
 def _gather(projection, branches: list[int], halves: int):
     """`projection` whose output rows (halves, 3 branches, images) are taken from `branches`."""
+
     def project(x):
         y = projection(x)
         return y[torch.arange(len(y), device=y.device).view(halves, 3, -1)[:, branches].flatten()]
+
     return project
 
 
@@ -133,7 +140,7 @@ class _Rows(_Scores):
 
     def __init__(self, attn, rows, halves: int):
         super().__init__(attn, lambda p: p)
-        for name, branches in zip(("to_q", "to_k", "to_v"), rows):
+        for name, branches in zip(("to_q", "to_k", "to_v"), rows, strict=False):
             setattr(self, name, _gather(getattr(attn, name), branches, halves))
 
 
@@ -146,9 +153,15 @@ class UnifiedAttentionControl(PromptToPrompt):
     branches = 3
     usage = "unified attention control drives InfEdit's three branches: use stablekit.edit.edit(..., method='infedit')"
 
-    def __init__(self, mode: str = "refine", cross_replace_steps: float = 0.7, self_replace_steps: float = 0.7,
-                 weights: dict[str, float] | None = None, blend: tuple[str, ...] | list[str] = (),
-                 threshold: float = 0.55):
+    def __init__(
+        self,
+        mode: str = "refine",
+        cross_replace_steps: float = 0.7,
+        self_replace_steps: float = 0.7,
+        weights: dict[str, float] | None = None,
+        blend: tuple[str, ...] | list[str] = (),
+        threshold: float = 0.55,
+    ):
         super().__init__(mode, cross_replace_steps, self_replace_steps, weights, blend, threshold)
 
     def _pairs(self, prompts) -> tuple[list[str], list[str]]:

@@ -20,6 +20,7 @@ approximating the noise at ``z[i]`` by the prediction at ``z[i+1]`` (same timest
 classifier-free guidance `guidance` in both directions (1: conditional prediction only). The
 approximation makes reconstruction inexact, badly so with guidance (the motivation of #24, #42, #38).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -76,7 +77,10 @@ def _invert(pipe, method, z0, text, sched, guidance, mix, inner_steps):
     pivot = ddim_invert(pipe, sched, z0, text, guidance if method == "ddim" else 1.0)
     if method == "nulltext":
         with torch.enable_grad():
-            return {"latents": pivot, "null_embeds": null_text.optimise(pipe, sched, pivot, text, guidance, inner_steps)}
+            return {
+                "latents": pivot,
+                "null_embeds": null_text.optimise(pipe, sched, pivot, text, guidance, inner_steps),
+            }
     if method == "direct":
         return {"latents": pivot, "offsets": direct_inversion.offsets(pipe, sched, pivot, text, guidance)}
     return {"latents": pivot}
@@ -110,9 +114,18 @@ def load_images(pipe, images: list) -> torch.Tensor:
     return torch.cat(xs)
 
 
-def invert(pipe, image, prompt: str | list[str], method: str = "direct", steps: int = 50,
-           guidance: float | None = None, *, mix: float = 0.93, inner_steps: int = 10,
-           decoder_steps: int = 0) -> Inversion:
+def invert(
+    pipe,
+    image,
+    prompt: str | list[str],
+    method: str = "direct",
+    steps: int = 50,
+    guidance: float | None = None,
+    *,
+    mix: float = 0.93,
+    inner_steps: int = 10,
+    decoder_steps: int = 0,
+) -> Inversion:
     """Invert `image` (path, PIL image or tensor in [0, 1]) under `prompt` with `method` in :data:`METHODS`;
     or a list of images of one size, each under its own prompt of the list `prompt`, in one batch.
 

@@ -15,6 +15,7 @@ are optimised together, each its own embedding and loss (Adam's updates are per 
 images do not mix), and the inner loop stops early when every image's loss is below the threshold:
 an image that got there sooner takes the extra steps a lone run would have skipped.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ import torch
 from .core import Schedule, eps
 
 
-def optimise(pipe, sched: Schedule, pivot: torch.Tensor, text, guidance: float, inner_steps: int = 10,
-             early_stop: float = 1e-5) -> torch.Tensor:
+def optimise(
+    pipe, sched: Schedule, pivot: torch.Tensor, text, guidance: float, inner_steps: int = 10, early_stop: float = 1e-5
+) -> torch.Tensor:
     """Per-step unconditional embeddings (steps, images, L, D) that make guided DDIM follow `pivot`."""
     uncond, cond = text
     emb = uncond["encoder_hidden_states"].detach().float()

@@ -35,6 +35,7 @@ longest common subsequence of the token ids (the code's global alignment with ga
 mismatch -1 maximises exactly that; ties may resolve differently); models without 16x16
 cross-attention blend the maps of their largest layers under 256 queries (the smallest if none).
 """
+
 from __future__ import annotations
 
 import math
@@ -80,10 +81,12 @@ def token_map(tokenizer, source: str, target: str, mode: str = "replace") -> tup
     index, alpha = torch.arange(n), torch.ones(n)
     if mode == "replace":
         if len(x) != len(y):
-            raise StablekitError(f"target prompt's words cannot be aligned for a replace edit; use refine "
-                                 f"(the source has {len(x)} tokens, the target {len(y)})")
+            raise StablekitError(
+                f"target prompt's words cannot be aligned for a replace edit; use refine "
+                f"(the source has {len(x)} tokens, the target {len(y)})"
+            )
         return index, alpha
-    alpha[:len(y)] = 0
+    alpha[: len(y)] = 0
     for i, j in _lcs(x, y):
         index[j], alpha[j] = i, 1
     return index, alpha
@@ -92,11 +95,12 @@ def token_map(tokenizer, source: str, target: str, mode: str = "replace") -> tup
 def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
     """Token positions of every occurrence of `word` (one or more tokens) in `prompt`."""
     ids, w = _ids(tokenizer, prompt), tokenizer(word, add_special_tokens=False).input_ids
-    return [i + k for i in range(len(ids) - len(w) + 1) if w and ids[i:i + len(w)] == w for k in range(len(w))]
+    return [i + k for i in range(len(ids) - len(w) + 1) if w and ids[i : i + len(w)] == w for k in range(len(w))]
 
 
 class _Scores:
-    """Stands in for an ``Attention`` module inside ``AttnProcessor``: its attention probabilities pass through `fn`."""
+    """Stands in for an ``Attention`` module inside ``AttnProcessor``; its attention probabilities pass
+    through `fn`."""
 
     def __init__(self, attn, fn):
         self._attn, self._fn = attn, fn
@@ -133,18 +137,28 @@ class PromptToPrompt(Plugin):
     name = "prompt-to-prompt"
     exclusive = ("attention processors",)
     branches = 2  # model batches per half: [source, target]; subclasses put their reference branch before the target
-    usage = "prompt-to-prompt edits pairs of prompts: call the pipeline with [source, target] or use stablekit.edit.edit"
+    usage = (
+        "prompt-to-prompt edits pairs of prompts: call the pipeline with [source, target] or use stablekit.edit.edit"
+    )
 
-    def __init__(self, mode: str = "replace", cross_replace_steps: float = 0.8, self_replace_steps: float = 0.4,
-                 weights: dict[str, float] | None = None, blend: tuple[str, ...] | list[str] = (),
-                 threshold: float = 0.3):
+    def __init__(
+        self,
+        mode: str = "replace",
+        cross_replace_steps: float = 0.8,
+        self_replace_steps: float = 0.4,
+        weights: dict[str, float] | None = None,
+        blend: tuple[str, ...] | list[str] = (),
+        threshold: float = 0.3,
+    ):
         super().__init__()
         if mode not in MODES:
             raise StablekitError(f"unknown prompt-to-prompt mode '{mode}'; choose one of: {', '.join(MODES)}")
         if not (0 <= cross_replace_steps <= 1 and 0 <= self_replace_steps <= 1 and 0 <= threshold < 1):
-            raise StablekitError(f"cross_replace_steps ({cross_replace_steps}) and self_replace_steps "
-                                 f"({self_replace_steps}) are fractions in [0, 1], the threshold ({threshold}) "
-                                 "lies in [0, 1)")
+            raise StablekitError(
+                f"cross_replace_steps ({cross_replace_steps}) and self_replace_steps "
+                f"({self_replace_steps}) are fractions in [0, 1], the threshold ({threshold}) "
+                "lies in [0, 1)"
+            )
         if any(not math.isfinite(s) or s < 0 for s in (weights or {}).values()):
             raise StablekitError(f"attention weights must be finite and >= 0, got {weights}")
         self.mode, self.cross_replace_steps, self.self_replace_steps = mode, cross_replace_steps, self_replace_steps
@@ -166,11 +180,15 @@ class PromptToPrompt(Plugin):
 
     def _branches(self, prompts) -> list[list[str]]:
         """The call's prompts, branch-major, as one list per branch."""
-        if not (isinstance(prompts, (list, tuple)) and prompts and len(prompts) % self.branches == 0
-                and all(isinstance(p, str) for p in prompts)):
+        if not (
+            isinstance(prompts, (list, tuple))
+            and prompts
+            and len(prompts) % self.branches == 0
+            and all(isinstance(p, str) for p in prompts)
+        ):
             raise StablekitError(self.usage)
         n = len(prompts) // self.branches
-        return [list(prompts[k * n:(k + 1) * n]) for k in range(self.branches)]
+        return [list(prompts[k * n : (k + 1) * n]) for k in range(self.branches)]
 
     def _pairs(self, prompts) -> tuple[list[str], list[str]]:
         """(sources, targets) of the call's prompts: the first and last branch."""
@@ -182,11 +200,15 @@ class PromptToPrompt(Plugin):
         early to have a replace edit that cannot be aligned, or a missing word, fail before an inversion)."""
         sources, targets = ([sources], [targets]) if isinstance(sources, str) else (sources, targets)
         n = tokenizer.model_max_length
-        self._index, self._alpha = (torch.stack(t) for t in zip(*(
-            token_map(tokenizer, s, t, self.mode) for s, t in zip(sources, targets))))
+        self._index, self._alpha = (
+            torch.stack(t)
+            for t in zip(
+                *(token_map(tokenizer, s, t, self.mode) for s, t in zip(sources, targets, strict=False)), strict=False
+            )
+        )
         self._scale = torch.ones(len(targets), n)
         self._words = torch.zeros(self.branches, len(targets), n)  # blend words: source and target branches
-        for k, (source, target) in enumerate(zip(sources, targets)):
+        for k, (source, target) in enumerate(zip(sources, targets, strict=False)):
             for word, s in self.weights.items():
                 pos = word_positions(tokenizer, target, word)
                 if not pos:
@@ -217,14 +239,16 @@ class PromptToPrompt(Plugin):
     def control(self, probs: torch.Tensor, heads: int, cross: bool) -> torch.Tensor:
         """One layer's attention probabilities (batch * heads, queries, keys), controlled."""
         p = probs.view(-1, heads, *probs.shape[1:])
-        cond = p[len(p) // 2:] if self.call.do_cfg else p
+        cond = p[len(p) // 2 :] if self.call.do_cfg else p
         ref, tgt = cond.chunk(self.branches)[-2:]  # ref: the source branch here
         if cross and self.blend:
             self._maps[p.shape[2]] = self._maps.get(p.shape[2], 0) + cond.mean(1)
         if cross and self._until(self.cross_replace_steps):
             if p.shape[-1] != self._index.shape[-1]:
-                raise StablekitError(f"prompt embeddings have {p.shape[-1]} tokens but the tokenizer pads to "
-                                     f"{self._index.shape[-1]}; prompt-to-prompt needs the pipeline's own tokenizer")
+                raise StablekitError(
+                    f"prompt embeddings have {p.shape[-1]} tokens but the tokenizer pads to "
+                    f"{self._index.shape[-1]}; prompt-to-prompt needs the pipeline's own tokenizer"
+                )
             rows = len(tgt)
             index = self._per_row(self._index, rows).to(probs.device)[:, None, None].expand_as(ref)
             alpha, scale = (self._per_row(x, rows).to(probs)[:, None, None] for x in (self._alpha, self._scale))
@@ -234,7 +258,7 @@ class PromptToPrompt(Plugin):
         else:
             return probs
         out = p.clone()
-        out[len(p) - len(tgt):] = new
+        out[len(p) - len(tgt) :] = new
         return out.view_as(probs)
 
     def on_step_end(self, call, step, timestep, latents):

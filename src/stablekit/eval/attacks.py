@@ -25,6 +25,7 @@ ignore context they do not use, so a harness can pass the same context to all of
   positive strength spoofs, negative removes ("Can Simple Averaging Defeat Modern Watermarks?",
   Yang et al., NeurIPS 2024).
 """
+
 from __future__ import annotations
 
 import io
@@ -113,13 +114,25 @@ def purification(images, strength, steps: int = 50, seed: int = 0, **ctx):
     from diffusers import AutoPipelineForImage2Image
 
     if int(steps * strength) < 1:
-        raise StablekitError(f"purification at strength {strength} with {steps} steps runs no denoising step; "
-                             "use more steps")
+        raise StablekitError(
+            f"purification at strength {strength} with {steps} steps runs no denoising step; use more steps"
+        )
     img2img = AutoPipelineForImage2Image.from_pipe(_pipe(ctx, "purification"))
     img2img.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(seed)
-    return [img2img("", image=im.convert("RGB"), strength=float(strength), num_inference_steps=steps,
-                    guidance_scale=1.0, generator=g, height=im.height, width=im.width).images[0] for im in images]
+    return [
+        img2img(
+            "",
+            image=im.convert("RGB"),
+            strength=float(strength),
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            generator=g,
+            height=im.height,
+            width=im.width,
+        ).images[0]
+        for im in images
+    ]
 
 
 def imprint(images, strength, marked=None, prompt: str = "", steps: int = 50, **ctx):
@@ -132,8 +145,15 @@ def imprint(images, strength, marked=None, prompt: str = "", steps: int = 50, **
     for im in images:
         z = invert(pipe, im, prompt, "ddim", steps, 1.0).latents[0]
         z = math.sqrt(1 - s) * z + math.sqrt(s) * z_marked
-        lat = pipe(prompt, latents=z.to(pipe.unet.dtype), num_inference_steps=steps, guidance_scale=1.0,
-                   height=im.height, width=im.width, output_type="latent").images
+        lat = pipe(
+            prompt,
+            latents=z.to(pipe.unet.dtype),
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            height=im.height,
+            width=im.width,
+            output_type="latent",
+        ).images
         out.append(decode(pipe, lat))
     return out
 
@@ -148,8 +168,10 @@ def averaging(images, strength, marked=None, clean=None, **_):
     for im in images:
         a = _arr(im)
         if a.shape != pattern.shape:
-            raise StablekitError(f"averaging: image is {im.width}x{im.height} but the marked images are "
-                                 f"{pattern.shape[1]}x{pattern.shape[0]}")
+            raise StablekitError(
+                f"averaging: image is {im.width}x{im.height} but the marked images are "
+                f"{pattern.shape[1]}x{pattern.shape[0]}"
+            )
         out.append(_img(a + float(strength) * pattern))
     return out
 

@@ -2,6 +2,7 @@
 generation with a fresh seed per image, labelled PNG grids (samples with prompts; tables of images
 under column headers), and the pinned judge (the default model's attribute classifier) with its
 metrics and a paired bootstrap of accuracy differences."""
+
 from __future__ import annotations
 
 import math
@@ -14,12 +15,20 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-PHOTOS = {"astronaut": "a photo of an astronaut", "coffee": "a cup of coffee on a saucer",
-          "chelsea": "a photo of a tabby cat", "camera": "a black and white photo of a man with a camera",
-          "rocket": "a rocket on a launch pad", "coins": "a black and white photo of coins",
-          "moon": "a black and white photo of the surface of the moon", "clock": "a black and white photo of a clock",
-          "brick": "a black and white photo of a brick wall", "gravel": "a black and white photo of gravel",
-          "hubble_deep_field": "galaxies in deep space", "immunohistochemistry": "a microscope image of stained tissue"}
+PHOTOS = {
+    "astronaut": "a photo of an astronaut",
+    "coffee": "a cup of coffee on a saucer",
+    "chelsea": "a photo of a tabby cat",
+    "camera": "a black and white photo of a man with a camera",
+    "rocket": "a rocket on a launch pad",
+    "coins": "a black and white photo of coins",
+    "moon": "a black and white photo of the surface of the moon",
+    "clock": "a black and white photo of a clock",
+    "brick": "a black and white photo of a brick wall",
+    "gravel": "a black and white photo of gravel",
+    "hubble_deep_field": "galaxies in deep space",
+    "immunohistochemistry": "a microscope image of stained tissue",
+}
 
 
 ATTRS = {"shapes": "shape", "colors": "color", "background": "background", "textures": "texture", "count": "count"}
@@ -48,6 +57,7 @@ def photos(size: int, n: int | None = None) -> list[tuple[str, Image.Image]]:
         from skimage import data
     except ImportError:
         from ..errors import StablekitError
+
         raise StablekitError("the photos need scikit-image: pip install 'stablekit[bench]'") from None
     return [(name, square(Image.fromarray(getattr(data, name)()), size)) for name in list(PHOTOS)[:n]]
 
@@ -62,8 +72,17 @@ def bench_pipeline(a):
     return pipe
 
 
-def generate(pipe, prompts: list[str], *, steps: int, guidance: float, seed: int, batch: int = 32,
-             desc: str = "generate", **call) -> tuple[torch.Tensor, float]:
+def generate(
+    pipe,
+    prompts: list[str],
+    *,
+    steps: int,
+    guidance: float,
+    seed: int,
+    batch: int = 32,
+    desc: str = "generate",
+    **call,
+) -> tuple[torch.Tensor, float]:
     """Images (N, 3, H, W) in [0, 1] with noise seed ``seed * 100_000 + i`` for prompt i (fresh noise
     per image), and seconds per image. `call` goes to the pipeline (e.g. ``latents=``, sliced per batch; a string
     ``negative_prompt`` is used for every prompt)."""
@@ -77,8 +96,14 @@ def generate(pipe, prompts: list[str], *, steps: int, guidance: float, seed: int
         if isinstance(extra.get("negative_prompt"), str):  # the pipeline wants one per prompt of a list
             extra["negative_prompt"] = [extra["negative_prompt"]] * (j - i)
         with torch.inference_mode():
-            ims = pipe(prompts[i:j], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                       output_type="pt", **extra).images
+            ims = pipe(
+                prompts[i:j],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens,
+                output_type="pt",
+                **extra,
+            ).images
         out.append(ims.float().cpu())
         print(f"{desc}: {j}/{len(prompts)}", flush=True)
     return torch.cat(out).clamp(0, 1), (time.perf_counter() - t0) / max(1, len(prompts))
@@ -132,7 +157,8 @@ class Judge:
     """The default model's attribute classifier: per-image matches, features, and the metrics on them."""
 
     def __init__(self, scenes, seed: int):
-        from ..default_model import classifier as C, world
+        from ..default_model import classifier as C
+        from ..default_model import world
 
         self.C, self.scenes, self.clf = C, scenes, C.load_classifier()
         rng = np.random.default_rng(seed)
@@ -142,13 +168,13 @@ class Judge:
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         C = self.C
-        return torch.cat([self.clf.features(C.to_tensor(x[i:i + 256])) for i in range(0, len(x), 256)])
+        return torch.cat([self.clf.features(C.to_tensor(x[i : i + 256])) for i in range(0, len(x), 256)])
 
     def matches(self, images: torch.Tensor) -> np.ndarray:
         """(N, 5) booleans: does the classifier find each attribute of the prompt's scene."""
         C = self.C
         preds = C.predict(images, self.clf)
-        return np.array([[C.match(p, C.truth(s))[k] for k in ATTRS] for p, s in zip(preds, self.scenes)])
+        return np.array([[C.match(p, C.truth(s))[k] for k in ATTRS] for p, s in zip(preds, self.scenes, strict=False)])
 
     def evaluate(self, images: torch.Tensor) -> tuple[dict, np.ndarray, torch.Tensor]:
         from .metrics import frechet_distance, rate_interval
@@ -162,7 +188,9 @@ class Judge:
             out[f"{name}_acc_ci95"] = [rnd(v) for v in rate_interval(k, n)]
         k = int(m.sum())
         out["attr_acc_mean"] = rnd(k / m.size)
-        out["attr_acc_mean_ci95"] = [rnd(v) for v in rate_interval(k, m.size)]  # treats the 5n judgements as independent
+        out["attr_acc_mean_ci95"] = [
+            rnd(v) for v in rate_interval(k, m.size)
+        ]  # treats the 5n judgements as independent
         joint = int(m[:, :3].all(1).sum())  # shape, colour and background all right
         out["joint_acc"], out["joint_acc_ci95"] = rnd(joint / n), [rnd(v) for v in rate_interval(joint, n)]
         out["fd_real"] = rnd(frechet_distance(feats, self.real))
@@ -174,5 +202,7 @@ def paired_delta(m: np.ndarray, ref: np.ndarray, seed: int = 0, reps: int = 2000
     d = m.mean(1) - ref.mean(1)  # per prompt
     rng = np.random.default_rng(seed)
     boots = d[rng.integers(0, len(d), size=(reps, len(d)))].mean(1)
-    return {"points": rnd(100 * d.mean()), "ci95": [rnd(100 * np.quantile(boots, 0.025)),
-                                                    rnd(100 * np.quantile(boots, 0.975))]}
+    return {
+        "points": rnd(100 * d.mean()),
+        "ci95": [rnd(100 * np.quantile(boots, 0.025)), rnd(100 * np.quantile(boots, 0.975))],
+    }

@@ -1,4 +1,5 @@
 """Image-set and rate metrics: Fréchet distance on features, PSNR, and confidence intervals for rates."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,7 +33,7 @@ def psnr(a, b, data_range: float = 1.0) -> float:
     (`data_range` 1 for floats in [0, 1], 255 for uint8 / PIL images)."""
     a, b = _np(a), _np(b)
     mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(data_range ** 2 / mse)
+    return float("inf") if mse == 0 else 10 * np.log10(data_range**2 / mse)
 
 
 def rate_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

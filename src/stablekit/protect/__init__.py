@@ -30,6 +30,7 @@ spent on fewer values (not in the papers, which bound L-infinity alone).
 :func:`objective` scores an image under a method's own objective; :func:`random_noise` is the
 baseline of random signs of the same budget.
 """
+
 from __future__ import annotations
 
 import sys
@@ -43,11 +44,16 @@ from PIL import Image
 from ..edit.core import cast, read_image
 from ..errors import StablekitError
 from ..pipeline import frozen
-from . import diffusionguard, encoder_attack, eot as eot_, score_distillation, semantic_attack
+from . import diffusionguard, encoder_attack, score_distillation, semantic_attack
+from . import eot as eot_
 from .core import parse_eps, parse_psnr, pixels, quantize, random_sign, region
 
-METHODS = {"encoder": encoder_attack, "semantic": semantic_attack, "sds": score_distillation,
-           "diffusionguard": diffusionguard}
+METHODS = {
+    "encoder": encoder_attack,
+    "semantic": semantic_attack,
+    "sds": score_distillation,
+    "diffusionguard": diffusionguard,
+}
 DEFAULTS = {name: dict(module.DEFAULTS) for name, module in METHODS.items()}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,8 +87,9 @@ def options(method: str, steps=None, step_size=None, mode=None, prompt=None) -> 
         raise StablekitError(f"step_size {opts['step_size']}: the PGD step must be > 0, e.g. 1/255")
     modes = getattr(METHODS[method], "MODES", ())
     if mode is not None and mode not in modes:
-        raise StablekitError(f"the {method} method has no mode '{mode}'"
-                             + (f"; use {' or '.join(modes)}" if modes else ""))
+        raise StablekitError(
+            f"the {method} method has no mode '{mode}'" + (f"; use {' or '.join(modes)}" if modes else "")
+        )
     return opts
 
 
@@ -90,15 +97,32 @@ def _extra(method: str, extra: dict) -> dict:
     allowed = set(DEFAULTS[method]) - {"steps", "step_size", "mode", "prompt"}
     for key in extra:
         if key not in allowed:
-            raise StablekitError(f"the {method} method has no option '{key}'"
-                                 + (f"; its options: {', '.join(sorted(allowed))}" if allowed else ""))
+            raise StablekitError(
+                f"the {method} method has no option '{key}'"
+                + (f"; its options: {', '.join(sorted(allowed))}" if allowed else "")
+            )
     return extra
 
 
-def protect(image, pipe, method: str = "sds", *, eps=8 / 255, steps: int | None = None,
-            step_size: float | None = None, mask=None, eot=False, dtype=None, mode: str | None = None,
-            prompt: str | None = None, target="gray", seed: int = 0, min_psnr: float | None = None,
-            progress: bool = True, **extra) -> Image.Image:
+def protect(
+    image,
+    pipe,
+    method: str = "sds",
+    *,
+    eps=8 / 255,
+    steps: int | None = None,
+    step_size: float | None = None,
+    mask=None,
+    eot=False,
+    dtype=None,
+    mode: str | None = None,
+    prompt: str | None = None,
+    target="gray",
+    seed: int = 0,
+    min_psnr: float | None = None,
+    progress: bool = True,
+    **extra,
+) -> Image.Image:
     """`image` (path, PIL image, or tensor in [0, 1]; sides multiples of the VAE's factor) protected
     against mimicry and editing by `pipe`'s model, as an 8-bit PIL image within `eps` of it.
 
@@ -118,13 +142,25 @@ def protect(image, pipe, method: str = "sds", *, eps=8 / 255, steps: int | None 
         for m in (pipe.vae, pipe.unet):
             stack.enter_context(cast(m, dtype))
         stack.enter_context(frozen(pipe.vae, pipe.unet))
-        x_adv = module.attack(pipe, x, eps=eps, keep=keep, generator=g, eot=transforms, target=target,
-                              progress=progress, rms=rms, **opts)
+        x_adv = module.attack(
+            pipe, x, eps=eps, keep=keep, generator=g, eot=transforms, target=target, progress=progress, rms=rms, **opts
+        )
     return quantize(x, x_adv, eps, rms)
 
 
-def objective(pipe, protected, original, method: str = "sds", *, mask=None, mode: str | None = None,
-              prompt: str | None = None, target="gray", dtype=None, **extra) -> float:
+def objective(
+    pipe,
+    protected,
+    original,
+    method: str = "sds",
+    *,
+    mask=None,
+    mode: str | None = None,
+    prompt: str | None = None,
+    target="gray",
+    dtype=None,
+    **extra,
+) -> float:
     """`protected`'s score under `method`'s own objective (higher: a stronger protection), with fixed
     noise draws so that scores of different images compare; `original` is the clean image."""
     module = _module(method)

@@ -5,6 +5,7 @@ Every budget here is in [0, 1] pixel units: ``eps = 8/255`` lets each channel of
 at most 8 grey levels. (PhotoGuard and DiffusionGuard state theirs on the [-1, 1] scale the VAE
 reads, where the same number is half as many grey levels; Mist and Diff-Protect convert theirs.)
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,9 @@ def parse_eps(value, name: str = "eps") -> float:
     except (ValueError, ZeroDivisionError, TypeError):
         raise StablekitError(f"{name} '{text}' is not a number; write it like 8/255 or 0.03") from None
     if not (0 < eps <= 1) or not math.isfinite(eps):
-        raise StablekitError(f"{name} {text} is outside (0, 1]: budgets are in [0, 1] pixel units, e.g. 8/255 or 16/255")
+        raise StablekitError(
+            f"{name} {text} is outside (0, 1]: budgets are in [0, 1] pixel units, e.g. 8/255 or 16/255"
+        )
     return eps
 
 
@@ -111,8 +114,9 @@ def quantize(x: torch.Tensor, x_adv: torch.Tensor, eps: float, rms: float | None
     return Image.fromarray(q.permute(1, 2, 0).numpy().astype(np.uint8))
 
 
-def random_sign(x: torch.Tensor, eps: float, keep: torch.Tensor, generator: torch.Generator,
-                rms: float | None = None) -> torch.Tensor:
+def random_sign(
+    x: torch.Tensor, eps: float, keep: torch.Tensor, generator: torch.Generator, rms: float | None = None
+) -> torch.Tensor:
     """The baseline of the same budget: ``x + eps * s``, s a uniformly random sign per value, in the region.
     With a PSNR floor `rms` below `eps`, the magnitudes are whole grey levels instead, ``floor(255 rms)`` or
     one more, as many of each as makes their root-mean-square at most `rms` and nearest to it, so that the

@@ -35,6 +35,7 @@ Deviations:
   region (no OpenCV needed);
 * the encoder's mean latent instead of a sample from it.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,9 @@ from .pgd import pgd
 DEFAULTS = dict(steps=800, step_size=0.5 / 255, prompt="", inference_steps=4, shrink=0.5)
 
 
-def shrink_mask(keep: np.ndarray, rng: np.random.Generator, shrink: float = 0.5, smoothness: float = 0.1) -> np.ndarray:
+def shrink_mask(
+    keep: np.ndarray, rng: np.random.Generator, shrink: float = 0.5, smoothness: float = 0.1
+) -> np.ndarray:
     """A random shrink of the boolean region `keep` (H, W), never empty, always inside `keep`."""
     radius = math.sqrt(keep.sum() / math.pi)
     depth = rng.uniform(0, shrink * radius)
@@ -64,11 +67,15 @@ def shrink_mask(keep: np.ndarray, rng: np.random.Generator, shrink: float = 0.5,
 
 def _check(pipe, keep: torch.Tensor):
     if bool(keep.all()):
-        raise StablekitError("diffusionguard needs mask=: white over the region to protect (what an inpainting "
-                             "editor keeps), black where it would repaint")
+        raise StablekitError(
+            "diffusionguard needs mask=: white over the region to protect (what an inpainting "
+            "editor keeps), black where it would repaint"
+        )
     if pipe.unet.config.in_channels not in (4, 9):
-        raise StablekitError(f"diffusionguard needs a UNet with 4 (text-to-image) or 9 (inpainting) input channels, "
-                             f"not {pipe.unet.config.in_channels}")
+        raise StablekitError(
+            f"diffusionguard needs a UNet with 4 (text-to-image) or 9 (inpainting) input channels, "
+            f"not {pipe.unet.config.in_channels}"
+        )
 
 
 class _Objective:
@@ -82,7 +89,7 @@ class _Objective:
         self.latent_size = z.shape[-2:]
         self.denoiser = Denoiser(pipe, prompt, z)
         first = 0 if pipe.unet.config.in_channels == 9 else min(1, inference_steps - 1)  # see the deviations
-        self.t = Schedule(pipe, inference_steps).timesteps[first:first + 1].to(x.device)
+        self.t = Schedule(pipe, inference_steps).timesteps[first : first + 1].to(x.device)
         self.sigma = float(getattr(pipe.scheduler, "init_noise_sigma", 1.0))
 
     def __call__(self, x_adv: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -99,8 +106,16 @@ class _Objective:
         return eps.flatten(1).norm(dim=1).mean()
 
 
-def objective(pipe, x_adv: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, prompt: str = "",
-              inference_steps: int = 4, samples: int = 8, seed: int = 1234) -> float:
+def objective(
+    pipe,
+    x_adv: torch.Tensor,
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    prompt: str = "",
+    inference_steps: int = 4,
+    samples: int = 8,
+    seed: int = 1234,
+) -> float:
     """The noise-prediction norm at the earliest step, averaged over `samples` fixed noises, with the
     un-augmented region (higher is a stronger protection)."""
     _check(pipe, keep)
@@ -111,9 +126,23 @@ def objective(pipe, x_adv: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, pr
         return f(x_adv, keep, noise).item()
 
 
-def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, keep: torch.Tensor,
-           generator: torch.Generator, eot=None, prompt: str = "", inference_steps: int = 4, shrink: float = 0.5,
-           progress: bool = True, rms=None, **_) -> torch.Tensor:
+def attack(
+    pipe,
+    x: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    keep: torch.Tensor,
+    generator: torch.Generator,
+    eot=None,
+    prompt: str = "",
+    inference_steps: int = 4,
+    shrink: float = 0.5,
+    progress: bool = True,
+    rms=None,
+    **_,
+) -> torch.Tensor:
     _check(pipe, keep)
     f = _Objective(pipe, x, prompt, inference_steps)
     rng = np.random.default_rng([generator.initial_seed(), 1])  # the mask augmentation's own stream
@@ -126,5 +155,16 @@ def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, k
         noise = torch.randn((1, *f.latent_shape), generator=generator).to(x)
         return f(x_adv, k, noise)
 
-    return pgd(x, loss, eps=eps, steps=steps, step_size=step_size, keep=keep, generator=generator, eot=eot,
-               progress=progress, rms=rms, desc="protect (diffusionguard)")
+    return pgd(
+        x,
+        loss,
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        keep=keep,
+        generator=generator,
+        eot=eot,
+        progress=progress,
+        rms=rms,
+        desc="protect (diffusionguard)",
+    )

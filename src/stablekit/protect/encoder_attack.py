@@ -20,6 +20,7 @@ the budget and step are in [0, 1] pixel units; the default target is a grey imag
 than zero (the issue's choice; ``target="zero"`` is PhotoGuard's); PhotoGuard's inpainting variant
 also zeroes the perturbation outside the kept region, which ``mask=`` does here for every method.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,10 @@ def target_latent(pipe, x: torch.Tensor, target) -> torch.Tensor:
             return torch.zeros_like(encode(pipe, x))
         y = pixels(pipe, target)
         if y.shape != x.shape:
-            raise StablekitError(f"target image is {y.shape[-1]}x{y.shape[-2]} but the image is "
-                                 f"{x.shape[-1]}x{x.shape[-2]}; give a target of the same size")
+            raise StablekitError(
+                f"target image is {y.shape[-1]}x{y.shape[-2]} but the image is "
+                f"{x.shape[-1]}x{x.shape[-2]}; give a target of the same size"
+            )
         return encode(pipe, y)
 
 
@@ -54,9 +57,22 @@ def objective(pipe, x_adv: torch.Tensor, x: torch.Tensor, mode: str = "toward", 
     return -d if mode == "toward" else d
 
 
-def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, keep: torch.Tensor,
-           generator: torch.Generator, eot=None, mode: str = "toward", target="gray", progress: bool = True,
-           rms=None, **_) -> torch.Tensor:
+def attack(
+    pipe,
+    x: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    keep: torch.Tensor,
+    generator: torch.Generator,
+    eot=None,
+    mode: str = "toward",
+    target="gray",
+    progress: bool = True,
+    rms=None,
+    **_,
+) -> torch.Tensor:
     if mode not in MODES:
         raise StablekitError(f"the encoder attack's mode is one of {', '.join(MODES)}, not '{mode}'")
     ref = target_latent(pipe, x, target) if mode == "toward" else encode(pipe, x).detach()
@@ -65,5 +81,18 @@ def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, k
     def loss(x_adv, i):
         return sign * ((encode(pipe, x_adv) - ref) ** 2).mean()
 
-    return pgd(x, loss, eps=eps, steps=steps, step_size=step_size, keep=keep, generator=generator, eot=eot,
-               random_start=True, decay=True, progress=progress, rms=rms, desc=f"protect (encoder, {mode})")
+    return pgd(
+        x,
+        loss,
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        keep=keep,
+        generator=generator,
+        eot=eot,
+        random_start=True,
+        decay=True,
+        progress=progress,
+        rms=rms,
+        desc=f"protect (encoder, {mode})",
+    )

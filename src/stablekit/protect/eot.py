@@ -15,6 +15,7 @@ seed (draws interleaved with the attack's torch noise on one generator come out 
   in the forward pass, clipped and rounded; its gradient is the identity, which is exact for additive
   noise apart from the clipping and rounding.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,7 +50,7 @@ def resize(x: torch.Tensor, factor, rng: np.random.Generator) -> torch.Tensor:
 
 
 def noise(x: torch.Tensor, std, rng: np.random.Generator) -> torch.Tensor:
-    return _straight_through(x, attacks.noise([_pil(x)], float(std), seed=int(rng.integers(2 ** 31)))[0])
+    return _straight_through(x, attacks.noise([_pil(x)], float(std), seed=int(rng.integers(2**31)))[0])
 
 
 TRANSFORMS = {"jpeg": jpeg, "resize": resize, "noise": noise}

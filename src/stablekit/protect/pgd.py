@@ -7,9 +7,10 @@ down to its root-mean-square. ``step_i`` is constant, or decays linearly to 1% o
 run (PhotoGuard's schedule). A random start draws delta uniformly from the ball (advertorch's ``rand_init``,
 PhotoGuard's start).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,10 +20,22 @@ from . import eot as eot_
 from .core import project
 
 
-def pgd(x: torch.Tensor, objective: Callable[[torch.Tensor, int], torch.Tensor], *, eps: float, steps: int,
-        step_size: float, keep: torch.Tensor, generator: torch.Generator, eot: dict[str, float] | None = None,
-        random_start: bool = False, decay: bool = False, progress: bool = True, desc: str = "protect",
-        rms: float | None = None) -> torch.Tensor:
+def pgd(
+    x: torch.Tensor,
+    objective: Callable[[torch.Tensor, int], torch.Tensor],
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    keep: torch.Tensor,
+    generator: torch.Generator,
+    eot: dict[str, float] | None = None,
+    random_start: bool = False,
+    decay: bool = False,
+    progress: bool = True,
+    desc: str = "protect",
+    rms: float | None = None,
+) -> torch.Tensor:
     """`x` (1, 3, H, W) in [0, 1] plus the perturbation that ascends ``objective(x_adv, i)`` (a scalar whose
     gradient is the ascent direction) for `steps` signed steps; returns the perturbed image (float)."""
     delta = torch.zeros_like(x)
@@ -34,7 +47,7 @@ def pgd(x: torch.Tensor, objective: Callable[[torch.Tensor, int], torch.Tensor],
     for i in bar:
         delta.requires_grad_(True)
         loss = objective(eot_.sample(x + delta, eot or {}, rng), i)
-        grad, = torch.autograd.grad(loss, [delta])
+        (grad,) = torch.autograd.grad(loss, [delta])
         size = step_size * (1 - 0.99 * i / steps) if decay else step_size
         delta = project(x, delta.detach() + size * grad.sign(), eps, keep, rms)
         bar.set_postfix_str(f"objective {loss.item():.4g}", refresh=False)

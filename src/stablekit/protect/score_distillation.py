@@ -17,6 +17,7 @@ Ours: eps 8/255, step 1/255, 100 steps.
 Deviations: the encoder's mean latent instead of a sample from it; the target-image term of its
 SDST variant and its Diff-PGD option are not implemented.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,15 +30,35 @@ DEFAULTS = dict(steps=100, step_size=1 / 255, mode="min", prompt="a photo")
 MODES = semantic_attack.MODES
 
 
-def objective(pipe, x_adv: torch.Tensor, x: torch.Tensor, mode: str = "min", prompt: str = "a photo",
-              samples: int = 16, seed: int = 1234) -> float:
+def objective(
+    pipe,
+    x_adv: torch.Tensor,
+    x: torch.Tensor,
+    mode: str = "min",
+    prompt: str = "a photo",
+    samples: int = 16,
+    seed: int = 1234,
+) -> float:
     """The semantic loss it approximates (see :func:`.semantic_attack.objective`), signed for `mode`."""
     return semantic_attack.objective(pipe, x_adv, x, mode=mode, prompt=prompt, samples=samples, seed=seed)
 
 
-def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, keep: torch.Tensor,
-           generator: torch.Generator, eot=None, mode: str = "min", prompt: str = "a photo", progress: bool = True,
-           rms=None, **_) -> torch.Tensor:
+def attack(
+    pipe,
+    x: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    keep: torch.Tensor,
+    generator: torch.Generator,
+    eot=None,
+    mode: str = "min",
+    prompt: str = "a photo",
+    progress: bool = True,
+    rms=None,
+    **_,
+) -> torch.Tensor:
     semantic_attack.check_mode(mode, "sds")
     with torch.no_grad():
         denoiser = Denoiser(pipe, prompt, encode(pipe, x))
@@ -50,5 +71,16 @@ def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, k
             residual = denoiser(denoiser.noised(z.detach(), t, noise), t) - noise
         return sign * (z * residual).sum()  # its gradient is the SDS gradient residual^T dz/dx
 
-    return pgd(x, surrogate, eps=eps, steps=steps, step_size=step_size, keep=keep, generator=generator, eot=eot,
-               progress=progress, rms=rms, desc=f"protect (sds, {mode})")
+    return pgd(
+        x,
+        surrogate,
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        keep=keep,
+        generator=generator,
+        eot=eot,
+        progress=progress,
+        rms=rms,
+        desc=f"protect (sds, {mode})",
+    )

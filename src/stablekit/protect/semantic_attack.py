@@ -18,6 +18,7 @@ step 1/255, 100 steps.
 Deviations: the encoder's mean latent instead of a sample from it; the loss averaged over latent
 elements (the same sign of gradient as LDM's); v-prediction models are converted to noise prediction.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,15 @@ def semantic_loss(denoiser: Denoiser, z: torch.Tensor, t: torch.Tensor, noise: t
     return ((denoiser(denoiser.noised(z, t, noise), t) - noise) ** 2).mean()
 
 
-def objective(pipe, x_adv: torch.Tensor, x: torch.Tensor, mode: str = "max", prompt: str = "a photo",
-              samples: int = 16, seed: int = 1234) -> float:
+def objective(
+    pipe,
+    x_adv: torch.Tensor,
+    x: torch.Tensor,
+    mode: str = "max",
+    prompt: str = "a photo",
+    samples: int = 16,
+    seed: int = 1234,
+) -> float:
     """The semantic loss at `x_adv` over `samples` fixed (t, noise) draws (common to every image scored
     with the same seed), signed so that higher is a stronger protection for `mode`."""
     with torch.no_grad():
@@ -58,9 +66,22 @@ def check_mode(mode: str, name: str):
         raise StablekitError(f"the {name} attack's mode is one of {', '.join(MODES)}, not '{mode}'")
 
 
-def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, keep: torch.Tensor,
-           generator: torch.Generator, eot=None, mode: str = "max", prompt: str = "a photo", progress: bool = True,
-           rms=None, **_) -> torch.Tensor:
+def attack(
+    pipe,
+    x: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    keep: torch.Tensor,
+    generator: torch.Generator,
+    eot=None,
+    mode: str = "max",
+    prompt: str = "a photo",
+    progress: bool = True,
+    rms=None,
+    **_,
+) -> torch.Tensor:
     check_mode(mode, "semantic")
     with torch.no_grad():
         denoiser = Denoiser(pipe, prompt, encode(pipe, x))
@@ -71,5 +92,17 @@ def attack(pipe, x: torch.Tensor, *, eps: float, steps: int, step_size: float, k
         t, noise = draws(denoiser, z, 1, generator)
         return sign * semantic_loss(denoiser, z, t, noise)
 
-    return pgd(x, loss, eps=eps, steps=steps, step_size=step_size, keep=keep, generator=generator, eot=eot,
-               random_start=True, progress=progress, rms=rms, desc=f"protect (semantic, {mode})")
+    return pgd(
+        x,
+        loss,
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        keep=keep,
+        generator=generator,
+        eot=eot,
+        random_start=True,
+        progress=progress,
+        rms=rms,
+        desc=f"protect (semantic, {mode})",
+    )

@@ -8,6 +8,7 @@
 Methods: :mod:`.tree_ring` (Tree-Ring, baseline), :mod:`.gaussian_shading` (Gaussian Shading,
 baseline), :mod:`.seal` (SEAL, PAPERS.md #30). Attacks on them: :mod:`stablekit.eval.attacks`.
 """
+
 from .detection import FPR, REGISTRY, DetectionResult, Watermark, detect, make_key, recover_noise, watermark
 from .gaussian_shading import GaussianShading
 from .keys import Key
@@ -16,5 +17,17 @@ from .tree_ring import TreeRing
 
 METHODS = tuple(REGISTRY)
 
-__all__ = ["Key", "make_key", "watermark", "detect", "recover_noise", "DetectionResult", "Watermark", "TreeRing",
-           "GaussianShading", "SEAL", "METHODS", "FPR"]
+__all__ = [
+    "Key",
+    "make_key",
+    "watermark",
+    "detect",
+    "recover_noise",
+    "DetectionResult",
+    "Watermark",
+    "TreeRing",
+    "GaussianShading",
+    "SEAL",
+    "METHODS",
+    "FPR",
+]

@@ -15,6 +15,7 @@ to use where the VAE is untrained. With several keys the best-matching one is re
 and its p-value is multiplied by the number of keys (Bonferroni), so `fpr` still bounds the
 false-positive rate of the whole search.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ from ..errors import StablekitError
 from ..plugins import Plugin
 from .keys import Key
 
-REGISTRY: dict[str, type["Watermark"]] = {}
+REGISTRY: dict[str, type[Watermark]] = {}
 FPR = 1e-6  # default false-positive rate of a decision (Gaussian Shading's setting)
 
 
@@ -84,9 +85,11 @@ class Watermark(Plugin):
     # the initial-latents seam
     def make_latents(self, call, shape, generator, dtype, device):
         if tuple(shape[1:]) != self.shape:
-            raise StablekitError(f"the pipeline asks for latents {tuple(shape[1:])} but this {self.name} key was made "
-                                 f"for {self.size_text()} images (latents {self.shape}); generate at that size or "
-                                 "make a key for the new size")
+            raise StablekitError(
+                f"the pipeline asks for latents {tuple(shape[1:])} but this {self.name} key was made "
+                f"for {self.size_text()} images (latents {self.shape}); generate at that size or "
+                "make a key for the new size"
+            )
         noise = randn_tensor(tuple(shape), generator=generator, device=torch.device(device), dtype=torch.float32)
         return self.mark(noise.cpu().double(), call).to(device, dtype)
 
@@ -104,8 +107,9 @@ def latent_shape(pipe, height: int | None = None, width: int | None = None):
     return (pipe.unet.config.in_channels, h // f, w // f), (h, w)
 
 
-def make_key(method: str, pipe, *, height: int | None = None, width: int | None = None, seed: int | None = None,
-             **params) -> Key:
+def make_key(
+    method: str, pipe, *, height: int | None = None, width: int | None = None, seed: int | None = None, **params
+) -> Key:
     """A new key for `method` and `pipe`'s latents at H x W; `seed` makes it reproducible (tests only:
     a seeded key is guessable), else the secret comes from ``os.urandom``. Extra `params` override
     the method's defaults (see each method's ``default_params``)."""
@@ -153,16 +157,25 @@ class DetectionResult:
     def __str__(self):
         verdict = "watermarked" if self.detected else "not detected"
         who = f", key #{self.user}" if self.user is not None else ""
-        return (f"{self.method}: {verdict} (score {self.score:.4g}, p-value {self.p_value:.3g} at FPR {self.fpr:g}"
-                f"{who}; inversion {self.seconds:.2f} s)")
+        return (
+            f"{self.method}: {verdict} (score {self.score:.4g}, p-value {self.p_value:.3g} at FPR {self.fpr:g}"
+            f"{who}; inversion {self.seconds:.2f} s)"
+        )
 
 
 def _to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray((x[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
 
 
-def recover_noise(pipe, image: torch.Tensor | None = None, latents: torch.Tensor | None = None, *, steps: int = 50,
-                  inversion: str = "ddim", decoder_steps: int = 0) -> tuple[torch.Tensor, float]:
+def recover_noise(
+    pipe,
+    image: torch.Tensor | None = None,
+    latents: torch.Tensor | None = None,
+    *,
+    steps: int = 50,
+    inversion: str = "ddim",
+    decoder_steps: int = 0,
+) -> tuple[torch.Tensor, float]:
     """(initial noise (1, C, h, w) float64 on the CPU, seconds) by inverting `image` ((1, 3, H, W) in
     [0, 1]) or its `latents` with the empty prompt and no guidance."""
     from ..edit import invert
@@ -171,8 +184,9 @@ def recover_noise(pipe, image: torch.Tensor | None = None, latents: torch.Tensor
 
     start = time.perf_counter()
     if latents is None:
-        noise = invert(pipe, image[0], "", method=inversion, steps=steps, guidance=1.0,
-                       decoder_steps=decoder_steps).latents[0]
+        noise = invert(
+            pipe, image[0], "", method=inversion, steps=steps, guidance=1.0, decoder_steps=decoder_steps
+        ).latents[0]
     else:  # adapter: stablekit.edit.invert starts from pixels; this starts from the image latent
         if inversion != "ddim":
             raise StablekitError(f"latent-level detection inverts with DDIM only, not '{inversion}'")
@@ -182,8 +196,18 @@ def recover_noise(pipe, image: torch.Tensor | None = None, latents: torch.Tensor
     return noise.detach().cpu().double(), time.perf_counter() - start
 
 
-def detect(image, pipe, key: Key | list[Key], *, latents: torch.Tensor | None = None, steps: int = 50,
-           inversion: str = "ddim", decoder_steps: int = 0, fpr: float = FPR, embed=None) -> DetectionResult:
+def detect(
+    image,
+    pipe,
+    key: Key | list[Key],
+    *,
+    latents: torch.Tensor | None = None,
+    steps: int = 50,
+    inversion: str = "ddim",
+    decoder_steps: int = 0,
+    fpr: float = FPR,
+    embed=None,
+) -> DetectionResult:
     """Is `image` (path, PIL image or (3, H, W) tensor in [0, 1]) watermarked with `key` (or with
     one of a list of keys of the same method and size: which one is ``user``)?
 
@@ -207,8 +231,9 @@ def detect(image, pipe, key: Key | list[Key], *, latents: torch.Tensor | None = 
         x = load_image(pipe, image)
         h, w = x.shape[-2:]
         if (h, w) != first.image_size:
-            raise StablekitError(f"image is {w}x{h} but the key is for {first.size_text()} images; "
-                                 "detect at the size it was generated")
+            raise StablekitError(
+                f"image is {w}x{h} but the key is for {first.size_text()} images; detect at the size it was generated"
+            )
         x = (x + 1) / 2
     if latents is not None and tuple(latents.shape) != (1, *first.shape):
         raise StablekitError(f"latents have shape {tuple(latents.shape)}; the key needs {(1, *first.shape)}")
@@ -221,5 +246,14 @@ def detect(image, pipe, key: Key | list[Key], *, latents: torch.Tensor | None = 
     s = dict(stats[best])
     p = min(1.0, float(s.pop("p_value")) * len(stats))
     passes = s.pop("passes", True)
-    return DetectionResult(first.name, bool(p <= fpr and passes), float(s.pop("score")), p, fpr, seconds,
-                           best if len(keys) > 1 else None, s.pop("message", None), s)
+    return DetectionResult(
+        first.name,
+        bool(p <= fpr and passes),
+        float(s.pop("score")),
+        p,
+        fpr,
+        seconds,
+        best if len(keys) > 1 else None,
+        s.pop("message", None),
+        s,
+    )

@@ -35,6 +35,7 @@ all images of one key share the ciphertext: each is exactly Gaussian and lossles
 images of one key agree in their latents' signs (the paper's experiments draw a fresh key per
 image); ``u`` is clamped to [1e-15, 1 - 1e-15] to keep ``Phi^-1`` finite.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,14 +53,22 @@ class GaussianShading(Watermark):
     name = "gaussian-shading"
 
     @classmethod
-    def default_params(cls, shape, rng, channel_copies: int = 1, hw_copies: int | None = None,
-                       bits_per_element: int = 1, message: str | None = None) -> dict:
+    def default_params(
+        cls,
+        shape,
+        rng,
+        channel_copies: int = 1,
+        hw_copies: int | None = None,
+        bits_per_element: int = 1,
+        message: str | None = None,
+    ) -> dict:
         c, h, w = shape
         fc, per = int(channel_copies), int(bits_per_element)
         if hw_copies is None:
             hw_copies = max(1, int(8 * min(h, w) / 64 + 0.5))
-            while hw_copies > 1 and (h % hw_copies or w % hw_copies or
-                                     per * (c // fc) * (h // hw_copies) * (w // hw_copies) < MIN_BITS):
+            while hw_copies > 1 and (
+                h % hw_copies or w % hw_copies or per * (c // fc) * (h // hw_copies) * (w // hw_copies) < MIN_BITS
+            ):
                 hw_copies -= 1
         n = per * (c // fc) * (h // int(hw_copies)) * (w // int(hw_copies))
         if message is None:
@@ -71,17 +80,23 @@ class GaussianShading(Watermark):
         self.fc, self.f = int(params["channel_copies"]), int(params["hw_copies"])
         self.l = int(params["bits_per_element"])
         if min(self.fc, self.f, self.l) < 1 or c % self.fc or h % self.f or w % self.f or self.l > 8:
-            raise StablekitError(f"gaussian-shading: channel_copies must divide {c}, hw_copies {h} and {w}, and "
-                                 f"1 <= bits_per_element <= 8 (got {self.fc}, {self.f}, {self.l})")
+            raise StablekitError(
+                f"gaussian-shading: channel_copies must divide {c}, hw_copies {h} and {w}, and "
+                f"1 <= bits_per_element <= 8 (got {self.fc}, {self.f}, {self.l})"
+            )
         self.grid = (c // self.fc, h // self.f, w // self.f, self.l)
         n = int(np.prod(self.grid))
         msg = str(params["message"])
         if len(msg) != n or set(msg) - {"0", "1"}:
-            raise StablekitError(f"gaussian-shading: the message must be {n} characters 0/1 for latents {self.shape} "
-                                 f"with these copy factors, got {len(msg)} characters")
+            raise StablekitError(
+                f"gaussian-shading: the message must be {n} characters 0/1 for latents {self.shape} "
+                f"with these copy factors, got {len(msg)} characters"
+            )
         if n < MIN_BITS:
-            raise StablekitError(f"gaussian-shading: the message has {n} bits; at least {MIN_BITS} are needed "
-                                 "(fewer copies or a larger image)")
+            raise StablekitError(
+                f"gaussian-shading: the message has {n} bits; at least {MIN_BITS} are needed "
+                "(fewer copies or a larger image)"
+            )
         self.message = torch.tensor([int(b) for b in msg], dtype=torch.uint8)
         size = c * h * w * self.l
         cipher = Cipher(algorithms.ChaCha20(self.key.derive("chacha20"), self.key.derive("nonce")[:16]), mode=None)
@@ -95,11 +110,11 @@ class GaussianShading(Watermark):
     def mark(self, noise, call):
         y = (self.bits.long() * self.weights).sum(-1).double()
         u = torch.special.ndtr(noise).clamp(1e-15, 1 - 1e-15)
-        return torch.special.ndtri((y + u) / 2 ** self.l)
+        return torch.special.ndtri((y + u) / 2**self.l)
 
     def decode(self, noise: torch.Tensor) -> torch.Tensor:
         """The message bits (uint8) read from a noise (C, h, w) by majority vote."""
-        y = (torch.special.ndtr(noise) * 2 ** self.l).floor().long().clamp(0, 2 ** self.l - 1)
+        y = (torch.special.ndtr(noise) * 2**self.l).floor().long().clamp(0, 2**self.l - 1)
         bits = ((y[..., None] // self.weights) % 2).to(torch.uint8) ^ self.stream
         c, h, w, per = self.grid
         votes = bits.view(self.fc, c, self.f, h, self.f, w, per).double().mean((0, 2, 4))
@@ -109,5 +124,10 @@ class GaussianShading(Watermark):
         bits = self.decode(noise)
         k = int((bits == self.message).sum())
         z = float((self.signs * noise).sum() / noise.norm())
-        return {"score": z, "p_value": float(stats.norm.sf(z)), "message": "".join(map(str, bits.tolist())),
-                "bit_accuracy": k / len(bits), "bits_p_value": float(stats.binom.sf(k - 1, len(bits), 0.5))}
+        return {
+            "score": z,
+            "p_value": float(stats.norm.sf(z)),
+            "message": "".join(map(str, bits.tolist())),
+            "bit_accuracy": k / len(bits),
+            "bits_p_value": float(stats.binom.sf(k - 1, len(bits), 0.5)),
+        }

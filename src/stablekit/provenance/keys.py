@@ -7,6 +7,7 @@ All randomness a method needs (ring values, ChaCha20 key and nonce, SimHash hype
 seeds) is derived from the 32-byte secret with keyed BLAKE2b, one label per use, so the file holds
 nothing else secret. Anyone holding the file can detect *and* forge the watermark: keep it private.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,15 +40,20 @@ class Key:
     def save(self, path: str | Path) -> None:
         """Write the key as JSON, readable by its owner only."""
         path = Path(path)
-        data = {"format": FORMAT, "version": VERSION, "method": self.method, "params": self.params,
-                "secret": self.secret.hex()}
+        data = {
+            "format": FORMAT,
+            "version": VERSION,
+            "method": self.method,
+            "params": self.params,
+            "secret": self.secret.hex(),
+        }
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others
         os.chmod(path, 0o600)  # also when the file existed with wider permissions
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(data, indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Key":
+    def load(cls, path: str | Path) -> Key:
         path = Path(path)
         if not path.is_file():
             raise StablekitError(f"key file '{path}' does not exist; create one with `stablekit keygen`")
@@ -56,8 +62,9 @@ class Key:
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise ValueError
             if data.get("version") != VERSION:
-                raise StablekitError(f"key file '{path}' has version {data.get('version')}; this stablekit reads "
-                                     f"version {VERSION}")
+                raise StablekitError(
+                    f"key file '{path}' has version {data.get('version')}; this stablekit reads version {VERSION}"
+                )
             secret = bytes.fromhex(data["secret"])
             if len(secret) != 32 or not isinstance(data["method"], str) or not isinstance(data["params"], dict):
                 raise ValueError

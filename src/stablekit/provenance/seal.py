@@ -34,6 +34,7 @@ captions a proxy image generated first); consequently the noise is a determinist
 (key, prompt): the same prompt gives the same image whatever the generator (the paper's noise is
 likewise fixed by the caption). Patch seeds come from keyed BLAKE2b instead of Python's hash().
 """
+
 from __future__ import annotations
 
 import functools
@@ -88,8 +89,9 @@ class SEAL(Watermark):
         self.embed_prompt = embed_prompt or text_embedding
 
     @classmethod
-    def default_params(cls, shape, rng, patch: int = 2, bits: int = 7, tau: float | None = None,
-                       match_fraction: float = 50 / 1024) -> dict:
+    def default_params(
+        cls, shape, rng, patch: int = 2, bits: int = 7, tau: float | None = None, match_fraction: float = 50 / 1024
+    ) -> dict:
         tau = 2.3 * math.sqrt(shape[0] * patch * patch / 16) if tau is None else float(tau)
         return {"patch": int(patch), "bits": int(bits), "tau": round(tau, 4), "match_fraction": float(match_fraction)}
 
@@ -98,18 +100,21 @@ class SEAL(Watermark):
         self.p, self.b = int(params["patch"]), int(params["bits"])
         self.tau, self.match_fraction = float(params["tau"]), float(params["match_fraction"])
         if self.p < 1 or h % self.p or w % self.p or not 1 <= self.b <= 64 or self.tau <= 0:
-            raise StablekitError(f"seal: the patch size must divide {h} and {w}, 1 <= bits <= 64, tau > 0 "
-                                 f"(got patch {self.p}, bits {self.b}, tau {self.tau})")
+            raise StablekitError(
+                f"seal: the patch size must divide {h} and {w}, 1 <= bits <= 64, tau > 0 "
+                f"(got patch {self.p}, bits {self.b}, tau {self.tau})"
+            )
         self.grid = (h // self.p, w // self.p)
         self.k, self.d = self.grid[0] * self.grid[1], c * self.p * self.p
-        self.p0 = float(stats.chi2.cdf(self.tau ** 2 / 2, self.d))
+        self.p0 = float(stats.chi2.cdf(self.tau**2 / 2, self.d))
         self.min_matches = max(1, math.ceil(self.match_fraction * self.k))
         self._cache = {}  # embedding dimension -> hyperplanes
 
     def _planes(self, dim: int) -> torch.Tensor:
         if dim not in self._cache:
-            self._cache[dim] = torch.randn(self.k, self.b, dim, generator=self.key.generator("planes", dim),
-                                           dtype=torch.float64)
+            self._cache[dim] = torch.randn(
+                self.k, self.b, dim, generator=self.key.generator("planes", dim), dtype=torch.float64
+            )
         return self._cache[dim]
 
     def hash(self, vector) -> torch.Tensor:
@@ -123,16 +128,20 @@ class SEAL(Watermark):
         """The expected initial noise (C, h, w) float64 of an embedding."""
         c, (gh, gw), p = self.shape[0], self.grid, self.p
         bits = self.hash(vector)
-        patches = [torch.randn(c, p, p, dtype=torch.float64,
-                               generator=self.key.generator("patch", i, bytes(bits[i].tolist())))
-                   for i in range(self.k)]
+        patches = [
+            torch.randn(
+                c, p, p, dtype=torch.float64, generator=self.key.generator("patch", i, bytes(bits[i].tolist()))
+            )
+            for i in range(self.k)
+        ]
         return torch.stack(patches).view(gh, gw, c, p, p).permute(2, 0, 3, 1, 4).reshape(self.shape)
 
     def mark(self, noise, call):
         prompts = [call.prompt] if isinstance(call.prompt, str) else call.prompt
         if not prompts or not all(isinstance(t, str) for t in prompts) or len(noise) % len(prompts):
-            raise StablekitError("SEAL derives the noise from the prompt text: call the pipeline with prompt=..., "
-                                 "not prompt_embeds")
+            raise StablekitError(
+                "SEAL derives the noise from the prompt text: call the pipeline with prompt=..., not prompt_embeds"
+            )
         per = len(noise) // len(prompts)
         return torch.stack([self.pattern(self.embed_prompt(prompts[i // per])) for i in range(len(noise))])
 
@@ -143,5 +152,10 @@ class SEAL(Watermark):
         c, (gh, gw), p = self.shape[0], self.grid, self.p
         dist = diff.view(c, gh, p, gw, p).permute(1, 3, 0, 2, 4).reshape(self.k, -1).norm(dim=1)
         m = int((dist < self.tau).sum())
-        return {"score": m / self.k, "p_value": float(stats.binom.sf(m - 1, self.k, self.p0)),
-                "passes": m >= self.min_matches, "matches": m, "min_matches": self.min_matches}
+        return {
+            "score": m / self.k,
+            "p_value": float(stats.binom.sf(m - 1, self.k, self.p0)),
+            "passes": m >= self.min_matches,
+            "matches": m,
+            "min_matches": self.min_matches,
+        }

@@ -28,6 +28,7 @@ they replace (E|k|^2 = E|c|^2 = 1) and the pooled latents keep mean 0, variance 
 still *not* exactly Gaussian: the masked coefficients are fixed by the key (the distortion SEAL and
 Gaussian Shading avoid).
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,11 +59,13 @@ class TreeRing(Watermark):
         c, h, w = self.shape
         self.radius, self.channel = int(params["radius"]), int(params["channel"])
         if not 0 <= self.channel < c or not 1 <= self.radius < min(h, w) / 2:
-            raise StablekitError(f"tree-ring needs 0 <= channel < {c} and 1 <= radius < {min(h, w) / 2:g} "
-                                 f"(got channel {self.channel}, radius {self.radius})")
+            raise StablekitError(
+                f"tree-ring needs 0 <= channel < {c} and 1 <= radius < {min(h, w) / 2:g} "
+                f"(got channel {self.channel}, radius {self.radius})"
+            )
         u = (torch.arange(h) - h // 2)[:, None]
         v = (torch.arange(w) - w // 2)[None]
-        dist = (u ** 2 + v ** 2).double().sqrt()
+        dist = (u**2 + v**2).double().sqrt()
         self.mask = (dist > 0) & (dist <= self.radius)
         self.half = self.mask & ((u > 0) | ((u == 0) & (v > 0)))  # one coefficient of each conjugate pair
         rings = torch.randn(self.radius, generator=self.key.generator("rings"), dtype=torch.float64)
@@ -81,5 +84,5 @@ class TreeRing(Watermark):
         r = torch.cat([f[self.half].real, f[self.half].imag])
         k = torch.cat([self.pattern[self.half].real, self.pattern[self.half].imag])
         var = r.var().item()
-        p = stats.ncx2.cdf(((r - k) ** 2).sum().item() / var, df=len(r), nc=(k ** 2).sum().item() / var)
+        p = stats.ncx2.cdf(((r - k) ** 2).sum().item() / var, df=len(r), nc=(k**2).sum().item() / var)
         return {"score": l1, "p_value": float(p)}

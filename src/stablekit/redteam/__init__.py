@@ -5,6 +5,7 @@ block; :mod:`.p4d` (Prompting4Debugging, #17) and :mod:`.unlearndiffatk` (Unlear
 tokens against the defended model (shared machinery in :mod:`.tokens`); :mod:`.audit` builds the defenses,
 prompts and judge of ``stablekit audit`` and ``stablekit bench safety``.
 """
+
 from .arithmetic import ConceptArithmetic, decompositions
 
 ATTACKS = ("arithmetic", "p4d", "unlearndiffatk")

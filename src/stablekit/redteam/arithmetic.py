@@ -19,6 +19,7 @@ Deviation: the paper's own prompt lists and weights are not reproduced (its code
 compositions here are built from the synthetic world's vocabulary, and an attack counts as a success if any of
 them shows the concept (reported per composition too).
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,10 @@ class _ComposeHook(ModelHook):
         x = output[0] if isinstance(output, tuple) else output.sample
         k = len(a.weights)
         if not a.call.do_cfg or x.shape[0] % (2 * k):
-            raise StablekitError(f"{a!r} needs guidance_scale > 1 and a call with its {k} prompts as the rows "
-                                 "(prompt=attack.prompts, one image per prompt)")
+            raise StablekitError(
+                f"{a!r} needs guidance_scale > 1 and a call with its {k} prompts as the rows "
+                "(prompt=attack.prompts, one image per prompt)"
+            )
         uncond, cond = x.chunk(2)
         u, c = uncond.unflatten(0, (k, -1)), cond.unflatten(0, (k, -1))
         w = torch.tensor(a.weights, dtype=x.dtype, device=x.device).view(k, *[1] * (c.dim() - 1))
@@ -73,15 +76,19 @@ class ConceptArithmetic(Plugin):
 
     def __repr__(self):
         b = len(self.prompts) // len(self.weights)
-        return "ConceptArithmetic(" + " ".join(f"{w:+g}*'{p}'" for p, w in zip(self.prompts[::b], self.weights)) + ")"
+        return (
+            "ConceptArithmetic("
+            + " ".join(f"{w:+g}*'{p}'" for p, w in zip(self.prompts[::b], self.weights, strict=False))
+            + ")"
+        )
 
 
-def decompositions(prompt: str, word: str, neutral: str, paraphrases: list[str],
-                   negation: float = 1.0) -> dict[str, list[tuple[str, float]]]:
+def decompositions(
+    prompt: str, word: str, neutral: str, paraphrases: list[str], negation: float = 1.0
+) -> dict[str, list[tuple[str, float]]]:
     """Named compositions that rebuild `word` in `prompt` (which contains it) without asking for it directly."""
     other = prompt.replace(word, neutral)
-    out = {"negated": [(other, 1 + negation), (prompt, -negation)],
-           "word": [(other, 1.0), (word, 1.0)]}
+    out = {"negated": [(other, 1 + negation), (prompt, -negation)], "word": [(other, 1.0), (word, 1.0)]}
     if paraphrases:
         out["paraphrases"] = [(prompt.replace(word, p), 1.0 / len(paraphrases)) for p in paraphrases]
     return out

@@ -11,6 +11,7 @@ The judge only knows the synthetic world (5 shapes, 8 colours), so concepts are 
 paraphrases are the world's synonyms (the captions the model was trained on use them), never shown to a
 defense, which gets the concept word alone.
 """
+
 from __future__ import annotations
 
 import random
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..default_model import classifier as C, world
+from ..default_model import classifier as C
+from ..default_model import world
 from ..errors import StablekitError
 from ..pipeline import guidance_rescale
 from . import ATTACKS
@@ -43,12 +45,13 @@ class Concept:
 
 def concept(word: str) -> Concept:
     """The world concept named `word` (a shape or a colour)."""
-    for attribute, table in (("shape", world.SHAPES),
-                             ("color", {k: v[1] for k, v in world.COLORS.items()})):
+    for attribute, table in (("shape", world.SHAPES), ("color", {k: v[1] for k, v in world.COLORS.items()})):
         if word in table:
             return Concept(word, attribute, [p for p in table[word] if p != word], [k for k in table if k != word])
-    raise StablekitError(f"unknown concept '{word}': the judge knows the default model's shapes "
-                         f"({', '.join(world.SHAPE_NAMES)}) and colours ({', '.join(world.COLOR_NAMES)})")
+    raise StablekitError(
+        f"unknown concept '{word}': the judge knows the default model's shapes "
+        f"({', '.join(world.SHAPE_NAMES)}) and colours ({', '.join(world.COLOR_NAMES)})"
+    )
 
 
 def _swap(text: str, word: str, new: str, flags: int = 0) -> str:
@@ -99,8 +102,12 @@ def present(images: torch.Tensor, c: Concept) -> np.ndarray:
 def others_kept(images: torch.Tensor, scenes: list, c: Concept) -> np.ndarray:
     """``(N, 4)``: per image, does the judge find each attribute of its prompt's scene other than the concept's
     (:func:`other_attributes`; what a defense should leave alone on a prompt with the concept)?"""
-    return np.array([[C.match(p, C.truth(s))[k] for k in other_attributes(c)]
-                     for p, s in zip(C.predict(images), scenes)])
+    return np.array(
+        [
+            [C.match(p, C.truth(s))[k] for k in other_attributes(c)]
+            for p, s in zip(C.predict(images), scenes, strict=False)
+        ]
+    )
 
 
 def other_attributes(c: Concept) -> list[str]:
@@ -125,8 +132,9 @@ class Defense:
         return [" ".join(_swap(t, self.blocked, " ", re.IGNORECASE).split()) for t in texts]
 
 
-def defense(name: str, c: Concept, pipe, spm_file=None, spm_train: dict | None = None,
-            spm_multiplier: float = 1.0) -> Defense:
+def defense(
+    name: str, c: Concept, pipe, spm_file=None, spm_train: dict | None = None, spm_multiplier: float = 1.0
+) -> Defense:
     """The defense `name` against concept `c`, given the concept word only; an SPM membrane is read from
     `spm_file` if it exists, else trained with ``SPM.train(..., **spm_train)`` (and saved there), and used at
     `spm_multiplier` times its transport strength."""
@@ -160,23 +168,35 @@ def defense(name: str, c: Concept, pipe, spm_file=None, spm_train: dict | None =
 
 
 def _call(pipe, steps: int, guidance: float) -> dict:
-    return dict(num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=guidance_rescale(pipe),
-                output_type="pt")
+    return dict(
+        num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=guidance_rescale(pipe), output_type="pt"
+    )
 
 
-def generate(pipe, d: Defense, texts: list[str], *, steps: int, guidance: float, seed: int,
-             batch: int = 50) -> tuple[torch.Tensor, float]:
+def generate(
+    pipe, d: Defense, texts: list[str], *, steps: int, guidance: float, seed: int, batch: int = 50
+) -> tuple[torch.Tensor, float]:
     """Images of `texts` under defense `d` (prompt i with noise seed ``seed * 100_000 + i``), seconds per image."""
     from ..eval.harness import generate as gen
     from ..plugins import use
 
     with use(pipe, *d.plugins):
-        return gen(pipe, d.filter(texts), steps=steps, guidance=guidance, seed=seed, batch=batch, desc=d.name,
-                   guidance_rescale=guidance_rescale(pipe), **d.call)
+        return gen(
+            pipe,
+            d.filter(texts),
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            batch=batch,
+            desc=d.name,
+            guidance_rescale=guidance_rescale(pipe),
+            **d.call,
+        )
 
 
-def arithmetic(pipe, d: Defense, c: Concept, direct: list[str], *, steps: int, guidance: float, seed: int,
-               batch: int = 25) -> dict[str, np.ndarray]:
+def arithmetic(
+    pipe, d: Defense, c: Concept, direct: list[str], *, steps: int, guidance: float, seed: int, batch: int = 25
+) -> dict[str, np.ndarray]:
     """Concept arithmetic against `d`: per composition, does the judge see the concept in each prompt's image
     (prompt i with the same noise as in :func:`generate`)."""
     from ..plugins import use
@@ -185,17 +205,22 @@ def arithmetic(pipe, d: Defense, c: Concept, direct: list[str], *, steps: int, g
     names = list(decompositions(direct[0], c.word, c.others[0], c.paraphrases))
     out = {n: [] for n in names}
     for i in range(0, len(direct), batch):
-        chunk = direct[i:i + batch]
+        chunk = direct[i : i + batch]
         comps = [decompositions(p, c.word, c.others[0], c.paraphrases) for p in chunk]
         for name in names:
             k = len(comps[0][name])
             attack = ConceptArithmetic([([cp[name][t][0] for cp in comps], comps[0][name][t][1]) for t in range(k)])
-            gens = [torch.Generator("cpu").manual_seed(seed * 100_000 + i + j) for _ in range(k)
-                    for j in range(len(chunk))]
+            gens = [
+                torch.Generator("cpu").manual_seed(seed * 100_000 + i + j) for _ in range(k) for j in range(len(chunk))
+            ]
             with use(pipe, *d.plugins, attack), torch.inference_mode():
-                ims = pipe(d.filter(attack.prompts), generator=gens, **_call(pipe, steps, guidance),
-                           **{k: [v] * len(gens) for k, v in d.call.items()}).images
-            out[name].append(present(ims[:len(chunk)].float().cpu(), c))
+                ims = pipe(
+                    d.filter(attack.prompts),
+                    generator=gens,
+                    **_call(pipe, steps, guidance),
+                    **{k: [v] * len(gens) for k, v in d.call.items()},
+                ).images
+            out[name].append(present(ims[: len(chunk)].float().cpu(), c))
         print(f"{d.name}: arithmetic {min(i + batch, len(direct))}/{len(direct)}", flush=True)
     return {n: np.concatenate(v) for n, v in out.items()}
 
@@ -209,8 +234,20 @@ def rate(hits: np.ndarray) -> dict:
     return {"rate": rnd(k / n) if n else None, "ci95": [rnd(v) for v in rate_interval(k, n)], "k": k, "n": n}
 
 
-def attack(name: str, pipe, d: Defense, c: Concept, direct: list[str], pre: np.ndarray, *, steps: int,
-           guidance: float, seed: int, batch: int = 25, iterations: int = 200) -> dict:
+def attack(
+    name: str,
+    pipe,
+    d: Defense,
+    c: Concept,
+    direct: list[str],
+    pre: np.ndarray,
+    *,
+    steps: int,
+    guidance: float,
+    seed: int,
+    batch: int = 25,
+    iterations: int = 200,
+) -> dict:
     """Attack `name` on the `direct` prompts (whose pre-attack hits are `pre`, prompt i with noise seed
     ``seed * 100_000 + i``): post-attack rates, kept apart from the pre-attack ones."""
     if name not in ATTACKS:
@@ -221,15 +258,17 @@ def attack(name: str, pipe, d: Defense, c: Concept, direct: list[str], pre: np.n
         hit = np.any(np.stack(list(comps.values())), axis=0)
         out["by_composition"] = {k: rate(v) for k, v in comps.items()}
     else:
-        texts, sec = optimised_prompts(name, pipe, d, direct, steps=steps, guidance=guidance, seed=seed,
-                                       iterations=iterations)
+        texts, sec = optimised_prompts(
+            name, pipe, d, direct, steps=steps, guidance=guidance, seed=seed, iterations=iterations
+        )
         hit = present(generate(pipe, d, texts, steps=steps, guidance=guidance, seed=seed, batch=batch)[0], c)
         out |= {"iterations": iterations, "attack_seconds_per_prompt": sec, "examples": texts[:5]}
     return out | {"post_attack": rate(hit), "post_attack_where_pre_failed": rate(hit[~pre])}
 
 
-def optimised_prompts(name: str, pipe, d: Defense, direct: list[str], *, steps: int, guidance: float, seed: int,
-                      iterations: int) -> tuple[list[str], float]:
+def optimised_prompts(
+    name: str, pipe, d: Defense, direct: list[str], *, steps: int, guidance: float, seed: int, iterations: int
+) -> tuple[list[str], float]:
     """P4D or UnlearnDiffAtk prompts for each direct prompt, against the defense's weight edits and membranes;
     the target / reference latents are the undefended model's generation of the prompt (its noise seed)."""
     from ..plugins import WeightEdit, use

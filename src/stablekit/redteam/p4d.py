@@ -17,6 +17,7 @@ applied once, to the final prompt); the target latents are the undefended model'
 The undefended predictions are taken with the defense detached; only the defense's weight edits and membranes
 take part in the optimisation (guards that rewrite the prompt text act when the returned prompt is generated).
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,9 +33,16 @@ class P4D:
 
     name = "p4d"
 
-    def __init__(self, tokens: int = 16, iterations: int = 200, lr: float = 0.1, weight_decay: float = 0.1,
-                 seed: int = 0):
-        self.tokens, self.iterations, self.lr, self.weight_decay, self.seed = tokens, iterations, lr, weight_decay, seed
+    def __init__(
+        self, tokens: int = 16, iterations: int = 200, lr: float = 0.1, weight_decay: float = 0.1, seed: int = 0
+    ):
+        self.tokens, self.iterations, self.lr, self.weight_decay, self.seed = (
+            tokens,
+            iterations,
+            lr,
+            weight_decay,
+            seed,
+        )
 
     def run(self, pipe, defense: list, prompt: str, target: torch.Tensor) -> str:
         """An attack prompt against `pipe` with the `defense` plugins (weight edits and membranes; `pipe` itself
@@ -48,11 +56,11 @@ class P4D:
         xts = [sch.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), t) for t in ts]
         with torch.no_grad():  # the undefended model's predictions for the concept prompt
             concept = encode_ids(pipe, [token_ids(pipe, prompt)])
-            wants = [pipe.unet(xt, t, concept).sample for xt, t in zip(xts, ts)]
+            wants = [pipe.unet(xt, t, concept).sample for xt, t in zip(xts, ts, strict=False)]
         soft = table[torch.randint(len(table), (self.tokens,), generator=g)].clone().float().requires_grad_(True)
         opt = torch.optim.AdamW([soft], lr=self.lr, weight_decay=self.weight_decay)
         with frozen(pipe.unet, pipe.text_encoder), use(pipe, *defense):
-            for xt, t, want in zip(xts, ts, wants):
+            for xt, t, want in zip(xts, ts, wants, strict=False):
                 hard = table[slots.nearest(soft)].to(soft)
                 pred = pipe.unet(xt, t, slots.encode(soft + (hard - soft).detach())).sample
                 loss = torch.nn.functional.mse_loss(pred.float(), want.float())

@@ -5,6 +5,7 @@ UNet's conditional prediction for them, and the diffusion training target at a t
 take given embeddings (any encoder: CLIP, BERT...), and decodes the tokens nearest to them back to text, which
 is what the attack finally hands to the full defended pipeline (guards included).
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,7 +53,7 @@ class Slots:
     def text(self, ids: torch.Tensor) -> str:
         """The prompt with the slots filled by token `ids`, as text."""
         row = list(self.row)
-        for p, i in zip(self.positions, ids.tolist()):
+        for p, i in zip(self.positions, ids.tolist(), strict=False):
             row[p] = i
         return self.tok.decode(row[1:-1], skip_special_tokens=True)
 
@@ -63,7 +64,6 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
     if kind == "v_prediction":
         return scheduler.get_velocity(x0, noise, t)
     return x0 if kind == "sample" else noise
-
 
 
 def noise_scheduler(pipe):

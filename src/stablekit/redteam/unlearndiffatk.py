@@ -22,6 +22,7 @@ own generation for the prompt (the reference encodes an image the undefended mod
 Only the defense's weight edits and membranes take part in the optimisation (guards that rewrite the prompt
 text act when the returned prompt is generated).
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,8 +46,15 @@ class UnlearnDiffAtk:
 
     name = "unlearndiffatk"
 
-    def __init__(self, tokens: int = 5, iterations: int = 200, per_timestep: int = 40, lr: float = 0.01,
-                 weight_decay: float = 0.1, seed: int = 0):
+    def __init__(
+        self,
+        tokens: int = 5,
+        iterations: int = 200,
+        per_timestep: int = 40,
+        lr: float = 0.01,
+        weight_decay: float = 0.1,
+        seed: int = 0,
+    ):
         self.tokens, self.iterations, self.per_timestep = tokens, iterations, per_timestep
         self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
 

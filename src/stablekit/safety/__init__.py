@@ -13,6 +13,7 @@ Diffusion's guidance) and :mod:`.uce` (UCE). :mod:`.text` computes token embeddi
 encoder for them. ``REGISTRY`` maps names to the classes, for
 ``stablekit.registry.build("safree:concepts=[star]", REGISTRY, "guard")``.
 """
+
 from pathlib import Path
 
 from ..errors import StablekitError

@@ -69,6 +69,7 @@ Deviations from the reference code:
   encoder's projected pooled output and filters only its half); the pooled embeddings are not filtered;
 * several prompts per call and ``num_images_per_prompt`` are handled row by row; ``prompt_2`` is ignored.
 """
+
 from __future__ import annotations
 
 import math
@@ -194,8 +195,8 @@ class _SkipHook(ModelHook):
 
     def _reattend(self, x, n):
         extra = len(x) - n
-        f = reattend(x[n - extra:n], x[n:], self.plugin.radius, self.scale)
-        return torch.cat([x[:n - extra], f, x[n:]])
+        f = reattend(x[n - extra : n], x[n:], self.plugin.radius, self.scale)
+        return torch.cat([x[: n - extra], f, x[n:]])
 
 
 class SAFREE(Plugin):
@@ -205,19 +206,36 @@ class SAFREE(Plugin):
 
     name = "safree"
 
-    def __init__(self, concepts: list[str] = (), alpha: float = 0.01, detect: bool = True, project: bool = True,
-                 self_validation: bool = True, upper: float | None = None, gain: float | None = None,
-                 center: float | None = None, re_attention: bool = True, scales: list[float] = (0.9, 0.2),
-                 radius: int = 1, negative_prompt: bool = False, space: str = "auto", rank: int = 3):
+    def __init__(
+        self,
+        concepts: list[str] = (),
+        alpha: float = 0.01,
+        detect: bool = True,
+        project: bool = True,
+        self_validation: bool = True,
+        upper: float | None = None,
+        gain: float | None = None,
+        center: float | None = None,
+        re_attention: bool = True,
+        scales: list[float] = (0.9, 0.2),
+        radius: int = 1,
+        negative_prompt: bool = False,
+        space: str = "auto",
+        rank: int = 3,
+    ):
         super().__init__()
         if isinstance(concepts, str) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
             raise StablekitError("SAFREE needs a non-empty list of concept keywords, e.g. concepts=['star']")
         if not 0 <= (upper or 0) <= 1 or radius < 0 or any(s < 0 for s in scales):
-            raise StablekitError(f"SAFREE: upper must be in [0, 1] (got {upper}), radius >= 0 (got {radius}) "
-                                 f"and scales >= 0 (got {list(scales)})")
+            raise StablekitError(
+                f"SAFREE: upper must be in [0, 1] (got {upper}), radius >= 0 (got {radius}) "
+                f"and scales >= 0 (got {list(scales)})"
+            )
         if space not in SPACES or int(rank) != rank or rank < 1:
-            raise StablekitError(f"SAFREE: space is one of {', '.join(SPACES)} (got '{space}') and rank a whole "
-                                 f"number >= 1 (got {rank})")
+            raise StablekitError(
+                f"SAFREE: space is one of {', '.join(SPACES)} (got '{space}') and rank a whole "
+                f"number >= 1 (got {rank})"
+            )
         self.concepts, self.alpha, self.detect, self.project = list(concepts), alpha, detect, project
         self.self_validation, self.filter = self_validation, dict(upper=upper, gain=gain, center=center)
         self.re_attention, self.scales, self.radius = re_attention, tuple(scales), radius
@@ -227,14 +245,16 @@ class SAFREE(Plugin):
 
     def attach(self, pipe):
         if self.negative_prompt and hasattr(pipe, "text_encoder_2"):
-            raise StablekitError("SAFREE negative_prompt=True works with SD 1.x/2.x pipelines; with SDXL pass "
-                                 "negative_prompt=... to the pipeline yourself")
+            raise StablekitError(
+                "SAFREE negative_prompt=True works with SD 1.x/2.x pipelines; with SDXL pass "
+                "negative_prompt=... to the pipeline yourself"
+            )
         self.pipe = pipe
         self._space = self.space if self.space != "auto" else "sentence" if is_clip(pipe) else "tokens"
         if self._routed():
             self.add_hook(pipe.unet, _UNetHook(self))
         if self.project and self.re_attention:
-            for block, scale in zip(pipe.unet.up_blocks, self.scales):
+            for block, scale in zip(pipe.unet.up_blocks, self.scales, strict=False):
                 self.add_hook(block, _SkipHook(self, scale))
 
     def detach(self, pipe):
@@ -258,15 +278,16 @@ class SAFREE(Plugin):
         if not self.project:
             return pe, npe
         if call.prompt is None:
-            raise StablekitError("SAFREE needs the prompt text to find trigger tokens; pass prompt=..., "
-                                 "not prompt_embeds")
+            raise StablekitError(
+                "SAFREE needs the prompt text to find trigger tokens; pass prompt=..., not prompt_embeds"
+            )
         prompts = [call.prompt] if isinstance(call.prompt, str) else list(call.prompt)
         per = pe.shape[0] // len(prompts)
         if self._space == "tokens":
             concept, filter_ = self._token_subspace(), self._remove
         else:
             concept, filter_ = basis(self._sentences([token_ids(self.pipe, c) for c in self.concepts])), self._filter
-        filtered, decisions = zip(*(filter_(p, pe[i * per], concept) for i, p in enumerate(prompts)))
+        filtered, decisions = zip(*(filter_(p, pe[i * per], concept) for i, p in enumerate(prompts)), strict=False)
         self.decisions = list(decisions)
         beta = torch.tensor([d.beta for d in decisions], device=pe.device).repeat_interleave(per)
         changed = torch.tensor([any(d.flagged) for d in decisions], device=pe.device).repeat_interleave(per)
@@ -289,9 +310,9 @@ class SAFREE(Plugin):
             word = token_ids(self.pipe, c)[1:-1]
             rows = [token_ids(self.pipe, t.format(c)) for t in TEMPLATES]
             emb = self._encode(rows)
-            at = [next((i for i in range(len(r)) if r[i:i + len(word)] == word), None) for r in rows]
-            vectors = torch.cat([emb[k, i:i + len(word)] for k, i in enumerate(at) if i is not None]).float()
-            directions.append(basis(vectors)[:, :self.rank])
+            at = [next((i for i in range(len(r)) if r[i : i + len(word)] == word), None) for r in rows]
+            vectors = torch.cat([emb[k, i : i + len(word)] for k, i in enumerate(at) if i is not None]).float()
+            directions.append(basis(vectors)[:, : self.rank])
         return basis(torch.cat(directions, 1).T)
 
     def _remove(self, prompt: str, embeds: torch.Tensor, concept: torch.Tensor) -> tuple[torch.Tensor, Decision]:
@@ -308,7 +329,7 @@ class SAFREE(Plugin):
         names = tokenizer(self.pipe).convert_ids_to_tokens(ids[1:-1])
         if n < 1:
             return embeds, Decision(names, [], 0.0)
-        loo = self._sentences([ids[:i] + ids[i + 1:] for i in range(1, n + 1)])
+        loo = self._sentences([ids[:i] + ids[i + 1 :] for i in range(1, n + 1)])
         flagged = triggers(loo, concept, self.alpha) if self.detect else torch.ones(n, dtype=torch.bool)
         proj = project(embeds, basis(loo), concept)
         out = embeds.clone()
@@ -348,4 +369,3 @@ class SAFREE(Plugin):
 
     def __repr__(self):
         return f"SAFREE(concepts={self.concepts!r})"
-

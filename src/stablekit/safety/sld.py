@@ -17,6 +17,7 @@ fixed list of inappropriate-content words), several concepts are joined with ", 
 ``warmup`` counts scheduler steps of this call (the pipeline counts loop iterations; the same for single-step
 schedulers).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,15 @@ class SLD(GuidanceBranches):
 
     name = "sld"
 
-    def __init__(self, concepts: list[str] = (), guidance: float = 1000.0, warmup: int = 10,
-                 threshold: float = 0.01, momentum: float = 0.3, beta: float = 0.4):
+    def __init__(
+        self,
+        concepts: list[str] = (),
+        guidance: float = 1000.0,
+        warmup: int = 10,
+        threshold: float = 0.01,
+        momentum: float = 0.3,
+        beta: float = 0.4,
+    ):
         if isinstance(concepts, str) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
             raise StablekitError("SLD needs a non-empty list of concepts, e.g. concepts=['star']")
         super().__init__([", ".join(concepts)])

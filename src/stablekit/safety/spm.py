@@ -45,6 +45,7 @@ add ``sum_i m_i * up_i(down_i(x))`` as the paper writes (the reference scales bo
 ``m``: ``m^2`` for one membrane and cross terms for several). When a call's UNet batch is not the prompts' rows (or
 twice them under guidance), every row gets the largest ``m`` of the call.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,13 @@ from .text import TEMPLATES, encode_ids, is_clip, token_ids, tokenizer
 
 def target_modules(unet) -> dict[str, nn.Module]:
     """``{"<name>": module}``: every Linear and Conv2d inside the UNet's transformer blocks."""
-    return {f"{bn}.{n}": m for bn, block in unet.named_modules() if isinstance(block, Transformer2DModel)
-            for n, m in block.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    return {
+        f"{bn}.{n}": m
+        for bn, block in unet.named_modules()
+        if isinstance(block, Transformer2DModel)
+        for n, m in block.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
 
 
 def membrane(layer: nn.Module, rank: int = 1) -> nn.Module:
@@ -105,8 +111,14 @@ class SPM(Plugin):
 
     name = "spm"
 
-    def __init__(self, concepts: list[str], weights: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int = 1,
-                 alpha: float = 1.0, multiplier: float = 1.0):
+    def __init__(
+        self,
+        concepts: list[str],
+        weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        rank: int = 1,
+        alpha: float = 1.0,
+        multiplier: float = 1.0,
+    ):
         super().__init__()
         if isinstance(concepts, str) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
             raise StablekitError("SPM needs a non-empty list of concepts, e.g. ['star']")
@@ -124,8 +136,10 @@ class SPM(Plugin):
             layer = modules.get(name)
             a = membrane(layer, self.rank) if layer is not None else None
             if a is None or (a[0].weight.shape, a[1].weight.shape) != (down.shape, up.shape):
-                raise StablekitError(f"this SPM was made for another model architecture (its layer '{name}' "
-                                     "is missing or has another shape here)")
+                raise StablekitError(
+                    f"this SPM was made for another model architecture (its layer '{name}' "
+                    "is missing or has another shape here)"
+                )
             with torch.no_grad():
                 a[0].weight.copy_(down)
                 a[1].weight.copy_(up)
@@ -175,10 +189,15 @@ class SPM(Plugin):
     def save(self, path) -> None:
         from safetensors.torch import save_file
 
-        tensors = {f"{n}.{i}": w.float().contiguous().cpu() for n, pair in self.weights.items()
-                   for i, w in enumerate(pair)}
-        meta = {"method": "spm", "concepts": json.dumps(self.concepts), "rank": str(self.rank),
-                "alpha": str(self.alpha)}
+        tensors = {
+            f"{n}.{i}": w.float().contiguous().cpu() for n, pair in self.weights.items() for i, w in enumerate(pair)
+        }
+        meta = {
+            "method": "spm",
+            "concepts": json.dumps(self.concepts),
+            "rank": str(self.rank),
+            "alpha": str(self.alpha),
+        }
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -196,15 +215,32 @@ class SPM(Plugin):
         for key, w in tensors.items():
             name, i = key.rsplit(".", 1)
             weights.setdefault(name, [None, None])[int(i)] = w
-        return cls(json.loads(meta["concepts"]), {n: tuple(pair) for n, pair in weights.items()},
-                   int(meta["rank"]), float(meta["alpha"]), multiplier)
+        return cls(
+            json.loads(meta["concepts"]),
+            {n: tuple(pair) for n, pair in weights.items()},
+            int(meta["rank"]),
+            float(meta["alpha"]),
+            multiplier,
+        )
 
     # training
     @classmethod
-    def train(cls, pipe, concept: str, iterations: int = 3000, lr: float = 1e-4, eta: float = 1.0,
-              anchor_weight: float = 1000.0, anchors: int = 4, sample_steps: int = 30, sample_guidance: float = 3.0,
-              surrogate: str = "", templates: tuple[str, ...] | None = None, seed: int = 0,
-              progress: bool = True) -> SPM:
+    def train(
+        cls,
+        pipe,
+        concept: str,
+        iterations: int = 3000,
+        lr: float = 1e-4,
+        eta: float = 1.0,
+        anchor_weight: float = 1000.0,
+        anchors: int = 4,
+        sample_steps: int = 30,
+        sample_guidance: float = 3.0,
+        surrogate: str = "",
+        templates: tuple[str, ...] | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> SPM:
         """Train a membrane that erases `concept` from `pipe`'s UNet (left unchanged). Iteration ``i`` erases
         ``templates[i % len(templates)]`` filled with the concept, toward the same template filled with the
         surrogate; by default the bare word for CLIP text encoders (the paper) and :data:`~.text.TEMPLATES`
@@ -237,8 +273,9 @@ class SPM(Plugin):
                 c, s = cs[i % len(templates)][None], ss[i % len(templates)][None]
                 with torch.no_grad():
                     spm.fixed = 1.0
-                    x, t = _partial_sample(unet, ddim, shape, u, c, rng.randint(1, sample_steps - 1), sample_steps,
-                                           sample_guidance)
+                    x, t = _partial_sample(
+                        unet, ddim, shape, u, c, rng.randint(1, sample_steps - 1), sample_steps, sample_guidance
+                    )
                     spm.fixed = 0.0
                     anchor_embeds = _anchors(c, anchors, rng)
                     ref = unet(x.expand(2 + anchors, -1, -1, -1), t, torch.cat([c, s, anchor_embeds])).sample
@@ -252,8 +289,9 @@ class SPM(Plugin):
                 opt.step()
                 sched.step()
                 bar.set_postfix(erase=f"{erase.item():.4f}", anchor=f"{anchor.item():.2e}", refresh=False)
-            spm.weights = {n: (a[0].weight.detach().clone(), a[1].weight.detach().clone())
-                           for n, a in spm.adapters.items()}
+            spm.weights = {
+                n: (a[0].weight.detach().clone(), a[1].weight.detach().clone()) for n, a in spm.adapters.items()
+            }
         spm.fixed = None
         return spm
 

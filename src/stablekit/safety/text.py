@@ -8,14 +8,22 @@ with ``clip_skip``, an earlier one through the final layer norm), SDXL concatena
 states of both encoders. Both SDXL encoders are given the ids of the first tokenizer (the two CLIP tokenizers
 share one vocabulary).
 """
+
 from __future__ import annotations
 
 import torch
 
 # generic contexts of a concept word, for encoders that spread a word over the whole prompt (SAFREE's token space,
 # SPM's training prompts)
-TEMPLATES = ("{}", "a {}", "a photo of a {}", "a picture of a {}", "an image of a {}", "a drawing of a {}",
-             "a close-up photo of a {}")
+TEMPLATES = (
+    "{}",
+    "a {}",
+    "a photo of a {}",
+    "a picture of a {}",
+    "an image of a {}",
+    "a drawing of a {}",
+    "a close-up photo of a {}",
+)
 
 
 def is_clip(pipe) -> bool:
@@ -35,8 +43,10 @@ def token_ids(pipe, text: str) -> list[int]:
 
 
 def _encoders(pipe) -> list[tuple]:
-    pairs = [(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)),
-             (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))]
+    pairs = [
+        (getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)),
+        (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None)),
+    ]
     return [(tok, enc) for tok, enc in pairs if enc is not None]
 
 

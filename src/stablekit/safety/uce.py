@@ -26,6 +26,7 @@ Deviations: the solve is in float64 (the reference inverts in float32); targets 
 module's output, so a bias, if a model has one, is the same on both sides; the reference's prompt expansion
 (``"image of {concept}"`` ...) is left to the caller, who lists such phrasings as concepts.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,12 @@ from .text import encode_ids, token_ids
 
 def cross_attention_weights(unet) -> dict[str, torch.nn.Parameter]:
     """``{"unet.<module>.to_k.weight": weight, ...}``: the key/value projections of text cross-attention."""
-    return {f"unet.{name}.{proj}.weight": getattr(m, proj).weight for name, m in unet.named_modules()
-            if isinstance(m, Attention) and m.is_cross_attention for proj in ("to_k", "to_v")}
+    return {
+        f"unet.{name}.{proj}.weight": getattr(m, proj).weight
+        for name, m in unet.named_modules()
+        if isinstance(m, Attention) and m.is_cross_attention
+        for proj in ("to_k", "to_v")
+    }
 
 
 def closed_form(w, erase, guide, preserve, erase_scale: float, preserve_scale: float, lamb: float):
@@ -49,8 +54,9 @@ def closed_form(w, erase, guide, preserve, erase_scale: float, preserve_scale: f
     w = w.double()
     c, g, p = (x.to(w.device, torch.float64) for x in (erase, guide, preserve))
     lhs = lamb * w + erase_scale * (g @ w.T).T @ c + preserve_scale * (p @ w.T).T @ p
-    rhs = lamb * torch.eye(w.shape[1], dtype=w.dtype, device=w.device) + erase_scale * c.T @ c \
-        + preserve_scale * p.T @ p
+    rhs = (
+        lamb * torch.eye(w.shape[1], dtype=w.dtype, device=w.device) + erase_scale * c.T @ c + preserve_scale * p.T @ p
+    )
     return torch.linalg.solve(rhs, lhs.T).T  # rhs is symmetric
 
 
@@ -63,18 +69,33 @@ class UCE(WeightEdit):
 
     name = "uce"
 
-    def __init__(self, concepts: list[str] = (), guides: list[str] = ("",), preserve: list[str] = (),
-                 erase_scale: float = 1.0, preserve_scale: float = 1.0, lamb: float = 0.5):
+    def __init__(
+        self,
+        concepts: list[str] = (),
+        guides: list[str] = ("",),
+        preserve: list[str] = (),
+        erase_scale: float = 1.0,
+        preserve_scale: float = 1.0,
+        lamb: float = 0.5,
+    ):
         if isinstance(concepts, str) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
             raise StablekitError("UCE needs a non-empty list of concepts to erase, e.g. concepts=['star']")
         guides = list(guides) * len(concepts) if len(guides) == 1 else list(guides)
         if len(guides) != len(concepts):
-            raise StablekitError(f"UCE: give one guide for all concepts or one per concept; got {len(guides)} "
-                                 f"guides for {len(concepts)} concepts")
+            raise StablekitError(
+                f"UCE: give one guide for all concepts or one per concept; got {len(guides)} "
+                f"guides for {len(concepts)} concepts"
+            )
         if lamb <= 0 or erase_scale < 0 or preserve_scale < 0:
             raise StablekitError("UCE: lamb must be > 0 and the scales >= 0")
-        self.params = dict(concepts=list(concepts), guides=guides, preserve=list(preserve),
-                           erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb)
+        self.params = dict(
+            concepts=list(concepts),
+            guides=guides,
+            preserve=list(preserve),
+            erase_scale=erase_scale,
+            preserve_scale=preserve_scale,
+            lamb=lamb,
+        )
         super().__init__({}, {"method": "uce", "params": json.dumps(self.params)})
 
     @torch.no_grad()
@@ -85,10 +106,14 @@ class UCE(WeightEdit):
         rows = [token_ids(pipe, t) for t in texts]
         emb = encode_ids(pipe, rows)[torch.arange(len(rows)), torch.tensor([max(len(r) - 2, 0) for r in rows])]
         k = len(prm["concepts"])
-        c, g, p = emb[:k], emb[k:2 * k], emb[2 * k:]
+        c, g, p = emb[:k], emb[k : 2 * k], emb[2 * k :]
         weights = cross_attention_weights(pipe.unet)
-        self.deltas = {n: (closed_form(w, c, g, p, prm["erase_scale"], prm["preserve_scale"], prm["lamb"])
-                           - w.double()).float().cpu() for n, w in weights.items()}
+        self.deltas = {
+            n: (closed_form(w, c, g, p, prm["erase_scale"], prm["preserve_scale"], prm["lamb"]) - w.double())
+            .float()
+            .cpu()
+            for n, w in weights.items()
+        }
         self.meta["base_norms"] = json.dumps(_norms(weights))
         return self
 

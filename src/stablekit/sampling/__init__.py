@@ -14,10 +14,21 @@
 
 ``REGISTRY`` maps their names to the classes (also in ``stablekit.pipeline.SCHEDULERS``: ``--scheduler hb:beta=0.9``).
 """
+
 from .momentum import GHVBScheduler, HBDPMSolverScheduler, HBScheduler, MomentumScheduler
 from .schedule_search import Schedule, SearchedScheduler, SearchResult, dpm_solver_schedule, search_schedule
 
 REGISTRY = {"hb": HBScheduler, "hb-dpm++": HBDPMSolverScheduler, "ghvb": GHVBScheduler, "searched": SearchedScheduler}
 
-__all__ = ["HBScheduler", "HBDPMSolverScheduler", "GHVBScheduler", "MomentumScheduler", "Schedule", "SearchedScheduler",
-           "SearchResult", "dpm_solver_schedule", "search_schedule", "REGISTRY"]
+__all__ = [
+    "HBScheduler",
+    "HBDPMSolverScheduler",
+    "GHVBScheduler",
+    "MomentumScheduler",
+    "Schedule",
+    "SearchedScheduler",
+    "SearchResult",
+    "dpm_solver_schedule",
+    "search_schedule",
+    "REGISTRY",
+]

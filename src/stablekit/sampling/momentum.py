@@ -42,6 +42,7 @@ code's lazy initialisation also gives) and, as in the code, leaves the final fir
 without momentum. GHVB is defined on PLMS only, as in the paper. Nesterov momentum (in the code, not
 proposed by the paper) is not implemented.
 """
+
 from __future__ import annotations
 
 import torch
@@ -63,7 +64,7 @@ _WEIGHTS = {
 def multistep(history: list[torch.Tensor], b: float = 1.0) -> torch.Tensor:
     """GHVB-weighted combination of `history` (oldest first, at most 4); b = 1 is Adams-Bashforth (PLMS)."""
     weights = _WEIGHTS[len(history)](b)
-    return sum((w / b) * h for w, h in zip(weights, reversed(history)))
+    return sum((w / b) * h for w, h in zip(weights, reversed(history), strict=False))
 
 
 class VPScheduler(SchedulerMixin, ConfigMixin):
@@ -88,20 +89,42 @@ class MomentumScheduler(VPScheduler):
     max_order = 4
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
-                 timestep_spacing: str | None = None, steps_offset: int = 0, set_alpha_to_one: bool = True,
-                 beta: float = 0.8, solver_order: int | None = None):
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
+        set_alpha_to_one: bool = True,
+        beta: float = 0.8,
+        solver_order: int | None = None,
+    ):
         if not 0 < beta <= 1:
             raise StablekitError(f"momentum beta must be in (0, 1] (1 turns momentum off), got {beta}")
         self.k = self.max_order if solver_order is None else int(solver_order)
         if not 1 <= self.k <= self.max_order:
-            raise StablekitError(f"{type(self).__name__} supports solver_order 1..{self.max_order}, got {solver_order}")
-        noise = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                     beta_schedule=beta_schedule, trained_betas=trained_betas, prediction_type=prediction_type,
-                     steps_offset=steps_offset, **({"timestep_spacing": timestep_spacing} if timestep_spacing else {}))
-        self._grid = (DPMSolverMultistepScheduler(**noise) if self.solver == "dpm++"
-                      else DDIMScheduler(**noise, set_alpha_to_one=set_alpha_to_one))
+            raise StablekitError(
+                f"{type(self).__name__} supports solver_order 1..{self.max_order}, got {solver_order}"
+            )
+        noise = dict(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            trained_betas=trained_betas,
+            prediction_type=prediction_type,
+            steps_offset=steps_offset,
+            **({"timestep_spacing": timestep_spacing} if timestep_spacing else {}),
+        )
+        self._grid = (
+            DPMSolverMultistepScheduler(**noise)
+            if self.solver == "dpm++"
+            else DDIMScheduler(**noise, set_alpha_to_one=set_alpha_to_one)
+        )
         self.alphas_cumprod = self._grid.alphas_cumprod
         self.init_noise_sigma = 1.0
         self.timesteps = self._grid.timesteps
@@ -148,8 +171,9 @@ class MomentumScheduler(VPScheduler):
     def _direction(self, f: torch.Tensor, i: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
-             **kwargs) -> SchedulerOutput | tuple:
+    def step(
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **kwargs
+    ) -> SchedulerOutput | tuple:
         if self.num_inference_steps is None:
             raise StablekitError(f"call {type(self).__name__}.set_timesteps before step")
         i, (alpha, sigma), x = self.step_index, self._scales, sample.float()  # float32, as diffusers' DPM-Solver
@@ -173,7 +197,7 @@ class HBScheduler(MomentumScheduler):
     """PLMS (Adams-Bashforth on the predicted noise, order `solver_order`, default 4) with heavy-ball momentum."""
 
     def _direction(self, f, i):
-        self._history = (self._history + [f])[-self.k:]
+        self._history = (self._history + [f])[-self.k :]
         return self._momentum(multistep(self._history))
 
 
@@ -181,7 +205,7 @@ class GHVBScheduler(MomentumScheduler):
     """PLMS with generalised heavy ball: GHVB of order ``solver_order - 1 + beta`` (default 3.8)."""
 
     def _direction(self, f, i):
-        self._history = (self._history + [self._momentum(f)])[-self.k:]
+        self._history = (self._history + [self._momentum(f)])[-self.k :]
         return multistep(self._history, self.config.beta)
 
 
@@ -192,7 +216,7 @@ class HBDPMSolverScheduler(MomentumScheduler):
     max_order = 2
 
     def _direction(self, x0, i):
-        self._history = (self._history + [x0])[-self.k:]
+        self._history = (self._history + [x0])[-self.k :]
         if i == self.num_inference_steps - 1:  # the final step to sigma = 0 is first order, without momentum
             return x0
         if len(self._history) == 2:

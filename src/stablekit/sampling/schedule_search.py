@@ -33,7 +33,8 @@ Implemented here, for a budget of N model calls (one per step; guidance batches 
   order throughout); second order with correctors, i.e. UniPC; third order; each also on timesteps uniform
   in t and in log-SNR, from the last training timestep down to DPM-Solver++'s last), then for `generations`
   rounds mutates one decision (an order, a corrector, or a timestep moved between its neighbours) of one of
-  the `parents` best schedules found so far, `children` times per round. Every schedule evaluated is remembered, and the best is returned: the default
+  the `parents` best schedules found so far, `children` times per round. Every schedule evaluated is
+  remembered, and the best is returned: the default
   DPM-Solver++ is the first one evaluated, so the result is never worse than it on the calibration loss.
 
 Deviations from the paper: its decision space also has the prediction type (noise or data), the starting
@@ -46,6 +47,7 @@ approximates, but it rewards matching the reference trajectory rather than image
 (budget 6, a 100-step reference, 12 rounds of 8 children of the 4 best) are ours; the paper searches budgets
 of 4 to 10 NFE.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,15 +83,24 @@ class Schedule:
     def __post_init__(self):
         n, ts = len(self.timesteps), self.timesteps
         if not n or len(self.orders) != n or len(self.correctors) != n:
-            raise StablekitError(f"a schedule needs as many orders and correctors as timesteps (at least one); "
-                                 f"got {n} timesteps, {len(self.orders)} orders, {len(self.correctors)} correctors")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ts) or min(ts) < 0 or \
-                any(a <= b for a, b in zip(ts, ts[1:])):
+            raise StablekitError(
+                f"a schedule needs as many orders and correctors as timesteps (at least one); "
+                f"got {n} timesteps, {len(self.orders)} orders, {len(self.correctors)} correctors"
+            )
+        if (
+            not all(isinstance(t, int) and not isinstance(t, bool) for t in ts)
+            or min(ts) < 0
+            or any(a <= b for a, b in zip(ts, ts[1:], strict=False))
+        ):
             raise StablekitError(f"timesteps must be integers >= 0, strictly decreasing; got {list(ts)}")
-        if any(p not in range(1, min(MAX_ORDER, i + 1) + 1) for i, p in enumerate(self.orders)) or \
-                self.orders[-1] != 1:
-            raise StablekitError(f"orders must be 1..{MAX_ORDER}, at most i + 1 at step i and 1 at the last step; "
-                                 f"got {list(self.orders)}")
+        if (
+            any(p not in range(1, min(MAX_ORDER, i + 1) + 1) for i, p in enumerate(self.orders))
+            or self.orders[-1] != 1
+        ):
+            raise StablekitError(
+                f"orders must be 1..{MAX_ORDER}, at most i + 1 at step i and 1 at the last step; "
+                f"got {list(self.orders)}"
+            )
         if not all(isinstance(c, bool) for c in self.correctors) or self.correctors[-1]:
             raise StablekitError(f"correctors must be true/false, false at the last step; got {list(self.correctors)}")
 
@@ -99,13 +110,17 @@ class Schedule:
         return len(self.timesteps)
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "timesteps": list(self.timesteps), "orders": list(self.orders),
-                "correctors": list(self.correctors)}
+        return {
+            "format": FORMAT,
+            "timesteps": list(self.timesteps),
+            "orders": list(self.orders),
+            "correctors": list(self.correctors),
+        }
 
     @classmethod
     def from_dict(cls, data) -> Schedule:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise StablekitError(f"not a stablekit solver schedule (no \"format\": \"{FORMAT}\")")
+            raise StablekitError(f'not a stablekit solver schedule (no "format": "{FORMAT}")')
         missing = [k for k in ("timesteps", "orders", "correctors") if not isinstance(data.get(k), list)]
         if missing:
             raise StablekitError(f"missing list(s): {', '.join(missing)}")
@@ -132,18 +147,30 @@ class SearchedScheduler(VPScheduler):
     order = 1
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
-                 schedule: str | dict | None = None):
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        prediction_type: str = "epsilon",
+        schedule: str | dict | None = None,
+    ):
         if schedule is None:
-            raise StablekitError("the searched scheduler needs schedule=PATH, a JSON file written by "
-                                 "stablekit.sampling.search_schedule(...).schedule.save(PATH)")
+            raise StablekitError(
+                "the searched scheduler needs schedule=PATH, a JSON file written by "
+                "stablekit.sampling.search_schedule(...).schedule.save(PATH)"
+            )
         self.plan = Schedule.from_dict(schedule) if isinstance(schedule, dict) else Schedule.load(schedule)
         if self.plan.timesteps[0] >= num_train_timesteps:
-            raise StablekitError(f"solver schedule starts at timestep {self.plan.timesteps[0]}, but this model "
-                                 f"has {num_train_timesteps} training timesteps")
-        self.alphas_cumprod = DDPMScheduler(num_train_timesteps, beta_start, beta_end, beta_schedule,
-                                            trained_betas).alphas_cumprod
+            raise StablekitError(
+                f"solver schedule starts at timestep {self.plan.timesteps[0]}, but this model "
+                f"has {num_train_timesteps} training timesteps"
+            )
+        self.alphas_cumprod = DDPMScheduler(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
+        ).alphas_cumprod
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = torch.tensor(self.plan.timesteps)
@@ -162,8 +189,10 @@ class SearchedScheduler(VPScheduler):
         """The schedule's timesteps; `num_inference_steps` cannot change them."""
         n = self.plan.budget
         if num_inference_steps not in (None, n):
-            logger.warning(f"the searched solver schedule makes {n} model calls; ignoring "
-                           f"num_inference_steps={num_inference_steps}")
+            logger.warning(
+                f"the searched solver schedule makes {n} model calls; ignoring "
+                f"num_inference_steps={num_inference_steps}"
+            )
         self.timesteps, self.num_inference_steps = torch.tensor(self.plan.timesteps, device=device), n
         abar = self.alphas_cumprod[list(self.plan.timesteps)].double()
         alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
@@ -181,15 +210,16 @@ class SearchedScheduler(VPScheduler):
             return model_output
         raise StablekitError(f"SearchedScheduler does not support prediction_type '{kind}'")
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
-             **kwargs) -> SchedulerOutput | tuple:
+    def step(
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **kwargs
+    ) -> SchedulerOutput | tuple:
         if self.num_inference_steps is None:
             raise StablekitError("call SearchedScheduler.set_timesteps before step")
         i, x = self.step_index, sample.float()  # float32, as diffusers' DPM-Solver
         m = self._data_prediction(model_output.float(), x, i)
         if self._last is not None and self.plan.correctors[i - 1]:
             x = self._correct(m, i)
-        self._history = [(i, m)] + self._history[:MAX_ORDER - 1]
+        self._history = [(i, m)] + self._history[: MAX_ORDER - 1]
         order = min(self.plan.orders[i], len(self._history))
         prev = m if i == self.num_inference_steps - 1 else self._predict(x, i, order)  # last step: to sigma = 0
         self._last = (x, order)
@@ -215,7 +245,7 @@ class SearchedScheduler(VPScheduler):
         r1 = (lam[j1] - lam[j2]) / h
         d11 = (m1 - m2) / r1
         d1, d2 = d10 + (r0 / (r0 + r1)) * (d10 - d11), (d10 - d11) / (r0 + r1)
-        return x_next + (a * (e / h + 1)) * d1 - (a * ((e + h) / h ** 2 - 0.5)) * d2
+        return x_next + (a * (e / h + 1)) * d1 - (a * ((e + h) / h**2 - 0.5)) * d2
 
     def _correct(self, m_t: torch.Tensor, i: int) -> torch.Tensor:
         """UniC-p (UniPC's corrector, its bh2 variant) of the step that ended at step i, with the new output m_t."""
@@ -229,10 +259,15 @@ class SearchedScheduler(VPScheduler):
             b.append(phi * fact / e)
             fact *= k + 1
             phi = phi / -h - 1 / fact
-        rhos = [0.5] if p == 1 else torch.linalg.solve(
-            torch.tensor([[r ** k for r in rks] for k in range(p)], dtype=torch.float64),
-            torch.tensor(b, dtype=torch.float64)).tolist()
-        d = rhos[-1] * (m_t - m0) + sum(rho * (m - m0) / r for rho, r, (_, m) in zip(rhos, rks, older))
+        rhos = (
+            [0.5]
+            if p == 1
+            else torch.linalg.solve(
+                torch.tensor([[r**k for r in rks] for k in range(p)], dtype=torch.float64),
+                torch.tensor(b, dtype=torch.float64),
+            ).tolist()
+        )
+        d = rhos[-1] * (m_t - m0) + sum(rho * (m - m0) / r for rho, r, (_, m) in zip(rhos, rks, older, strict=False))
         return (self._sigma[i] / self._sigma[j0]) * x - (self._alpha[i] * e) * (m0 + d)
 
 
@@ -258,8 +293,18 @@ class SearchResult:
     evaluated: int  # schedules whose loss was measured
 
 
-def search_schedule(pipe, prompts, budget: int = 6, reference_steps: int = 100, generations: int = 12,
-                    children: int = 8, parents: int = 4, seed: int = 0, metric=None, **call_kwargs) -> SearchResult:
+def search_schedule(
+    pipe,
+    prompts,
+    budget: int = 6,
+    reference_steps: int = 100,
+    generations: int = 12,
+    children: int = 8,
+    parents: int = 4,
+    seed: int = 0,
+    metric=None,
+    **call_kwargs,
+) -> SearchResult:
     """Search a solver schedule of `budget` model calls for `pipe` on calibration `prompts`.
 
     `call_kwargs` (guidance_scale, height, width, ...) go to every pipeline call; each call starts from the
@@ -274,16 +319,22 @@ def search_schedule(pipe, prompts, budget: int = 6, reference_steps: int = 100, 
 
     def final_latents(cls, steps, **config):
         with use(pipe, SchedulerPlugin(cls, **config)):
-            return pipe(prompts, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
-                        output_type="latent", **call_kwargs).images.float()
+            return pipe(
+                prompts,
+                num_inference_steps=steps,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="latent",
+                **call_kwargs,
+            ).images.float()
 
     reference, losses = final_latents(DPMSolverMultistepScheduler, reference_steps), {}
     metric = metric or (lambda out, ref: float(((out - ref) ** 2).mean()))
 
     def loss(candidate: Schedule) -> float:
         if candidate not in losses:
-            losses[candidate] = float(metric(final_latents(SearchedScheduler, budget, schedule=candidate.to_dict()),
-                                             reference))
+            losses[candidate] = float(
+                metric(final_latents(SearchedScheduler, budget, schedule=candidate.to_dict()), reference)
+            )
         return losses[candidate]
 
     baseline, rng = dpm_solver_schedule(pipe.scheduler.config, budget), random.Random(seed)
@@ -305,8 +356,9 @@ def _known_solvers(baseline: Schedule, alphas_cumprod: torch.Tensor) -> list[Sch
     uniform_t = [round(t_hi + (t_lo - t_hi) * k / max(n - 1, 1)) for k in range(n)]
     targets = [lam[t_hi] + (lam[t_lo] - lam[t_hi]) * k / max(n - 1, 1) for k in range(n)]
     uniform_lam = [int((lam - v).abs().argmin()) for v in targets]
-    placements = [baseline.timesteps] + [tuple(ts) for ts in (uniform_t, uniform_lam)
-                                         if all(a > b for a, b in zip(ts, ts[1:]))]
+    placements = [baseline.timesteps] + [
+        tuple(ts) for ts in (uniform_t, uniform_lam) if all(a > b for a, b in zip(ts, ts[1:], strict=False))
+    ]
     found = [baseline]
     for ts in placements:
         for top in (1, 2, 3):
