@@ -66,7 +66,11 @@ def test_accel_benchmark_tiny(bench, tmp_path):
     assert rows["plain"]["unet_calls"] == 3 and rows["plain"]["mac_speedup"] == 1.0
     ours, theirs = rows["deepcache:interval=2,branch=0"], rows["DeepCache package: interval=2,branch=0"]
     assert ours["gmacs"] == theirs["gmacs"] and 1 < ours["mac_speedup"] < 2  # steps 0 and 2 full, step 1 shallow
-    assert theirs["vs_ours"]["equal"] and res["targets"]["deepcache_equals_package"]["pass"]
+    assert theirs["vs_ours"]["equal"] and res["targets"]["deepcache_equals_package"]["status"] == "met"
+    assert theirs["speedup"]["n"] == len(theirs["speedup"]["all"]) == 1  # every round is recorded
+    assert res["targets"]["deepcache_interval3_2x_at_512"]["status"] == "not measured"  # tiny UNet: not judged
+    (config,) = res["plugins"]["deepcache:interval=2,branch=0"]  # the plugin's config dataclass, or its repr
+    assert "DeepCache" in str(config) and "interval" in str(config)
     parallel = rows["encoder-propagation:interval=2,parallel=true"]
     assert parallel["gmacs_per_call"]["0"] == 1  # step 1's decoder ran in step 0's call
     assert parallel["mac_speedup"] > 1 and "speedup" in parallel
@@ -84,3 +88,7 @@ def test_accel_benchmark_tiny(bench, tmp_path):
     assert samplers["searched"][0]["model_calls_counted"] == 3
     assert samplers["searched_stacks"][0]["full_call_equivalents"] < 3
     assert (tmp_path / "accel_schedule3.json").is_file()
+    assert "SearchedScheduler" in str(samplers["searched"][0]["plugin"])
+    delta = samplers["searched"][0]["fd_real_minus_dpm"]  # against DPM-Solver++ at the same 3 calls
+    assert delta["ci95"][0] <= delta["ci95"][1]
+    assert res["targets"]["searched_beats_dpm_solver_on_fd"]["status"] == "inconclusive"  # 2 prompts: too few
