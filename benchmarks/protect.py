@@ -57,12 +57,15 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+import _common
 import numpy as np
 import torch
+from _common import exact, speedup_target, target
 from PIL import Image
 
 FACE_PROMPT = "a black and white photo of a face"
 METHODS = ("encoder", "semantic", "sds", "diffusionguard")
+MIN_IMAGES = 20  # images a PSNR or efficacy target needs
 
 
 # ---------------------------------------------------------------- images
@@ -325,21 +328,16 @@ def tflop(fn) -> float:
     return counter.get_total_flops() / 1e12
 
 
-def clock(pipe) -> float:
-    if pipe.device.type == "cuda":
-        torch.cuda.synchronize(pipe.device)
-    return time.perf_counter()
-
-
 def cost(a, pipe, label: str) -> dict:
     """Per method on the first photo: one warm-up step, seconds per step over ``--cost-steps`` (or ``--sd15-steps``)
-    steps, and the peak tensor memory of a 2-step run (measured apart: the profiler slows the clock)."""
+    steps in each of ``--cost-rounds`` rounds (every method once a round), and the peak tensor memory of a 2-step
+    run (measured apart: the profiler slows the clock)."""
     import stablekit
     from stablekit.eval.harness import photos
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     ((_, image),) = photos(size, 1)
-    steps, rows = a.sd15_steps if label == "sd15" else a.cost_steps, {}
+    steps, rows, runs = a.sd15_steps if label == "sd15" else a.cost_steps, {}, {}
     for m in a.methods:
         kw = dict(
             eps=float(Fraction(a.eps[0])),
@@ -347,24 +345,28 @@ def cost(a, pipe, label: str) -> dict:
             min_psnr=a.min_psnr,
             mask=centre_mask(size) if m == "diffusionguard" else None,
         )
-        run = {n: (lambda n=n, m=m, kw=kw: stablekit.protect(image, pipe, m, steps=n, **kw)) for n in (1, 2)}
-        one_step = tflop(run[1])  # also the warm-up step
-        t0 = clock(pipe)
-        stablekit.protect(image, pipe, m, steps=steps, **kw)
-        seconds = (clock(pipe) - t0) / steps
-        rows[m] = {
-            "seconds_per_step": seconds,
-            "peak_tensor_mb": peak_tensor_mb(pipe, run[2]),
-            "tflop_per_step": tflop(run[2]) - one_step,
+        runs[m] = {
+            n: (lambda n=n, m=m, kw=kw: stablekit.protect(image, pipe, m, steps=n, **kw)) for n in (1, 2, steps)
         }
+        one_step = tflop(runs[m][1])  # also the warm-up step
+        rows[m] = {"peak_tensor_mb": peak_tensor_mb(pipe, runs[m][2]), "tflop_per_step": tflop(runs[m][2]) - one_step}
+    seconds = {m: [] for m in a.methods}
+    for _ in range(a.cost_rounds):
+        for m in a.methods:
+            t0 = _common.clock(pipe.device)
+            runs[m][steps]()
+            seconds[m].append((_common.clock(pipe.device) - t0) / steps)
+    for m, row in rows.items():
+        row |= {"seconds_per_step": float(np.median(seconds[m])), "seconds_per_step_rounds": seconds[m]}
         print(
-            f"cost ({label}, {size}px): {m} {seconds:.3f} s/step, peak {rows[m]['peak_tensor_mb']:.1f} MiB, "
-            f"{rows[m]['tflop_per_step']:.4f} TFLOP/step",
+            f"cost ({label}, {size}px): {m} {row['seconds_per_step']:.3f} s/step, peak {row['peak_tensor_mb']:.1f} "
+            f"MiB, {row['tflop_per_step']:.4f} TFLOP/step",
             flush=True,
         )
     res = {
         "image_size": size,
         "steps": steps,
+        "rounds": a.cost_rounds,
         "device": str(pipe.device),
         "dtype": str(pipe.unet.dtype),
         "memory_measure": "cuda max_memory_allocated" if pipe.device.type == "cuda" else "torch.profiler CPU tensors",
@@ -374,6 +376,7 @@ def cost(a, pipe, label: str) -> dict:
         s, f = rows["sds"], rows["semantic"]
         res["sds_vs_semantic"] = {
             "time": s["seconds_per_step"] / f["seconds_per_step"],
+            "time_rounds": _common.rounds([x / y for x, y in zip(seconds["sds"], seconds["semantic"], strict=True)]),
             "memory": s["peak_tensor_mb"] / f["peak_tensor_mb"],
             "flops": s["tflop_per_step"] / f["tflop_per_step"],
         }
@@ -384,10 +387,7 @@ def cost(a, pipe, label: str) -> dict:
 
 
 def curves(res: dict, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     budgets = list(res["results"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -425,7 +425,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     from stablekit.eval.harness import PHOTOS
 
     p = argparse.ArgumentParser(prog="stablekit bench protect", description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path, required=True, help="where to write the results")
+    _common.add_common_args(p, seed=0)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--eps", nargs="+", default=["8/255", "16/255"], help="budgets in [0, 1] pixel units")
     p.add_argument(
@@ -446,15 +446,12 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--resilience-strength", type=float, default=0.3, help="SDEdit strength after transformations")
     p.add_argument("--purify", type=float, default=0.2, help="purification strength")
     p.add_argument("--cost-steps", type=int, default=20, help="timed steps per method in the cost runs (0: skip)")
+    p.add_argument("--cost-rounds", type=int, default=3, help="timed rounds per method in the cost runs")
     p.add_argument("--sd15", action="store_true", help="also the cost at 512x512 on SD 1.5's architecture")
     p.add_argument("--sd15-steps", type=int, default=2, help="timed steps per method in the SD 1.5 cost run")
     p.add_argument("--grid", type=Path, default=None, help="PNG grid (default: next to the JSON)")
     p.add_argument("--grid-rows", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, help="model to load (default: the embedded default model)")
-    p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32", help="the model's (float32 on every device by default)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--merge", nargs="+", type=Path, help="combine these finished runs' JSON into --json; run nothing")
     a = p.parse_args(args)
     from stablekit import StablekitError
@@ -475,115 +472,19 @@ def main(args: list[str]) -> dict:
     a = parse(args)
     if a.merge:
         return merge(a)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    import stablekit
+    _common.set_threads(a)
     from stablekit.eval.harness import bench_pipeline, table_grid
-    from stablekit.eval.metrics import psnr
-    from stablekit.protect import parse_eps, random_noise
 
-    budgets = {e: parse_eps(e) for e in a.eps}
-    _, skmetrics = _skimage()
     pipe = bench_pipeline(a)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    items, mask = images(a, size), centre_mask(size)
-    keep = np.asarray(mask) > 127
-    repaint = Image.fromarray(np.where(keep, 0, 255).astype(np.uint8))
-    editor, feats, transforms = Editor(pipe, a), Features(), transformations(pipe, a) if a.resilience else {}
-    mid = a.strengths[len(a.strengths) // 2]
-
-    def evaluate(x: Image.Image, item: dict, refs: dict) -> dict:
-        """How far the edits of `x` lie from those of the clean image (and the edits themselves)."""
-        prompt, seed = item["prompt"], item["seed"]
-        out = {"sdedit": {}, "edited": {}, "resilience": {}}
-        for s in a.strengths:
-            out["edited"][s] = editor.sdedit(x, prompt, s, seed)
-            out["sdedit"][s] = deviation(out["edited"][s], refs["sdedit"][s], feats)
-        if a.inpaint:
-            out["inpaint"] = deviation(editor.inpaint(x, repaint, prompt, seed), refs["inpaint"], feats, where=~keep)
-        for t, fn in transforms.items():
-            edited = editor.sdedit(fn([x], seed)[0], prompt, a.resilience_strength, seed)
-            out["resilience"][t] = deviation(edited, refs["resilience"][t], feats)
-        return out
-
-    def add(into: dict, dev: dict):
-        for s in a.strengths:
-            into["sdedit"][s].append(dev["sdedit"][s])
-        if a.inpaint:
-            into["inpaint"].append(dev["inpaint"])
-        for t in transforms:
-            into["resilience"][t].append(dev["resilience"][t])
-
-    def slots() -> dict:
-        return {"sdedit": {s: [] for s in a.strengths}, "inpaint": [], "resilience": {t: [] for t in transforms}}
-
-    acc = {
-        e: {
-            m: dict(slots(), psnr_db=[], ssim=[], seconds=[], world_joint={s: [] for s in a.strengths}, random=slots())
-            for m in a.methods
-        }
-        for e in budgets
-    }
-    clean_acc = {"reseed_mse": {s: [] for s in a.strengths}, "world_joint": {s: [] for s in a.strengths}}
-    cells, res = [], summary(a, pipe, [], acc, clean_acc, transforms)
+    run = Run(a, pipe)
+    items, cells = images(a, run.size), []
+    res = summary(a, pipe, [], run)
     for n, item in enumerate(items):
-        im, prompt, seed = item["image"], item["prompt"], a.seed * 1000 + n
-        item["seed"] = seed
-        refs = {"sdedit": {s: editor.sdedit(im, prompt, s, seed) for s in a.strengths}, "resilience": {}}
-        for s in a.strengths:
-            other = editor.sdedit(im, prompt, s, seed + 1)
-            clean_acc["reseed_mse"][s].append(float(np.mean((arr(other) - arr(refs["sdedit"][s])) ** 2)))
-            if item["scene"] is not None:
-                clean_acc["world_joint"][s].append(feats.joint(refs["sdedit"][s], item["scene"]))
-        if a.inpaint:
-            refs["inpaint"] = editor.inpaint(im, repaint, prompt, seed)
-        for t, fn in transforms.items():
-            refs["resilience"][t] = editor.sdedit(fn([im], seed)[0], prompt, a.resilience_strength, seed)
-        row = [(im, item["name"]), (refs["sdedit"][mid], f"clean sdedit {mid:g}")]
-        for e, eps in budgets.items():
-            kinds = {"mask" if m == "diffusionguard" else None for m in a.methods}
-            base = {
-                k: evaluate(
-                    random_noise(im, eps, mask=mask if k else None, seed=seed, min_psnr=a.min_psnr), item, refs
-                )
-                for k in kinds
-            }
-            for m in a.methods:
-                t0 = time.perf_counter()
-                out = stablekit.protect(
-                    im,
-                    pipe,
-                    m,
-                    eps=eps,
-                    steps=a.steps,
-                    seed=seed,
-                    progress=False,
-                    mask=mask if m == "diffusionguard" else None,
-                    min_psnr=a.min_psnr,
-                )
-                r = acc[e][m]
-                r["seconds"].append(time.perf_counter() - t0)
-                r["psnr_db"].append(min(psnr(arr(out), arr(im)), 99.0))
-                r["ssim"].append(
-                    float(skmetrics.structural_similarity(arr(out), arr(im), channel_axis=2, data_range=1.0))
-                )
-                dev = evaluate(out, item, refs)
-                add(r, dev)
-                add(r["random"], base["mask" if m == "diffusionguard" else None])
-                if item["scene"] is not None:
-                    for s in a.strengths:
-                        r["world_joint"][s].append(feats.joint(dev["edited"][s], item["scene"]))
-                if e == a.eps[0]:
-                    row += [(out, m), (dev["edited"][mid], f"{m} sdedit {mid:g}")]
-                print(
-                    f"{item['name']} eps {e} {m}: {r['seconds'][-1]:.1f} s, PSNR {r['psnr_db'][-1]:.1f} dB, "
-                    f"SDEdit {mid:g} MSE {dev['sdedit'][mid]['mse']:.2e} (random "
-                    f"{base['mask' if m == 'diffusionguard' else None]['sdedit'][mid]['mse']:.2e})",
-                    flush=True,
-                )
+        item["seed"] = a.seed * 1000 + n
+        row = run.image(item)
         if n < a.grid_rows:
             cells.append(row)
-        res = summary(a, pipe, items[: n + 1], acc, clean_acc, transforms)
+        res = summary(a, pipe, items[: n + 1], run)
         write(res, a)  # after every image: a stopped run keeps what it finished
     if a.cost_steps:
         res["cost"] = cost(a, pipe, "model")
@@ -598,11 +499,138 @@ def main(args: list[str]) -> dict:
     return finish(res, a)
 
 
-def summary(a, pipe, items: list[dict], acc: dict, clean_acc: dict, transforms: dict) -> dict:
-    """The results over `items` (the images done so far) from the per-image rows in `acc` and `clean_acc`."""
+class Run:
+    """A protection run's edits, measures and per-image results (``acc``: budget -> method -> lists;
+    ``clean_acc``: the clean images' reseeded SDEdit MSE and world accuracy)."""
+
+    def __init__(self, a, pipe):
+        from stablekit.protect import parse_eps
+
+        self.a, self.pipe = a, pipe
+        self.size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.mask = centre_mask(self.size)
+        self.keep = np.asarray(self.mask) > 127
+        self.repaint = Image.fromarray(np.where(self.keep, 0, 255).astype(np.uint8))
+        self.editor, self.feats = Editor(pipe, a), Features()
+        self.transforms = transformations(pipe, a) if a.resilience else {}
+        self.mid = a.strengths[len(a.strengths) // 2]
+        self.budgets = {e: parse_eps(e) for e in a.eps}
+        self.acc = {e: {m: self.method_slots() for m in a.methods} for e in self.budgets}
+        self.clean_acc = {"reseed_mse": {s: [] for s in a.strengths}, "world_joint": {s: [] for s in a.strengths}}
+
+    def slots(self) -> dict:
+        a = self.a
+        return {"sdedit": {s: [] for s in a.strengths}, "inpaint": [], "resilience": {t: [] for t in self.transforms}}
+
+    def method_slots(self) -> dict:
+        """A method's per-image lists at one budget, and those of its random baseline."""
+        world_joint = {s: [] for s in self.a.strengths}
+        return self.slots() | dict(psnr_db=[], ssim=[], seconds=[], world_joint=world_joint, random=self.slots())
+
+    def evaluate(self, x: Image.Image, item: dict, refs: dict) -> dict:
+        """How far the edits of `x` lie from those of the clean image (and the edits themselves)."""
+        a, editor, prompt, seed = self.a, self.editor, item["prompt"], item["seed"]
+        out = {"sdedit": {}, "edited": {}, "resilience": {}}
+        for s in a.strengths:
+            out["edited"][s] = editor.sdedit(x, prompt, s, seed)
+            out["sdedit"][s] = deviation(out["edited"][s], refs["sdedit"][s], self.feats)
+        if a.inpaint:
+            inpainted = editor.inpaint(x, self.repaint, prompt, seed)
+            out["inpaint"] = deviation(inpainted, refs["inpaint"], self.feats, where=~self.keep)
+        for t, fn in self.transforms.items():
+            edited = editor.sdedit(fn([x], seed)[0], prompt, a.resilience_strength, seed)
+            out["resilience"][t] = deviation(edited, refs["resilience"][t], self.feats)
+        return out
+
+    def add(self, into: dict, dev: dict):
+        for s in self.a.strengths:
+            into["sdedit"][s].append(dev["sdedit"][s])
+        if self.a.inpaint:
+            into["inpaint"].append(dev["inpaint"])
+        for t in self.transforms:
+            into["resilience"][t].append(dev["resilience"][t])
+
+    def references(self, item: dict) -> dict:
+        """The clean image's edits (the references), and its reseeded SDEdit MSE and world accuracy."""
+        a, editor, im, prompt, seed = self.a, self.editor, item["image"], item["prompt"], item["seed"]
+        refs = {"sdedit": {s: editor.sdedit(im, prompt, s, seed) for s in a.strengths}, "resilience": {}}
+        for s in a.strengths:
+            other = editor.sdedit(im, prompt, s, seed + 1)
+            self.clean_acc["reseed_mse"][s].append(float(np.mean((arr(other) - arr(refs["sdedit"][s])) ** 2)))
+            if item["scene"] is not None:
+                self.clean_acc["world_joint"][s].append(self.feats.joint(refs["sdedit"][s], item["scene"]))
+        if a.inpaint:
+            refs["inpaint"] = editor.inpaint(im, self.repaint, prompt, seed)
+        for t, fn in self.transforms.items():
+            refs["resilience"][t] = editor.sdedit(fn([im], seed)[0], prompt, a.resilience_strength, seed)
+        return refs
+
+    def image(self, item: dict) -> list:
+        """Every method at every budget on one image; its grid row."""
+        from stablekit.protect import random_noise
+
+        a, im, seed = self.a, item["image"], item["seed"]
+        refs = self.references(item)
+        row = [(im, item["name"]), (refs["sdedit"][self.mid], f"clean sdedit {self.mid:g}")]
+        for e, eps in self.budgets.items():
+            kinds = {"mask" if m == "diffusionguard" else None for m in a.methods}
+            base = {
+                k: self.evaluate(
+                    random_noise(im, eps, mask=self.mask if k else None, seed=seed, min_psnr=a.min_psnr), item, refs
+                )
+                for k in kinds
+            }
+            for m in a.methods:
+                out, dev = self.protect(item, refs, e, m, base["mask" if m == "diffusionguard" else None])
+                if e == a.eps[0]:
+                    row += [(out, m), (dev["edited"][self.mid], f"{m} sdedit {self.mid:g}")]
+        return row
+
+    def protect(self, item: dict, refs: dict, e: str, m: str, base: dict) -> tuple:
+        """Method `m` at budget `e` on one image, measured against the clean image and the random baseline."""
+        import stablekit
+        from stablekit.eval.metrics import psnr
+
+        a, im = self.a, item["image"]
+        _, skmetrics = _skimage()
+        t0 = time.perf_counter()
+        mask = self.mask if m == "diffusionguard" else None
+        out = stablekit.protect(
+            im,
+            self.pipe,
+            m,
+            eps=self.budgets[e],
+            steps=a.steps,
+            seed=item["seed"],
+            progress=False,
+            mask=mask,
+            min_psnr=a.min_psnr,
+        )
+        r = self.acc[e][m]
+        r["seconds"].append(time.perf_counter() - t0)
+        r["psnr_db"].append(min(psnr(arr(out), arr(im)), 99.0))
+        r["ssim"].append(float(skmetrics.structural_similarity(arr(out), arr(im), channel_axis=2, data_range=1.0)))
+        dev = self.evaluate(out, item, refs)
+        self.add(r, dev)
+        self.add(r["random"], base)
+        if item["scene"] is not None:
+            for s in a.strengths:
+                r["world_joint"][s].append(self.feats.joint(dev["edited"][s], item["scene"]))
+        print(
+            f"{item['name']} eps {e} {m}: {r['seconds'][-1]:.1f} s, PSNR {r['psnr_db'][-1]:.1f} dB, "
+            f"SDEdit {self.mid:g} MSE {dev['sdedit'][self.mid]['mse']:.2e} "
+            f"(random {base['sdedit'][self.mid]['mse']:.2e})",
+            flush=True,
+        )
+        return out, dev
+
+
+def summary(a, pipe, items: list[dict], run: Run) -> dict:
+    """The results over `items` (the images done so far) from the run's per-image rows."""
     import stablekit
     from stablekit.protect import DEFAULTS
 
+    clean = run.clean_acc
     res = {
         "model": str(a.model or stablekit.pipeline.DEFAULT_MODEL),
         "device": str(pipe.device),
@@ -618,54 +646,64 @@ def summary(a, pipe, items: list[dict], acc: dict, clean_acc: dict, transforms: 
         "resilience_strength": a.resilience_strength,
         "protected_region": "centre square, half the side",
         "clean": {
-            "sdedit_reseed_mse": {str(s): float(np.mean(v)) for s, v in clean_acc["reseed_mse"].items() if v},
-            "world_joint_acc": {str(s): float(np.mean(v)) for s, v in clean_acc["world_joint"].items() if v},
+            "sdedit_reseed_mse": {str(s): float(np.mean(v)) for s, v in clean["reseed_mse"].items() if v},
+            "world_joint_acc": {str(s): float(np.mean(v)) for s, v in clean["world_joint"].items() if v},
         },
         "results": {},
     }
     kinds = {
         k: [i for i, it in enumerate(items) if it["kind"] == k] for k in dict.fromkeys(it["kind"] for it in items)
     }
-    for e, methods in acc.items():
-        res["results"][e] = {}
-        for m, r in methods.items():
-            if not r["psnr_db"]:
-                continue
-            rr = r["random"]
-            entry = {
-                "images": len(r["psnr_db"]),
-                "psnr_db": float(np.mean(r["psnr_db"])),
-                "ssim": float(np.mean(r["ssim"])),
-                "seconds_per_image": float(np.mean(r["seconds"])),
-                "sdedit": {str(s): ratios(mean_rows(r["sdedit"][s]), mean_rows(rr["sdedit"][s])) for s in a.strengths},
-                "random_sdedit": {str(s): mean_rows(rr["sdedit"][s]) for s in a.strengths},
-            }
-            if a.inpaint:
-                entry["inpaint"] = ratios(mean_rows(r["inpaint"]), mean_rows(rr["inpaint"]))
-            if transforms:
-                entry["resilience"] = {
-                    t: ratios(mean_rows(r["resilience"][t]), mean_rows(rr["resilience"][t])) for t in transforms
-                }
-            if len(kinds) > 1:  # a mean over kinds is ruled by the kind whose edits move most (faces)
-                entry["sdedit_by_kind"] = {
-                    k: {
-                        str(s): ratios(
-                            mean_rows([r["sdedit"][s][i] for i in idx]), mean_rows([rr["sdedit"][s][i] for i in idx])
-                        )
-                        for s in a.strengths
-                    }
-                    for k, idx in kinds.items()
-                }
-            if any(r["world_joint"].values()):
-                entry["world_joint_acc"] = {str(s): float(np.mean(v)) for s, v in r["world_joint"].items()}
-            res["results"][e][m] = entry
+    for e, methods in run.acc.items():
+        res["results"][e] = {
+            m: method_summary(a, r, kinds, run.transforms) for m, r in methods.items() if r["psnr_db"]
+        }
     return res
+
+
+def method_summary(a, r: dict, kinds: dict, transforms: dict) -> dict:
+    """One method's means over the images at one budget, with the intervals its targets are judged on."""
+    rr = r["random"]
+    entry = {
+        "images": len(r["psnr_db"]),
+        "psnr_db": float(np.mean(r["psnr_db"])),
+        "psnr_db_ci95": _common.mean_interval(r["psnr_db"]),
+        "psnr_db_min": float(np.min(r["psnr_db"])),
+        "ssim": float(np.mean(r["ssim"])),
+        "seconds_per_image": float(np.mean(r["seconds"])),
+        "sdedit": {str(s): sdedit_ratios(r["sdedit"][s], rr["sdedit"][s]) for s in a.strengths},
+        "random_sdedit": {str(s): mean_rows(rr["sdedit"][s]) for s in a.strengths},
+    }
+    if a.inpaint:
+        entry["inpaint"] = ratios(mean_rows(r["inpaint"]), mean_rows(rr["inpaint"]))
+    if transforms:
+        entry["resilience"] = {
+            t: ratios(mean_rows(r["resilience"][t]), mean_rows(rr["resilience"][t])) for t in transforms
+        }
+    if len(kinds) > 1:  # a mean over kinds is ruled by the kind whose edits move most (faces)
+        entry["sdedit_by_kind"] = {
+            k: {
+                str(s): ratios(
+                    mean_rows([r["sdedit"][s][i] for i in idx]), mean_rows([rr["sdedit"][s][i] for i in idx])
+                )
+                for s in a.strengths
+            }
+            for k, idx in kinds.items()
+        }
+    if any(r["world_joint"].values()):
+        entry["world_joint_acc"] = {str(s): float(np.mean(v)) for s, v in r["world_joint"].items()}
+    return entry
+
+
+def sdedit_ratios(rows: list[dict], base: list[dict]) -> dict:
+    """:func:`ratios` of the SDEdit deviations, with a paired bootstrap 95% interval of the MSE ratio over images."""
+    interval = _common.ratio_of_means_interval([x["mse"] for x in rows], [x["mse"] for x in base])
+    return ratios(mean_rows(rows), mean_rows(base)) | {"ratio_mse_vs_random_ci95": interval}
 
 
 def write(res: dict, a):
     res["targets"] = targets(res)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=2))
+    _common.write_json(a.json, res)
 
 
 def finish(res: dict, a) -> dict:
@@ -683,7 +721,8 @@ def merge(a) -> dict:
     entries; recomputed targets. "images" lists the longest run's images."""
     from stablekit import StablekitError
 
-    runs = sorted(((p, _run(p)) for p in a.merge), key=lambda r: -len(r[1]["images"]))
+    keys = ("images", "methods", "settings", "results")
+    runs = sorted(((p, _common.load_run(p, "protect", keys)) for p in a.merge), key=lambda r: -len(r[1]["images"]))
     res = dict(runs[0][1], methods=[], settings={}, results={}, merged_from=[str(p) for p in a.merge])
     for path, run in runs:
         if run["images"] != res["images"][: len(run["images"])]:
@@ -697,31 +736,32 @@ def merge(a) -> dict:
     return finish(res, a)
 
 
-def _run(path: Path) -> dict:
-    """A finished run's JSON, or one clear error."""
-    from stablekit import StablekitError
-
-    try:
-        run = json.loads(path.read_text())
-        if {"images", "methods", "settings", "results"} <= set(run):
-            return run
-    except (OSError, ValueError, TypeError):  # unreadable, not JSON, not an object
-        pass
-    raise StablekitError(f"cannot merge '{path}': not a JSON that `stablekit bench protect --json` wrote")
-
-
 def targets(res: dict) -> dict:
+    """The targets, each judged on its 95% interval over at least MIN_IMAGES images: the mean PSNR at 8/255 at least
+    35 dB (t interval), the SDEdit MSE ratio to the random baseline above 1 (paired bootstrap; the middle strength)
+    per method; SDS at most 0.6x the semantic attack's time per step (over the cost rounds) and memory (exact)."""
     out, mid = {}, str(res["strengths"][len(res["strengths"]) // 2])
     eight = next((e for e in res["results"] if abs(float(Fraction(e)) - 8 / 255) < 1e-9), None)
     if eight:
-        out["psnr_at_8_255_ge_35db"] = {m: r["psnr_db"] >= 35 for m, r in res["results"][eight].items()}
-        out[f"sdedit_{mid}_mse_ratio_at_8_255"] = {
-            m: r["sdedit"][mid]["ratio_mse_vs_random"] for m, r in res["results"][eight].items()
+        rows = res["results"][eight]
+        out["psnr_at_8_255_ge_35db"] = {
+            m: target(r["psnr_db"], r.get("psnr_db_ci95"), 35, ">=", r["images"], MIN_IMAGES) for m, r in rows.items()
+        }
+        out[f"sdedit_{mid}_mse_ratio_at_8_255_above_1"] = {
+            m: target(
+                r["sdedit"][mid]["ratio_mse_vs_random"],
+                r["sdedit"][mid].get("ratio_mse_vs_random_ci95"),
+                1,
+                ">",
+                r["images"],
+                MIN_IMAGES,
+            )
+            for m, r in rows.items()
         }
     ratio = res.get("cost", {}).get("sds_vs_semantic")
     if ratio:
-        out["sds_time_le_0.6x_semantic"] = ratio["time"] <= 0.6
-        out["sds_memory_le_0.6x_semantic"] = ratio["memory"] <= 0.6
+        out["sds_time_le_0.6x_semantic"] = speedup_target(ratio.get("time_rounds"), 0.6, "<=")
+        out["sds_memory_le_0.6x_semantic"] = exact(ratio["memory"] <= 0.6, value=ratio["memory"], threshold=0.6)
     return out
 
 

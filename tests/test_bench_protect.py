@@ -45,6 +45,10 @@ def test_protect_benchmark_runs_apart_and_merged(tmp_path):
         r = res["results"]["8/255"][m]
         assert r["images"] == 3 and r["psnr_db"] >= 35 and 0 < r["ssim"] <= 1  # the floor holds in PNG
         assert r["sdedit"]["0.2"]["ratio_mse_vs_random"] > 0 and set(r["resilience"]) >= {"jpeg75", "purify0.2"}
+        low, high = r["sdedit"]["0.2"]["ratio_mse_vs_random_ci95"]  # paired bootstrap over the 3 images
+        assert 0 < low <= high
+        assert r["psnr_db_ci95"][0] <= r["psnr_db"] <= r["psnr_db_ci95"][1] and r["psnr_db_min"] >= 35
+        assert res["targets"]["psnr_at_8_255_ge_35db"][m]["status"] == "inconclusive"  # 3 images: too few
         assert "ratio_mse_vs_random" in r["inpaint"] and 0 <= r["world_joint_acc"]["0.2"] <= 1
         by_kind = r["sdedit_by_kind"]  # one image of each kind: the overall mean is the mean of the three
         assert set(by_kind) == {"photo", "face", "world"}
@@ -68,6 +72,8 @@ def test_protect_benchmark_runs_apart_and_merged(tmp_path):
         ]
     )
     assert only["results"] == {"8/255": {}, "16/255": {}} and set(only["cost"]["methods"]) == {"semantic", "sds"}
+    assert all(len(r["seconds_per_step_rounds"]) == 3 for r in only["cost"]["methods"].values())  # --cost-rounds
+    assert only["cost"]["sds_vs_semantic"]["time_rounds"]["n"] == 3
     assert 0.3 < only["cost"]["sds_vs_semantic"]["flops"] < 1  # SDS skips the UNet's backward pass, not the VAE's
     both = bench.main(["--json", str(merged), "--merge", str(cost), str(out)])
     assert both["results"] == res["results"] and both["cost"] == only["cost"] and both["images"] == res["images"]

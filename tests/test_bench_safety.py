@@ -56,6 +56,10 @@ def test_safety_benchmark_end_to_end(tmp_path):
             assert opt["pre_attack"]["n"] == opt["post_attack"]["n"] == 1 and opt["iterations"] == 2
             assert len(opt["examples"]) == 1
     assert set(res["targets"]) == {"safree_star", "spm_star"}
+    spm = res["targets"]["spm_star"]  # 4 prompts: too few to judge, whatever the rates
+    assert spm["status"] == "inconclusive" and spm["parts"]["concept_rate"]["n"] == 4
+    assert set(spm["attacks"]) == {"arithmetic", "p4d", "unlearndiffatk"} and "others_kept_delta" in spm["collateral"]
+    assert "SPM" in str(rows["spm"]["plugins"]) and rows["none"]["plugins"] == []
     again = bench.main(
         args[:2]
         + [
@@ -87,10 +91,13 @@ def test_safety_benchmark_refuses_a_negative_spm_multiplier(tmp_path, capsys):
     assert e.value.code != 0 and "--spm-multiplier must be >= 0" in capsys.readouterr().err
 
 
-def _row(rate, acc):
+def _row(rate, acc, n=200):
+    from stablekit.eval.metrics import rate_interval
+
+    points = 100 * (acc - 0.9)
     return {
-        "direct": {"rate": rate, "ci95": [rate / 2, min(1, rate * 2)]},
-        "preservation": {"attr_acc_mean": acc, "attr_acc_delta": {"points": 100 * (acc - 0.9)}},
+        "direct": {"rate": rate, "ci95": list(rate_interval(round(rate * n), n)), "n": n},
+        "preservation": {"attr_acc_mean": acc, "attr_acc_delta": {"points": points, "ci95": [points - 1, points + 1]}},
     }
 
 
@@ -109,7 +116,7 @@ def test_merge_puts_every_run_s_defenses_in_one_result_and_refuses_other_setting
     res = bench.main(["--json", str(out), "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     rows = res["concepts"]["star"]["defenses"]
     assert list(rows) == ["none", "safree (a)", "spm (b)"] and rows["none"] == runs["a"]["none"]
-    assert {k: v["pass"] for k, v in res["targets"].items()} == {"safree (a)_star": False, "spm (b)_star": True}
+    assert {k: v["status"] for k, v in res["targets"].items()} == {"safree (a)_star": "not met", "spm (b)_star": "met"}
     assert json.loads(out.read_text()) == res and out.with_suffix(".png").exists()
     (tmp_path / "c.json").write_text(json.dumps(settings | {"prompts": 50, "concepts": {}}))
     (tmp_path / "d.json").write_text("not json")
