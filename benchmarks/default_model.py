@@ -21,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+import _common
 import numpy as np
 import torch
 
@@ -55,7 +56,7 @@ def scores(preds: list[dict], scenes, prefix: str) -> dict:
 
 def parse(args: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="stablekit bench default-model", description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path, required=True, help="where to write the results")
+    _common.add_common_args(p, seed=777, seed_help="held-out scene seed (training used 0)")
     p.add_argument("--prompts", type=int, default=300, help="single-object prompts (two-object: 25%% as many)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -65,12 +66,8 @@ def parse(args: list[str]) -> argparse.Namespace:
         default=None,
         help="default: stablekit.pipeline.guidance_rescale(pipe), as `stablekit generate` uses",
     )
-    p.add_argument("--seed", type=int, default=777, help="held-out scene seed (training used 0)")
     p.add_argument("--grid", type=Path, default=None, help="PNG grid of samples (default: next to the JSON)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--model", default=None, help="model to load (default: the embedded default model)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args(args)
     a.grid = a.grid or a.json.with_suffix(".png")
     return a
@@ -78,13 +75,9 @@ def parse(args: list[str]) -> argparse.Namespace:
 
 def main(args: list[str]) -> dict:
     a = parse(args)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    _common.set_threads(a)
     import stablekit
-    from stablekit.default_model import classifier as C
-    from stablekit.default_model import world
     from stablekit.eval.harness import generate, grid, heldout_prompts
-    from stablekit.eval.metrics import frechet_distance, psnr
 
     pipe = stablekit.load(a.model, device=a.device)
     n_pair = max(1, round(0.25 * a.prompts))
@@ -100,19 +93,6 @@ def main(args: list[str]) -> dict:
         batch=a.batch,
         guidance_rescale=a.guidance_rescale,
     )
-    nrng = np.random.default_rng(a.seed)
-    real = C.to_tensor([world.render(s, nrng) for s in scenes])
-    other_scenes, _ = heldout_prompts(a.prompts, n_pair, a.seed + 1)
-    other = C.to_tensor([world.render(s, nrng) for s in other_scenes])
-    recon = reconstruct(pipe.vae, real, a.batch)
-    clf = C.load_classifier()
-    preds = {k: C.predict(x, clf) for k, x in (("", images), ("real_", real), ("recon_", recon))}
-    with torch.no_grad():
-        feats = {
-            k: torch.cat([clf.features(C.to_tensor(x[i : i + 256])) for i in range(0, len(x), 256)])
-            for k, x in (("gen", images), ("real", real), ("other", other))
-        }
-    single, pair = slice(0, a.prompts), slice(a.prompts, None)
     res = {
         "model": str(a.model or stablekit.pipeline.DEFAULT_MODEL),
         "device": str(pipe.device),
@@ -124,25 +104,45 @@ def main(args: list[str]) -> dict:
         "prompts": a.prompts,
         "two_object_prompts": n_pair,
     }
-    for k, p in preds.items():
-        res |= scores(p[single], scenes[single], k) | scores(p[pair], scenes[pair], f"{k}two_object_")
-        if k == "":
-            res["fid_classifier"] = round(frechet_distance(feats["gen"], feats["real"]), 4)
-            res["fid_classifier_real_vs_real"] = round(frechet_distance(feats["other"], feats["real"]), 4)
-            res["vae_psnr_db"] = round(float(np.mean([psnr(r, x) for r, x in zip(recon, real, strict=False)])), 2)
-    res |= {
-        "seconds_per_image": round(sec_per_image, 4),
-        "batch": a.batch,
-        "image_size": list(images.shape[-2:]),
-        "samples": [{"prompt": p, "pred": d} for p, d in zip(prompts[:8], preds[""][:8], strict=False)],
-    }
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=2))
+    res |= judged(pipe, images, scenes, prompts, a)
+    res |= {"seconds_per_image": round(sec_per_image, 4), "batch": a.batch, "image_size": list(images.shape[-2:])}
+    _common.write_json(a.json, res)
     order = list(range(min(36, a.prompts))) + list(range(a.prompts, a.prompts + min(12, n_pair)))
     grid(images[order], [prompts[i] for i in order], a.grid)
     keep = ("fid_classifier", "fid_classifier_real_vs_real", "seconds_per_image")
     print(json.dumps({k: v for k, v in res.items() if k.endswith("_acc") or k in keep}, indent=1))
     print(f"wrote {a.json} and {a.grid}")
+    return res
+
+
+def judged(pipe, images: torch.Tensor, scenes, prompts: list[str], a) -> dict:
+    """The classifier's scores of the generated images, of renders of their scenes and of the renders' round trip
+    through the autoencoder; the Fréchet distances; sample predictions."""
+    from stablekit.default_model import classifier as C
+    from stablekit.default_model import world
+    from stablekit.eval.harness import heldout_prompts
+    from stablekit.eval.metrics import frechet_distance, psnr
+
+    nrng = np.random.default_rng(a.seed)
+    real = C.to_tensor([world.render(s, nrng) for s in scenes])
+    other_scenes, _ = heldout_prompts(a.prompts, len(scenes) - a.prompts, a.seed + 1)
+    other = C.to_tensor([world.render(s, nrng) for s in other_scenes])
+    recon = reconstruct(pipe.vae, real, a.batch)
+    clf = C.load_classifier()
+    preds = {k: C.predict(x, clf) for k, x in (("", images), ("real_", real), ("recon_", recon))}
+    with torch.no_grad():
+        feats = {
+            k: torch.cat([clf.features(C.to_tensor(x[i : i + 256])) for i in range(0, len(x), 256)])
+            for k, x in (("gen", images), ("real", real), ("other", other))
+        }
+    single, pair = slice(0, a.prompts), slice(a.prompts, None)
+    res = {}
+    for k, p in preds.items():
+        res |= scores(p[single], scenes[single], k) | scores(p[pair], scenes[pair], f"{k}two_object_")
+    res["fid_classifier"] = round(frechet_distance(feats["gen"], feats["real"]), 4)
+    res["fid_classifier_real_vs_real"] = round(frechet_distance(feats["other"], feats["real"]), 4)
+    res["vae_psnr_db"] = round(float(np.mean([psnr(r, x) for r, x in zip(recon, real, strict=False)])), 2)
+    res["samples"] = [{"prompt": p, "pred": d} for p, d in zip(prompts[:8], preds[""][:8], strict=False)]
     return res
 
 

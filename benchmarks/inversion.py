@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import random
 import sys
-import time
 from pathlib import Path
 
+import _common
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -73,13 +72,6 @@ def outside(scene, target, size: int) -> np.ndarray:
     return cover == 0
 
 
-def clock(pipe) -> float:
-    """perf_counter after the device's queued work is done."""
-    if pipe.device.type == "cuda":
-        torch.cuda.synchronize(pipe.device)
-    return time.perf_counter()
-
-
 def finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
@@ -96,21 +88,21 @@ def reconstruction(pipe, method: str, images: list[Image.Image], prompts: list[s
     from stablekit.edit.core import encode_image
     from stablekit.edit.inversion import load_images
 
-    t0 = clock(pipe)
+    t0 = _common.clock(pipe.device)
     if method == "infedit":
         outs = edit(pipe, images, prompts, prompts, method="infedit", decoder_steps=a.decoder_steps)
-        t1 = clock(pipe)
+        t1 = _common.clock(pipe.device)
         z, z0 = (encode_image(pipe, load_images(pipe, x)).double().cpu() for x in (outs, images))
         return images, outs, _metrics(images, outs, z, z0, (t1 - t0) / len(images), 0.0)
     if method == "vae":
         inv, z0 = None, encode_image(pipe, load_images(pipe, images), a.decoder_steps)
-        z, t1 = z0, clock(pipe)
+        z, t1 = z0, _common.clock(pipe.device)
     else:
         inv = invert(pipe, images, prompts, method, a.steps, decoder_steps=a.decoder_steps)
-        t1 = clock(pipe)
+        t1 = _common.clock(pipe.device)
         z, z0 = reconstruct(pipe, inv)[-1], inv.latents[-1]
     outs = [decode(pipe, row[None]) for row in z]
-    t2 = clock(pipe)
+    t2 = _common.clock(pipe.device)
     n = len(images)
     return inv, outs, _metrics(images, outs, z.double().cpu(), z0.double().cpu(), (t1 - t0) / n, (t2 - t1) / n)
 
@@ -146,7 +138,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     from stablekit.edit import EDIT_METHODS as METHODS
 
     p = argparse.ArgumentParser(prog="stablekit bench inversion", description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path, required=True, help="where to write the results")
+    _common.add_common_args(p, seed=4242, seed_help="world scene seed (training used 0)")
     p.add_argument("--images", type=int, default=100, help="world images")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -158,13 +150,9 @@ def parse(args: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--decoder-steps", type=int, default=0, help="decoder-inversion steps (0: off)")
     p.add_argument("--no-photos", dest="photos", action="store_false", help="skip scikit-image's photos")
-    p.add_argument("--seed", type=int, default=4242, help="world scene seed (training used 0)")
     p.add_argument("--grid", type=Path, default=None, help="PNG grid (default: next to the JSON)")
     p.add_argument("--grid-rows", type=int, default=8, help="world images in the grid (photos follow)")
-    p.add_argument("--model", default=None, help="model to load (default: the embedded default model)")
     p.add_argument("--classifier", type=Path, default=None, help="attribute classifier weights (default: shipped)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument(
         "--batch",
         type=int,
@@ -215,7 +203,7 @@ def evaluate(pipe, method: str, world_images, photo_images, clf, a) -> tuple[dic
         for name in [] if inv is None else EDITS:
             olds = [getattr(sc.objects[0], name) for sc in scenes]
             words, edited = zip(*(t[name] for t in targets), strict=False)
-            t0 = clock(pipe)
+            t0 = _common.clock(pipe.device)
             results = edit(
                 pipe,
                 inv,
@@ -224,7 +212,7 @@ def evaluate(pipe, method: str, world_images, photo_images, clf, a) -> tuple[dic
                 method=method,
                 controller=controller(a.controller, olds[0], words[0]),
             )  # blend: batch 1
-            seconds = (clock(pipe) - t0) / len(results)
+            seconds = (_common.clock(pipe.device) - t0) / len(results)
             for k, (result, pred) in enumerate(zip(results, C.predict(results, clf), strict=False)):
                 keep = outside(scenes[k], edited[k], images[k].width)
                 edits[name].append(
@@ -253,8 +241,7 @@ def evaluate(pipe, method: str, world_images, photo_images, clf, a) -> tuple[dic
 
 def main(args: list[str]) -> dict:
     a = parse(args)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    _common.set_threads(a)
     import stablekit
     from stablekit.default_model import classifier as C
     from stablekit.default_model import world
@@ -284,11 +271,10 @@ def main(args: list[str]) -> dict:
         "methods": {},
     }
     cells = [[(im, "source")] for im in images[: a.grid_rows]] + [[(im, name)] for name, im in photo_images]
-    a.json.parent.mkdir(parents=True, exist_ok=True)
     for method in ["vae"] + a.methods:
         res["methods"][method], new = evaluate(pipe, method, world_images, photo_images, clf, a)
         cells = [row + more for row, more in zip(cells, new, strict=False)]
-        a.json.write_text(json.dumps(res, indent=2))  # after every method: a stopped run keeps what it finished
+        _common.write_json(a.json, res)  # after every method: a stopped run keeps what it finished
     table_grid(cells, ["source", "vae"] + [f"{m} {c}" for m in a.methods for c in ("rec", *EDITS)], a.grid)
     for method, entry in res["methods"].items():
         r = entry["reconstruction"]["world"]

@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import _common
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -159,7 +160,7 @@ def rates(pos: np.ndarray, neg: np.ndarray, thresholds: dict, p_pos=None, p_neg=
 
 def parse(args: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="stablekit bench watermark", description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path, required=True)
+    _common.add_common_args(p, seed=777, seed_help="held-out prompt seed (training used 0)")
     p.add_argument("--n", type=int, default=500, help="marked images per method, and unmarked test images")
     p.add_argument("--calib", type=int, default=500, help="unmarked calibration images (thresholds)")
     p.add_argument("--attack-n", type=int, default=200, help="images per set in the attack rows")
@@ -170,11 +171,17 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--inv-steps", type=int, default=25, help="DDIM inversion steps in detection")
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=777)
     p.add_argument("--batch", type=int, default=50)
-    p.add_argument("--model", default=None)
     a = p.parse_args(args)
     a.methods, a.attacks = a.methods.split(","), [s for s in a.attacks.split(",") if s]
+    import stablekit
+    from stablekit.eval.attacks import ATTACKS
+
+    unknown = [x for x in a.attacks if x not in ATTACKS] + [
+        m for m in a.methods if m not in stablekit.provenance.METHODS
+    ]
+    if unknown:
+        raise stablekit.StablekitError(f"unknown attack or method: {', '.join(unknown)}")
     return a
 
 
@@ -190,41 +197,67 @@ def attack(name: str, strength, images: list[Image.Image], pipe, size: int) -> l
 
 def main(args: list[str]) -> dict:
     a = parse(args)
+    _common.set_threads(a)
     import stablekit
-    from stablekit.default_model import classifier as C
-    from stablekit.default_model import world
-    from stablekit.eval.attacks import ATTACKS
-    from stablekit.eval.harness import generate, heldout_prompts
-    from stablekit.eval.metrics import frechet_distance
+    from stablekit.eval.harness import bench_pipeline, heldout_prompts
     from stablekit.provenance import make_key, watermark
 
-    unknown = [x for x in a.attacks if x not in ATTACKS] + [
-        m for m in a.methods if m not in stablekit.provenance.METHODS
-    ]
-    if unknown:
-        raise stablekit.StablekitError(f"unknown attack or method: {', '.join(unknown)}")
     t_start = time.perf_counter()
-    pipe = stablekit.load(a.model)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe = bench_pipeline(a)
     scenes, prompts = heldout_prompts(a.n + a.calib, 0, a.seed)
     gen = dict(
         steps=a.steps, guidance=a.guidance, batch=a.batch, guidance_rescale=stablekit.pipeline.guidance_rescale(pipe)
     )
     keys = {m: make_key(m, pipe, seed=i) for i, m in enumerate(a.methods)}
     dwt_bits = np.random.default_rng(a.seed).integers(0, 2, 48)
-    # sets: unmarked test (seed s), calibration (other prompts), one marked set per method (own seeds)
-    clean, sec_plain = generate(pipe, prompts[: a.n], seed=a.seed, desc="unmarked", **gen)
-    calib, _ = generate(pipe, prompts[a.n :], seed=a.seed + 1, desc="calibration", **gen)
-    marked, sec_marked = {}, {}
-    for i, m in enumerate(a.methods):
-        with stablekit.use(pipe, watermark(keys[m])):
-            marked[m], sec_marked[m] = generate(pipe, prompts[: a.n], seed=a.seed + 2 + i, desc=m, **gen)
-    pub = {"unmarked": publish(clean), "calib": publish(calib)} | {m: publish(x) for m, x in marked.items()}
+    images, seconds = generate_sets(pipe, prompts, keys, gen, a)
+    pub = {k: publish(x) for k, x in images.items()}
     pub["dwtDct"] = dwt_encode(pub["unmarked"], dwt_bits)
     methods = a.methods + ["dwtDct"]
     det = Detectors(pipe, keys, dwt_bits, a)
-    cal = det(pub["calib"])
+    cal = det(pub.pop("calib"))
     thresholds = {m: {f: float(np.quantile(cal[m][0], 1 - f, method="higher")) for f in FPRS} for m in methods}
+    marked = {m: images[m] for m in a.methods}
+    res = {
+        "model": str(a.model or stablekit.pipeline.DEFAULT_MODEL),
+        "published_size": PUBLISH,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "plugins": {m: _common.plugin_config(watermark(k)) for m, k in keys.items()},
+        "thresholds": thresholds,
+        "rows": attack_rows(pipe, pub, det, thresholds, methods, a),
+        "forgeries": forgery_rows(pipe, pub, marked, prompts, det, thresholds, a, gen),
+        "quality": quality(images, seconds, scenes[: a.n], a),
+        "identification": identification(pipe, pub, keys, a) if "gaussian-shading" in keys else None,
+        "detection_seconds_per_image": round(det.seconds["inversion"] / max(1, det.seconds["images"]), 4),
+        "runtime_minutes": round((time.perf_counter() - t_start) / 60, 1),
+    }
+    _common.write_json(a.json, res)
+    plot(res["rows"], methods, a.json.with_suffix(".png"))
+    print(f"wrote {a.json} and {a.json.with_suffix('.png')} ({res['runtime_minutes']} min)")
+    return res
+
+
+def generate_sets(pipe, prompts: list[str], keys: dict, gen: dict, a) -> tuple[dict, dict]:
+    """The image sets (unmarked test, calibration on other prompts, one marked set per method, each with its own
+    seeds) and seconds per image of each."""
+    import stablekit
+    from stablekit.eval.harness import generate
+    from stablekit.provenance import watermark
+
+    images, seconds = {}, {}
+    images["unmarked"], seconds["unmarked"] = generate(pipe, prompts[: a.n], seed=a.seed, desc="unmarked", **gen)
+    images["calib"], _ = generate(pipe, prompts[a.n :], seed=a.seed + 1, desc="calibration", **gen)
+    for i, m in enumerate(keys):
+        with stablekit.use(pipe, watermark(keys[m])):
+            images[m], seconds[m] = generate(pipe, prompts[: a.n], seed=a.seed + 2 + i, desc=m, **gen)
+    return images, seconds
+
+
+def attack_rows(pipe, pub: dict, det, thresholds: dict, methods: list[str], a) -> list[dict]:
+    """Detection rates on the clean published images, then per attack and strength."""
+    from stablekit.eval.attacks import ATTACKS
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     def row(name, strength, n, transform):
         neg = det(transform(pub["unmarked"][:n]))
@@ -239,39 +272,27 @@ def main(args: list[str]) -> dict:
     for name in a.attacks:
         for s in DEFAULT_ATTACKS.get(name, ATTACKS[name][1]):
             rows.append(row(name, s, a.attack_n, lambda ims, name=name, s=s: attack(name, s, ims, pipe, size)))
-    forgeries = forgery_rows(pipe, pub, marked, prompts, det, thresholds, a, gen)
-    # quality cost and identification
+    return rows
+
+
+def quality(images: dict, seconds: dict, scenes, a) -> dict:
+    """Attribute accuracy and classifier Fréchet distance to renders of each set but the calibration's."""
+    from stablekit.default_model import classifier as C
+    from stablekit.default_model import world
+    from stablekit.eval.metrics import frechet_distance
+
     clf = C.load_classifier()
-    real = C.to_tensor([world.render(s, np.random.default_rng(a.seed)) for s in scenes[: a.n]])
+    real = C.to_tensor([world.render(s, np.random.default_rng(a.seed)) for s in scenes])
+    out = {}
     with torch.no_grad():
         f_real = clf.features(real)
-    quality = {}
-    for m, x in [("unmarked", clean)] + list(marked.items()):
-        acc = C.accuracy(C.predict(x, clf), scenes[: a.n])
-        with torch.no_grad():
-            quality[m] = {
+        for m, x in ((m, x) for m, x in images.items() if m != "calib"):
+            out[m] = {
                 "fid_classifier": round(frechet_distance(clf.features(C.to_tensor(x)), f_real), 3),
-                "attribute_acc": acc,
-                "seconds_per_image": round(sec_marked.get(m, sec_plain), 4),
+                "attribute_acc": C.accuracy(C.predict(x, clf), scenes),
+                "seconds_per_image": round(seconds[m], 4),
             }
-    res = {
-        "model": str(a.model or stablekit.pipeline.DEFAULT_MODEL),
-        "published_size": PUBLISH,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-        "thresholds": thresholds,
-        "rows": rows,
-        "forgeries": forgeries,
-        "quality": quality,
-        "identification": identification(pipe, pub, keys, a) if "gaussian-shading" in keys else None,
-        "detection_seconds_per_image": round(det.seconds["inversion"] / max(1, det.seconds["images"]), 4),
-        "runtime_minutes": None,
-    }
-    res["runtime_minutes"] = round((time.perf_counter() - t_start) / 60, 1)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=2))
-    plot(rows, methods, a.json.with_suffix(".png"))
-    print(f"wrote {a.json} and {a.json.with_suffix('.png')} ({res['runtime_minutes']} min)")
-    return res
+    return out
 
 
 def forgery_rows(pipe, pub, marked, prompts, det, thresholds, a, gen: dict) -> list[dict]:
@@ -329,10 +350,7 @@ def identification(pipe, pub, keys, a) -> dict:
 
 
 def plot(rows: list[dict], methods: list[str], path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     names = [n for n in dict.fromkeys(r["attack"] for r in rows) if n != "clean"]
     fig, axes = plt.subplots(2, (len(names) + 1) // 2, figsize=(3.2 * ((len(names) + 1) // 2), 6), squeeze=False)
