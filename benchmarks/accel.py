@@ -67,7 +67,14 @@ attribute accuracy, Fréchet distance to renders and to a many-step reference (D
 of another scene seed, disjoint from the evaluation prompts), saved next to the JSON, alone and with each
 ``--search-stacks`` feature cache on top (plotted at its MAC-equivalent number of full model calls).
 
-``targets`` evaluates the issue's targets from whatever was measured (``null`` where a part was not run).
+``targets`` judges each target on its 95% interval (``benchmarks/_common.py``): "met" only when the whole
+interval is on the right side, "inconclusive" when it straddles the threshold, when too few samples were taken
+(100 prompts for quality and Fréchet-distance targets, 3 rounds for speed-ups) or when a speed-up's rounds disagree
+by more than 5% (re-run with more ``--repeats``), "not measured" where a part did not run. Speed-up intervals are
+Student-t intervals of the geometric mean of the per-round ratios; the achieved speed-up over the MAC ratio is
+checked on both sides (within [0.85, 1.15]). The code is split by part: ``_accel_methods.py`` (entries, MAC
+counting), ``_accel_speed.py``, ``_accel_quality.py``, ``_accel_samplers.py``. The JSON also records each entry's
+plugin config (``plugins``) and is rewritten as results come in.
 """
 
 from __future__ import annotations
