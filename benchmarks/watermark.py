@@ -76,8 +76,8 @@ def model_size(images: list[Image.Image], size: int) -> torch.Tensor:
 
 def recover(pipe, images: list[Image.Image], steps: int, batch: int = 100) -> torch.Tensor:
     """Initial noises (N, C, h, w) float64: DDIM inversion, empty prompt, guidance 1, in batches."""
-    from stablekit.edit.core import Schedule, encode_image, encode_prompts
     from stablekit.edit.inversion import ddim_invert
+    from stablekit.latents import Schedule, encode_image, encode_prompts
 
     x, sched, out = model_size(images, pipe.unet.config.sample_size * pipe.vae_scale_factor), Schedule(pipe, steps), []
     for i in range(0, len(x), batch):

@@ -19,8 +19,8 @@ from stablekit import StablekitError, WeightEdit
 from stablekit.registry import build
 from stablekit.safety import REGISTRY, SAFREE, UCE
 from stablekit.safety.safree import band, basis, project, reattend, triggers
-from stablekit.safety.text import encode_ids, token_ids
 from stablekit.safety.uce import cross_attention_weights
+from stablekit.text import encode_ids, token_ids
 
 WORDS = ["red", "blue", "star", "circle", "on", "gray", "white", "background", "square"]
 STAR = "red star on gray background"

@@ -20,8 +20,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import __version__, accel, attached, load, safety, use
 from .edit import EDIT_GUIDANCE, EDIT_STEPS, GUIDANCE, PromptToPrompt, UnifiedAttentionControl, edit, reconstruct_image
-from .edit.core import read_image
 from .errors import StablekitError
+from .latents import read_image
 from .pipeline import DEFAULT_MODEL, SCHEDULERS
 from .pipeline import guidance_rescale as guidance_rescale_for
 from .protect import DEFAULTS as PROTECT_DEFAULTS

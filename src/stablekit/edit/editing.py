@@ -8,9 +8,9 @@ from contextlib import nullcontext
 import torch
 
 from ..errors import StablekitError
+from ..latents import Schedule, decode, encode_image, encode_prompts
 from ..plugins import CallState, Plugin, use
 from . import edict, infedit
-from .core import Schedule, decode, encode_image, encode_prompts
 from .inversion import GUIDANCE, METHODS, Inversion, batch, denoise, invert, load_images, prompt_list
 
 EDIT_METHODS = (*METHODS, "infedit")

@@ -37,12 +37,11 @@ import sys
 import types
 from contextlib import ExitStack
 
-import numpy as np
 import torch
 from PIL import Image
 
-from ..edit.core import cast, read_image
 from ..errors import StablekitError
+from ..latents import cast, to_tensor
 from ..pipeline import frozen
 from . import diffusionguard, encoder_attack, score_distillation, semantic_attack
 from . import eot as eot_
@@ -182,8 +181,7 @@ def random_noise(image, eps=8 / 255, mask=None, seed: int = 0, min_psnr: float |
     down to the `min_psnr` floor as :func:`protect` does), 8-bit."""
     eps, rms = parse_eps(eps), parse_psnr(min_psnr)
     if not isinstance(image, torch.Tensor):
-        image = read_image(image) if not isinstance(image, Image.Image) else image
-        image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        image = to_tensor(image)
     x = image.float().cpu().reshape(1, 3, *image.shape[-2:])
     keep = region(mask, x)
     x_rand = random_sign(x, eps, keep, torch.Generator().manual_seed(int(seed)), rms)

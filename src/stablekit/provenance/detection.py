@@ -22,12 +22,12 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..errors import StablekitError
+from ..latents import to_pil
 from ..plugins import Plugin
 from .keys import Key
 
@@ -163,10 +163,6 @@ class DetectionResult:
         )
 
 
-def _to_pil(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray((x[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
-
-
 def recover_noise(
     pipe,
     image: torch.Tensor | None = None,
@@ -179,8 +175,8 @@ def recover_noise(
     """(initial noise (1, C, h, w) float64 on the CPU, seconds) by inverting `image` ((1, 3, H, W) in
     [0, 1]) or its `latents` with the empty prompt and no guidance."""
     from ..edit import invert
-    from ..edit.core import Schedule, encode_prompts
     from ..edit.inversion import ddim_invert
+    from ..latents import Schedule, encode_prompts
 
     start = time.perf_counter()
     if latents is None:
@@ -240,7 +236,7 @@ def detect(
     if x is None and latents is None:
         raise StablekitError("give an image or its latents")
     noise, seconds = recover_noise(pipe, x, latents, steps=steps, inversion=inversion, decoder_steps=decoder_steps)
-    pil = None if x is None else _to_pil(x)
+    pil = None if x is None else to_pil(x)
     stats = [m.score(noise[0], pil, embed) for m in marks]
     best = min(range(len(stats)), key=lambda i: stats[i]["p_value"])
     s = dict(stats[best])

@@ -24,7 +24,7 @@ import torch
 
 from ..pipeline import frozen
 from ..plugins import use
-from ..safety.text import encode_ids, token_ids
+from ..text import encode_ids, token_ids
 from .tokens import Slots, noise_scheduler
 
 

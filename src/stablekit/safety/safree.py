@@ -80,7 +80,8 @@ from diffusers.hooks import ModelHook
 
 from ..errors import StablekitError
 from ..plugins import Plugin, extend_batch, unet_kwargs
-from .text import TEMPLATES, encode_ids, is_clip, token_ids, tokenizer
+from ..text import encode_ids, is_clip, token_ids, tokenizer
+from .templates import TEMPLATES
 
 SPACES = ("auto", "sentence", "tokens")
 FILTER = {"sentence": dict(upper=0.2, gain=50.0, center=0.5333), "tokens": dict(upper=1.0, gain=100.0, center=0.05)}

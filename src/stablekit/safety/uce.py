@@ -36,7 +36,7 @@ from diffusers.models.attention_processor import Attention
 
 from ..errors import StablekitError
 from ..plugins import WeightEdit
-from .text import encode_ids, token_ids
+from ..text import encode_ids, token_ids
 
 
 def cross_attention_weights(unet) -> dict[str, torch.nn.Parameter]:
