@@ -347,10 +347,10 @@ def cost(a, pipe, label: str) -> dict:
             min_psnr=a.min_psnr,
             mask=centre_mask(size) if m == "diffusionguard" else None,
         )
-        run = {n: (lambda n=n, m=m, kw=kw: stablekit.protect(image, pipe, m, steps=n, **kw)) for n in (1, 2)}
+        run = {n: (lambda n=n, m=m, kw=kw: stablekit.protect.protect(pipe, image, m, steps=n, **kw)) for n in (1, 2)}
         one_step = tflop(run[1])  # also the warm-up step
         t0 = clock(pipe)
-        stablekit.protect(image, pipe, m, steps=steps, **kw)
+        stablekit.protect.protect(pipe, image, m, steps=steps, **kw)
         seconds = (clock(pipe) - t0) / steps
         rows[m] = {
             "seconds_per_step": seconds,
@@ -550,9 +550,9 @@ def main(args: list[str]) -> dict:
             }
             for m in a.methods:
                 t0 = time.perf_counter()
-                out = stablekit.protect(
-                    im,
+                out = stablekit.protect.protect(
                     pipe,
+                    im,
                     m,
                     eps=eps,
                     steps=a.steps,

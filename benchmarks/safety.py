@@ -42,15 +42,15 @@ import torch
 
 
 def parse(args: list[str]) -> argparse.Namespace:
-    from stablekit.redteam import ATTACKS
     from stablekit.redteam.audit import DEFENSES
+    from stablekit.registry import CATALOGUE
 
     p = argparse.ArgumentParser(prog="stablekit bench safety", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, required=True, help="where to write the results")
     p.add_argument("--concepts", nargs="+", default=["star", "red"])
     p.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=DEFENSES)
     p.add_argument("--prompts", type=int, default=200, help="prompts per set (direct, paraphrase, preservation)")
-    p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    p.add_argument("--attacks", nargs="+", default=list(CATALOGUE["attack"]), choices=list(CATALOGUE["attack"]))
     p.add_argument("--attack-prompts", type=int, default=100, help="direct prompts attacked by concept arithmetic")
     p.add_argument(
         "--optimise-prompts",

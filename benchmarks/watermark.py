@@ -199,7 +199,7 @@ def main(args: list[str]) -> dict:
     from stablekit.provenance import make_key, watermark
 
     unknown = [x for x in a.attacks if x not in ATTACKS] + [
-        m for m in a.methods if m not in stablekit.provenance.METHODS
+        m for m in a.methods if m not in stablekit.CATALOGUE["watermark"]
     ]
     if unknown:
         raise stablekit.StablekitError(f"unknown attack or method: {', '.join(unknown)}")
@@ -210,7 +210,7 @@ def main(args: list[str]) -> dict:
     gen = dict(
         steps=a.steps, guidance=a.guidance, batch=a.batch, guidance_rescale=stablekit.pipeline.guidance_rescale(pipe)
     )
-    keys = {m: make_key(m, pipe, seed=i) for i, m in enumerate(a.methods)}
+    keys = {m: make_key(pipe, m, seed=i) for i, m in enumerate(a.methods)}
     dwt_bits = np.random.default_rng(a.seed).integers(0, 2, 48)
     # sets: unmarked test (seed s), calibration (other prompts), one marked set per method (own seeds)
     clean, sec_plain = generate(pipe, prompts[: a.n], seed=a.seed, desc="unmarked", **gen)
@@ -315,7 +315,7 @@ def identification(pipe, pub, keys, a) -> dict:
     from stablekit.eval.metrics import rate_interval
     from stablekit.provenance import make_key, watermark
 
-    others = [watermark(make_key("gaussian-shading", pipe, seed=1000 + u)) for u in range(a.users - 1)]
+    others = [watermark(make_key(pipe, "gaussian-shading", seed=1000 + u)) for u in range(a.users - 1)]
     marks = [watermark(keys["gaussian-shading"])] + others
     noise = recover(pipe, pub["gaussian-shading"], a.inv_steps)
     best = [int(np.argmax([mk.score(z, None)["score"] for mk in marks])) for z in noise]

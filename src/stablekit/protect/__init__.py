@@ -1,7 +1,8 @@
 """Image immunization: imperceptible perturbations that make diffusion mimicry and editing of an image fail.
 
-    protected = stablekit.protect(image, pipe, method="sds")                  # PIL image, within 8/255
-    protected = stablekit.protect(image, pipe, method="diffusionguard", mask=face_mask, eps=16/255)
+    from stablekit.protect import protect
+    protected = protect(pipe, image, method="sds")                  # PIL image, within 8/255
+    protected = protect(pipe, image, method="diffusionguard", mask=face_mask, eps=16/255)
 
 Methods (one module each; the docstrings give paper defaults and every deviation):
 
@@ -33,8 +34,6 @@ baseline of random signs of the same budget.
 
 from __future__ import annotations
 
-import sys
-import types
 from contextlib import ExitStack
 
 import torch
@@ -104,8 +103,8 @@ def _extra(method: str, extra: dict) -> dict:
 
 
 def protect(
-    image,
     pipe,
+    image,
     method: str = "sds",
     *,
     eps=8 / 255,
@@ -189,15 +188,3 @@ def random_noise(image, eps=8 / 255, mask=None, seed: int = 0, min_psnr: float |
 
 
 __all__ = ["protect", "objective", "random_noise", "options", "METHODS", "DEFAULTS"]
-
-
-class _CallableModule(types.ModuleType):
-    """``stablekit.protect(image, pipe, ...)`` calls :func:`protect`, while ``stablekit.protect.*`` stays
-    this package (setting a module's ``__class__`` to a ModuleType subclass is the data model's own way
-    to customise a module)."""
-
-    def __call__(self, *args, **kwargs):
-        return protect(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -80,6 +80,7 @@ from diffusers.hooks import ModelHook
 
 from ..errors import StablekitError
 from ..plugins import Plugin, extend_batch, unet_kwargs
+from ..registry import register
 from ..text import encode_ids, is_clip, token_ids, tokenizer
 from .templates import TEMPLATES
 
@@ -200,6 +201,7 @@ class _SkipHook(ModelHook):
         return torch.cat([x[: n - extra], f, x[n:]])
 
 
+@register("guard")
 class SAFREE(Plugin):
     """``SAFREE(concepts, alpha=0.01, detect=True, project=True, self_validation=True, upper=None, gain=None,
     center=None, re_attention=True, scales=(0.9, 0.2), radius=1, negative_prompt=False, space="auto",
