@@ -67,7 +67,7 @@ def photos(size: int, n: int | None = None) -> list[tuple[str, Image.Image]]:
 def bench_pipeline(a):
     """A benchmark's pipeline: ``a.model`` (None: the embedded default) on ``a.device`` in ``a.dtype`` (if the
     benchmark has one), progress bars off."""
-    from .. import load
+    from ..pipeline import load
 
     pipe = load(a.model, device=a.device, dtype=getattr(a, "dtype", None))
     pipe.set_progress_bar_config(disable=True)
