@@ -34,10 +34,8 @@ class Method:
 
     @classmethod
     def parse(cls, spec: str) -> Method:
-        from stablekit.accel import REGISTRY
         from stablekit.errors import StablekitError
-        from stablekit.pipeline import SCHEDULERS
-        from stablekit.registry import build, parse
+        from stablekit.registry import CATALOGUE, build, parse
 
         m = cls(spec.strip())
         for part in (p.strip() for p in spec.split("/")):
@@ -46,26 +44,25 @@ class Method:
                 m.frac = float(part[1:])
                 if not 0 < m.frac <= 1:
                     raise StablekitError(f"method '{spec}': the step fraction {part} must be in (0, 1]")
-            elif name in REGISTRY:
-                build(part, REGISTRY, "accel")  # fails here, with one line, on a bad name or parameter
+            elif name in CATALOGUE["accel"]:
+                build(part, CATALOGUE["accel"], "accel")  # fails here, with one line, on a bad name or parameter
                 m.accel.append(part)
-            elif name in SCHEDULERS:
+            elif name in CATALOGUE["scheduler"]:
                 if m.scheduler:
                     raise StablekitError(f"method '{spec}': more than one scheduler")
-                m.scheduler = parse(part, SCHEDULERS, "scheduler")
+                m.scheduler = parse(part, CATALOGUE["scheduler"], "scheduler")
             else:
                 raise StablekitError(
-                    f"method '{spec}': '{part}' is neither an accel method ({', '.join(REGISTRY)}), "
-                    f"a scheduler ({', '.join(SCHEDULERS)}) nor a step fraction like x0.5"
+                    f"method '{spec}': '{part}' is neither an accel method ({', '.join(CATALOGUE['accel'])}), "
+                    f"a scheduler ({', '.join(CATALOGUE['scheduler'])}) nor a step fraction like x0.5"
                 )
         return m
 
     def plugins(self) -> list:
         from stablekit import SchedulerPlugin
-        from stablekit.accel import REGISTRY
-        from stablekit.registry import build
+        from stablekit.registry import CATALOGUE, build
 
-        out = [build(s, REGISTRY, "accel") for s in self.accel]
+        out = [build(s, CATALOGUE["accel"], "accel") for s in self.accel]
         if self.scheduler:
             out.insert(0, SchedulerPlugin(self.scheduler[1], **self.scheduler[2]))
         return out

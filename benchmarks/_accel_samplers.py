@@ -24,8 +24,7 @@ def sampler_plugin(name: str):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     from stablekit import SchedulerPlugin
-    from stablekit.pipeline import SCHEDULERS
-    from stablekit.registry import parse
+    from stablekit.registry import CATALOGUE, parse
     from stablekit.sampling import GHVBScheduler, HBDPMSolverScheduler, HBScheduler
 
     fixed = {
@@ -39,7 +38,7 @@ def sampler_plugin(name: str):
     if name in fixed:
         cls, params = fixed[name]
     else:
-        _, cls, params = parse(name, SCHEDULERS, "scheduler")
+        _, cls, params = parse(name, CATALOGUE["scheduler"], "scheduler")
     return SchedulerPlugin(cls, **params)
 
 

@@ -85,8 +85,8 @@ def reconstruction(pipe, method: str, images: list[Image.Image], prompts: list[s
     is the encode-decode round trip; "infedit" inverts nothing: it gives back the images, and reconstructs by
     editing to the source prompts. Seconds are the batch's divided by its images."""
     from stablekit.edit import decode, edit, invert, reconstruct
-    from stablekit.edit.core import encode_image
     from stablekit.edit.inversion import load_images
+    from stablekit.latents import encode_image
 
     t0 = _common.clock(pipe.device)
     if method == "infedit":

@@ -8,7 +8,7 @@ Images, at the model's size (64x64 for the embedded model): the photos scikit-im
 scenes (seed 4242; training used 0) whose attributes are known. Every image gets every method at
 every ``--eps`` (pixel units) with the method's default steps (``--steps`` overrides them all), plus
 the baseline: random signs of the same budget (inside the protected region for DiffusionGuard). With
-``--min-psnr DB`` every protection and the baseline also keep that PSNR (``stablekit.protect``'s floor).
+``--min-psnr DB`` every protection and the baseline also keep that PSNR (``stablekit.protect.protect``'s floor).
 The protected region (DiffusionGuard's mask, kept by the inpainting) is the centre square of half
 the side; the editor repaints the rest.
 
@@ -349,7 +349,8 @@ def cost(a, pipe, label: str) -> dict:
             mask=centre_mask(size) if m == "diffusionguard" else None,
         )
         runs[m] = {
-            n: (lambda n=n, m=m, kw=kw: stablekit.protect(image, pipe, m, steps=n, **kw)) for n in (1, 2, steps)
+            n: (lambda n=n, m=m, kw=kw: stablekit.protect.protect(pipe, image, m, steps=n, **kw))
+            for n in (1, 2, steps)
         }
         one_step = tflop(runs[m][1])  # also the warm-up step
         rows[m] = {"peak_tensor_mb": peak_tensor_mb(pipe, runs[m][2]), "tflop_per_step": tflop(runs[m][2]) - one_step}
@@ -435,7 +436,7 @@ def parse(args: list[str]) -> argparse.Namespace:
         "--min-psnr",
         type=float,
         default=None,
-        help="PSNR floor in dB for every method and the random baseline (stablekit.protect's min_psnr)",
+        help="PSNR floor in dB for every method and the random baseline (stablekit.protect.protect's min_psnr)",
     )
     p.add_argument("--steps", type=int, default=None, help="PGD steps for every method [default: each method's]")
     p.add_argument("--photos", type=int, default=len(PHOTOS), help=f"scikit-image photos (at most {len(PHOTOS)})")
@@ -598,9 +599,9 @@ class Run:
         _, skmetrics = _skimage()
         t0 = time.perf_counter()
         mask = self.mask if m == "diffusionguard" else None
-        out = stablekit.protect(
-            im,
+        out = stablekit.protect.protect(
             self.pipe,
+            im,
             m,
             eps=self.budgets[e],
             steps=a.steps,

@@ -47,15 +47,15 @@ MIN_PROMPTS = 100  # prompts a rate or preservation target needs
 
 
 def parse(args: list[str]) -> argparse.Namespace:
-    from stablekit.redteam import ATTACKS
     from stablekit.redteam.audit import DEFENSES
+    from stablekit.registry import CATALOGUE
 
     p = argparse.ArgumentParser(prog="stablekit bench safety", description=__doc__.split("\n\n")[0])
     _common.add_common_args(p, seed=2024, seed_help="prompt and noise seed")
     p.add_argument("--concepts", nargs="+", default=["star", "red"])
     p.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=DEFENSES)
     p.add_argument("--prompts", type=int, default=200, help="prompts per set (direct, paraphrase, preservation)")
-    p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    p.add_argument("--attacks", nargs="+", default=list(CATALOGUE["attack"]), choices=list(CATALOGUE["attack"]))
     p.add_argument("--attack-prompts", type=int, default=100, help="direct prompts attacked by concept arithmetic")
     p.add_argument(
         "--optimise-prompts",

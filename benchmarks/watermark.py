@@ -77,8 +77,8 @@ def model_size(images: list[Image.Image], size: int) -> torch.Tensor:
 
 def recover(pipe, images: list[Image.Image], steps: int, batch: int = 100) -> torch.Tensor:
     """Initial noises (N, C, h, w) float64: DDIM inversion, empty prompt, guidance 1, in batches."""
-    from stablekit.edit.core import Schedule, encode_image, encode_prompts
     from stablekit.edit.inversion import ddim_invert
+    from stablekit.latents import Schedule, encode_image, encode_prompts
 
     x, sched, out = model_size(images, pipe.unet.config.sample_size * pipe.vae_scale_factor), Schedule(pipe, steps), []
     for i in range(0, len(x), batch):
@@ -178,7 +178,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     from stablekit.eval.attacks import ATTACKS
 
     unknown = [x for x in a.attacks if x not in ATTACKS] + [
-        m for m in a.methods if m not in stablekit.provenance.METHODS
+        m for m in a.methods if m not in stablekit.CATALOGUE["watermark"]
     ]
     if unknown:
         raise stablekit.StablekitError(f"unknown attack or method: {', '.join(unknown)}")
@@ -208,7 +208,7 @@ def main(args: list[str]) -> dict:
     gen = dict(
         steps=a.steps, guidance=a.guidance, batch=a.batch, guidance_rescale=stablekit.pipeline.guidance_rescale(pipe)
     )
-    keys = {m: make_key(m, pipe, seed=i) for i, m in enumerate(a.methods)}
+    keys = {m: make_key(pipe, m, seed=i) for i, m in enumerate(a.methods)}
     dwt_bits = np.random.default_rng(a.seed).integers(0, 2, 48)
     images, seconds = generate_sets(pipe, prompts, keys, gen, a)
     pub = {k: publish(x) for k, x in images.items()}
@@ -336,7 +336,7 @@ def identification(pipe, pub, keys, a) -> dict:
     from stablekit.eval.metrics import rate_interval
     from stablekit.provenance import make_key, watermark
 
-    others = [watermark(make_key("gaussian-shading", pipe, seed=1000 + u)) for u in range(a.users - 1)]
+    others = [watermark(make_key(pipe, "gaussian-shading", seed=1000 + u)) for u in range(a.users - 1)]
     marks = [watermark(keys["gaussian-shading"])] + others
     noise = recover(pipe, pub["gaussian-shading"], a.inv_steps)
     best = [int(np.argmax([mk.score(z, None)["score"] for mk in marks])) for z in noise]

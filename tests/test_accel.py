@@ -17,9 +17,9 @@ from diffusers import (
 
 import stablekit
 from stablekit import SchedulerPlugin, StablekitError
-from stablekit.accel import REGISTRY, DeepCache, EncoderPropagation, FeatureInheritance, autotune, key_steps
+from stablekit.accel import DeepCache, EncoderPropagation, FeatureInheritance, autotune, key_steps
 from stablekit.accel.encoder_propagation import PAPER_KEY_STEPS
-from stablekit.registry import build
+from stablekit.registry import CATALOGUE, build
 
 
 @contextmanager
@@ -382,7 +382,7 @@ def test_prior_noise_injection_acts_only_below_tau(tiny_sd):
 
     plain = trace(EncoderPropagation(interval=1))  # no propagation: only the injection differs
     spec = "encoder-propagation:interval=1,prior_noise=0.003,prior_noise_below=500"
-    noisy = trace(build(spec, REGISTRY, "accel"))
+    noisy = trace(build(spec, CATALOGUE["accel"], "accel"))
     assert tiny_sd.scheduler.timesteps.tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
     for i in range(4):  # before the steps at t = 501 and above: nothing
         assert torch.equal(noisy[i], plain[i])

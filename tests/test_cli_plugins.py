@@ -11,8 +11,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 import stablekit
-from stablekit import SCHEDULERS, cli
-from stablekit.accel import REGISTRY as ACCEL
+from stablekit import CATALOGUE, cli
 from stablekit.registry import parse
 
 METHODS = ("tree-ring", "gaussian-shading", "seal")
@@ -87,7 +86,9 @@ def test_deepcache_is_recorded_and_changes_pixels_only_when_it_skips(generate, o
 
 
 def test_scheduler_parameters_reach_its_config(generate, out_dir, tiny_sd_path, monkeypatch):
-    monkeypatch.setitem(SCHEDULERS, "later-ddim", DDIMScheduler)  # a name added after import, as sampling/ will
+    monkeypatch.setitem(
+        CATALOGUE["scheduler"], "later-ddim", DDIMScheduler
+    )  # a name added after import, as sampling/ will
     pipe = stablekit.load(tiny_sd_path, device="cpu", scheduler="later-ddim:timestep_spacing=trailing")
     assert type(pipe.scheduler) is DDIMScheduler and pipe.scheduler.config.timestep_spacing == "trailing"
     assert pipe.scheduler.config.steps_offset == 1  # the rest of the model's config is kept
@@ -106,18 +107,18 @@ def test_scheduler_parameters_reach_its_config(generate, out_dir, tiny_sd_path, 
 
 
 def test_spec_values_follow_annotations_and_defaults():
-    assert parse("deepcache:interval=4,center=1,schedule=[0,2]", ACCEL, "accel")[2] == {
+    assert parse("deepcache:interval=4,center=1,schedule=[0,2]", CATALOGUE["accel"], "accel")[2] == {
         "interval": 4,
         "center": 1.0,
         "schedule": [0, 2],
     }
-    assert parse("feature-inheritance:blocks=mid_block", ACCEL, "accel")[2] == {"blocks": ["mid_block"]}
-    assert parse(" encoder-propagation : interval = none ", ACCEL, "accel")[2] == {"interval": None}
-    assert parse("dpm++:use_karras_sigmas=yes,solver_order=3", cli.SCHEDULERS, "scheduler")[2] == {
+    assert parse("feature-inheritance:blocks=mid_block", CATALOGUE["accel"], "accel")[2] == {"blocks": ["mid_block"]}
+    assert parse(" encoder-propagation : interval = none ", CATALOGUE["accel"], "accel")[2] == {"interval": None}
+    assert parse("dpm++:use_karras_sigmas=yes,solver_order=3", CATALOGUE["scheduler"], "scheduler")[2] == {
         "use_karras_sigmas": True,
         "solver_order": 3,
     }
-    assert type(parse("deepcache:center=1", ACCEL, "accel")[2]["center"]) is float
+    assert type(parse("deepcache:center=1", CATALOGUE["accel"], "accel")[2]["center"]) is float
 
 
 BAD_SPECS = {

@@ -11,7 +11,7 @@ from PIL import Image
 import stablekit
 from stablekit import CallState, Plugin, StablekitError, cli
 from stablekit.edit import PromptToPrompt, UnifiedAttentionControl, decode, edit, infedit, invert
-from stablekit.edit.core import Schedule, encode_image, encode_prompts, load_image
+from stablekit.latents import Schedule, encode_image, encode_prompts, load_image
 
 SOURCE = "a red star on a gray background"
 TARGET = "a blue star on a gray background"

@@ -10,7 +10,7 @@ from PIL import Image
 import stablekit
 from stablekit import Plugin, StablekitError
 from stablekit.edit import decode, edit, invert, load_image, reconstruct, reconstruct_image
-from stablekit.edit.core import encode_image
+from stablekit.latents import encode_image
 
 PROMPT = "a red star on a gray background"
 STEPS = 6

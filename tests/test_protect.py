@@ -11,7 +11,7 @@ from PIL import Image
 
 import stablekit
 from stablekit import StablekitError, cli
-from stablekit.protect import diffusionguard, eot, objective, random_noise
+from stablekit.protect import diffusionguard, eot, objective, protect, random_noise
 
 EIGHT = 8 / 255
 
@@ -65,7 +65,7 @@ CASES = [
 @pytest.mark.parametrize("eps", [EIGHT, 16 / 255])
 def test_budget_holds_exactly_after_rounding(tiny, method, kw, eps):
     image = blocks(32)
-    out = stablekit.protect(image, tiny, method, eps=eps, steps=3, step_size=eps, progress=False, **kw)
+    out = protect(tiny, image, method, eps=eps, steps=3, step_size=eps, progress=False, **kw)
     assert out.mode == "RGB" and out.size == image.size
     d = np.abs(levels(out) - levels(image))
     assert d.max() <= round(eps * 255) and d.max() >= round(eps * 255) - 1  # within, and the budget is used
@@ -73,7 +73,7 @@ def test_budget_holds_exactly_after_rounding(tiny, method, kw, eps):
 
 def test_budget_holds_for_non_8bit_tensors_within_rounding(tiny):
     x = torch.rand(3, 32, 32)
-    out = stablekit.protect(x, tiny, "encoder", steps=2, progress=False)
+    out = protect(tiny, x, "encoder", steps=2, progress=False)
     assert np.abs(levels(out) / 255 - x.permute(1, 2, 0).numpy()).max() <= EIGHT + 1e-6
 
 
@@ -85,9 +85,7 @@ def psnr(a, b) -> float:
 def test_psnr_floor_holds_after_rounding_and_binds(tiny, method, kw):
     image = blocks(32)
     for eps in (EIGHT, 16 / 255):
-        out = stablekit.protect(
-            image, tiny, method, eps=eps, steps=3, step_size=eps, min_psnr=35, progress=False, **kw
-        )
+        out = protect(tiny, image, method, eps=eps, steps=3, step_size=eps, min_psnr=35, progress=False, **kw)
         assert np.abs(levels(out) - levels(image)).max() <= round(eps * 255)
         top = 99 if "mask" in kw else 36.5  # without a mask the floor binds: the budget is spent up to it
         assert 35 <= psnr(out, image) < top, (eps, psnr(out, image))
@@ -96,7 +94,7 @@ def test_psnr_floor_holds_after_rounding_and_binds(tiny, method, kw):
 
 
 def test_sds_under_a_psnr_floor_beats_random_of_the_same_floor(trained, scene):
-    out = stablekit.protect(scene, trained, "sds", steps=15, progress=False, min_psnr=35)
+    out = protect(trained, scene, "sds", steps=15, progress=False, min_psnr=35)
     clean, noise, ours = (objective(trained, y, scene, "sds") for y in (scene, random_noise(scene, min_psnr=35), out))
     assert ours - max(clean, noise) > 3 * abs(noise - clean), (clean, noise, ours)
 
@@ -104,14 +102,14 @@ def test_sds_under_a_psnr_floor_beats_random_of_the_same_floor(trained, scene):
 def test_encoder_attack_beats_clean_and_random(tiny):
     image = blocks(32)
     for mode in ("toward", "away"):
-        out = stablekit.protect(image, tiny, "encoder", mode=mode, steps=15, progress=False)
+        out = protect(tiny, image, "encoder", mode=mode, steps=15, progress=False)
         score = [objective(tiny, y, image, "encoder", mode=mode) for y in (image, random_noise(image), out)]
         assert score[2] > score[0] and score[2] > score[1], (mode, score)
 
 
 @pytest.mark.parametrize("method, mode", [("semantic", "max"), ("semantic", "min"), ("sds", "min"), ("sds", "max")])
 def test_semantic_attacks_beat_clean_and_random(trained, scene, method, mode):
-    out = stablekit.protect(scene, trained, method, mode=mode, steps=15, progress=False)
+    out = protect(trained, scene, method, mode=mode, steps=15, progress=False)
     clean, noise, ours = (objective(trained, y, scene, method, mode=mode) for y in (scene, random_noise(scene), out))
     assert ours > clean and ours > noise
     assert ours - max(clean, noise) > 3 * abs(noise - clean), (clean, noise, ours)  # clearly, not by chance
@@ -119,7 +117,7 @@ def test_semantic_attacks_beat_clean_and_random(trained, scene, method, mode):
 
 def test_diffusionguard_beats_clean_and_random(trained, scene):
     mask = square(64, 16, 48)
-    out = stablekit.protect(scene, trained, "diffusionguard", mask=mask, steps=20, step_size=1 / 255, progress=False)
+    out = protect(trained, scene, "diffusionguard", mask=mask, steps=20, step_size=1 / 255, progress=False)
     clean, noise, ours = (
         objective(trained, y, scene, "diffusionguard", mask=mask) for y in (scene, random_noise(scene, mask=mask), out)
     )
@@ -152,7 +150,7 @@ class UNetCalls:
 def test_sds_never_backpropagates_through_the_unet(tiny, method):
     calls = UNetCalls(tiny.unet)
     try:
-        stablekit.protect(blocks(32), tiny, method, steps=4, progress=False)
+        protect(tiny, blocks(32), method, steps=4, progress=False)
     finally:
         calls.remove()
     assert calls.forward == 4
@@ -164,7 +162,7 @@ def test_sds_never_backpropagates_through_the_unet(tiny, method):
 
 def test_diffusionguard_changes_only_the_protected_region(tiny):
     image, mask = blocks(32), square(32, 8, 24)
-    out = stablekit.protect(image, tiny, "diffusionguard", mask=mask, steps=4, step_size=EIGHT, progress=False)
+    out = protect(tiny, image, "diffusionguard", mask=mask, steps=4, step_size=EIGHT, progress=False)
     d, inside = np.abs(levels(out) - levels(image)).max(-1), np.asarray(mask) > 127
     assert d[~inside].max() == 0 and d[inside].mean() > 4
 
@@ -172,7 +170,7 @@ def test_diffusionguard_changes_only_the_protected_region(tiny):
 @pytest.mark.parametrize("method", ["encoder", "semantic", "sds"])
 def test_mask_confines_every_method(tiny, method):
     image, mask = blocks(32), square(32, 4, 20)
-    out = stablekit.protect(image, tiny, method, mask=mask, steps=2, step_size=EIGHT, progress=False)
+    out = protect(tiny, image, method, mask=mask, steps=2, step_size=EIGHT, progress=False)
     d, inside = np.abs(levels(out) - levels(image)).max(-1), np.asarray(mask) > 127
     assert d[~inside].max() == 0 and d[inside].max() == 8
 
@@ -180,7 +178,7 @@ def test_mask_confines_every_method(tiny, method):
 def test_diffusionguard_needs_a_mask_with_both_regions(tiny):
     for mask in (None, Image.new("L", (32, 32), 255)):
         with pytest.raises(StablekitError, match="diffusionguard needs mask"):
-            stablekit.protect(blocks(32), tiny, "diffusionguard", mask=mask, steps=1, progress=False)
+            protect(tiny, blocks(32), "diffusionguard", mask=mask, steps=1, progress=False)
 
 
 def test_diffusionguard_with_an_inpainting_unet(tiny_sd_path):
@@ -192,7 +190,7 @@ def test_diffusionguard_with_an_inpainting_unet(tiny_sd_path):
     calls, seen = UNetCalls(pipe.unet), []
     handle = pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
     image, mask = blocks(32), square(32, 8, 24)
-    out = stablekit.protect(image, pipe, "diffusionguard", mask=mask, steps=3, step_size=EIGHT, progress=False)
+    out = protect(pipe, image, "diffusionguard", mask=mask, steps=3, step_size=EIGHT, progress=False)
     handle.remove()
     calls.remove()
     d, inside = np.abs(levels(out) - levels(image)).max(-1), np.asarray(mask) > 127
@@ -213,7 +211,7 @@ def test_bfloat16_path_runs_and_restores_the_pipeline(tiny):
     seen = []
     handle = tiny.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
     for method in ("semantic", "sds"):  # between them: VAE and UNet forward, backward through both, no_grad
-        out = stablekit.protect(image, tiny, method, dtype="bfloat16", steps=2, mask=mask, progress=False)
+        out = protect(tiny, image, method, dtype="bfloat16", steps=2, mask=mask, progress=False)
         d = np.abs(levels(out) - levels(image)).max(-1)
         assert d.max() <= 8 and d[np.asarray(mask) < 128].max() == 0
     handle.remove()
@@ -223,7 +221,7 @@ def test_bfloat16_path_runs_and_restores_the_pipeline(tiny):
 
 
 def test_eot_runs_and_jpeg_passes_the_gradient_straight_through(tiny):
-    out = stablekit.protect(blocks(32), tiny, "encoder", eot=True, steps=6, progress=False)
+    out = protect(tiny, blocks(32), "encoder", eot=True, steps=6, progress=False)
     assert np.abs(levels(out) - levels(blocks(32))).max() <= 8
     x = torch.rand(1, 3, 32, 32, requires_grad=True)
     y = eot.jpeg(x, 75, np.random.default_rng(0))
@@ -238,7 +236,7 @@ def test_eot_draws_its_transformations(tiny, monkeypatch):
     calls = []
     jpeg = eot.TRANSFORMS["jpeg"]
     monkeypatch.setitem(eot.TRANSFORMS, "jpeg", lambda x, q, g: calls.append(q) or jpeg(x, q, g))
-    stablekit.protect(blocks(32), tiny, "sds", eot={"jpeg": 60}, steps=8, progress=False)
+    protect(tiny, blocks(32), "sds", eot={"jpeg": 60}, steps=8, progress=False)
     assert 0 < len(calls) < 8 and set(calls) == {60}  # drawn against the identity, at the strength asked for
 
 
@@ -246,19 +244,21 @@ def test_sdxl_pipelines(tiny_sdxl_path):
     pipe = stablekit.load(tiny_sdxl_path, device="cpu")
     image, mask = blocks(32), square(32, 8, 24)
     for method in ("semantic", "sds", "diffusionguard"):
-        out = stablekit.protect(image, pipe, method, steps=1, mask=mask, progress=False)
+        out = protect(pipe, image, method, steps=1, mask=mask, progress=False)
         assert np.abs(levels(out) - levels(image)).max() <= 8
 
 
 def test_same_seed_same_pixels(tiny):
-    a, b, c = (stablekit.protect(blocks(32), tiny, "semantic", steps=2, seed=s, progress=False) for s in (1, 1, 2))
+    a, b, c = (protect(tiny, blocks(32), "semantic", steps=2, seed=s, progress=False) for s in (1, 1, 2))
     assert levels(a).tobytes() == levels(b).tobytes() != levels(c).tobytes()
 
 
-def test_stablekit_protect_is_callable_and_a_package():
+def test_protect_is_a_plain_package_taking_the_pipeline_first(tiny):
     import stablekit.protect as package
 
-    assert callable(stablekit.protect) and package is stablekit.protect and "sds" in stablekit.protect.METHODS
+    assert package is stablekit.protect and not callable(stablekit.protect) and "sds" in package.METHODS
+    with pytest.raises(StablekitError, match="expected an image"):
+        protect(blocks(32), tiny, "sds", steps=1, progress=False)  # the image where the pipeline goes
 
 
 @pytest.mark.parametrize(
@@ -283,7 +283,7 @@ def test_stablekit_protect_is_callable_and_a_package():
 def test_bad_arguments_raise_one_line(tiny, kw, match):
     kw = dict(dict(method="sds", steps=1, progress=False), **kw)
     with pytest.raises(StablekitError, match=match) as err:
-        stablekit.protect(blocks(32), tiny, kw.pop("method"), **kw)
+        protect(tiny, blocks(32), kw.pop("method"), **kw)
     assert "\n" not in str(err.value)
 
 

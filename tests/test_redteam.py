@@ -11,7 +11,7 @@ from stablekit.default_model import world
 from stablekit.redteam import ConceptArithmetic, audit, decompositions
 from stablekit.redteam.audit import concept, prompts
 from stablekit.safety import SAFREE
-from stablekit.safety.text import encode_ids, token_ids
+from stablekit.text import encode_ids, token_ids
 
 KW = dict(num_inference_steps=4, guidance_scale=5.0, height=32, width=32, output_type="latent")
 

@@ -16,11 +16,11 @@ from transformers.modeling_outputs import BaseModelOutput
 
 import stablekit
 from stablekit import StablekitError, WeightEdit
-from stablekit.registry import build
-from stablekit.safety import REGISTRY, SAFREE, UCE
+from stablekit.registry import CATALOGUE, build
+from stablekit.safety import SAFREE, UCE
 from stablekit.safety.safree import band, basis, project, reattend, triggers
-from stablekit.safety.text import encode_ids, token_ids
 from stablekit.safety.uce import cross_attention_weights
+from stablekit.text import encode_ids, token_ids
 
 WORDS = ["red", "blue", "star", "circle", "on", "gray", "white", "background", "square"]
 STAR = "red star on gray background"
@@ -303,8 +303,8 @@ def test_safree_bad_input(bag_sd):
         with pytest.raises(StablekitError, match="concept"):
             SAFREE(concepts=concepts)
     with pytest.raises(StablekitError, match="concept"):
-        build("safree", REGISTRY, "guard")
-    assert build("safree:concepts=star,alpha=0.1", REGISTRY, "guard").concepts == ["star"]
+        build("safree", CATALOGUE["guard"], "guard")
+    assert build("safree:concepts=star,alpha=0.1", CATALOGUE["guard"], "guard").concepts == ["star"]
     for kw in (dict(space="words"), dict(rank=0), dict(rank=1.5)):
         with pytest.raises(StablekitError, match="space is one of"):
             SAFREE(concepts=["star"], **kw)

@@ -83,7 +83,7 @@ def test_plugin_registry_config_and_errors(tiny_sd, tmp_path):
         assert torch.equal(run(tiny_sd), direct)
     assert tiny_sd.scheduler is old
     for name, cls in [("hb", HBScheduler), ("hb-dpm++", HBDPMSolverScheduler), ("ghvb", GHVBScheduler)]:
-        assert stablekit.SCHEDULERS[name] is cls
+        assert stablekit.CATALOGUE["scheduler"][name] is cls
     stablekit.set_scheduler(tiny_sd, "hb-dpm++:beta=0.7")
     assert isinstance(tiny_sd.scheduler, HBDPMSolverScheduler) and tiny_sd.scheduler.config.beta == 0.7
     assert tiny_sd.scheduler.config.beta_schedule == old.config.beta_schedule

@@ -199,4 +199,4 @@ def test_missing_file_missing_schedule_and_too_many_timesteps(tiny_sd, tmp_path)
         stablekit.set_scheduler(tiny_sd, f"searched:schedule={path}")
     with pytest.raises(StablekitError, match="budget"):
         search_schedule(tiny_sd, PROMPTS, budget=0)
-    assert stablekit.SCHEDULERS["searched"] is SearchedScheduler
+    assert stablekit.CATALOGUE["scheduler"]["searched"] is SearchedScheduler

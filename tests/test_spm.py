@@ -8,7 +8,8 @@ from conftest import make_tiny_sd, run
 import stablekit
 from stablekit import StablekitError
 from stablekit.safety.spm import SPM, target_modules
-from stablekit.safety.text import TEMPLATES, encode_ids, token_ids
+from stablekit.safety.templates import TEMPLATES
+from stablekit.text import encode_ids, token_ids
 
 
 @pytest.fixture(scope="module")

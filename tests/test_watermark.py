@@ -65,8 +65,8 @@ def plugin_for(key):
 
 
 def test_gaussian_shading_latents_are_gaussian_and_bits_decode_exactly(pipe):
-    keys = [make_key("gaussian-shading", pipe, seed=i) for i in range(10)]
-    keys.append(make_key("gaussian-shading", pipe, seed=10, bits_per_element=2))
+    keys = [make_key(pipe, "gaussian-shading", seed=i) for i in range(10)]
+    keys.append(make_key(pipe, "gaussian-shading", seed=10, bits_per_element=2))
     marks = [GaussianShading(k) for k in keys]
     assert keys[0].params["hw_copies"] == 2 and len(keys[0].params["message"]) == 256  # 4 x 8 x 8 bits, 4 copies
     assert len(keys[-1].params["message"]) == 512
@@ -85,7 +85,7 @@ def test_gaussian_shading_latents_are_gaussian_and_bits_decode_exactly(pipe):
 
 
 def test_gaussian_shading_score_is_standard_normal_without_the_mark_and_keeps_weak_marks(pipe):
-    mark = GaussianShading(make_key("gaussian-shading", pipe, seed=0))
+    mark = GaussianShading(make_key(pipe, "gaussian-shading", seed=0))
     g = torch.Generator().manual_seed(0)
     null = [mark.score(torch.randn(4, 16, 16, generator=g).double(), None)["score"] for _ in range(300)]
     assert stats.kstest(null, "norm").pvalue > 0.01
@@ -97,7 +97,7 @@ def test_gaussian_shading_score_is_standard_normal_without_the_mark_and_keeps_we
 
 
 def test_tree_ring_latents_keep_moments_and_carry_the_rings(pipe):
-    mark = TreeRing(make_key("tree-ring", pipe, seed=0))
+    mark = TreeRing(make_key(pipe, "tree-ring", seed=0))
     assert (mark.radius, mark.channel) == (3, 3)  # 10 at 64x64 latents, scaled to 16x16; last channel
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     lat = mark.make_latents(CallState(), (32, 4, 16, 16), g(), torch.float32, "cpu")
@@ -108,7 +108,7 @@ def test_tree_ring_latents_keep_moments_and_carry_the_rings(pipe):
 
 
 def test_seal_patterns_are_gaussian_and_locality_sensitive(pipe):
-    mark = SEAL(make_key("seal", pipe, seed=0), embed_prompt=bow)
+    mark = SEAL(make_key(pipe, "seal", seed=0), embed_prompt=bow)
     rng = np.random.default_rng(0)
     vs = rng.standard_normal((20, 64))
     assert stats.kstest(torch.stack([mark.pattern(v) for v in vs]).flatten().numpy(), "norm").pvalue > 0.01
@@ -119,15 +119,15 @@ def test_seal_patterns_are_gaussian_and_locality_sensitive(pipe):
 
 @pytest.mark.parametrize("method", ["tree-ring", "gaussian-shading", "seal"])
 def test_detected_in_marked_latents_only_with_the_right_key(pipe, method):
-    key, other = make_key(method, pipe, seed=1), make_key(method, pipe, seed=2)
+    key, other = make_key(pipe, method, seed=1), make_key(pipe, method, seed=2)
     marked, clean = generate(pipe, plugin_for(key)), generate(pipe)
     cap = Captioner()
     images = {"marked": cap.image(pipe, marked, PROMPT_A), "clean": cap.image(pipe, clean, PROMPT_A)}
 
     def look(name, lat, k):
         return detect(
-            images[name] if method == "seal" else None,
             pipe,
+            images[name] if method == "seal" else None,
             k,
             latents=lat,  # noqa: E731
             steps=STEPS,
@@ -141,21 +141,21 @@ def test_detected_in_marked_latents_only_with_the_right_key(pipe, method):
 
 
 def test_gaussian_shading_identifies_the_user_among_ten_keys(pipe):
-    keys = [make_key("gaussian-shading", pipe, seed=100 + i) for i in range(10)]
-    res = detect(None, pipe, keys, latents=generate(pipe, watermark(keys[3])), steps=STEPS)
+    keys = [make_key(pipe, "gaussian-shading", seed=100 + i) for i in range(10)]
+    res = detect(pipe, None, keys, latents=generate(pipe, watermark(keys[3])), steps=STEPS)
     acc = res.details["bit_accuracy"]
     assert res.detected and res.user == 3 and acc > 0.9 and res.details["bits_p_value"] < 1e-20
     assert sum(a == b for a, b in zip(res.message, keys[3].params["message"], strict=False)) == round(acc * 256)
-    assert not detect(None, pipe, keys, latents=generate(pipe), steps=STEPS).detected
+    assert not detect(pipe, None, keys, latents=generate(pipe), steps=STEPS).detected
 
 
 def test_seal_pattern_copied_to_another_prompt_fails(pipe):
-    key, cap = make_key("seal", pipe, seed=3), Captioner()
+    key, cap = make_key(pipe, "seal", seed=3), Captioner()
     lat_a = generate(pipe, plugin_for(key))
     noise, _ = recover_noise(pipe, latents=lat_a, steps=STEPS)  # the attacker's inversion
     lat_b = generate(pipe, prompt=PROMPT_B, latents=noise.float())  # same noise, new content
-    res_a = detect(cap.image(pipe, lat_a, PROMPT_A), pipe, key, latents=lat_a, steps=STEPS, embed=cap)
-    res_b = detect(cap.image(pipe, lat_b, PROMPT_B), pipe, key, latents=lat_b, steps=STEPS, embed=cap)
+    res_a = detect(pipe, cap.image(pipe, lat_a, PROMPT_A), key, latents=lat_a, steps=STEPS, embed=cap)
+    res_b = detect(pipe, cap.image(pipe, lat_b, PROMPT_B), key, latents=lat_b, steps=STEPS, embed=cap)
     assert res_a.detected and res_a.details["matches"] > 50
     assert not res_b.detected and res_b.details["matches"] < res_b.details["min_matches"]
 
@@ -196,10 +196,10 @@ def test_attacks_keep_size_and_grow_with_strength(pipe):
 
 
 def test_key_files_and_size_errors(pipe, tmp_path):
-    key = make_key("tree-ring", pipe, seed=0)
+    key = make_key(pipe, "tree-ring", seed=0)
     key.save(tmp_path / "k.json")
     assert Key.load(tmp_path / "k.json") == key and (tmp_path / "k.json").stat().st_mode & 0o777 == 0o600
-    assert make_key("tree-ring", pipe).secret != make_key("tree-ring", pipe).secret
+    assert make_key(pipe, "tree-ring").secret != make_key(pipe, "tree-ring").secret
     (tmp_path / "bad.json").write_text("not json")
     (tmp_path / "other.json").write_text('{"format": "something else"}')
     wrong_size = world.render(world.sample_scene(random.Random(0)))  # 64x64
@@ -209,10 +209,10 @@ def test_key_files_and_size_errors(pipe, tmp_path):
         (lambda: Key.load(tmp_path / "other.json"), "not a valid"),
         (lambda: watermark(key, "gaussian-shading"), "made for tree-ring, not gaussian-shading"),
         (lambda: TreeRing(Key("tree-ring", {"latent_shape": [4, 16, 16]}, key.secret)), "corrupt"),
-        (lambda: make_key("gaussian-shading", pipe, message="0101"), "256 characters"),
-        (lambda: make_key("tree-ring", pipe, radius=8), "radius"),
-        (lambda: make_key("nope", pipe), "unknown watermark method"),
-        (lambda: detect(wrong_size, pipe, key), "64x64 but the key is for 32x32"),
+        (lambda: make_key(pipe, "gaussian-shading", message="0101"), "256 characters"),
+        (lambda: make_key(pipe, "tree-ring", radius=8), "radius"),
+        (lambda: make_key(pipe, "nope"), "unknown watermark method"),
+        (lambda: detect(pipe, wrong_size, key), "64x64 but the key is for 32x32"),
         (lambda: generate(pipe, TreeRing(key), height=64, width=64), "made for 32x32 images"),
     ]
     for fn, match in cases:

@@ -18,11 +18,11 @@ import click
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__, accel, attached, load, safety, use
+from . import __version__, attached, load, safety, use
 from .edit import EDIT_GUIDANCE, EDIT_STEPS, GUIDANCE, PromptToPrompt, UnifiedAttentionControl, edit, reconstruct_image
-from .edit.core import read_image
 from .errors import StablekitError
-from .pipeline import DEFAULT_MODEL, SCHEDULERS
+from .latents import read_image
+from .pipeline import DEFAULT_MODEL
 from .pipeline import guidance_rescale as guidance_rescale_for
 from .protect import DEFAULTS as PROTECT_DEFAULTS
 from .protect import METHODS as PROTECTIONS
@@ -30,10 +30,15 @@ from .protect import eot as protect_eot
 from .protect import options as protect_options
 from .protect import parse_eps, parse_psnr, protect
 from .provenance import FPR, Key, detect, make_key, watermark
-from .provenance import REGISTRY as WATERMARKS
 from .provenance.detection import latent_shape
-from .redteam import ATTACKS, audit
-from .registry import build, parse
+from .redteam import audit
+from .registry import CATALOGUE, build, parse
+
+SCHEDULERS = CATALOGUE["scheduler"]
+ACCELS = CATALOGUE["accel"]
+GUARDS = CATALOGUE["guard"]
+WATERMARKS = CATALOGUE["watermark"]
+ATTACKS = CATALOGUE["attack"]
 
 
 def _fail(message: str, code: int):
@@ -221,15 +226,14 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     "accels",
     multiple=True,
     metavar="NAME[:k=v,...]",
-    help=f"Attach an acceleration plugin, one of {', '.join(accel.REGISTRY)} (repeatable).",
+    help=f"Attach an acceleration plugin, one of {', '.join(ACCELS)} (repeatable).",
 )
 @click.option(
     "--guard",
     "guards",
     multiple=True,
     metavar="NAME[:k=v,...]",
-    help=f"Attach a safety guard or erasure, one of {', '.join(safety.REGISTRY)}, e.g. "
-    "safree:concepts=[star] (repeatable).",
+    help=f"Attach a safety guard or erasure, one of {', '.join(GUARDS)}, e.g. safree:concepts=[star] (repeatable).",
 )
 @click.option(
     "--adapter",
@@ -285,8 +289,8 @@ def generate(
     _check_generate(prompts, output, steps, guidance, n)
     if guidance_rescale is not None and not 0 <= guidance_rescale <= 1:
         raise StablekitError(f"--guidance-rescale {guidance_rescale}: must lie in [0, 1]")
-    plugins = [build(spec, accel.REGISTRY, "accel") for spec in accels]
-    plugins += [build(spec, safety.REGISTRY, "guard") for spec in guards]
+    plugins = [build(spec, ACCELS, "accel") for spec in accels]
+    plugins += [build(spec, GUARDS, "guard") for spec in guards]
     plugins += [safety.load_adapter(path, spm_multiplier) for path in adapters]
     if spm_multiplier != 1 and not any(isinstance(p, safety.SPM) for p in plugins):
         raise StablekitError("--spm-multiplier scales SPM membranes: give one with --adapter")
@@ -533,7 +537,7 @@ def keygen(method, output, model, size, seed, force):
             "choose another -o, or pass --force"
         )
     w, h = wh or (None, None)
-    key = make_key(name, _load_quietly(model, "cpu"), height=h, width=w, seed=seed, **params)
+    key = make_key(_load_quietly(model, "cpu"), name, height=h, width=w, seed=seed, **params)
     write_atomically(output, key.save, mode=0o600)
     click.echo(str(output))
 
@@ -589,7 +593,7 @@ def detect_command(images, key_files, model, steps, inversion, decoder_steps, fp
         )
     found = []
     for path, picture in zip(images, pictures, strict=False):
-        result = detect(picture, pipe, keys, steps=steps, inversion=inversion, decoder_steps=decoder_steps, fpr=fpr)
+        result = detect(pipe, picture, keys, steps=steps, inversion=inversion, decoder_steps=decoder_steps, fpr=fpr)
         key_file = str(key_files[result.user or 0])
         found.append(dict(image=str(path), key_file=key_file, **dataclasses.asdict(result)))
         if not as_json:
@@ -910,8 +914,8 @@ def protect_command(
         )
     pipe = _load_quietly(model, device)
     out = protect(
-        picture,
         pipe,
+        picture,
         method,
         eps=budget,
         steps=settings["steps"],

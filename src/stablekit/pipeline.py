@@ -26,11 +26,9 @@ from diffusers import (
 )
 
 from .errors import StablekitError
-from .registry import parse
-from .sampling.momentum import GHVBScheduler, HBDPMSolverScheduler, HBScheduler
-from .sampling.schedule_search import SearchedScheduler
+from .registry import CATALOGUE, parse, register
 
-SCHEDULERS = {
+STANDARD_SCHEDULERS = {
     "ddim": DDIMScheduler,
     "ddpm": DDPMScheduler,
     "pndm": PNDMScheduler,
@@ -43,11 +41,9 @@ SCHEDULERS = {
     "lms": LMSDiscreteScheduler,
     "unipc": UniPCMultistepScheduler,
     "lcm": LCMScheduler,
-    "hb": HBScheduler,
-    "hb-dpm++": HBDPMSolverScheduler,
-    "ghvb": GHVBScheduler,
-    "searched": SearchedScheduler,
 }
+for _name, _cls in STANDARD_SCHEDULERS.items():
+    register("scheduler", _name)(_cls)
 PIPELINES = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
@@ -56,13 +52,14 @@ DEFAULT_MODEL = "stablekit-default"
 
 
 def set_scheduler(pipe: DiffusionPipeline, spec: str | None) -> DiffusionPipeline:
-    """Swap the pipeline's scheduler for ``NAME[:k=v,...]``, NAME one of :data:`SCHEDULERS` (which other
-    modules may extend), keeping its noise schedule; the ``k=v`` go to ``from_config(config, **params)``.
+    """Swap the pipeline's scheduler for ``NAME[:k=v,...]``, NAME one of ``CATALOGUE["scheduler"]`` (diffusers'
+    own, :data:`STANDARD_SCHEDULERS`, and those of :mod:`stablekit.sampling`), keeping its noise schedule; the
+    ``k=v`` go to ``from_config(config, **params)``.
     A config without ``clip_sample`` (e.g. DPM-Solver's) gives DDIM/DDPM ``clip_sample=False``, not their
     pixel-space default True, which would clip latent x0 predictions to [-1, 1]."""
     if spec is None:
         return pipe
-    _, cls, params = parse(spec, SCHEDULERS, "scheduler")
+    _, cls, params = parse(spec, CATALOGUE["scheduler"], "scheduler")
     if "clip_sample" in inspect.signature(cls.__init__).parameters and "clip_sample" not in pipe.scheduler.config:
         params = {"clip_sample": False, **params}
     try:
@@ -174,7 +171,7 @@ def load(
     device = _device(device)
     dtype = _dtype(dtype, device)
     if scheduler is not None:
-        parse(scheduler, SCHEDULERS, "scheduler")  # a bad name or parameter fails before any loading
+        parse(scheduler, CATALOGUE["scheduler"], "scheduler")  # a bad name or parameter fails before any loading
     if model is None or str(model) == DEFAULT_MODEL:
         pipe = _load_default(dtype)
     else:

@@ -419,7 +419,7 @@ class GuidanceBranches(Plugin):
         self.prompts, self.embeds = list(prompts), None
 
     def attach(self, pipe):
-        from .safety.text import encode_ids, token_ids
+        from .text import encode_ids, token_ids
 
         rows = [token_ids(pipe, t) for t in self.prompts]
         self.embeds = encode_ids(pipe, rows, getattr(pipe, "clip_skip", None))

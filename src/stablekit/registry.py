@@ -1,7 +1,17 @@
-"""Classes by name with keyword parameters, from one line of text: ``NAME[:k=v[,k=v...]]``.
+"""The one catalogue of plugin kinds, and classes by name with keyword parameters from one line of text:
+``NAME[:k=v[,k=v...]]``.
 
-    build("deepcache:interval=3,branch=1", accel.REGISTRY, "accel")   # -> DeepCache(interval=3, branch=1)
-    parse("dpm++:solver_order=3", SCHEDULERS, "scheduler")           # -> ("dpm++", cls, {"solver_order": 3})
+:data:`CATALOGUE` maps each kind (:data:`KINDS`) to a ``dict[str, type]`` keyed by the classes' ``name``;
+method modules file their classes with the :func:`register` decorator, and ``import stablekit`` imports every
+method package, so the catalogue is full once any part of stablekit is imported. The command line and
+:func:`stablekit.load` read it::
+
+    @register("accel")
+    class DeepCache(StepCache):
+        name = "deepcache"
+
+    build("deepcache:interval=3,branch=1", CATALOGUE["accel"], "accel")   # -> DeepCache(interval=3, branch=1)
+    parse("dpm++:solver_order=3", CATALOGUE["scheduler"], "scheduler")   # -> ("dpm++", cls, {"solver_order": 3})
 
 A value is converted to what the parameter's annotation (or, without one, its default) allows: None
 (``none``), int, float, bool (``true/false/yes/no/on/off/1/0``), one of a ``Literal``'s values, or str.
@@ -18,6 +28,29 @@ import types
 import typing
 
 from .errors import StablekitError
+
+KINDS = ("scheduler", "accel", "guard", "watermark", "attack")
+CATALOGUE: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
+
+
+def register(kind: str, name: str | None = None):
+    """Class decorator: file the class in ``CATALOGUE[kind]`` under its ``name`` attribute, or under `name`
+    (for classes of other libraries, and aliases). A name already taken by another class is refused."""
+    if kind not in CATALOGUE:
+        raise ValueError(f"unknown plugin kind '{kind}'; the kinds are: {', '.join(KINDS)}")
+    table = CATALOGUE[kind]
+
+    def add(cls: type) -> type:
+        key = name or getattr(cls, "name", None)
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{cls.__name__} has no name to be registered under as a {kind}")
+        if table.get(key, cls) is not cls:
+            raise ValueError(f"{kind} '{key}' is already {table[key].__name__}, not {cls.__name__}")
+        table[key] = cls
+        return cls
+
+    return add
+
 
 BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 _ORDER = {type(None): 0, int: 1, float: 2, bool: 3, list: 4, str: 6}  # Literal values come at 5

@@ -10,8 +10,8 @@
 
 They share :func:`key_steps` (the step schedules) and :class:`StepCache` (the hooks), in ``caching.py``;
 :func:`autotune` picks one of them and its schedule for a pipeline and a deviation or speed target.
-``REGISTRY`` maps their names to the classes: ``--accel NAME:k=v`` on the command line, and
-``stablekit.registry.build("deepcache:interval=3", REGISTRY, "accel")``.
+They are the ``accel`` kind of :data:`stablekit.registry.CATALOGUE`: ``--accel NAME:k=v`` on the command line,
+and ``stablekit.registry.build("deepcache:interval=3", CATALOGUE["accel"], "accel")``.
 """
 
 from .autotune import Tuning, autotune
@@ -19,8 +19,6 @@ from .caching import StepCache, key_steps
 from .deepcache import DeepCache
 from .encoder_propagation import EncoderPropagation
 from .feature_inheritance import FeatureInheritance
-
-REGISTRY = {cls.name: cls for cls in (DeepCache, EncoderPropagation, FeatureInheritance)}
 
 __all__ = [
     "DeepCache",
@@ -30,5 +28,4 @@ __all__ = [
     "Tuning",
     "key_steps",
     "StepCache",
-    "REGISTRY",
 ]

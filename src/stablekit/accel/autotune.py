@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import StablekitError
 from ..plugins import use
-from ..registry import build
+from ..registry import CATALOGUE, build
 from .deepcache import branches
 
 
@@ -39,9 +39,7 @@ class Tuning:
     deviation: float | None = None  # measured: relative L2 distance of the final latents to uncached ones
 
     def plugin(self):
-        from . import REGISTRY
-
-        return None if self.spec is None else build(self.spec, REGISTRY, "accel")
+        return None if self.spec is None else build(self.spec, CATALOGUE["accel"], "accel")
 
 
 METHODS = ("deepcache", "encoder-propagation", "feature-inheritance")
@@ -76,8 +74,6 @@ def autotune(
 ) -> Tuning:
     """The caching setting among `methods` for `pipe` that meets the request; `call_kwargs` go to every
     pipeline call."""
-    from . import REGISTRY
-
     if target_speedup is None and max_deviation is None:
         raise StablekitError("say what to tune for: give target_speedup, max_deviation or both")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -97,7 +93,7 @@ def autotune(
     root, steps = type(pipe.unet).__name__, pipe.num_timesteps
     candidates, group = [Tuning(None, 1.0, 0.0)], {None: None}  # no caching
     for method, variant, spec in variants:
-        plugin = build(spec, REGISTRY, "accel")
+        plugin = build(spec, CATALOGUE["accel"], "accel")
         deep = sum(flops.get(f"{root}.{name}", 0) for name in plugin.skipped_modules(pipe.unet))
         k = len(plugin.full_steps(steps))
         candidates.append(Tuning(spec, steps / (k + (steps - k) * (1 - deep / flops[root]))))

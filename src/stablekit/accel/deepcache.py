@@ -32,6 +32,7 @@ Deviations from the reference code:
 from __future__ import annotations
 
 from ..errors import StablekitError
+from ..registry import register
 from .caching import StepCache
 
 
@@ -54,6 +55,7 @@ def _layer(block, prefix: str, j: int) -> dict:
     return mods
 
 
+@register("accel")
 class DeepCache(StepCache):
     """``DeepCache(interval=3, branch=0, schedule="uniform" | "quadratic" | key steps, center=0.3, power=1.4)``."""
 

@@ -60,6 +60,7 @@ import inspect
 
 import torch
 
+from ..registry import register
 from .caching import StepCache, _ReplayHook
 
 PAPER_KEY_STEPS = (0, 1, 2, 3, 5, 10, 15, 25, 35)  # of 50 steps
@@ -118,6 +119,7 @@ class _SharedEncoderHook(_ReplayHook):
         return _tile(super().new_forward(module, *args, **kwargs), rows, reps)
 
 
+@register("accel")
 class EncoderPropagation(StepCache):
     """``EncoderPropagation()`` (the paper's key steps), ``EncoderPropagation(interval=4)`` (uniform 1:4), or
     ``EncoderPropagation(key_steps=[...], reference_steps=n)`` (your key steps, written for `n` steps);

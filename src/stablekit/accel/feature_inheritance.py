@@ -18,9 +18,11 @@ up block inherited at every second step, are our choice, not the paper's.
 from __future__ import annotations
 
 from ..errors import StablekitError
+from ..registry import register
 from .caching import StepCache
 
 
+@register("accel")
 class FeatureInheritance(StepCache):
     """``FeatureInheritance(blocks=("mid_block", "up_blocks.0"), interval=2, schedule="uniform")``."""
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import latents
 from . import world
 
 WEIGHTS = Path(__file__).resolve().parent / "classifier.safetensors"
@@ -78,7 +79,7 @@ def to_tensor(images) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         x = images.float()
     else:
-        x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2) / 255.0
+        x = torch.stack([latents.to_tensor(im) for im in images])
     if x.shape[-2:] != (world.SIZE, world.SIZE):
         x = F.interpolate(x, size=(world.SIZE, world.SIZE), mode="bilinear", antialias=True, align_corners=False)
     return x

@@ -11,7 +11,7 @@ attention control.
                                 controller=UnifiedAttentionControl("replace"))
 """
 
-from .core import decode, load_image
+from ..latents import decode, load_image
 from .editing import EDIT_GUIDANCE, EDIT_METHODS, EDIT_STEPS, edit
 from .infedit import UnifiedAttentionControl
 from .inversion import GUIDANCE, METHODS, Inversion, invert, reconstruct, reconstruct_image

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import Schedule, eps
+from ..latents import Schedule, eps
 
 
 def offsets(pipe, sched: Schedule, pivot: torch.Tensor, text, guidance: float) -> torch.Tensor:

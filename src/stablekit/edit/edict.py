@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import Schedule, eps
+from ..latents import Schedule, eps
 
 EDIT_STRENGTH = 0.8  # fraction of the schedule an edit regenerates (the paper's default)
 

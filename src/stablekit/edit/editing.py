@@ -8,9 +8,9 @@ from contextlib import nullcontext
 import torch
 
 from ..errors import StablekitError
+from ..latents import Schedule, decode, encode_image, encode_prompts
 from ..plugins import CallState, Plugin, use
 from . import edict, infedit
-from .core import Schedule, decode, encode_image, encode_prompts
 from .inversion import GUIDANCE, METHODS, Inversion, batch, denoise, invert, load_images, prompt_list
 
 EDIT_METHODS = (*METHODS, "infedit")
@@ -54,18 +54,8 @@ def edit(
     """
     if method not in EDIT_METHODS:
         raise StablekitError(f"unknown editing method '{method}'; choose one of: {', '.join(EDIT_METHODS)}")
-    single, targets = isinstance(target_prompt, str), prompt_list(target_prompt, "target prompt")
-    if isinstance(image, Inversion):
-        if method == "infedit":
-            raise StablekitError("InfEdit inverts nothing: pass the image itself, not an Inversion")
-        inv, images, sources = image, None, prompt_list(source_prompt, "source prompt")
-        if inv.prompts != sources:
-            raise StablekitError(
-                f"the inversion was made under the prompt {inv.prompt!r}, not the source prompt "
-                f"{sources[0] if len(sources) == 1 else sources!r}"
-            )
-    else:
-        inv, (images, sources) = None, batch(image, source_prompt, "source prompt")
+    targets = prompt_list(target_prompt, "target prompt")
+    inv, images, sources = _sources(image, source_prompt, method)
     if len(targets) != len(sources):
         raise StablekitError(
             f"{len(sources)} source prompts but {len(targets)} target prompts: give one of each per image"
@@ -79,18 +69,39 @@ def edit(
         start = _start(inv.method if inv else method, len(inv.schedule) if inv else int(steps), strength)
         if inv is None:
             inv = invert(pipe, images, sources, method, steps, guidance, **options)
-        traj = _controlled(
-            pipe,
-            controller,
-            sources + targets,
-            inv.latents[0],
-            inv.schedule,
-            inv.guidance != 1,
-            lambda text, on_step: denoise(pipe, inv, text, on_step, start),
-            start,
-        )
+        traj = _regenerate(pipe, inv, sources + targets, controller, start)
     out = [decode(pipe, z[None]) for z in traj[-1, -len(targets) :]]
-    return out[0] if single else out
+    return out[0] if isinstance(target_prompt, str) else out
+
+
+def _sources(image, source_prompt, method: str) -> tuple[Inversion | None, list | None, list[str]]:
+    """(the given Inversion or None, the images or None, the source prompts), checked against each other."""
+    if not isinstance(image, Inversion):
+        images, sources = batch(image, source_prompt, "source prompt")
+        return None, images, sources
+    if method == "infedit":
+        raise StablekitError("InfEdit inverts nothing: pass the image itself, not an Inversion")
+    sources = prompt_list(source_prompt, "source prompt")
+    if image.prompts != sources:
+        raise StablekitError(
+            f"the inversion was made under the prompt {image.prompt!r}, not the source prompt "
+            f"{sources[0] if len(sources) == 1 else sources!r}"
+        )
+    return image, None, sources
+
+
+def _regenerate(pipe, inv: Inversion, prompts: list[str], controller: Plugin | None, start: int) -> torch.Tensor:
+    """The trajectory of the source and target branches denoised from `inv` along its reconstruction path."""
+    return _controlled(
+        pipe,
+        controller,
+        prompts,
+        inv.latents[0],
+        inv.schedule,
+        inv.guidance != 1,
+        lambda text, on_step: denoise(pipe, inv, text, on_step, start),
+        start,
+    )
 
 
 def _start(method: str, steps: int, strength: float | None) -> int:

@@ -43,7 +43,7 @@ Deviations:
 * no consistency model, no LCMScheduler: the paper samples an LCM (Dreamshaper v7) on
   LCMScheduler's timesteps (999 down to about 100) and returns the x0 estimate there; here the
   timesteps and alphas are DDIM's from the pipeline's own scheduler config
-  (:class:`.core.Schedule`), down to its smallest timestep. The DDCM step is exact algebra for
+  (:class:`stablekit.latents.Schedule`), down to its smallest timestep. The DDCM step is exact algebra for
   any model and so is the source branch. What changes without a consistency model is ``f``: an
   LCM's is its consistency function, sharp at every step; an ordinary model's is the posterior
   mean, blurry at high noise. The sampler is then ancestral sampling at the largest variance,
@@ -70,7 +70,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import StablekitError
-from .core import Schedule, eps, tile
+from ..latents import Schedule, eps, tile
 from .prompt_to_prompt import PromptToPrompt, _Scores
 
 STEPS, GUIDANCE, SOURCE_GUIDANCE = 12, 2.3, 1.0
@@ -95,7 +95,7 @@ def sample(
     pipe, sched: Schedule, z0: torch.Tensor, text, guidance: list[float], generator: torch.Generator, on_step=None
 ) -> torch.Tensor:
     """DDCM trajectory (steps + 1, branches * images, C, h, w) from the image latents `z0` (one row per
-    image), one branch per prompt of `text` for each image (from :func:`.core.encode_prompts`,
+    image), one branch per prompt of `text` for each image (from :func:`stablekit.latents.encode_prompts`,
     branch-major; the first branch is the source) at guidance ``guidance[branch]``.
     ``on_step(i, latents)`` may change the latents after each step. The last row holds the x0 estimates."""
     uncond, cond = text

@@ -7,7 +7,7 @@ One interface for every method::
 
 Methods: ``ddim`` (DDIM inversion, the baseline; below), ``edict`` (:mod:`.edict`, PAPERS.md #24),
 ``nulltext`` (:mod:`.null_text`, #42) and ``direct`` (:mod:`.direct_inversion`, #38). Each can
-start from a decoder-inverted latent (``decoder_steps``, see :func:`.core.encode_image`).
+start from a decoder-inverted latent (``decoder_steps``, see :func:`stablekit.latents.encode_image`).
 
 Several images invert as one batch (``invert(pipe, [im1, im2], ["a red star", "a blue disc"])``):
 one row per image through every unet call, each row exactly what inverting that image alone gives
@@ -25,13 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..errors import StablekitError
-from ..eval.metrics import psnr
+from ..latents import Schedule, cast, decode, encode_image, encode_prompts, eps, load_image, psnr, tile, to_pil
 from . import direct_inversion, edict, null_text
-from .core import Schedule, cast, decode, encode_image, encode_prompts, eps, load_image, tile
 
 METHODS = ("ddim", "edict", "nulltext", "direct")
 GUIDANCE = {"ddim": 7.5, "edict": 3.0, "nulltext": 7.5, "direct": 7.5}  # each paper's default
@@ -106,7 +104,7 @@ def batch(images, prompts, what: str = "prompt") -> tuple[list, list[str]]:
 
 
 def load_images(pipe, images: list) -> torch.Tensor:
-    """:func:`.core.load_image` of each image, as one (N, 3, H, W) batch; all of one size."""
+    """:func:`stablekit.latents.load_image` of each image, as one (N, 3, H, W) batch; all of one size."""
     xs = [load_image(pipe, im) for im in images]
     if any(x.shape != xs[0].shape for x in xs):
         sizes = sorted({f"{x.shape[-1]}x{x.shape[-2]}" for x in xs})
@@ -148,7 +146,7 @@ def invert(
 def denoise(pipe, inv: Inversion, text: tuple[dict, dict], on_step=None, start: int = 0) -> torch.Tensor:
     """Denoise from ``inv.latents[start]`` (and ``inv.coupled[start]``) through the remaining steps along
     the method's reconstruction path, one branch per image and prompt of `text` (from
-    :func:`.core.encode_prompts`), branch-major: the first branch (the images' own prompts, the one that
+    :func:`stablekit.latents.encode_prompts`), branch-major: the first branch (the images' own prompts, the one that
     gets Direct Inversion's offsets), then the next branch's prompts for the same images, and so on.
     ``on_step(i, latents)`` may change the latents after each step. Returns the trajectory
     (steps - start + 1, branches * images, C, h, w)."""
@@ -183,6 +181,6 @@ def reconstruct(pipe, inversion: Inversion) -> torch.Tensor:
 
 def reconstruct_image(pipe, image, prompt: str, method: str = "direct", **kw):
     """Invert `image`, reconstruct and decode it: ``(PIL image, PSNR in dB against the input)``."""
-    x = (load_image(pipe, image)[0].permute(1, 2, 0).cpu() + 1) * 127.5
+    reference = to_pil((load_image(pipe, image) + 1) / 2)
     out = decode(pipe, reconstruct(pipe, invert(pipe, image, prompt, method, **kw))[-1])
-    return out, psnr(np.asarray(out), x.round(), data_range=255)
+    return out, psnr(out, reference, data_range=255)

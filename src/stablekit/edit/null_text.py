@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import Schedule, eps
+from ..latents import Schedule, eps
 
 
 def optimise(

@@ -32,19 +32,11 @@ import io
 import math
 import random
 
-import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
 from ..errors import StablekitError
-
-
-def _arr(im: Image.Image) -> np.ndarray:
-    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255
-
-
-def _img(a: np.ndarray) -> Image.Image:
-    return Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8))
+from ..latents import to_pil, to_tensor
 
 
 def jpeg(images, strength, **_):
@@ -75,8 +67,8 @@ def blur(images, strength, **_):
 
 
 def noise(images, strength, seed: int = 0, **_):
-    rng = np.random.default_rng(seed)
-    return [_img(a + rng.normal(0, strength, a.shape)) for a in map(_arr, images)]
+    g = torch.Generator().manual_seed(int(seed))
+    return [to_pil(x + float(strength) * torch.randn(x.shape, generator=g)) for x in map(to_tensor, images)]
 
 
 def brightness(images, strength, **_):
@@ -101,8 +93,7 @@ def _pipe(ctx: dict, attack: str):
 
 
 def vae_regeneration(images, strength, **ctx):
-    from ..edit import decode
-    from ..edit.core import encode_image, load_image
+    from ..latents import decode, encode_image, load_image
 
     pipe, out = _pipe(ctx, "vae_regeneration"), list(images)
     for _ in range(int(strength)):
@@ -136,7 +127,8 @@ def purification(images, strength, steps: int = 50, seed: int = 0, **ctx):
 
 
 def imprint(images, strength, marked=None, prompt: str = "", steps: int = 50, **ctx):
-    from ..edit import decode, invert
+    from ..edit import invert
+    from ..latents import decode
 
     pipe = _pipe(ctx, "imprint")
     if marked is None:
@@ -161,18 +153,18 @@ def imprint(images, strength, marked=None, prompt: str = "", steps: int = 50, **
 def averaging(images, strength, marked=None, clean=None, **_):
     if not marked:
         raise StablekitError("the averaging attack needs watermarked images: pass marked=[...]")
-    mean = np.mean([_arr(im) for im in marked], axis=0)
-    ref = np.mean([_arr(im) for im in clean], axis=0) if clean else mean.mean((0, 1), keepdims=True)
+    mean = torch.stack([to_tensor(im) for im in marked]).mean(0)
+    ref = torch.stack([to_tensor(im) for im in clean]).mean(0) if clean else mean.mean((1, 2), keepdim=True)
     pattern = mean - ref
     out = []
     for im in images:
-        a = _arr(im)
-        if a.shape != pattern.shape:
+        x = to_tensor(im)
+        if x.shape != pattern.shape:
             raise StablekitError(
                 f"averaging: image is {im.width}x{im.height} but the marked images are "
-                f"{pattern.shape[1]}x{pattern.shape[0]}"
+                f"{pattern.shape[2]}x{pattern.shape[1]}"
             )
-        out.append(_img(a + float(strength) * pattern))
+        out.append(to_pil(x + float(strength) * pattern))
     return out
 
 

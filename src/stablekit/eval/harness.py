@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..latents import to_pil
+
 PHOTOS = {
     "astronaut": "a photo of an astronaut",
     "coffee": "a cup of coffee on a saucer",
@@ -65,7 +67,7 @@ def photos(size: int, n: int | None = None) -> list[tuple[str, Image.Image]]:
 def bench_pipeline(a):
     """A benchmark's pipeline: ``a.model`` (None: the embedded default) on ``a.device`` in ``a.dtype`` (if the
     benchmark has one), progress bars off."""
-    from .. import load
+    from ..pipeline import load
 
     pipe = load(a.model, device=a.device, dtype=getattr(a, "dtype", None))
     pipe.set_progress_bar_config(disable=True)
@@ -118,8 +120,7 @@ def grid(images: torch.Tensor, prompts: list[str], path: Path, cols: int = 8, ro
     draw = ImageDraw.Draw(sheet)
     for i in range(n):
         x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
-        arr = (images[i].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-        sheet.paste(Image.fromarray(arr).resize((cell - 4, cell - 4), Image.NEAREST), (x + 2, y + 2))
+        sheet.paste(to_pil(images[i]).resize((cell - 4, cell - 4), Image.NEAREST), (x + 2, y + 2))
         for j, line in enumerate(textwrap.wrap(prompts[i], chars)):
             draw.text((x + 3, y + cell + j * line_h), line, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,10 @@ import numpy as np
 import torch
 from scipy import linalg, stats
 
+from ..latents import psnr
+
+__all__ = ["frechet_distance", "psnr", "rate_interval"]
+
 
 def _np(x) -> np.ndarray:
     """float64 numpy array from a numpy array, a (possibly GPU) torch tensor or a PIL image."""
@@ -26,14 +30,6 @@ def frechet_distance(feats_a, feats_b) -> float:
         covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
     covmean = covmean.real  # drop the imaginary round-off of sqrtm
     return float(max(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean), 0.0))
-
-
-def psnr(a, b, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB between two images/arrays of the same shape
-    (`data_range` 1 for floats in [0, 1], 255 for uint8 / PIL images)."""
-    a, b = _np(a), _np(b)
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(data_range**2 / mse)
 
 
 def rate_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

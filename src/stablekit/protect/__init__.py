@@ -1,7 +1,8 @@
 """Image immunization: imperceptible perturbations that make diffusion mimicry and editing of an image fail.
 
-    protected = stablekit.protect(image, pipe, method="sds")                  # PIL image, within 8/255
-    protected = stablekit.protect(image, pipe, method="diffusionguard", mask=face_mask, eps=16/255)
+    from stablekit.protect import protect
+    protected = protect(pipe, image, method="sds")                  # PIL image, within 8/255
+    protected = protect(pipe, image, method="diffusionguard", mask=face_mask, eps=16/255)
 
 Methods (one module each; the docstrings give paper defaults and every deviation):
 
@@ -33,16 +34,13 @@ baseline of random signs of the same budget.
 
 from __future__ import annotations
 
-import sys
-import types
 from contextlib import ExitStack
 
-import numpy as np
 import torch
 from PIL import Image
 
-from ..edit.core import cast, read_image
 from ..errors import StablekitError
+from ..latents import cast, to_tensor
 from ..pipeline import frozen
 from . import diffusionguard, encoder_attack, score_distillation, semantic_attack
 from . import eot as eot_
@@ -105,8 +103,8 @@ def _extra(method: str, extra: dict) -> dict:
 
 
 def protect(
-    image,
     pipe,
+    image,
     method: str = "sds",
     *,
     eps=8 / 255,
@@ -182,8 +180,7 @@ def random_noise(image, eps=8 / 255, mask=None, seed: int = 0, min_psnr: float |
     down to the `min_psnr` floor as :func:`protect` does), 8-bit."""
     eps, rms = parse_eps(eps), parse_psnr(min_psnr)
     if not isinstance(image, torch.Tensor):
-        image = read_image(image) if not isinstance(image, Image.Image) else image
-        image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        image = to_tensor(image)
     x = image.float().cpu().reshape(1, 3, *image.shape[-2:])
     keep = region(mask, x)
     x_rand = random_sign(x, eps, keep, torch.Generator().manual_seed(int(seed)), rms)
@@ -191,15 +188,3 @@ def random_noise(image, eps=8 / 255, mask=None, seed: int = 0, min_psnr: float |
 
 
 __all__ = ["protect", "objective", "random_noise", "options", "METHODS", "DEFAULTS"]
-
-
-class _CallableModule(types.ModuleType):
-    """``stablekit.protect(image, pipe, ...)`` calls :func:`protect`, while ``stablekit.protect.*`` stays
-    this package (setting a module's ``__class__`` to a ModuleType subclass is the data model's own way
-    to customise a module)."""
-
-    def __call__(self, *args, **kwargs):
-        return protect(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -17,8 +17,8 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from ..edit.core import _map, encode_prompts, load_image, read_image
 from ..errors import StablekitError
+from ..latents import encode_prompts, load_image, read_image, to_pil, tree_map
 
 
 def parse_eps(value, name: str = "eps") -> float:
@@ -111,7 +111,7 @@ def quantize(x: torch.Tensor, x_adv: torch.Tensor, eps: float, rms: float | None
             mid = (low + high) / 2
             low, high = (mid, high) if fits(rounded(mid)) else (low, mid)
         q = rounded(low)
-    return Image.fromarray(q.permute(1, 2, 0).numpy().astype(np.uint8))
+    return to_pil(q / 255)
 
 
 def random_sign(
@@ -162,7 +162,7 @@ class Denoiser:
         """Predicted noise (float32) for latents `z_t` at timesteps `t`; `extra` channels (an inpainting
         UNet's mask and masked-image latents) are concatenated to the input."""
         unet, n = self.pipe.unet, len(z_t)
-        cond = _map(lambda v: v.to(unet.dtype).expand(n, *v.shape[1:]), self.cond)
+        cond = tree_map(lambda v: v.to(unet.dtype).expand(n, *v.shape[1:]), self.cond)
         inp = z_t if extra is None else torch.cat([z_t, extra], dim=1)
         out = unet(inp.to(unet.dtype), t, **cond, return_dict=False)[0].float()
         if self.prediction == "v_prediction":

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..edit.core import Schedule
 from ..errors import StablekitError
+from ..latents import Schedule
 from .core import Denoiser, encode
 from .pgd import pgd
 

@@ -25,21 +25,18 @@ from PIL import Image
 
 from ..errors import StablekitError
 from ..eval import attacks
+from ..latents import to_pil, to_tensor
 
 DEFAULTS = {"jpeg": 75, "resize": 0.5, "noise": 0.03}
 
 
-def _pil(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray((x.detach().float().cpu()[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
-
-
 def _straight_through(x: torch.Tensor, image: Image.Image) -> torch.Tensor:
-    y = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    y = to_tensor(image)[None]
     return x + (y.to(x) - x).detach()
 
 
 def jpeg(x: torch.Tensor, quality, rng: np.random.Generator) -> torch.Tensor:
-    return _straight_through(x, attacks.jpeg([_pil(x)], int(quality))[0])
+    return _straight_through(x, attacks.jpeg([to_pil(x)], int(quality))[0])
 
 
 def resize(x: torch.Tensor, factor, rng: np.random.Generator) -> torch.Tensor:
@@ -50,7 +47,7 @@ def resize(x: torch.Tensor, factor, rng: np.random.Generator) -> torch.Tensor:
 
 
 def noise(x: torch.Tensor, std, rng: np.random.Generator) -> torch.Tensor:
-    return _straight_through(x, attacks.noise([_pil(x)], float(std), seed=int(rng.integers(2**31)))[0])
+    return _straight_through(x, attacks.noise([to_pil(x)], float(std), seed=int(rng.integers(2**31)))[0])
 
 
 TRANSFORMS = {"jpeg": jpeg, "resize": resize, "noise": noise}

@@ -1,21 +1,19 @@
 """Provenance: generative watermarks on the initial latents, keys and detection.
 
-    key = make_key("gaussian-shading", pipe)                 # or Key.load("key.json")
+    key = make_key(pipe, "gaussian-shading")                 # or Key.load("key.json")
     with stablekit.use(pipe, watermark(key)):
         image = pipe("a red star on a gray background").images[0]
-    print(detect(image, pipe, key))                           # score, p-value, decision, cost
+    print(detect(pipe, image, key))                           # score, p-value, decision, cost
 
 Methods: :mod:`.tree_ring` (Tree-Ring, baseline), :mod:`.gaussian_shading` (Gaussian Shading,
 baseline), :mod:`.seal` (SEAL, PAPERS.md #30). Attacks on them: :mod:`stablekit.eval.attacks`.
 """
 
-from .detection import FPR, REGISTRY, DetectionResult, Watermark, detect, make_key, recover_noise, watermark
+from .detection import FPR, DetectionResult, Watermark, detect, make_key, recover_noise, watermark
 from .gaussian_shading import GaussianShading
 from .keys import Key
 from .seal import SEAL
 from .tree_ring import TreeRing
-
-METHODS = tuple(REGISTRY)
 
 __all__ = [
     "Key",
@@ -28,6 +26,5 @@ __all__ = [
     "TreeRing",
     "GaussianShading",
     "SEAL",
-    "METHODS",
     "FPR",
 ]

@@ -22,16 +22,16 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..errors import StablekitError
+from ..latents import load_image, to_pil
 from ..plugins import Plugin
+from ..registry import CATALOGUE
 from .keys import Key
 
-REGISTRY: dict[str, type[Watermark]] = {}
 FPR = 1e-6  # default false-positive rate of a decision (Gaussian Shading's setting)
 
 
@@ -39,10 +39,6 @@ class Watermark(Plugin):
     """A generative watermark: initial latents made from a key, and their detection."""
 
     name = ""
-
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
-        REGISTRY[cls.name] = cls
 
     def __init__(self, key: Key):
         super().__init__()
@@ -97,6 +93,13 @@ class Watermark(Plugin):
         return f"{self.image_size[1]}x{self.image_size[0]}"
 
 
+def _method(name: str) -> type[Watermark]:
+    methods = CATALOGUE["watermark"]
+    if name not in methods:
+        raise StablekitError(f"unknown watermark method '{name}'; choose one of: {', '.join(methods)}")
+    return methods[name]
+
+
 def latent_shape(pipe, height: int | None = None, width: int | None = None):
     """((C, h, w), (H, W)): the latent shape of `pipe` for images of H x W (default: its native size)."""
     f = pipe.vae_scale_factor
@@ -108,16 +111,14 @@ def latent_shape(pipe, height: int | None = None, width: int | None = None):
 
 
 def make_key(
-    method: str, pipe, *, height: int | None = None, width: int | None = None, seed: int | None = None, **params
+    pipe, method: str, *, height: int | None = None, width: int | None = None, seed: int | None = None, **params
 ) -> Key:
     """A new key for `method` and `pipe`'s latents at H x W; `seed` makes it reproducible (tests only:
     a seeded key is guessable), else the secret comes from ``os.urandom``. Extra `params` override
     the method's defaults (see each method's ``default_params``)."""
-    if method not in REGISTRY:
-        raise StablekitError(f"unknown watermark method '{method}'; choose one of: {', '.join(REGISTRY)}")
+    cls = _method(method)
     shape, size = latent_shape(pipe, height, width)
     secret = os.urandom(32) if seed is None else Key("", {}, bytes(32)).derive("seed", int(seed))
-    cls = REGISTRY[method]
     try:
         extra = cls.default_params(shape, Key(method, {}, secret).generator("params"), **params)
     except TypeError as e:
@@ -131,10 +132,7 @@ def watermark(key: Key, method: str | None = None, **kw) -> Watermark:
     """The plugin for `key` (``stablekit.use(pipe, watermark(key))``); `method`, if given, must be the key's."""
     if not isinstance(key, Key):
         raise StablekitError(f"expected a watermark Key, got {type(key).__name__}")
-    name = method or key.method
-    if name not in REGISTRY:
-        raise StablekitError(f"unknown watermark method '{name}'; choose one of: {', '.join(REGISTRY)}")
-    return REGISTRY[name](key, **kw)
+    return _method(method or key.method)(key, **kw)
 
 
 @dataclass
@@ -163,10 +161,6 @@ class DetectionResult:
         )
 
 
-def _to_pil(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray((x[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
-
-
 def recover_noise(
     pipe,
     image: torch.Tensor | None = None,
@@ -179,8 +173,8 @@ def recover_noise(
     """(initial noise (1, C, h, w) float64 on the CPU, seconds) by inverting `image` ((1, 3, H, W) in
     [0, 1]) or its `latents` with the empty prompt and no guidance."""
     from ..edit import invert
-    from ..edit.core import Schedule, encode_prompts
     from ..edit.inversion import ddim_invert
+    from ..latents import Schedule, encode_prompts
 
     start = time.perf_counter()
     if latents is None:
@@ -197,9 +191,9 @@ def recover_noise(
 
 
 def detect(
-    image,
     pipe,
-    key: Key | list[Key],
+    image,
+    keys: Key | list[Key],
     *,
     latents: torch.Tensor | None = None,
     steps: int = 50,
@@ -208,52 +202,64 @@ def detect(
     fpr: float = FPR,
     embed=None,
 ) -> DetectionResult:
-    """Is `image` (path, PIL image or (3, H, W) tensor in [0, 1]) watermarked with `key` (or with
-    one of a list of keys of the same method and size: which one is ``user``)?
+    """Is `image` (path, PIL image or (3, H, W) tensor in [0, 1]) watermarked with `keys` (one key, or a
+    list of keys of the same method and size: which one matched is ``user``)?
 
     `latents` (1, C, h, w): invert these instead of the image's VAE encoding (the image is then
     optional, except for SEAL's semantics). `inversion`: a :data:`stablekit.edit.METHODS` name;
     `decoder_steps` > 0 inverts the decoder first. `embed`: SEAL's image -> vector callable.
     """
-    from ..edit import load_image
-
-    keys = [key] if isinstance(key, Key) else list(key)
-    if not keys:
-        raise StablekitError("no key given")
-    marks = [watermark(k) for k in keys]
+    marks = _watermarks(keys)
     first = marks[0]
-    if any(m.name != first.name or m.shape != first.shape for m in marks):
-        raise StablekitError("all keys must be for the same method and image size")
     if not 0 < fpr < 1:
         raise StablekitError(f"fpr must lie in (0, 1), got {fpr}")
-    x = None
-    if image is not None:
-        x = load_image(pipe, image)
-        h, w = x.shape[-2:]
-        if (h, w) != first.image_size:
-            raise StablekitError(
-                f"image is {w}x{h} but the key is for {first.size_text()} images; detect at the size it was generated"
-            )
-        x = (x + 1) / 2
+    x = _pixels(pipe, image, first)
     if latents is not None and tuple(latents.shape) != (1, *first.shape):
         raise StablekitError(f"latents have shape {tuple(latents.shape)}; the key needs {(1, *first.shape)}")
     if x is None and latents is None:
         raise StablekitError("give an image or its latents")
     noise, seconds = recover_noise(pipe, x, latents, steps=steps, inversion=inversion, decoder_steps=decoder_steps)
-    pil = None if x is None else _to_pil(x)
-    stats = [m.score(noise[0], pil, embed) for m in marks]
+    pil = None if x is None else to_pil(x)
+    return _decide(first.name, [m.score(noise[0], pil, embed) for m in marks], fpr, seconds)
+
+
+def _watermarks(keys: Key | list[Key]) -> list[Watermark]:
+    """The plugins of `keys`, checked to share one method and image size."""
+    marks = [watermark(k) for k in ([keys] if isinstance(keys, Key) else list(keys))]
+    if not marks:
+        raise StablekitError("no key given")
+    if any(m.name != marks[0].name or m.shape != marks[0].shape for m in marks):
+        raise StablekitError("all keys must be for the same method and image size")
+    return marks
+
+
+def _pixels(pipe, image, mark: Watermark) -> torch.Tensor | None:
+    """`image` as (1, 3, H, W) in [0, 1], checked to be of the size `mark`'s key was made for; None stays None."""
+    if image is None:
+        return None
+    x = load_image(pipe, image)
+    h, w = x.shape[-2:]
+    if (h, w) != mark.image_size:
+        raise StablekitError(
+            f"image is {w}x{h} but the key is for {mark.size_text()} images; detect at the size it was generated"
+        )
+    return (x + 1) / 2
+
+
+def _decide(method: str, stats: list[dict], fpr: float, seconds: float) -> DetectionResult:
+    """The result for the best-matching key's statistics, its p-value Bonferroni-corrected for the number of keys."""
     best = min(range(len(stats)), key=lambda i: stats[i]["p_value"])
     s = dict(stats[best])
     p = min(1.0, float(s.pop("p_value")) * len(stats))
     passes = s.pop("passes", True)
     return DetectionResult(
-        first.name,
+        method,
         bool(p <= fpr and passes),
         float(s.pop("score")),
         p,
         fpr,
         seconds,
-        best if len(keys) > 1 else None,
+        best if len(stats) > 1 else None,
         s.pop("message", None),
         s,
     )

@@ -44,11 +44,13 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from scipy import stats
 
 from ..errors import StablekitError
+from ..registry import register
 from .detection import Watermark
 
 MIN_BITS = 64
 
 
+@register("watermark")
 class GaussianShading(Watermark):
     name = "gaussian-shading"
 

@@ -45,6 +45,7 @@ import torch
 from scipy import stats
 
 from ..errors import StablekitError
+from ..registry import register
 from .detection import Watermark
 
 
@@ -81,6 +82,7 @@ def image_embedding(image) -> np.ndarray:
     return text_embedding(caption(predict([image])[0]))
 
 
+@register("watermark")
 class SEAL(Watermark):
     name = "seal"
 

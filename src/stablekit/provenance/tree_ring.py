@@ -35,6 +35,7 @@ import torch
 from scipy import stats
 
 from ..errors import StablekitError
+from ..registry import register
 from .detection import Watermark
 
 
@@ -46,6 +47,7 @@ def _ifft(f: torch.Tensor) -> torch.Tensor:
     return torch.fft.ifft2(torch.fft.ifftshift(f, dim=(-2, -1)), norm="ortho").real
 
 
+@register("watermark")
 class TreeRing(Watermark):
     name = "tree-ring"
 

@@ -4,10 +4,12 @@
 block; :mod:`.p4d` (Prompting4Debugging, #17) and :mod:`.unlearndiffatk` (UnlearnDiffAtk, #34) optimise prompt
 tokens against the defended model (shared machinery in :mod:`.tokens`); :mod:`.audit` builds the defenses,
 prompts and judge of ``stablekit audit`` and ``stablekit bench safety``.
+
+The attacks are the ``attack`` kind of :data:`stablekit.registry.CATALOGUE`.
 """
 
 from .arithmetic import ConceptArithmetic, decompositions
+from .p4d import P4D
+from .unlearndiffatk import UnlearnDiffAtk
 
-ATTACKS = ("arithmetic", "p4d", "unlearndiffatk")
-
-__all__ = ["ConceptArithmetic", "decompositions", "ATTACKS"]
+__all__ = ["ConceptArithmetic", "decompositions", "P4D", "UnlearnDiffAtk"]

@@ -27,6 +27,7 @@ from diffusers.hooks import ModelHook
 
 from ..errors import StablekitError
 from ..plugins import Plugin
+from ..registry import register
 
 
 class _ComposeHook(ModelHook):
@@ -54,6 +55,7 @@ class _ComposeHook(ModelHook):
         return output
 
 
+@register("attack")
 class ConceptArithmetic(Plugin):
     """``ConceptArithmetic([(prompt, weight), ...])``: call the pipeline with ``prompt=attack.prompts``.
 

@@ -26,7 +26,7 @@ from ..default_model import classifier as C
 from ..default_model import world
 from ..errors import StablekitError
 from ..pipeline import guidance_rescale
-from . import ATTACKS
+from ..registry import CATALOGUE
 
 DEFENSES = ("none", "blocklist", "negative", "sld", "uce", "safree", "safree-negative", "spm")
 
@@ -250,8 +250,8 @@ def attack(
 ) -> dict:
     """Attack `name` on the `direct` prompts (whose pre-attack hits are `pre`, prompt i with noise seed
     ``seed * 100_000 + i``): post-attack rates, kept apart from the pre-attack ones."""
-    if name not in ATTACKS:
-        raise StablekitError(f"unknown attack '{name}'; choose one of: {', '.join(ATTACKS)}")
+    if name not in CATALOGUE["attack"]:
+        raise StablekitError(f"unknown attack '{name}'; choose one of: {', '.join(CATALOGUE['attack'])}")
     out = {"pre_attack": rate(pre)}
     if name == "arithmetic":
         comps = arithmetic(pipe, d, c, direct, steps=steps, guidance=guidance, seed=seed, batch=batch)

@@ -24,10 +24,12 @@ import torch
 
 from ..pipeline import frozen
 from ..plugins import use
-from ..safety.text import encode_ids, token_ids
+from ..registry import register
+from ..text import encode_ids, token_ids
 from .tokens import Slots, noise_scheduler
 
 
+@register("attack")
 class P4D:
     """``P4D(tokens=16, iterations=200, lr=0.1, weight_decay=0.1, seed=0)``."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..safety.text import encode_ids, token_ids, tokenizer
+from ..text import encode_ids, token_ids, tokenizer
 
 
 class Slots:

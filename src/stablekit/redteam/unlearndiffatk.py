@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..pipeline import frozen
+from ..registry import register
 from .tokens import Slots, noise_scheduler, training_target
 
 
@@ -41,6 +42,7 @@ def simplex(p: torch.Tensor) -> torch.Tensor:
     return (p - theta).clamp(min=0)
 
 
+@register("attack")
 class UnlearnDiffAtk:
     """``UnlearnDiffAtk(tokens=5, iterations=200, per_timestep=40, lr=0.01, weight_decay=0.1, seed=0)``."""
 

@@ -10,8 +10,8 @@
 
 Methods: :mod:`.safree` (SAFREE, PAPERS.md #65), :mod:`.spm` (SPM, #46); baselines :mod:`.sld` (Safe Latent
 Diffusion's guidance) and :mod:`.uce` (UCE). :mod:`.text` computes token embeddings with the pipeline's own text
-encoder for them. ``REGISTRY`` maps names to the classes, for
-``stablekit.registry.build("safree:concepts=[star]", REGISTRY, "guard")``.
+encoder for them. SAFREE, SLD and UCE are the ``guard`` kind of :data:`stablekit.registry.CATALOGUE`, for
+``--guard NAME:k=v`` and ``stablekit.registry.build("safree:concepts=[star]", CATALOGUE["guard"], "guard")``.
 """
 
 from pathlib import Path
@@ -22,9 +22,7 @@ from .sld import SLD
 from .spm import SPM
 from .uce import UCE
 
-REGISTRY = {cls.name: cls for cls in (SAFREE, SLD, UCE)}
-
-__all__ = ["SAFREE", "SLD", "SPM", "UCE", "load_adapter", "Decision", "REGISTRY"]
+__all__ = ["SAFREE", "SLD", "SPM", "UCE", "load_adapter", "Decision"]
 
 
 def load_adapter(path, spm_multiplier: float = 1.0) -> UCE | SPM:

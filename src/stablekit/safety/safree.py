@@ -80,7 +80,9 @@ from diffusers.hooks import ModelHook
 
 from ..errors import StablekitError
 from ..plugins import Plugin, extend_batch, unet_kwargs
-from .text import TEMPLATES, encode_ids, is_clip, token_ids, tokenizer
+from ..registry import register
+from ..text import encode_ids, is_clip, token_ids, tokenizer
+from .templates import TEMPLATES
 
 SPACES = ("auto", "sentence", "tokens")
 FILTER = {"sentence": dict(upper=0.2, gain=50.0, center=0.5333), "tokens": dict(upper=1.0, gain=100.0, center=0.05)}
@@ -199,6 +201,7 @@ class _SkipHook(ModelHook):
         return torch.cat([x[: n - extra], f, x[n:]])
 
 
+@register("guard")
 class SAFREE(Plugin):
     """``SAFREE(concepts, alpha=0.01, detect=True, project=True, self_validation=True, upper=None, gain=None,
     center=None, re_attention=True, scales=(0.9, 0.2), radius=1, negative_prompt=False, space="auto",

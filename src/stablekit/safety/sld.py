@@ -24,8 +24,10 @@ import torch
 
 from ..errors import StablekitError
 from ..plugins import GuidanceBranches
+from ..registry import register
 
 
+@register("guard")
 class SLD(GuidanceBranches):
     """``SLD(concepts, guidance=1000, warmup=10, threshold=0.01, momentum=0.3, beta=0.4)``."""
 

@@ -60,7 +60,8 @@ from torch import nn
 from ..errors import StablekitError
 from ..pipeline import frozen
 from ..plugins import Plugin, use
-from .text import TEMPLATES, encode_ids, is_clip, token_ids, tokenizer
+from ..text import encode_ids, is_clip, token_ids, tokenizer
+from .templates import TEMPLATES
 
 
 def target_modules(unet) -> dict[str, nn.Module]:

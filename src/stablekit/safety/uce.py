@@ -36,7 +36,8 @@ from diffusers.models.attention_processor import Attention
 
 from ..errors import StablekitError
 from ..plugins import WeightEdit
-from .text import encode_ids, token_ids
+from ..registry import register
+from ..text import encode_ids, token_ids
 
 
 def cross_attention_weights(unet) -> dict[str, torch.nn.Parameter]:
@@ -64,6 +65,7 @@ def _norms(params: dict) -> dict[str, float]:
     return {n: float(p.detach().double().norm()) for n, p in params.items()}
 
 
+@register("guard")
 class UCE(WeightEdit):
     """``UCE(concepts, guides=[""], preserve=[], erase_scale=1.0, preserve_scale=1.0, lamb=0.5)``."""
 

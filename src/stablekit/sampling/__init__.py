@@ -12,13 +12,12 @@
       search_schedule(pipe, prompts, budget=6).schedule.save("s.json")
       pipe = stablekit.load(scheduler="searched:schedule=s.json")
 
-``REGISTRY`` maps their names to the classes (also in ``stablekit.pipeline.SCHEDULERS``: ``--scheduler hb:beta=0.9``).
+They are filed with diffusers' own schedulers in ``CATALOGUE["scheduler"]`` (:mod:`stablekit.registry`):
+``--scheduler hb:beta=0.9``, ``stablekit.load(scheduler="ghvb")``.
 """
 
 from .momentum import GHVBScheduler, HBDPMSolverScheduler, HBScheduler, MomentumScheduler
 from .schedule_search import Schedule, SearchedScheduler, SearchResult, dpm_solver_schedule, search_schedule
-
-REGISTRY = {"hb": HBScheduler, "hb-dpm++": HBDPMSolverScheduler, "ghvb": GHVBScheduler, "searched": SearchedScheduler}
 
 __all__ = [
     "HBScheduler",
@@ -30,5 +29,4 @@ __all__ = [
     "SearchResult",
     "dpm_solver_schedule",
     "search_schedule",
-    "REGISTRY",
 ]

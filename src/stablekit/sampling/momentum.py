@@ -51,6 +51,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
 from ..errors import StablekitError
+from ..registry import register
 
 # GHVB weights of v_n, v_{n-1}, ... (newest first) for 1..4 past values; beta = 1 gives Adams-Bashforth.
 _WEIGHTS = {
@@ -193,24 +194,33 @@ class MomentumScheduler(VPScheduler):
         return self._vel
 
 
+@register("scheduler")
 class HBScheduler(MomentumScheduler):
     """PLMS (Adams-Bashforth on the predicted noise, order `solver_order`, default 4) with heavy-ball momentum."""
+
+    name = "hb"
 
     def _direction(self, f, i):
         self._history = (self._history + [f])[-self.k :]
         return self._momentum(multistep(self._history))
 
 
+@register("scheduler")
 class GHVBScheduler(MomentumScheduler):
     """PLMS with generalised heavy ball: GHVB of order ``solver_order - 1 + beta`` (default 3.8)."""
+
+    name = "ghvb"
 
     def _direction(self, f, i):
         self._history = (self._history + [self._momentum(f)])[-self.k :]
         return multistep(self._history, self.config.beta)
 
 
+@register("scheduler")
 class HBDPMSolverScheduler(MomentumScheduler):
     """DPM-Solver++ (multistep, data prediction, order `solver_order` <= 2, default 2M) with heavy-ball momentum."""
+
+    name = "hb-dpm++"
 
     solver = "dpm++"
     max_order = 2

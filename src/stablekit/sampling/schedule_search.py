@@ -65,6 +65,7 @@ from diffusers.utils import logging
 
 from ..errors import StablekitError
 from ..plugins import SchedulerPlugin, use
+from ..registry import register
 from .momentum import VPScheduler
 
 FORMAT = "stablekit-solver-schedule"
@@ -140,8 +141,11 @@ class Schedule:
             raise StablekitError(f"solver schedule '{path}': {e}") from None
 
 
+@register("scheduler")
 class SearchedScheduler(VPScheduler):
     """Replays a :class:`Schedule` (a JSON path or its ``to_dict()``) on the pipeline's noise schedule."""
+
+    name = "searched"
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1

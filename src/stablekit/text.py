@@ -1,29 +1,17 @@
 """Token embeddings from a pipeline's own text encoder(s), in the space its ``encode_prompt`` produces.
 
-SAFREE and UCE work on token embeddings of concept words and of edited token sequences (a prompt with one
-token left out), which ``encode_prompt`` cannot make from text alone. :func:`encode_ids` runs token-id rows
-through the encoders the way the pipelines do: padded to the tokenizer's length with its pad token, the
-attention mask passed only where the encoder's config asks for it; SD 1.x/2.x read the last hidden state (or,
-with ``clip_skip``, an earlier one through the final layer norm), SDXL concatenates the penultimate hidden
-states of both encoders. Both SDXL encoders are given the ids of the first tokenizer (the two CLIP tokenizers
-share one vocabulary).
+Guards, erasure and red-team attacks work on token embeddings of concept words and of edited token sequences (a
+prompt with one token left out, optimised tokens), which ``encode_prompt`` cannot make from text alone.
+:func:`encode_ids` runs token-id rows through the encoders the way the pipelines do: padded to the tokenizer's
+length with its pad token, the attention mask passed only where the encoder's config asks for it; SD 1.x/2.x read
+the last hidden state (or, with ``clip_skip``, an earlier one through the final layer norm), SDXL concatenates the
+penultimate hidden states of both encoders. Both SDXL encoders are given the ids of the first tokenizer (the two
+CLIP tokenizers share one vocabulary).
 """
 
 from __future__ import annotations
 
 import torch
-
-# generic contexts of a concept word, for encoders that spread a word over the whole prompt (SAFREE's token space,
-# SPM's training prompts)
-TEMPLATES = (
-    "{}",
-    "a {}",
-    "a photo of a {}",
-    "a picture of a {}",
-    "an image of a {}",
-    "a drawing of a {}",
-    "a close-up photo of a {}",
-)
 
 
 def is_clip(pipe) -> bool:

@@ -1,11 +1,16 @@
-"""Shared machinery of inversion and editing, built only from the pipeline's own components.
+"""Diffusion primitives every method shares, built only from the pipeline's own components.
 
+* :func:`to_tensor` / :func:`to_pil`: the one conversion between PIL images and (3, H, W) tensors in [0, 1];
+  :func:`read_image` reads a file, :func:`psnr` compares two images;
 * :func:`load_image` / :func:`encode_image` / :func:`decode`: pixels <-> VAE latents, with optional
   decoder inversion (optimise the latent until the decoder reproduces the image);
 * :class:`Schedule`: DDIM timesteps and cumulative alphas from the pipeline's scheduler config;
   step ``i`` goes from ``alphas[i]`` to ``alphas[i + 1]`` (counted, never looked up by timestep);
 * :func:`encode_prompts` / :func:`eps`: conditioning through ``pipe.encode_prompt`` and the guided
-  noise prediction of ``pipe.unet`` (one batched call for the [uncond, cond] halves).
+  noise prediction of ``pipe.unet`` (one batched call for the [uncond, cond] halves; velocity outputs
+  converted to noise);
+* :func:`cast` runs a module in another dtype for a block; :func:`tree_map` maps over nested keyword dicts;
+  :func:`tile` repeats per-image rows for each branch of a batch.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import StablekitError
+from .errors import StablekitError
 
 
 @contextmanager
@@ -55,13 +60,37 @@ def read_image(path: str | Path) -> Image.Image:
         raise StablekitError(f"cannot read image '{path}': {e}") from None
 
 
+def to_tensor(image) -> torch.Tensor:
+    """A PIL image (or the path of one) as a (3, H, W) float32 tensor in [0, 1] on the CPU."""
+    if isinstance(image, (str, Path)):
+        image = read_image(image)
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """A (3, H, W) or (1, 3, H, W) tensor in [0, 1] as an 8-bit RGB image: clamped, each value rounded to
+    the nearest grey level."""
+    x = x.detach().float().cpu()
+    x = x[0] if x.ndim == 4 else x
+    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def _float64(x) -> np.ndarray:
+    return x.detach().cpu().double().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float64)
+
+
+def psnr(a, b, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB between two images or arrays of the same shape (numpy arrays, torch
+    tensors or PIL images; `data_range` 1 for floats in [0, 1], 255 for uint8 and PIL images)."""
+    mse = float(np.mean((_float64(a) - _float64(b)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range**2 / mse))
+
+
 def load_image(pipe, image) -> torch.Tensor:
     """A path, PIL image or tensor ((3, H, W) or (1, 3, H, W), values in [0, 1]) as a (1, 3, H, W)
     float32 tensor in [-1, 1] on the pipeline's device; H and W must be multiples of the VAE factor."""
-    if isinstance(image, (str, Path)):
-        image = read_image(image)
-    if isinstance(image, Image.Image):
-        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    if isinstance(image, (str, Path, Image.Image)):
+        x = to_tensor(image)
     elif isinstance(image, torch.Tensor) and image.is_floating_point():
         x = image.detach().float().cpu()
         x = x[0] if x.ndim == 4 and len(x) == 1 else x
@@ -169,10 +198,12 @@ def tile(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x.repeat(rows // len(x), *[1] * (x.ndim - 1))
 
 
-def _map(fn, *kws):
+def tree_map(fn, *trees: dict) -> dict:
+    """A dict of the same nesting as the first of `trees` with ``fn(*leaves)`` at each leaf, the leaves taken
+    at the same keys of every tree (e.g. unet keyword arguments with their ``added_cond_kwargs``)."""
     return {
-        k: _map(fn, *(kw[k] for kw in kws)) if isinstance(v, dict) else fn(*(kw[k] for kw in kws))
-        for k, v in kws[0].items()
+        k: tree_map(fn, *(t[k] for t in trees)) if isinstance(v, dict) else fn(*(t[k] for t in trees))
+        for k, v in trees[0].items()
     }
 
 
@@ -192,8 +223,8 @@ def eps(
     unet = pipe.unet
     guided = torch.is_tensor(guidance) or guidance != 1
     if guided:
-        cond, z = _map(lambda u, c: torch.cat([u, c]), uncond, cond), torch.cat([z, z])
-    kw = _map(lambda v: v.to(unet.dtype), cond)
+        cond, z = tree_map(lambda u, c: torch.cat([u, c]), uncond, cond), torch.cat([z, z])
+    kw = tree_map(lambda v: v.to(unet.dtype), cond)
     # one memory layout for every input: convolutions round differently on other strides, and inversion
     # or a chaotic model at high guidance can magnify that to visible differences
     out = unet(z.to(unet.dtype).contiguous(), sched.timesteps[i], **kw, return_dict=False)[0].to(z.dtype)
