@@ -119,11 +119,11 @@ class SPMConfig:
     multiplier: float = 1.0
 
     def __post_init__(self):
-        settle(self, concepts=concept_words(self.config.concepts, "SPM"))
-        if not self.config.multiplier >= 0:
-            raise StablekitError(f"SPM multiplier must be >= 0 (got {self.config.multiplier})")
-        if isinstance(self.config.rank, bool) or not isinstance(self.config.rank, int) or self.config.rank < 1:
-            raise StablekitError(f"SPM rank is a whole number >= 1 (got {self.config.rank!r})")
+        settle(self, concepts=concept_words(self.concepts, "SPM"))
+        if not self.multiplier >= 0:
+            raise StablekitError(f"SPM multiplier must be >= 0 (got {self.multiplier})")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise StablekitError(f"SPM rank is a whole number >= 1 (got {self.rank!r})")
 
 
 class SPM(Plugin):
