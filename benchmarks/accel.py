@@ -190,6 +190,10 @@ class Method:
                 )
         return m
 
+    def configs(self) -> list[str]:
+        """The repr of each plugin this method attaches: every parameter it ran with."""
+        return [repr(p) for p in self.plugins()]
+
     def plugins(self) -> list:
         from stablekit import SchedulerPlugin
         from stablekit.accel import REGISTRY
@@ -525,7 +529,7 @@ def speed_run(pipe, entries: list[Method], size: int, steps: int, a) -> dict:
     rows, outputs = {}, {}
     for e in entries:  # warm-up: untimed, MACs counted, output kept
         kind = "peer" if e.peer else "plain" if e.label == "plain" else "ours"
-        row = rows[e.label] = {"label": e.label, "kind": kind, "steps_run": e.steps(steps)}
+        row = rows[e.label] = {"label": e.label, "kind": kind, "steps_run": e.steps(steps), "config": e.configs()}
         try:
             with MacCounter(pipe.unet) as mc:
                 t, outputs[e.label] = _speed_call(pipe, e, size, steps, a.seed)
@@ -693,7 +697,7 @@ def quality(a, methods: list[Method], speed_res: dict | None) -> dict:
     }
     speed_part = _speed_part_speedups(speed_res, steps)
     for m in methods:
-        row = {"label": m.label, "steps_run": m.steps(steps)}
+        row = {"label": m.label, "steps_run": m.steps(steps), "config": m.configs()}
         try:
             with m.attached(pipe):
                 images, sec = gen(steps=m.steps(steps), desc=f"quality: {m.label}")

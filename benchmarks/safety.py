@@ -122,6 +122,7 @@ def run_concept(pipe, word: str, a, out: dict, save) -> None:
         ev, m, _ = judge.evaluate(images)
         ref_m, ref_kept = (m, kept) if name == "none" else (ref_m, ref_kept)
         row = {
+            "config": [repr(p) for p in d.plugins],
             "direct": audit.rate(direct_hits)
             | {
                 "others_kept": rnd(kept.mean()),

@@ -67,6 +67,8 @@ def test_accel_benchmark_tiny(bench, tmp_path):
     ours, theirs = rows["deepcache:interval=2,branch=0"], rows["DeepCache package: interval=2,branch=0"]
     assert ours["gmacs"] == theirs["gmacs"] and 1 < ours["mac_speedup"] < 2  # steps 0 and 2 full, step 1 shallow
     assert theirs["vs_ours"]["equal"] and res["targets"]["deepcache_equals_package"]["pass"]
+    # every parameter the entry ran with is recorded, defaults included
+    assert ours["config"] == ["DeepCache(interval=2, branch=0, schedule='uniform', center=0.3, power=1.4)"]
     parallel = rows["encoder-propagation:interval=2,parallel=true"]
     assert parallel["gmacs_per_call"]["0"] == 1  # step 1's decoder ran in step 0's call
     assert parallel["mac_speedup"] > 1 and "speedup" in parallel
@@ -77,6 +79,7 @@ def test_accel_benchmark_tiny(bench, tmp_path):
         "encoder-propagation:interval=2,parallel=true",
     ]
     assert all("error" not in e and e["mac_speedup_default_model"] > 1 for e in quality["entries"])
+    assert quality["entries"][1]["config"][0].startswith("EncoderPropagation(interval=2, key_steps=(0, 1, 2, 3")
 
     samplers = res["samplers"]
     assert [p["calls"] for p in samplers["curves"]["dpm++"]] == [2, 3]  # the searched budget is added for dpm++
