@@ -128,13 +128,6 @@ class Plugin:
             module._diffusers_hook.remove_hook(name, recurse=False)
         self._hooks.clear()
 
-    def spec(self) -> str:
-        """``name:k=v,...`` with every parameter: what the registry builds this plugin from."""
-        from .registry import format_value
-
-        items = [f"{f.name}={format_value(getattr(self.config, f.name))}" for f in dataclasses.fields(self.config)]
-        return ":".join([self.name, ",".join(items)]) if items else self.name
-
     def __repr__(self):
         return f"{type(self).__name__}({config_text(self.config)})"
 
