@@ -77,7 +77,8 @@ class Method:
         if self.scheduler or self.frac != 1 or len(self.accel) != 1:
             return None
         p = self.plugins()[0]
-        return (p.interval, p.branch) if isinstance(p, DeepCache) and p.schedule == "uniform" else None
+        c = p.config if isinstance(p, DeepCache) else None
+        return (c.interval, c.branch) if c is not None and c.schedule == "uniform" else None
 
     @contextlib.contextmanager
     def attached(self, pipe):

@@ -118,7 +118,7 @@ def test_skipped_modules_run_only_at_key_steps(tiny_sd, plugin, steps, deep):
     keys = plugin.full_steps(steps)
     assert len(keys) < steps
     assert seen == {p: keys if p in deep else list(range(steps)) for p in PROBES}
-    if isinstance(plugin, DeepCache) and plugin.schedule == "uniform":
+    if isinstance(plugin, DeepCache) and plugin.config.schedule == "uniform":
         assert seen["mid_block.resnets.0.conv1"] == [0, 3, 6]  # interval 3 over 9 steps: the deep blocks run 3 times
 
 

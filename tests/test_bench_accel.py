@@ -81,6 +81,7 @@ def test_accel_benchmark_tiny(bench, tmp_path):
         "encoder-propagation:interval=2,parallel=true",
     ]
     assert all("error" not in e and e["mac_speedup_default_model"] > 1 for e in quality["entries"])
+    assert quality["entries"][1]["config"][0].startswith("EncoderPropagation(interval=2, key_steps=(0, 1, 2, 3")
 
     samplers = res["samplers"]
     assert [p["calls"] for p in samplers["curves"]["dpm++"]] == [2, 3]  # the searched budget is added for dpm++

@@ -87,7 +87,9 @@ class Recorded(UnifiedAttentionControl):
 
     def _stand_in(self, attn, cross):
         if not cross:
-            self.self_layers.append((self.call.step, "first" if self._until(self.self_replace_steps) else "mutual"))
+            self.self_layers.append(
+                (self.call.step, "first" if self._until(self.config.self_replace_steps) else "mutual")
+            )
         return super()._stand_in(attn, cross)
 
     def control(self, probs, heads, cross):

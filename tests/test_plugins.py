@@ -1,4 +1,8 @@
-"""Each plugin seam on the tiny pipelines: its effect, per-call state, conflicts, and exact removal."""
+"""Each plugin seam on the tiny pipelines: its effect, per-call state, conflicts, and exact removal; plugin
+parameters as frozen, validating configs with complete reprs that round-trip through the registry."""
+
+import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -7,7 +11,12 @@ from diffusers import EulerDiscreteScheduler
 from diffusers.hooks import ModelHook
 
 import stablekit
-from stablekit import CallState, Plugin, SchedulerPlugin, StablekitError, WeightEdit
+from stablekit import CallState, Plugin, SchedulerPlugin, StablekitError, WeightEdit, safety
+from stablekit.accel.lcm import LCMLoRA
+from stablekit.edit.infedit import UnifiedAttentionControl
+from stablekit.edit.prompt_to_prompt import PromptToPrompt
+from stablekit.redteam.arithmetic import ConceptArithmetic
+from stablekit.registry import CATALOGUE, build, format_value
 
 
 class CountingZeroHook(ModelHook):
@@ -221,3 +230,113 @@ def test_stochastic_schedulers_keep_their_generator_under_plugins(tiny_sd):
         c = run(tiny_sd)
     torch.manual_seed(8)
     assert not torch.equal(c, ref) and torch.equal(run(tiny_sd), ref)
+
+
+# ---------------------------------------------------------------- parameters as configs
+
+REGISTRIES = {"accel": CATALOGUE["accel"], "guard": CATALOGUE["guard"]}
+REGISTERED = [(what, name, cls) for what, registry in REGISTRIES.items() for name, cls in registry.items()]
+# every field away from its default, so a repr or spec that dropped or garbled one would not round-trip
+VARIED = {
+    "deepcache": "interval=2,branch=1,schedule=[0,3],center=0.5,power=1.2",
+    "encoder-propagation": "interval=4,key_steps=[0,2,5],reference_steps=10,parallel=true,prior_noise=0.003,"
+    "prior_noise_below=400",
+    "feature-inheritance": "blocks=[mid_block,up_blocks.1],interval=3,schedule=quadratic,center=0.4,power=1.6",
+    "safree": "concepts=[star,red],alpha=0.1,detect=false,project=false,self_validation=false,upper=0.5,gain=10,"
+    "center=0.2,re_attention=false,scales=[1.0,0.5],radius=2,negative_prompt=true,space=tokens,rank=2",
+    "sld": "concepts=[star],guidance=500,warmup=2,threshold=0.1,momentum=0.5,beta=0.5",
+    "uce": "concepts=[star,red],guides=[circle,blue],preserve=[square],erase_scale=2,preserve_scale=0.5,lamb=0.25",
+}
+BAD = {  # one bad value each, with what its one-line error names
+    "deepcache": ({"interval": 0}, "interval"),
+    "encoder-propagation": ({"prior_noise": -1.0}, "prior_noise"),
+    "feature-inheritance": ({"schedule": "cubic"}, "schedule"),
+    "safree": ({"concepts": ["star"], "rank": 0}, "rank"),
+    "sld": ({"concepts": ["star"], "beta": 2.0}, "beta"),
+    "uce": ({"concepts": ["star", "red"], "guides": ["a", "b", "c"]}, "guide"),
+}
+UNREGISTERED = [
+    PromptToPrompt("refine", cross_replace_steps=0.5, weights={"star": 2.0}, blend=["star"], threshold=0.2),
+    UnifiedAttentionControl(self_replace_steps=0.3),
+    ConceptArithmetic([(["a red star", "a blue star"], 1.0), (["star", "circle"], -0.5)]),
+    LCMLoRA("lcm.safetensors", weight=0.5),
+    safety.SPM(["star"], {}, rank=2, alpha=4.0, multiplier=0.5),
+]
+
+
+def repr_params(plugin) -> dict:
+    """The keyword arguments a plugin's repr shows, evaluated."""
+    text = repr(plugin)
+    assert text.startswith(type(plugin).__name__ + "(") and text.endswith(")"), text
+    return eval(f"dict({text[len(type(plugin).__name__) + 1 : -1]})")
+
+
+def test_every_registered_plugin_is_tested():
+    assert set(VARIED) == set(BAD) == {name for _, name, _ in REGISTERED}
+
+
+@pytest.mark.parametrize("what, name, cls", REGISTERED, ids=[r[1] for r in REGISTERED])
+def test_config_is_frozen_and_its_repr_round_trips_through_the_registry(what, name, cls):
+    plugin = build(f"{name}:{VARIED[name]}", REGISTRIES[what], what)
+    config = plugin.config
+    assert isinstance(config, cls.Config) and dataclasses.is_dataclass(config)
+    fields = [f.name for f in dataclasses.fields(config)]
+    assert list(inspect.signature(cls).parameters) == fields  # declared once: the class shows its config's
+    defaults = cls.Config(**({"concepts": ("star",)} if "concepts" in fields else {}))
+    assert all(getattr(config, f) != getattr(defaults, f) for f in fields if f != "concepts")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(config, fields[0], getattr(config, fields[0]))
+    params = repr_params(plugin)
+    assert list(params) == fields  # the repr is complete
+    spec = f"{name}:" + ",".join(f"{k}={format_value(v)}" for k, v in params.items())
+    assert build(spec, REGISTRIES[what], what).config == config
+    assert cls(config).config is config and cls(**params).config == config
+
+
+@pytest.mark.parametrize("what, name, cls", REGISTERED, ids=[r[1] for r in REGISTERED])
+def test_bad_values_are_one_line_errors_from_the_config(what, name, cls):
+    params, fragment = BAD[name]
+    spec = f"{name}:" + ",".join(f"{k}={format_value(v)}" for k, v in params.items())
+    with pytest.raises(StablekitError) as direct:
+        cls(**params)
+    with pytest.raises(StablekitError) as built:
+        build(spec, REGISTRIES[what], what)
+    for e in (direct, built):
+        assert "\n" not in str(e.value) and fragment in str(e.value), str(e.value)
+    assert str(built.value) == f"{what} '{spec}': {direct.value}"
+
+
+@pytest.mark.parametrize("plugin", UNREGISTERED, ids=lambda p: type(p).__name__)
+def test_unregistered_plugins_have_frozen_configs_and_complete_reprs(plugin):
+    cls, config = type(plugin), plugin.config
+    fields = [f.name for f in dataclasses.fields(config)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(config, fields[0], getattr(config, fields[0]))
+    params = repr_params(plugin)
+    assert list(params) == fields
+    if cls is safety.SPM:  # its weights are data, not parameters
+        assert cls(config, {}).config is config and cls(weights={}, **params).config == config
+    else:
+        assert cls(config).config is config and cls(**params).config == config
+
+
+def test_scheduler_plugin_config_and_repr():
+    plugin = SchedulerPlugin(EulerDiscreteScheduler, timestep_spacing="trailing")
+    assert plugin.config.overrides == {"timestep_spacing": "trailing"}
+    assert repr(plugin) == "SchedulerPlugin(EulerDiscreteScheduler, timestep_spacing='trailing')"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plugin.config.scheduler = None
+    with pytest.raises(StablekitError, match="scheduler class"):
+        SchedulerPlugin("euler")
+
+
+def test_per_call_state_stays_on_the_plugin(tiny_sd):
+    """The config is the same object after calls; what a call changes lives on the plugin and is reset."""
+    plugin = safety.SLD(["star"], warmup=0)
+    config = plugin.config
+    with stablekit.use(tiny_sd, plugin):
+        run(tiny_sd, prompt="a red star", guidance_scale=3.0)
+        assert plugin._v is not None
+        plugin.reset(CallState())
+        assert plugin._v is None
+    assert plugin.config is config == safety.SLD.Config(("star",), warmup=0)

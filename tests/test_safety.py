@@ -5,6 +5,7 @@ each listed word is its own orthonormal direction and every token's embedding is
 far (the end token's embedding is the sum of the whole prompt), as in a causal encoder.
 """
 
+import dataclasses
 import math
 import types
 from contextlib import contextmanager
@@ -240,7 +241,7 @@ def test_negative_prompt_is_off_by_default_and_follows_the_filter(bag_sd):
         run(bag_sd, prompt=[STAR, PLAIN], steps=1)
         star, plain = (d.beta for d in plugin.decisions)
         assert star > plain
-        plugin.filter["center"] = (star + plain) / 2  # the filter takes STAR and leaves PLAIN alone
+        plugin.config = dataclasses.replace(plugin.config, center=(star + plain) / 2)  # takes STAR, leaves PLAIN
         with cond_embeds(bag_sd) as seen:
             run(bag_sd, prompt=[STAR, PLAIN], steps=1)
     uncond = seen[0][:2]  # the unconditional rows come first
@@ -304,7 +305,7 @@ def test_safree_bad_input(bag_sd):
             SAFREE(concepts=concepts)
     with pytest.raises(StablekitError, match="concept"):
         build("safree", CATALOGUE["guard"], "guard")
-    assert build("safree:concepts=star,alpha=0.1", CATALOGUE["guard"], "guard").concepts == ["star"]
+    assert build("safree:concepts=star,alpha=0.1", CATALOGUE["guard"], "guard").config.concepts == ("star",)
     for kw in (dict(space="words"), dict(rank=0), dict(rank=1.5)):
         with pytest.raises(StablekitError, match="space is one of"):
             SAFREE(concepts=["star"], **kw)
@@ -350,7 +351,7 @@ def test_uce_save_load_round_trip_is_exact(tiny_sd, tmp_path):
     assert not torch.equal(edited, ref) and torch.equal(run(tiny_sd), ref)
     edit.save(tmp_path / "uce.safetensors")
     loaded = UCE.load(tmp_path / "uce.safetensors")
-    assert loaded.params == edit.params and all(torch.equal(loaded.deltas[n], d) for n, d in edit.deltas.items())
+    assert loaded.config == edit.config and all(torch.equal(loaded.deltas[n], d) for n, d in edit.deltas.items())
     with stablekit.use(tiny_sd, loaded):
         assert torch.equal(run(tiny_sd), edited)
 

@@ -1,6 +1,8 @@
 """SPM membranes on the tiny pipeline: training moves the concept's prediction to the erasing target, the
 membrane is exact to remove and to save, facilitated transport sets per-prompt strengths, membranes add."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import make_tiny_sd, run
@@ -97,7 +99,7 @@ def test_save_load_round_trip_and_refusals(pipe, trained, tmp_path, tiny_sdxl_pa
         want = run(pipe, guidance_scale=7.5)
     trained.save(tmp_path / "spm.safetensors")
     loaded = SPM.load(tmp_path / "spm.safetensors")
-    assert loaded.concepts == ["star"]
+    assert loaded.config.concepts == ("star",)
     with stablekit.use(pipe, loaded):
         assert torch.equal(run(pipe, guidance_scale=7.5), want)
     with pytest.raises(StablekitError, match="another model"):
@@ -147,15 +149,15 @@ def test_facilitated_transport_is_per_prompt(pipe, trained):
 def test_multiplier_scales_the_transported_strength(pipe, trained, tmp_path):
     prompts, m = ["a red star", "a blue circle"], {}
     for k in (1.0, 2.5):
-        trained.multiplier = k
+        trained.config = dataclasses.replace(trained.config, multiplier=k)
         with stablekit.use(pipe, trained):
             pipe(prompts, num_inference_steps=1, height=32, width=32, output_type="latent")
             m[k] = trained.strength(4)  # guided: the prompts' rows twice
-    trained.multiplier = 1.0
+    trained.config = dataclasses.replace(trained.config, multiplier=1.0)
     assert m[1.0][0] == 1.0 and 0 < m[1.0][1] < 1
     torch.testing.assert_close(m[2.5], 2.5 * m[1.0])
     trained.save(tmp_path / "spm.safetensors")
-    assert SPM.load(tmp_path / "spm.safetensors", multiplier=1.5).multiplier == 1.5
+    assert SPM.load(tmp_path / "spm.safetensors", multiplier=1.5).config.multiplier == 1.5
     with pytest.raises(StablekitError, match="multiplier"):
         SPM(["star"], trained.weights, multiplier=-1.0)
 

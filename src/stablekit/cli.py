@@ -477,8 +477,8 @@ def audit_command(
         _check_output(json_path, "audit.json")
     pipe = _load_quietly(model, device)
     d = audit.defense(defense, c, pipe, adapter, spm_multiplier=spm_multiplier)
-    if adapter is not None and d.plugins[0].concepts != [c.word]:
-        raise StablekitError(f"'{adapter}' erases {d.plugins[0].concepts}, not '{c.word}'")
+    if adapter is not None and list(d.plugins[0].config.concepts) != [c.word]:
+        raise StablekitError(f"'{adapter}' erases {list(d.plugins[0].config.concepts)}, not '{c.word}'")
     direct = audit.prompts(c, prompts, seed).direct
     hits = audit.present(audit.generate(pipe, d, direct, steps=steps, guidance=guidance, seed=seed)[0], c)
     res = {

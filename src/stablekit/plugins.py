@@ -10,6 +10,10 @@ A :class:`Plugin` uses one or more seams:
   like ``callback_on_step_end``, but without taking that argument away from the user);
 * weight edits -- :class:`WeightEdit`, a reversible parameter delta saved as safetensors.
 
+A plugin's parameters are its ``Config``, a frozen dataclass that validates in ``__post_init__``: the plugin
+is built from the parameters (``DeepCache(interval=3)``) or from a config (``DeepCache(DeepCacheConfig(...))``),
+keeps it as ``plugin.config``, and its repr lists it. State that changes during a call lives on the plugin.
+
 ``use(pipe, *plugins)`` attaches them and returns a handle whose ``remove()`` (or the end of a
 ``with`` block) restores the pipeline exactly. The pipeline is then called as usual. At the start of
 every call each plugin's :meth:`Plugin.reset` receives a fresh :class:`CallState`, whose ``step``
@@ -20,6 +24,7 @@ latents the sampling loop starts from (read-only: plugins that set them use ``ma
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -49,15 +54,46 @@ class CallState:
         return tuple(x.chunk(2)) if self.do_cfg else (None, x)
 
 
+@dataclass(frozen=True)
+class NoConfig:
+    """The config of a plugin without parameters."""
+
+
+def settle(config, **values) -> None:
+    """In a frozen config's ``__post_init__``: store the normalized `values` (say, a list as a tuple)."""
+    for name, value in values.items():
+        object.__setattr__(config, name, value)
+
+
+def config_text(config) -> str:
+    """``k=v, ...`` of a config's fields, as its repr shows them."""
+    return ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config) if f.repr)
+
+
 class Plugin:
-    """Base class; subclasses override only the seams they use."""
+    """Base class; subclasses set ``Config`` (their parameters) and override only the seams they use."""
 
     name = "plugin"
     exclusive: tuple[str, ...] = ()  # resources at most one attached plugin may claim
+    Config: type = NoConfig  # a frozen dataclass of the parameters, validating in __post_init__
 
-    def __init__(self):
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        params = inspect.signature(cls.__init__).parameters.values()
+        generic = all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in list(params)[1:])
+        cls.__signature__ = inspect.signature(cls.Config) if generic else None  # what help() shows
+
+    def __init__(self, *args, **params):
+        self.config = self.configure(*args, **params)
         self.call = CallState()
         self._hooks: list[tuple[torch.nn.Module, str]] = []
+
+    @classmethod
+    def configure(cls, *args, **params):
+        """A ``cls.Config``: the one given, or one made from the parameters."""
+        if len(args) == 1 and not params and isinstance(args[0], cls.Config):
+            return args[0]
+        return cls.Config(*args, **params)
 
     # life cycle
     def attach(self, pipe) -> None:
@@ -93,7 +129,7 @@ class Plugin:
         self._hooks.clear()
 
     def __repr__(self):
-        return f"{type(self).__name__}()"
+        return f"{type(self).__name__}({config_text(self.config)})"
 
 
 def _overrides(plugin: Plugin, method: str) -> bool:
@@ -270,25 +306,40 @@ def attached(pipe) -> list[Plugin]:
     return list(session.plugins) if session else []
 
 
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """A scheduler class and the values that override the pipeline's scheduler config."""
+
+    scheduler: type
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not (isinstance(self.scheduler, type) and hasattr(self.scheduler, "from_config")):
+            raise StablekitError(f"SchedulerPlugin needs a diffusers scheduler class, got {self.scheduler!r}")
+        settle(self, overrides=dict(self.overrides))
+
+
 class SchedulerPlugin(Plugin):
     """Seam: the scheduler. Replaces ``pipe.scheduler`` with `scheduler_cls` built from its config."""
 
     exclusive = ("scheduler",)
+    Config = SchedulerConfig
 
-    def __init__(self, scheduler_cls, **config):
-        super().__init__()
-        self.scheduler_cls, self.config, self._old = scheduler_cls, config, None
-        self.name = scheduler_cls.__name__
+    def __init__(self, scheduler_cls, **overrides):
+        super().__init__(scheduler_cls, overrides)
+        self._old = None
+        self.name = self.config.scheduler.__name__
 
     def attach(self, pipe):
         self._old = pipe.scheduler
-        pipe.scheduler = self.scheduler_cls.from_config(pipe.scheduler.config, **self.config)
+        pipe.scheduler = self.config.scheduler.from_config(pipe.scheduler.config, **self.config.overrides)
 
     def detach(self, pipe):
         pipe.scheduler = self._old
 
     def __repr__(self):
-        return f"SchedulerPlugin({self.scheduler_cls.__name__})"
+        items = [self.config.scheduler.__name__] + [f"{k}={v!r}" for k, v in self.config.overrides.items()]
+        return f"SchedulerPlugin({', '.join(items)})"
 
 
 class WeightEdit(Plugin):
@@ -296,13 +347,14 @@ class WeightEdit(Plugin):
 
     Names are ``component.parameter`` (``unet.down_blocks.0...weight``). Detaching restores the
     original tensors bit for bit. ``save``/``load`` use safetensors with the base parameter shapes
-    recorded, so an edit made for another model is refused.
+    recorded, so an edit made for another model is refused. A subclass that computes its deltas passes its
+    parameters after `deltas` and `meta`.
     """
 
     name = "weight-edit"
 
-    def __init__(self, deltas: dict[str, torch.Tensor], meta: dict[str, str] | None = None):
-        super().__init__()
+    def __init__(self, deltas: dict[str, torch.Tensor], meta: dict[str, str] | None = None, *args, **params):
+        super().__init__(*args, **params)
         self.deltas, self.meta, self._orig = deltas, dict(meta or {}), {}
 
     @staticmethod
@@ -411,12 +463,14 @@ class GuidanceBranches(Plugin):
     and :meth:`combine` turns the unconditional, conditional and extra noise predictions into a new conditional
     prediction, which the pipeline's own guidance then uses (``uncond + scale * (combined - uncond)``).
 
-    Subclasses set ``self.prompts`` (texts, encoded with the pipeline's text encoder on attach) and implement
+    Subclasses define ``prompts`` (texts, encoded with the pipeline's text encoder on attach) and implement
     :meth:`combine`; :meth:`branch_embeds` may return None to run a step without the branches."""
 
-    def __init__(self, prompts: list[str]):
-        super().__init__()
-        self.prompts, self.embeds = list(prompts), None
+    prompts: list[str] = []
+
+    def __init__(self, *args, **params):
+        super().__init__(*args, **params)
+        self.embeds = None
 
     def attach(self, pipe):
         from .text import encode_ids, token_ids

@@ -23,6 +23,7 @@ defaults.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import inspect
 import types
 import typing
@@ -56,11 +57,18 @@ BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no":
 _ORDER = {type(None): 0, int: 1, float: 2, bool: 3, list: 4, str: 6}  # Literal values come at 5
 
 
+def _declared(target):
+    """Where `target`'s parameters are declared: a plugin class's ``Config`` dataclass, else `target` itself."""
+    config = getattr(target, "Config", None)
+    return config if isinstance(target, type) and dataclasses.is_dataclass(config) else target
+
+
 def parameters(target) -> dict[str, inspect.Parameter]:
-    """The keyword parameters with defaults of `target` (a class: its ``__init__``; or a function)."""
+    """The keyword parameters with defaults of `target` (a plugin class: its ``Config``; another class: its
+    ``__init__``; or a function)."""
     return {
         n: p
-        for n, p in inspect.signature(target).parameters.items()
+        for n, p in inspect.signature(_declared(target)).parameters.items()
         if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
 
@@ -78,6 +86,7 @@ def _kinds(hint) -> list:
 
 
 def _allowed(target, name: str, default) -> list:
+    target = _declared(target)
     try:
         hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
     except Exception:  # an annotation that does not evaluate says nothing usable

@@ -17,7 +17,7 @@ import math
 from diffusers.hooks import ModelHook
 
 from ..errors import StablekitError
-from ..plugins import Plugin
+from ..plugins import Plugin, settle
 
 
 def key_steps(
@@ -90,26 +90,31 @@ class _ReplayHook(ModelHook):
         return store[self.name]
 
 
+class KeySteps:
+    """What the caching configs share: their key steps. A config with fields ``interval``, ``schedule``,
+    ``center`` and ``power`` (as :func:`key_steps` takes them) calls :meth:`_check` in ``__post_init__``."""
+
+    def steps(self, num_steps: int) -> list[int]:
+        """The key steps of a run of `num_steps` steps."""
+        return key_steps(num_steps, self.interval, self.schedule, center=self.center, power=self.power)
+
+    def _check(self) -> None:
+        if not isinstance(self.schedule, str):
+            settle(self, schedule=tuple(self.schedule))
+        self.steps(1)  # validates the schedule
+
+
 class StepCache(Plugin):
-    """Base of the caching plugins: key steps as in :func:`key_steps`; subclasses say which modules to skip."""
+    """Base of the caching plugins: key steps from the config's ``steps(num_steps)`` (a :class:`KeySteps`);
+    subclasses say which modules to skip."""
 
     exclusive = ("UNet feature cache",)
     replay_hook = _ReplayHook  # the hook put on each skipped module
 
-    def __init__(
-        self,
-        interval: int = 1,
-        schedule="uniform",
-        center: float = 0.3,
-        power: float = 1.4,
-        reference_steps: int | None = None,
-    ):
-        super().__init__()
-        self.interval, self.schedule = interval, schedule if isinstance(schedule, str) else tuple(schedule)
-        self.center, self.power, self.reference_steps = center, power, reference_steps
+    def __init__(self, *args, **params):
+        super().__init__(*args, **params)
         self.pipe = None
         self._clear()
-        self.full_steps(1)  # validates the schedule
 
     def skipped_modules(self, unet) -> dict:
         """``{name: module}`` of the UNet modules that cached steps skip."""
@@ -117,14 +122,7 @@ class StepCache(Plugin):
 
     def full_steps(self, num_steps: int) -> list[int]:
         """The key steps of a run of `num_steps` steps."""
-        return key_steps(
-            num_steps,
-            self.interval,
-            self.schedule,
-            center=self.center,
-            power=self.power,
-            reference_steps=self.reference_steps,
-        )
+        return self.config.steps(num_steps)
 
     def _clear(self):
         self.cache, self.full, self.slot, self._keys, self._step = {}, True, 0, None, None

@@ -31,9 +31,11 @@ Deviations from the reference code:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import StablekitError
 from ..registry import register
-from .caching import StepCache
+from .caching import KeySteps, StepCache
 
 
 def branches(unet) -> list[tuple[int, int]]:
@@ -55,23 +57,37 @@ def _layer(block, prefix: str, j: int) -> dict:
     return mods
 
 
+@dataclass(frozen=True)
+class DeepCacheConfig(KeySteps):
+    """A key step every `interval` steps (``schedule="uniform"``), as many packed around `center` with spread
+    `power` (``"quadratic"``), or the given key steps; between them the modules below skip branch `branch` are
+    cached (the branch is checked against the UNet on attach)."""
+
+    interval: int = 3
+    branch: int = 0
+    schedule: str | tuple[int, ...] = "uniform"
+    center: float = 0.3
+    power: float = 1.4
+
+    def __post_init__(self):
+        if isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0:
+            raise StablekitError(f"DeepCache branch is a whole number >= 0, got {self.branch!r}")
+        self._check()
+
+
 @register("accel")
 class DeepCache(StepCache):
-    """``DeepCache(interval=3, branch=0, schedule="uniform" | "quadratic" | key steps, center=0.3, power=1.4)``."""
+    """``DeepCache(interval=3, branch=0, schedule="uniform" | "quadratic" | key steps, center=0.3, power=1.4)``,
+    or ``DeepCache(DeepCacheConfig(...))``."""
 
     name = "deepcache"
-
-    def __init__(
-        self, interval: int = 3, branch: int = 0, schedule="uniform", center: float = 0.3, power: float = 1.4
-    ):
-        super().__init__(interval, schedule, center, power)
-        self.branch = branch
+    Config = DeepCacheConfig
 
     def skipped_modules(self, unet):
-        all_branches = branches(unet)
-        if not 0 <= self.branch < len(all_branches):
-            raise StablekitError(f"this UNet has skip branches 0 to {len(all_branches) - 1}; got {self.branch}")
-        b, layer = all_branches[self.branch]
+        all_branches, branch = branches(unet), self.config.branch
+        if not 0 <= branch < len(all_branches):
+            raise StablekitError(f"this UNet has skip branches 0 to {len(all_branches) - 1}; got {branch}")
+        b, layer = all_branches[branch]
         n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
         deep = {f"down_blocks.{i}": unet.down_blocks[i] for i in range(b + 1, n_down)}
         if unet.mid_block is not None:
@@ -86,6 +102,3 @@ class DeepCache(StepCache):
         for k in range(len(up.resnets) - 1 - layer):  # up layers count from the output: resnet k is layer n - 1 - k
             deep.update(_layer(up, f"up_blocks.{n_up - 1 - b}", k))
         return deep
-
-    def __repr__(self):
-        return f"DeepCache(interval={self.interval}, branch={self.branch}, schedule={self.schedule!r})"

@@ -57,11 +57,14 @@ Deviations from the paper and its code:
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 
+from ..errors import StablekitError
+from ..plugins import settle
 from ..registry import register
-from .caching import StepCache, _ReplayHook
+from .caching import StepCache, _ReplayHook, key_steps
 
 PAPER_KEY_STEPS = (0, 1, 2, 3, 5, 10, 15, 25, 35)  # of 50 steps
 RESIDUALS = (
@@ -119,6 +122,34 @@ class _SharedEncoderHook(_ReplayHook):
         return _tile(super().new_forward(module, *args, **kwargs), rows, reps)
 
 
+@dataclass(frozen=True)
+class EncoderPropagationConfig:
+    """Key steps: uniform 1:`interval`, or (``interval=None``) `key_steps` written for `reference_steps` steps;
+    the parallel decoder; prior noise `prior_noise` before the steps with a timestep below `prior_noise_below`."""
+
+    interval: int | None = None
+    key_steps: tuple[int, ...] = PAPER_KEY_STEPS
+    reference_steps: int = 50
+    parallel: bool = False
+    prior_noise: float = 0.0
+    prior_noise_below: float = 500
+
+    def __post_init__(self):
+        settle(self, key_steps=tuple(self.key_steps))
+        if self.reference_steps < 1 or self.prior_noise < 0:
+            raise StablekitError(
+                f"encoder propagation: reference_steps must be >= 1 (got {self.reference_steps}) "
+                f"and prior_noise >= 0 (got {self.prior_noise})"
+            )
+        self.steps(1)  # validates the key steps
+
+    def steps(self, num_steps: int) -> list[int]:
+        """The key steps of a run of `num_steps` steps."""
+        if self.interval is None:
+            return key_steps(num_steps, 1, self.key_steps, reference_steps=self.reference_steps)
+        return key_steps(num_steps, self.interval)
+
+
 @register("accel")
 class EncoderPropagation(StepCache):
     """``EncoderPropagation()`` (the paper's key steps), ``EncoderPropagation(interval=4)`` (uniform 1:4), or
@@ -128,21 +159,10 @@ class EncoderPropagation(StepCache):
 
     name = "encoder-propagation"
     replay_hook = _SharedEncoderHook
+    Config = EncoderPropagationConfig
 
-    def __init__(
-        self,
-        interval: int | None = None,
-        key_steps=PAPER_KEY_STEPS,
-        reference_steps: int = 50,
-        parallel: bool = False,
-        prior_noise: float = 0.0,
-        prior_noise_below: float = 500,
-    ):
-        if interval is None:
-            super().__init__(schedule=key_steps, reference_steps=reference_steps)
-        else:
-            super().__init__(interval)
-        self.parallel, self.prior_noise, self.prior_noise_below = parallel, prior_noise, prior_noise_below
+    def __init__(self, *args, **params):
+        super().__init__(*args, **params)
         self._signature = None
 
     def skipped_modules(self, unet):
@@ -167,7 +187,7 @@ class EncoderPropagation(StepCache):
 
     # parallel decoder
     def model_call(self, forward, args, kwargs):
-        if not self.parallel:
+        if not self.config.parallel:
             return forward(*args, **kwargs)
         inputs = self._signature.bind(*args, **kwargs).arguments
         expected, out = self._ahead.pop((self._step, self.slot), (None, None))
@@ -214,20 +234,13 @@ class EncoderPropagation(StepCache):
 
     # prior noise injection
     def on_step_end(self, call, step, timestep, latents):
-        ts = self._run_timesteps()
+        ts, cfg = self._run_timesteps(), self.config
         if (
-            self.prior_noise
+            cfg.prior_noise
             and call.initial_latents is not None
             and ts is not None
             and step + 1 < len(ts)
-            and ts[step + 1] < self.prior_noise_below
+            and ts[step + 1] < cfg.prior_noise_below
         ):
-            return latents + self.prior_noise * call.initial_latents
+            return latents + cfg.prior_noise * call.initial_latents
         return latents
-
-    def __repr__(self):
-        what = f"interval={self.interval}" if isinstance(self.schedule, str) else f"key_steps={list(self.schedule)}"
-        extra = (", parallel=True" if self.parallel else "") + (
-            f", prior_noise={self.prior_noise}" if self.prior_noise else ""
-        )
-        return f"EncoderPropagation({what}{extra})"

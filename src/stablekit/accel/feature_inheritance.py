@@ -17,9 +17,31 @@ up block inherited at every second step, are our choice, not the paper's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import StablekitError
+from ..plugins import settle
 from ..registry import register
-from .caching import StepCache
+from .caching import KeySteps, StepCache
+
+
+@dataclass(frozen=True)
+class FeatureInheritanceConfig(KeySteps):
+    """The UNet modules (`blocks`, by path; checked against the UNet on attach) that inherit their output
+    between key steps, and the key steps as in :class:`~.deepcache.DeepCacheConfig`."""
+
+    blocks: tuple[str, ...] = ("mid_block", "up_blocks.0")
+    interval: int = 2
+    schedule: str | tuple[int, ...] = "uniform"
+    center: float = 0.3
+    power: float = 1.4
+
+    def __post_init__(self):
+        blocks = (self.blocks,) if isinstance(self.blocks, str) else tuple(self.blocks)
+        if not blocks or not all(isinstance(b, str) and b for b in blocks):
+            raise StablekitError(f"feature inheritance needs module names, e.g. blocks=['mid_block']; got {blocks}")
+        settle(self, blocks=blocks)
+        self._check()
 
 
 @register("accel")
@@ -27,24 +49,11 @@ class FeatureInheritance(StepCache):
     """``FeatureInheritance(blocks=("mid_block", "up_blocks.0"), interval=2, schedule="uniform")``."""
 
     name = "feature-inheritance"
-
-    def __init__(
-        self,
-        blocks=("mid_block", "up_blocks.0"),
-        interval: int = 2,
-        schedule="uniform",
-        center: float = 0.3,
-        power: float = 1.4,
-    ):
-        super().__init__(interval, schedule, center, power)
-        self.blocks = (blocks,) if isinstance(blocks, str) else tuple(blocks)
+    Config = FeatureInheritanceConfig
 
     def skipped_modules(self, unet):
-        named = dict(unet.named_modules())
-        for name in self.blocks:
-            if not name or name not in named:
+        named, blocks = dict(unet.named_modules()), self.config.blocks
+        for name in blocks:
+            if name not in named:
                 raise StablekitError(f"this UNet has no module '{name}'; name one of its blocks, e.g. 'mid_block'")
-        return {name: named[name] for name in self.blocks}
-
-    def __repr__(self):
-        return f"FeatureInheritance(blocks={list(self.blocks)}, interval={self.interval})"
+        return {name: named[name] for name in blocks}

@@ -21,59 +21,72 @@ fusing would drop theirs too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import LCMScheduler
 
 from ..errors import StablekitError
-from ..plugins import SchedulerPlugin, use
+from ..plugins import Plugin, SchedulerPlugin, settle, use
 
 ADAPTER = "stablekit-lcm"
 
 
-class LCMLoRA(SchedulerPlugin):
+@dataclass(frozen=True)
+class LCMLoRAConfig:
+    """The LoRA (a file or a hub id) and the weight it is fused with."""
+
+    lora: str
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not str(self.lora).strip():
+            raise StablekitError("LCM-LoRA needs lora=FILE or a hub id")
+        settle(self, lora=str(self.lora), weight=float(self.weight))
+
+
+class LCMLoRA(Plugin):
     """``LCMScheduler`` plus an LCM-LoRA fused at `weight` while attached."""
 
-    def __init__(self, lora: str | Path, weight: float = 1.0):
-        super().__init__(LCMScheduler)
-        self.name = "lcm-lora"
-        self.lora, self.weight, self._saved = lora, float(weight), []
+    name = "lcm-lora"
+    exclusive = SchedulerPlugin.exclusive
+    Config = LCMLoRAConfig
+
+    def __init__(self, *args, **params):
+        super().__init__(*args, **params)
+        self._saved, self._scheduler = [], SchedulerPlugin(LCMScheduler)
 
     def attach(self, pipe):
+        lora = self.config.lora
         if not hasattr(pipe, "load_lora_weights"):
             raise StablekitError(f"{type(pipe).__name__} cannot load LoRA weights")
-        if Path(self.lora).suffix in (".safetensors", ".bin") and not Path(self.lora).is_file():
-            raise StablekitError(f"LoRA file '{self.lora}' does not exist")
+        if Path(lora).suffix in (".safetensors", ".bin") and not Path(lora).is_file():
+            raise StablekitError(f"LoRA file '{lora}' does not exist")
         if any(pipe.get_list_adapters().values()):
             raise StablekitError("the pipeline already holds LoRA adapters; fuse or unload them before LCM-LoRA")
         try:
-            pipe.load_lora_weights(str(self.lora), adapter_name=ADAPTER)
+            pipe.load_lora_weights(str(lora), adapter_name=ADAPTER)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             pipe.unload_lora_weights()
-            raise StablekitError(f"cannot load LoRA '{self.lora}': {str(e).strip().splitlines()[0]}") from None
+            raise StablekitError(f"cannot load LoRA '{lora}': {str(e).strip().splitlines()[0]}") from None
         modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
         layers = [m.get_base_layer() for c in modules for m in c.modules() if ADAPTER in getattr(m, "lora_A", {})]
         if not layers:
             pipe.unload_lora_weights()
-            raise StablekitError(
-                f"'{self.lora}' holds no LoRA weights for this pipeline; it was made for another model"
-            )
+            raise StablekitError(f"'{lora}' holds no LoRA weights for this pipeline; it was made for another model")
         # the originals, kept on the CPU, come back bit for bit on detach
         self._saved = [(p, p.detach().to("cpu", copy=True)) for m in layers for p in m.parameters(recurse=False)]
-        pipe.fuse_lora(lora_scale=self.weight, adapter_names=[ADAPTER])
+        pipe.fuse_lora(lora_scale=self.config.weight, adapter_names=[ADAPTER])
         pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
-        super().attach(pipe)
+        self._scheduler.attach(pipe)
 
     def detach(self, pipe):
-        super().detach(pipe)
+        self._scheduler.detach(pipe)
         with torch.no_grad():
             for p, orig in self._saved:
                 p.copy_(orig)
         self._saved = []
-
-    def __repr__(self):
-        return f"LCMLoRA({str(self.lora)!r}, weight={self.weight})"
 
 
 def lcm(pipe, lora: str | Path, weight: float = 1.0):

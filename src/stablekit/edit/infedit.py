@@ -67,11 +67,13 @@ Deviations:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import StablekitError
 from ..latents import Schedule, eps, tile
-from .prompt_to_prompt import PromptToPrompt, _Scores
+from .prompt_to_prompt import PromptToPrompt, PromptToPromptConfig, _Scores
 
 STEPS, GUIDANCE, SOURCE_GUIDANCE = 12, 2.3, 1.0
 
@@ -144,6 +146,16 @@ class _Rows(_Scores):
             setattr(self, name, _gather(getattr(attn, name), branches, halves))
 
 
+@dataclass(frozen=True)
+class UnifiedAttentionControlConfig(PromptToPromptConfig):
+    """:class:`.prompt_to_prompt.PromptToPromptConfig` with the paper's defaults."""
+
+    mode: str = "refine"
+    cross_replace_steps: float = 0.7
+    self_replace_steps: float = 0.7
+    threshold: float = 0.55
+
+
 class UnifiedAttentionControl(PromptToPrompt):
     """InfEdit's unified attention control of the [source, layout, target] branches (see the module
     docstring), for :func:`stablekit.edit.edit` with ``method="infedit"``. The arguments are
@@ -153,16 +165,7 @@ class UnifiedAttentionControl(PromptToPrompt):
     branches = 3
     usage = "unified attention control drives InfEdit's three branches: use stablekit.edit.edit(..., method='infedit')"
 
-    def __init__(
-        self,
-        mode: str = "refine",
-        cross_replace_steps: float = 0.7,
-        self_replace_steps: float = 0.7,
-        weights: dict[str, float] | None = None,
-        blend: tuple[str, ...] | list[str] = (),
-        threshold: float = 0.55,
-    ):
-        super().__init__(mode, cross_replace_steps, self_replace_steps, weights, blend, threshold)
+    Config = UnifiedAttentionControlConfig
 
     def _pairs(self, prompts) -> tuple[list[str], list[str]]:
         source, layout, target = self._branches(prompts)
@@ -176,8 +179,5 @@ class UnifiedAttentionControl(PromptToPrompt):
     def _stand_in(self, attn, cross: bool):
         if cross:
             return super()._stand_in(attn, cross)
-        rows = _FIRST if self._until(self.self_replace_steps) else _MUTUAL
+        rows = _FIRST if self._until(self.config.self_replace_steps) else _MUTUAL
         return _Rows(attn, rows, 2 if self.call.do_cfg else 1)
-
-    def __repr__(self):
-        return f"UnifiedAttentionControl({self.mode!r})"

@@ -39,13 +39,14 @@ cross-attention blend the maps of their largest layers under 256 queries (the sm
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
 
 from ..errors import StablekitError
-from ..plugins import Plugin
+from ..plugins import Plugin, settle
 
 MODES = ("replace", "refine")
 MAX_TOKENS = 16 * 16  # the code's attention resolution for self-attention replacement and blending
@@ -125,13 +126,38 @@ class _Processor:
         return AttnProcessor()(stand_in, hidden_states, encoder_hidden_states, *args, **kwargs)
 
 
-class PromptToPrompt(Plugin):
-    """Prompt-to-prompt attention control (see the module docstring).
+@dataclass(frozen=True)
+class PromptToPromptConfig:
+    """`mode`: "replace" (word swap) or "refine" (added words); `cross_replace_steps` and `self_replace_steps`:
+    fractions of the steps from the start; `weights`: target word -> attention scale; `blend`: words whose
+    attention maps make the local-blend mask; `threshold`: its cut-off."""
 
-    `mode`: "replace" (word swap) or "refine" (added words); `cross_replace_steps` and
-    `self_replace_steps`: fractions of the steps from the start; `weights`: target word -> attention
-    scale; `blend`: words whose attention maps make the local-blend mask; `threshold`: its cut-off.
-    With `blend`, ``mask`` holds the latest mask (images per prompt, 1, h, w) after each step.
+    mode: str = "replace"
+    cross_replace_steps: float = 0.8
+    self_replace_steps: float = 0.4
+    weights: dict[str, float] = field(default_factory=dict)
+    blend: tuple[str, ...] = ()
+    threshold: float = 0.3
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise StablekitError(f"unknown prompt-to-prompt mode '{self.mode}'; choose one of: {', '.join(MODES)}")
+        if not (0 <= self.cross_replace_steps <= 1 and 0 <= self.self_replace_steps <= 1 and 0 <= self.threshold < 1):
+            raise StablekitError(
+                f"cross_replace_steps ({self.cross_replace_steps}) and self_replace_steps "
+                f"({self.self_replace_steps}) are fractions in [0, 1], the threshold ({self.threshold}) "
+                "lies in [0, 1)"
+            )
+        weights = dict(self.weights or {})
+        if any(not math.isfinite(s) or s < 0 for s in weights.values()):
+            raise StablekitError(f"attention weights must be finite and >= 0, got {weights}")
+        settle(self, weights=weights, blend=(self.blend,) if isinstance(self.blend, str) else tuple(self.blend))
+
+
+class PromptToPrompt(Plugin):
+    """Prompt-to-prompt attention control (see the module docstring), with the parameters of
+    :class:`PromptToPromptConfig`. With `blend`, ``mask`` holds the latest mask (images per prompt, 1, h, w)
+    after each step.
     """
 
     name = "prompt-to-prompt"
@@ -141,28 +167,10 @@ class PromptToPrompt(Plugin):
         "prompt-to-prompt edits pairs of prompts: call the pipeline with [source, target] or use stablekit.edit.edit"
     )
 
-    def __init__(
-        self,
-        mode: str = "replace",
-        cross_replace_steps: float = 0.8,
-        self_replace_steps: float = 0.4,
-        weights: dict[str, float] | None = None,
-        blend: tuple[str, ...] | list[str] = (),
-        threshold: float = 0.3,
-    ):
-        super().__init__()
-        if mode not in MODES:
-            raise StablekitError(f"unknown prompt-to-prompt mode '{mode}'; choose one of: {', '.join(MODES)}")
-        if not (0 <= cross_replace_steps <= 1 and 0 <= self_replace_steps <= 1 and 0 <= threshold < 1):
-            raise StablekitError(
-                f"cross_replace_steps ({cross_replace_steps}) and self_replace_steps "
-                f"({self_replace_steps}) are fractions in [0, 1], the threshold ({threshold}) "
-                "lies in [0, 1)"
-            )
-        if any(not math.isfinite(s) or s < 0 for s in (weights or {}).values()):
-            raise StablekitError(f"attention weights must be finite and >= 0, got {weights}")
-        self.mode, self.cross_replace_steps, self.self_replace_steps = mode, cross_replace_steps, self_replace_steps
-        self.weights, self.blend, self.threshold = dict(weights or {}), tuple(blend), threshold
+    Config = PromptToPromptConfig
+
+    def __init__(self, *args, **params):
+        super().__init__(*args, **params)
         self._saved, self.mask = None, None
 
     def attach(self, pipe):
@@ -203,18 +211,19 @@ class PromptToPrompt(Plugin):
         self._index, self._alpha = (
             torch.stack(t)
             for t in zip(
-                *(token_map(tokenizer, s, t, self.mode) for s, t in zip(sources, targets, strict=False)), strict=False
+                *(token_map(tokenizer, s, t, self.config.mode) for s, t in zip(sources, targets, strict=False)),
+                strict=False,
             )
         )
         self._scale = torch.ones(len(targets), n)
         self._words = torch.zeros(self.branches, len(targets), n)  # blend words: source and target branches
         for k, (source, target) in enumerate(zip(sources, targets, strict=False)):
-            for word, s in self.weights.items():
+            for word, s in self.config.weights.items():
                 pos = word_positions(tokenizer, target, word)
                 if not pos:
                     raise StablekitError(f"word '{word}' is not in the target prompt '{target}'")
                 self._scale[k, pos] = s
-            for word in self.blend:
+            for word in self.config.blend:
                 src, tgt = word_positions(tokenizer, source, word), word_positions(tokenizer, target, word)
                 if not src and not tgt:
                     raise StablekitError(f"blend word '{word}' is in neither prompt ('{source}', '{target}')")
@@ -229,8 +238,8 @@ class PromptToPrompt(Plugin):
 
     def _touches(self, queries: int, cross: bool) -> bool:
         if cross:
-            return bool(self.blend) or self._until(self.cross_replace_steps)
-        return queries <= MAX_TOKENS and self._until(self.self_replace_steps)
+            return bool(self.config.blend) or self._until(self.config.cross_replace_steps)
+        return queries <= MAX_TOKENS and self._until(self.config.self_replace_steps)
 
     def _stand_in(self, attn, cross: bool) -> _Scores:
         """What a controlled layer's ``AttnProcessor`` runs in place of the ``Attention`` module `attn`."""
@@ -241,9 +250,9 @@ class PromptToPrompt(Plugin):
         p = probs.view(-1, heads, *probs.shape[1:])
         cond = p[len(p) // 2 :] if self.call.do_cfg else p
         ref, tgt = cond.chunk(self.branches)[-2:]  # ref: the source branch here
-        if cross and self.blend:
+        if cross and self.config.blend:
             self._maps[p.shape[2]] = self._maps.get(p.shape[2], 0) + cond.mean(1)
-        if cross and self._until(self.cross_replace_steps):
+        if cross and self._until(self.config.cross_replace_steps):
             if p.shape[-1] != self._index.shape[-1]:
                 raise StablekitError(
                     f"prompt embeddings have {p.shape[-1]} tokens but the tokenizer pads to "
@@ -253,7 +262,7 @@ class PromptToPrompt(Plugin):
             index = self._per_row(self._index, rows).to(probs.device)[:, None, None].expand_as(ref)
             alpha, scale = (self._per_row(x, rows).to(probs)[:, None, None] for x in (self._alpha, self._scale))
             new = (ref.gather(-1, index) * alpha + tgt * (1 - alpha)) * scale
-        elif not cross and p.shape[2] <= MAX_TOKENS and self._until(self.self_replace_steps):
+        elif not cross and p.shape[2] <= MAX_TOKENS and self._until(self.config.self_replace_steps):
             new = ref
         else:
             return probs
@@ -262,7 +271,7 @@ class PromptToPrompt(Plugin):
         return out.view_as(probs)
 
     def on_step_end(self, call, step, timestep, latents):
-        if not self.blend:
+        if not self.config.blend:
             return latents
         *rest, ref, tgt = latents.chunk(self.branches)
         queries = max((q for q in self._maps if q <= MAX_TOKENS), default=min(self._maps))
@@ -272,8 +281,5 @@ class PromptToPrompt(Plugin):
         maps = F.max_pool2d(maps.view(len(maps), 1, h // f, w // f), 3, 1, 1)
         maps = F.interpolate(maps, size=(h, w))
         maps = maps / maps.amax((2, 3), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
-        self.mask = (maps > self.threshold).view(self.branches, len(tgt), 1, h, w).any(0).to(latents.dtype)
+        self.mask = (maps > self.config.threshold).view(self.branches, len(tgt), 1, h, w).any(0).to(latents.dtype)
         return torch.cat([*rest, ref, ref + self.mask * (tgt - ref)])
-
-    def __repr__(self):
-        return f"PromptToPrompt({self.mode!r})"

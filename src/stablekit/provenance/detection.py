@@ -36,17 +36,19 @@ FPR = 1e-6  # default false-positive rate of a decision (Gaussian Shading's sett
 
 
 class Watermark(Plugin):
-    """A generative watermark: initial latents made from a key, and their detection."""
+    """A generative watermark: initial latents made from a key, and their detection. The plugin's config is its
+    :class:`~.keys.Key` (frozen: method, parameters, secret); :meth:`setup` checks the parameters against the
+    key's latent shape."""
 
     name = ""
+    Config = Key
 
     def __init__(self, key: Key):
-        super().__init__()
         if not isinstance(key, Key):
             raise StablekitError(f"expected a watermark Key (stablekit.provenance.Key.load), got {type(key).__name__}")
         if key.method != self.name:
             raise StablekitError(f"this key was made for {key.method}, not {self.name}")
-        self.key = key
+        super().__init__(key)
         try:
             self.shape = tuple(int(s) for s in key.params["latent_shape"])
             self.image_size = tuple(int(s) for s in key.params["image_size"])
@@ -58,8 +60,14 @@ class Watermark(Plugin):
         except (KeyError, TypeError, ValueError) as e:
             raise StablekitError(f"the {self.name} key is corrupt: bad or missing parameter {e}") from None
 
+    @property
+    def key(self) -> Key:
+        return self.config
+
     def __repr__(self):
-        return f"{type(self).__name__}({self.image_size[1]}x{self.image_size[0]})"
+        params = {k: v for k, v in self.key.params.items() if k not in ("latent_shape", "image_size")}
+        shown = [f"{k}=<{len(v)} bits>" if k == "message" else f"{k}={v!r}" for k, v in params.items()]
+        return f"{type(self).__name__}({', '.join([self.size_text(), *shown])})"
 
     # what each method defines
     @classmethod

@@ -22,11 +22,13 @@ them shows the concept (reported per composition too).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers.hooks import ModelHook
 
 from ..errors import StablekitError
-from ..plugins import Plugin
+from ..plugins import Plugin, settle
 from ..registry import register
 
 
@@ -55,6 +57,22 @@ class _ComposeHook(ModelHook):
         return output
 
 
+@dataclass(frozen=True)
+class ConceptArithmeticConfig:
+    """The terms ``(prompt, weight)``; a term's prompt may be a list of B prompts, the same B for every term."""
+
+    terms: tuple[tuple[str | tuple[str, ...], float], ...]
+
+    def __post_init__(self):
+        terms = tuple((p if isinstance(p, str) else tuple(p), float(w)) for p, w in self.terms)
+        lists = [[p] if isinstance(p, str) else list(p) for p, _ in terms]
+        if not terms or not all(lists) or not all(isinstance(p, str) and p.strip() for ps in lists for p in ps):
+            raise StablekitError("concept arithmetic needs a non-empty list of (prompt, weight) terms")
+        if len({len(ps) for ps in lists}) > 1:
+            raise StablekitError("concept arithmetic: every term needs the same number of prompts")
+        settle(self, terms=terms)
+
+
 @register("attack")
 class ConceptArithmetic(Plugin):
     """``ConceptArithmetic([(prompt, weight), ...])``: call the pipeline with ``prompt=attack.prompts``.
@@ -63,26 +81,19 @@ class ConceptArithmetic(Plugin):
     composed images at once (rows term-major, ``attack.prompts``; give row ``t * B + j`` image j's seed)."""
 
     name = "arithmetic"
+    Config = ConceptArithmeticConfig
 
-    def __init__(self, terms: list[tuple[str | list[str], float]]):
-        super().__init__()
-        lists = [[p] if isinstance(p, str) else list(p) for p, _ in terms]
-        if not terms or not all(lists) or not all(isinstance(p, str) and p.strip() for ps in lists for p in ps):
-            raise StablekitError("concept arithmetic needs a non-empty list of (prompt, weight) terms")
-        if len({len(ps) for ps in lists}) > 1:
-            raise StablekitError("concept arithmetic: every term needs the same number of prompts")
-        self.prompts, self.weights = [p for ps in lists for p in ps], [float(w) for _, w in terms]
+    @property
+    def prompts(self) -> list[str]:
+        """The rows of the call: each term's prompts, term by term."""
+        return [p for t, _ in self.config.terms for p in ([t] if isinstance(t, str) else t)]
+
+    @property
+    def weights(self) -> list[float]:
+        return [w for _, w in self.config.terms]
 
     def attach(self, pipe):
         self.add_hook(pipe.unet, _ComposeHook(self))
-
-    def __repr__(self):
-        b = len(self.prompts) // len(self.weights)
-        return (
-            "ConceptArithmetic("
-            + " ".join(f"{w:+g}*'{p}'" for p, w in zip(self.prompts[::b], self.weights, strict=False))
-            + ")"
-        )
 
 
 def decompositions(

@@ -14,6 +14,7 @@ defense, which gets the concept word alone.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import time
@@ -162,7 +163,7 @@ def defense(
         spm = SPM.train(pipe, c.word, **(spm_train or {}))
         if spm_file is not None:
             spm.save(spm_file)
-        spm.multiplier = spm_multiplier
+        spm.config = dataclasses.replace(spm.config, multiplier=spm_multiplier)
         return Defense(name, [spm], setup_seconds=time.perf_counter() - t0)
     raise StablekitError(f"unknown defense '{name}'; choose one of: {', '.join(DEFENSES)}")
 

@@ -79,7 +79,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..errors import StablekitError
-from ..plugins import Plugin, extend_batch, unet_kwargs
+from ..plugins import Plugin, extend_batch, settle, unet_kwargs
 from ..registry import register
 from ..text import encode_ids, is_clip, token_ids, tokenizer
 from .templates import TEMPLATES
@@ -197,67 +197,85 @@ class _SkipHook(ModelHook):
 
     def _reattend(self, x, n):
         extra = len(x) - n
-        f = reattend(x[n - extra : n], x[n:], self.plugin.radius, self.scale)
+        f = reattend(x[n - extra : n], x[n:], self.plugin.config.radius, self.scale)
         return torch.cat([x[: n - extra], f, x[n:]])
+
+
+def concept_words(concepts, who: str) -> tuple[str, ...]:
+    """`concepts` as a tuple of non-empty words, or a one-line error naming `who` needs them."""
+    if isinstance(concepts, str) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
+        raise StablekitError(f"{who} needs a non-empty list of concept keywords, e.g. concepts=['star']")
+    return tuple(concepts)
+
+
+@dataclass(frozen=True)
+class SAFREEConfig:
+    """The parameters of :class:`SAFREE` (see the module docstring); ``upper``, ``gain``, ``center`` of None are
+    the space's :data:`FILTER` values."""
+
+    concepts: tuple[str, ...] = ()
+    alpha: float = 0.01
+    detect: bool = True
+    project: bool = True
+    self_validation: bool = True
+    upper: float | None = None
+    gain: float | None = None
+    center: float | None = None
+    re_attention: bool = True
+    scales: tuple[float, ...] = (0.9, 0.2)
+    radius: int = 1
+    negative_prompt: bool = False
+    space: str = "auto"
+    rank: int = 3
+
+    def __post_init__(self):
+        settle(self, concepts=concept_words(self.concepts, "SAFREE"), scales=tuple(self.scales))
+        if not 0 <= (self.upper or 0) <= 1 or self.radius < 0 or any(s < 0 for s in self.scales):
+            raise StablekitError(
+                f"SAFREE: upper must be in [0, 1] (got {self.upper}), radius >= 0 (got {self.radius}) "
+                f"and scales >= 0 (got {list(self.scales)})"
+            )
+        if self.space not in SPACES or int(self.rank) != self.rank or self.rank < 1:
+            raise StablekitError(
+                f"SAFREE: space is one of {', '.join(SPACES)} (got '{self.space}') and rank a whole "
+                f"number >= 1 (got {self.rank})"
+            )
+        settle(self, rank=int(self.rank))
+
+    def filter(self, space: str) -> dict:
+        """The self-validating filter's ``upper``, ``gain``, ``center`` in `space` ("sentence" or "tokens")."""
+        given = {"upper": self.upper, "gain": self.gain, "center": self.center}
+        return FILTER[space] | {k: v for k, v in given.items() if v is not None}
 
 
 @register("guard")
 class SAFREE(Plugin):
     """``SAFREE(concepts, alpha=0.01, detect=True, project=True, self_validation=True, upper=None, gain=None,
     center=None, re_attention=True, scales=(0.9, 0.2), radius=1, negative_prompt=False, space="auto",
-    rank=3)``; ``upper``, ``gain``, ``center`` default to the space's :data:`FILTER`."""
+    rank=3)``, or ``SAFREE(SAFREEConfig(...))``; ``upper``, ``gain``, ``center`` default to the space's
+    :data:`FILTER`."""
 
     name = "safree"
+    Config = SAFREEConfig
 
-    def __init__(
-        self,
-        concepts: list[str] = (),
-        alpha: float = 0.01,
-        detect: bool = True,
-        project: bool = True,
-        self_validation: bool = True,
-        upper: float | None = None,
-        gain: float | None = None,
-        center: float | None = None,
-        re_attention: bool = True,
-        scales: list[float] = (0.9, 0.2),
-        radius: int = 1,
-        negative_prompt: bool = False,
-        space: str = "auto",
-        rank: int = 3,
-    ):
-        super().__init__()
-        if isinstance(concepts, str) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
-            raise StablekitError("SAFREE needs a non-empty list of concept keywords, e.g. concepts=['star']")
-        if not 0 <= (upper or 0) <= 1 or radius < 0 or any(s < 0 for s in scales):
-            raise StablekitError(
-                f"SAFREE: upper must be in [0, 1] (got {upper}), radius >= 0 (got {radius}) "
-                f"and scales >= 0 (got {list(scales)})"
-            )
-        if space not in SPACES or int(rank) != rank or rank < 1:
-            raise StablekitError(
-                f"SAFREE: space is one of {', '.join(SPACES)} (got '{space}') and rank a whole "
-                f"number >= 1 (got {rank})"
-            )
-        self.concepts, self.alpha, self.detect, self.project = list(concepts), alpha, detect, project
-        self.self_validation, self.filter = self_validation, dict(upper=upper, gain=gain, center=center)
-        self.re_attention, self.scales, self.radius = re_attention, tuple(scales), radius
-        self.negative_prompt, self.space, self.rank, self.pipe = negative_prompt, space, int(rank), None
-        self._space = "tokens" if space == "tokens" else "sentence"  # "auto" is resolved by attach()
+    def __init__(self, *args, **params):
+        super().__init__(*args, **params)
+        self.pipe = None
+        self._space = "tokens" if self.config.space == "tokens" else "sentence"  # "auto" is resolved by attach()
         self._rows, self._split, self.decisions = None, None, []
 
     def attach(self, pipe):
-        if self.negative_prompt and hasattr(pipe, "text_encoder_2"):
+        if self.config.negative_prompt and hasattr(pipe, "text_encoder_2"):
             raise StablekitError(
                 "SAFREE negative_prompt=True works with SD 1.x/2.x pipelines; with SDXL pass "
                 "negative_prompt=... to the pipeline yourself"
             )
         self.pipe = pipe
-        self._space = self.space if self.space != "auto" else "sentence" if is_clip(pipe) else "tokens"
+        self._space = self.config.space if self.config.space != "auto" else "sentence" if is_clip(pipe) else "tokens"
         if self._routed():
             self.add_hook(pipe.unet, _UNetHook(self))
-        if self.project and self.re_attention:
-            for block, scale in zip(pipe.unet.up_blocks, self.scales, strict=False):
+        if self.config.project and self.config.re_attention:
+            for block, scale in zip(pipe.unet.up_blocks, self.config.scales, strict=False):
                 self.add_hook(block, _SkipHook(self, scale))
 
     def detach(self, pipe):
@@ -269,16 +287,16 @@ class SAFREE(Plugin):
 
     def _routed(self) -> bool:
         """Whether a UNet hook chooses each row's embeddings per step."""
-        return self.project and (self.self_validation or self.re_attention)
+        return self.config.project and (self.config.self_validation or self.config.re_attention)
 
     # prompt embeddings
     def transform_embeds(self, call, pe, npe):
         negative = None
-        if self.negative_prompt and call.do_cfg and call.negative_prompt is None:
-            negative = self._encode([", ".join(self.concepts)])[0].to(npe.dtype).expand_as(npe)
+        if self.config.negative_prompt and call.do_cfg and call.negative_prompt is None:
+            negative = self._encode([", ".join(self.config.concepts)])[0].to(npe.dtype).expand_as(npe)
         if not self._routed():  # no per-step choice: the negative prompt, if any, holds for the whole run
             npe = npe if negative is None else negative
-        if not self.project:
+        if not self.config.project:
             return pe, npe
         if call.prompt is None:
             raise StablekitError(
@@ -289,7 +307,10 @@ class SAFREE(Plugin):
         if self._space == "tokens":
             concept, filter_ = self._token_subspace(), self._remove
         else:
-            concept, filter_ = basis(self._sentences([token_ids(self.pipe, c) for c in self.concepts])), self._filter
+            concept, filter_ = (
+                basis(self._sentences([token_ids(self.pipe, c) for c in self.config.concepts])),
+                self._filter,
+            )
         filtered, decisions = zip(*(filter_(p, pe[i * per], concept) for i, p in enumerate(prompts)), strict=False)
         self.decisions = list(decisions)
         beta = torch.tensor([d.beta for d in decisions], device=pe.device).repeat_interleave(per)
@@ -309,13 +330,13 @@ class SAFREE(Plugin):
     def _token_subspace(self) -> torch.Tensor:
         """Token space: per keyword, the top `rank` directions of its token embeddings in the :data:`TEMPLATES`."""
         directions = []
-        for c in self.concepts:
+        for c in self.config.concepts:
             word = token_ids(self.pipe, c)[1:-1]
             rows = [token_ids(self.pipe, t.format(c)) for t in TEMPLATES]
             emb = self._encode(rows)
             at = [next((i for i in range(len(r)) if r[i : i + len(word)] == word), None) for r in rows]
             vectors = torch.cat([emb[k, i : i + len(word)] for k, i in enumerate(at) if i is not None]).float()
-            directions.append(basis(vectors)[:, : self.rank])
+            directions.append(basis(vectors)[:, : self.config.rank])
         return basis(torch.cat(directions, 1).T)
 
     def _remove(self, prompt: str, embeds: torch.Tensor, concept: torch.Tensor) -> tuple[torch.Tensor, Decision]:
@@ -333,7 +354,7 @@ class SAFREE(Plugin):
         if n < 1:
             return embeds, Decision(names, [], 0.0)
         loo = self._sentences([ids[:i] + ids[i + 1 :] for i in range(1, n + 1)])
-        flagged = triggers(loo, concept, self.alpha) if self.detect else torch.ones(n, dtype=torch.bool)
+        flagged = triggers(loo, concept, self.config.alpha) if self.config.detect else torch.ones(n, dtype=torch.bool)
         proj = project(embeds, basis(loo), concept)
         out = embeds.clone()
         rows = torch.arange(1, n + 1, device=embeds.device)[flagged.to(embeds.device)]
@@ -343,14 +364,13 @@ class SAFREE(Plugin):
     # the UNet call
     def steps_filtered(self, beta: float, num_steps: int) -> int:
         """How many early steps of a `num_steps` run use the filtered embeddings for a prompt with `beta`."""
-        if not self.self_validation:
+        if not self.config.self_validation:
             return num_steps
-        given = {k: v for k, v in self.filter.items() if v is not None}
-        return filtered_steps(beta, num_steps, **(FILTER[self._space] | given))
+        return filtered_steps(beta, num_steps, **self.config.filter(self._space))
 
     def _active(self) -> torch.Tensor:
         """Which conditional rows use the filtered embeddings at this step."""
-        if not self.self_validation or self.call.num_steps is None:
+        if not self.config.self_validation or self.call.num_steps is None:
             return torch.ones_like(self._rows.changed)
         steps = [self.steps_filtered(b, self.call.num_steps) for b in self._rows.beta.tolist()]
         return self.call.step < torch.tensor(steps, device=self._rows.beta.device)
@@ -362,13 +382,10 @@ class SAFREE(Plugin):
             cond = torch.where(active[:, None, None], cond, rows.original.to(cond.dtype))
         if rows.negative is not None and uncond is not None:
             uncond = torch.where(active[:, None, None], rows.negative.to(uncond.dtype), uncond)
-        if self.re_attention and (active & rows.changed).any():
+        if self.config.re_attention and (active & rows.changed).any():
             self._split = n = kwargs["sample"].shape[0]
             idx = torch.arange(n - len(cond), n)
             kwargs = {k: extend_batch(v, n, idx) for k, v in kwargs.items()}
             cond = torch.cat([cond, rows.original.to(cond.dtype)])
         kwargs["encoder_hidden_states"] = cond if uncond is None else torch.cat([uncond, cond])
         return kwargs
-
-    def __repr__(self):
-        return f"SAFREE(concepts={self.concepts!r})"

@@ -20,49 +20,63 @@ schedulers).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import StablekitError
-from ..plugins import GuidanceBranches
+from ..plugins import GuidanceBranches, settle
 from ..registry import register
+from .safree import concept_words
+
+
+@dataclass(frozen=True)
+class SLDConfig:
+    """The parameters of :class:`SLD` (see the module docstring)."""
+
+    concepts: tuple[str, ...] = ()
+    guidance: float = 1000.0
+    warmup: int = 10
+    threshold: float = 0.01
+    momentum: float = 0.3
+    beta: float = 0.4
+
+    def __post_init__(self):
+        settle(self, concepts=concept_words(self.concepts, "SLD"))
+        if self.guidance < 0 or self.warmup < 0 or not 0 <= self.beta <= 1:
+            raise StablekitError(
+                f"SLD: guidance and warmup must be >= 0 and beta in [0, 1] "
+                f"(got guidance {self.guidance}, warmup {self.warmup}, beta {self.beta})"
+            )
 
 
 @register("guard")
 class SLD(GuidanceBranches):
-    """``SLD(concepts, guidance=1000, warmup=10, threshold=0.01, momentum=0.3, beta=0.4)``."""
+    """``SLD(concepts, guidance=1000, warmup=10, threshold=0.01, momentum=0.3, beta=0.4)``, or
+    ``SLD(SLDConfig(...))``."""
 
     name = "sld"
+    Config = SLDConfig
 
-    def __init__(
-        self,
-        concepts: list[str] = (),
-        guidance: float = 1000.0,
-        warmup: int = 10,
-        threshold: float = 0.01,
-        momentum: float = 0.3,
-        beta: float = 0.4,
-    ):
-        if isinstance(concepts, str) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
-            raise StablekitError("SLD needs a non-empty list of concepts, e.g. concepts=['star']")
-        super().__init__([", ".join(concepts)])
-        self.concepts, self.guidance, self.warmup = list(concepts), guidance, warmup
-        self.threshold, self.momentum, self.beta = threshold, momentum, beta
+    def __init__(self, *args, **params):
+        super().__init__(*args, **params)
         self._v = None
+
+    @property
+    def prompts(self) -> list[str]:
+        return [", ".join(self.config.concepts)]
 
     def reset(self, call):
         super().reset(call)
         self._v = None
 
     def combine(self, uncond, cond, extra):
-        safe = extra[0]
+        safe, cfg = extra[0], self.config
         d = cond - safe
-        scale = torch.where(d >= self.threshold, 0.0, (d.abs() * self.guidance).clamp(max=1.0))
+        scale = torch.where(d >= cfg.threshold, 0.0, (d.abs() * cfg.guidance).clamp(max=1.0))
         term = (safe - uncond) * scale
         if self._v is None:
             self._v = torch.zeros_like(term)
-        term = term + self.momentum * self._v
-        self._v = self.beta * self._v + (1 - self.beta) * term
-        return cond - term if self.call.step >= self.warmup else cond
-
-    def __repr__(self):
-        return f"SLD(concepts={self.concepts!r})"
+        term = term + cfg.momentum * self._v
+        self._v = cfg.beta * self._v + (1 - cfg.beta) * term
+        return cond - term if self.call.step >= cfg.warmup else cond

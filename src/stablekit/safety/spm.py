@@ -51,6 +51,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import ModelHook
@@ -59,8 +60,9 @@ from torch import nn
 
 from ..errors import StablekitError
 from ..pipeline import frozen
-from ..plugins import Plugin, use
+from ..plugins import Plugin, settle, use
 from ..text import encode_ids, is_clip, token_ids, tokenizer
+from .safree import concept_words
 from .templates import TEMPLATES
 
 
@@ -107,27 +109,38 @@ class _MembraneHook(ModelHook):
         return output + m * self.spm.scale * self.adapter(x)
 
 
+@dataclass(frozen=True)
+class SPMConfig:
+    """The parameters of an :class:`SPM` membrane besides its weights: the concepts it erases, its LoRA rank and
+    alpha (the membrane scales its output by ``alpha / rank``), and the multiplier of its transported strength."""
+
+    concepts: tuple[str, ...]
+    rank: int = 1
+    alpha: float = 1.0
+    multiplier: float = 1.0
+
+    def __post_init__(self):
+        settle(self, concepts=concept_words(self.concepts, "SPM"))
+        if not self.multiplier >= 0:
+            raise StablekitError(f"SPM multiplier must be >= 0 (got {self.multiplier})")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise StablekitError(f"SPM rank is a whole number >= 1 (got {self.rank!r})")
+
+
 class SPM(Plugin):
-    """A membrane for `concepts`; ``SPM.train(pipe, concept)`` makes one, ``SPM.load(path)`` reads one."""
+    """A membrane for `concepts`; ``SPM.train(pipe, concept)`` makes one, ``SPM.load(path)`` reads one.
+    ``SPM(concepts, weights, rank=1, alpha=1.0, multiplier=1.0)`` or ``SPM(SPMConfig(...), weights)``."""
 
     name = "spm"
+    Config = SPMConfig
 
-    def __init__(
-        self,
-        concepts: list[str],
-        weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
-        rank: int = 1,
-        alpha: float = 1.0,
-        multiplier: float = 1.0,
-    ):
-        super().__init__()
-        if isinstance(concepts, str) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
-            raise StablekitError("SPM needs a non-empty list of concepts, e.g. ['star']")
-        if not multiplier >= 0:
-            raise StablekitError(f"SPM multiplier must be >= 0 (got {multiplier})")
-        self.concepts, self.weights, self.rank, self.alpha = list(concepts), weights, rank, alpha
-        self.multiplier = multiplier
-        self.scale, self.fixed, self._m, self.adapters, self.pipe = alpha / rank, None, None, {}, None
+    def __init__(self, concepts, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], **params):
+        super().__init__(concepts, **params)
+        self.weights, self.fixed, self._m, self.adapters, self.pipe = weights, None, None, {}, None
+
+    @property
+    def scale(self) -> float:
+        return self.config.alpha / self.config.rank
 
     # life cycle
     def attach(self, pipe):
@@ -135,7 +148,7 @@ class SPM(Plugin):
         adapters = {}
         for name, (down, up) in self.weights.items():
             layer = modules.get(name)
-            a = membrane(layer, self.rank) if layer is not None else None
+            a = membrane(layer, self.config.rank) if layer is not None else None
             if a is None or (a[0].weight.shape, a[1].weight.shape) != (down.shape, up.shape):
                 raise StablekitError(
                     f"this SPM was made for another model architecture (its layer '{name}' "
@@ -160,14 +173,14 @@ class SPM(Plugin):
         if self.fixed is None and call.prompt is not None:
             prompts = [call.prompt] if isinstance(call.prompt, str) else list(call.prompt)
             per = pe.shape[0] // len(prompts)
-            self._m = self.multiplier * self.transport(prompts, pe[::per]).repeat_interleave(per)
+            self._m = self.config.multiplier * self.transport(prompts, pe[::per]).repeat_interleave(per)
         return pe, npe
 
     # facilitated transport
     @torch.no_grad()
     def transport(self, prompts: list[str], embeds: torch.Tensor) -> torch.Tensor:
         """Per prompt, the membrane's strength: the largest of embedding cosine and token overlap over concepts."""
-        rows = [token_ids(self.pipe, c) for c in self.concepts]
+        rows = [token_ids(self.pipe, c) for c in self.config.concepts]
         ce = encode_ids(self.pipe, rows, getattr(self.pipe, "clip_skip", None)).to(embeds)
         cos = torch.nn.functional.cosine_similarity(embeds.flatten(1)[:, None], ce.flatten(1)[None], dim=-1)
         special = set(tokenizer(self.pipe).all_special_ids)
@@ -181,7 +194,7 @@ class SPM(Plugin):
             return self.fixed
         m = self._m
         if m is None:  # called without a prompt (prompt_embeds=...): full strength
-            return self.multiplier
+            return self.config.multiplier
         if rows == len(m):
             return m
         return torch.cat([m, m]) if rows == 2 * len(m) else float(m.max())
@@ -195,9 +208,9 @@ class SPM(Plugin):
         }
         meta = {
             "method": "spm",
-            "concepts": json.dumps(self.concepts),
-            "rank": str(self.rank),
-            "alpha": str(self.alpha),
+            "concepts": json.dumps(list(self.config.concepts)),
+            "rank": str(self.config.rank),
+            "alpha": str(self.config.alpha),
         }
         save_file(tensors, str(path), metadata=meta)
 
@@ -219,9 +232,9 @@ class SPM(Plugin):
         return cls(
             json.loads(meta["concepts"]),
             {n: tuple(pair) for n, pair in weights.items()},
-            int(meta["rank"]),
-            float(meta["alpha"]),
-            multiplier,
+            rank=int(meta["rank"]),
+            alpha=float(meta["alpha"]),
+            multiplier=multiplier,
         )
 
     # training
@@ -295,9 +308,6 @@ class SPM(Plugin):
             }
         spm.fixed = None
         return spm
-
-    def __repr__(self):
-        return f"SPM(concepts={self.concepts!r})"
 
 
 def _partial_sample(unet, ddim, shape, u, c, k: int, steps: int, guidance: float):

@@ -29,15 +29,18 @@ module's output, so a bias, if a model has one, is the same on both sides; the r
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 
 import torch
 from diffusers.models.attention_processor import Attention
 
 from ..errors import StablekitError
-from ..plugins import WeightEdit
+from ..plugins import WeightEdit, settle
 from ..registry import register
 from ..text import encode_ids, token_ids
+from .safree import concept_words
 
 
 def cross_attention_weights(unet) -> dict[str, torch.nn.Parameter]:
@@ -65,55 +68,55 @@ def _norms(params: dict) -> dict[str, float]:
     return {n: float(p.detach().double().norm()) for n, p in params.items()}
 
 
-@register("guard")
-class UCE(WeightEdit):
-    """``UCE(concepts, guides=[""], preserve=[], erase_scale=1.0, preserve_scale=1.0, lamb=0.5)``."""
+@dataclass(frozen=True)
+class UCEConfig:
+    """The parameters of :class:`UCE`: the concepts erased towards their guides (one for all, or one per concept;
+    none is the empty prompt), the concepts preserved, the scales of both, and the regularizer `lamb`."""
 
-    name = "uce"
+    concepts: tuple[str, ...] = ()
+    guides: tuple[str, ...] = ("",)
+    preserve: tuple[str, ...] = ()
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    lamb: float = 0.5
 
-    def __init__(
-        self,
-        concepts: list[str] = (),
-        guides: list[str] = ("",),
-        preserve: list[str] = (),
-        erase_scale: float = 1.0,
-        preserve_scale: float = 1.0,
-        lamb: float = 0.5,
-    ):
-        if isinstance(concepts, str) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
-            raise StablekitError("UCE needs a non-empty list of concepts to erase, e.g. concepts=['star']")
-        guides = list(guides) * len(concepts) if len(guides) == 1 else list(guides)
+    def __post_init__(self):
+        concepts, guides = concept_words(self.concepts, "UCE"), tuple(self.guides) or ("",)
+        guides = guides * len(concepts) if len(guides) == 1 else guides
         if len(guides) != len(concepts):
             raise StablekitError(
                 f"UCE: give one guide for all concepts or one per concept; got {len(guides)} "
                 f"guides for {len(concepts)} concepts"
             )
-        if lamb <= 0 or erase_scale < 0 or preserve_scale < 0:
+        if self.lamb <= 0 or self.erase_scale < 0 or self.preserve_scale < 0:
             raise StablekitError("UCE: lamb must be > 0 and the scales >= 0")
-        self.params = dict(
-            concepts=list(concepts),
-            guides=guides,
-            preserve=list(preserve),
-            erase_scale=erase_scale,
-            preserve_scale=preserve_scale,
-            lamb=lamb,
-        )
-        super().__init__({}, {"method": "uce", "params": json.dumps(self.params)})
+        settle(self, concepts=concepts, guides=guides, preserve=tuple(self.preserve))
+
+
+@register("guard")
+class UCE(WeightEdit):
+    """``UCE(concepts, guides=[""], preserve=[], erase_scale=1.0, preserve_scale=1.0, lamb=0.5)``, or
+    ``UCE(UCEConfig(...))``."""
+
+    name = "uce"
+    Config = UCEConfig
+
+    def __init__(self, *args, **params):
+        super().__init__({}, None, *args, **params)
+        self.meta = {"method": "uce", "params": json.dumps(dataclasses.asdict(self.config))}
 
     @torch.no_grad()
     def fit(self, pipe) -> UCE:
         """Compute the edit for `pipe` (done on the first attach if not before)."""
-        prm = self.params
-        texts = prm["concepts"] + prm["guides"] + prm["preserve"]
+        prm = self.config
+        texts = [*prm.concepts, *prm.guides, *prm.preserve]
         rows = [token_ids(pipe, t) for t in texts]
         emb = encode_ids(pipe, rows)[torch.arange(len(rows)), torch.tensor([max(len(r) - 2, 0) for r in rows])]
-        k = len(prm["concepts"])
+        k = len(prm.concepts)
         c, g, p = emb[:k], emb[k : 2 * k], emb[2 * k :]
         weights = cross_attention_weights(pipe.unet)
         self.deltas = {
-            n: (closed_form(w, c, g, p, prm["erase_scale"], prm["preserve_scale"], prm["lamb"]) - w.double())
-            .float()
-            .cpu()
+            n: (closed_form(w, c, g, p, prm.erase_scale, prm.preserve_scale, prm.lamb) - w.double()).float().cpu()
             for n, w in weights.items()
         }
         self.meta["base_norms"] = json.dumps(_norms(weights))
@@ -141,6 +144,3 @@ class UCE(WeightEdit):
         uce = cls(**json.loads(edit.meta["params"]))
         uce.deltas, uce.meta = edit.deltas, edit.meta
         return uce
-
-    def __repr__(self):
-        return f"UCE(concepts={self.params['concepts']!r})"
