@@ -81,7 +81,9 @@ def test_accel_benchmark_tiny(bench, tmp_path):
         "encoder-propagation:interval=2,parallel=true",
     ]
     assert all("error" not in e and e["mac_speedup_default_model"] > 1 for e in quality["entries"])
-    assert quality["entries"][1]["config"][0].startswith("EncoderPropagation(interval=2, key_steps=(0, 1, 2, 3")
+    (ep,) = res["plugins"]["encoder-propagation:interval=2,parallel=true"]  # every parameter, defaults included
+    assert ep["plugin"] == "EncoderPropagation" and ep["interval"] == 2 and ep["parallel"] is True
+    assert ep["key_steps"][:4] == [0, 1, 2, 3] and ep["reference_steps"] == 50
 
     samplers = res["samplers"]
     assert [p["calls"] for p in samplers["curves"]["dpm++"]] == [2, 3]  # the searched budget is added for dpm++

@@ -45,7 +45,8 @@ def test_safety_benchmark_end_to_end(tmp_path):
     assert all(0 <= row["direct"]["others_kept"] <= 1 for row in rows.values())
     assert list(rows["none"]["direct"]["others_kept_by_attribute"]) == ["colors", "background", "textures", "count"]
     assert rows["spm"]["erase_seconds"] > 0 and (tmp_path / "spm" / "star.safetensors").exists()
-    assert rows["none"]["config"] == [] and rows["safree"]["config"][0].startswith("SAFREE(concepts=('star',), alpha=")
+    assert rows["none"]["plugins"] == [] and rows["safree"]["plugins"][0]["plugin"] == "SAFREE"
+    assert rows["safree"]["plugins"][0]["concepts"] == ["star"] and "alpha" in rows["safree"]["plugins"][0]
     for row in rows.values():
         assert row["direct"]["n"] == row["paraphrase"]["n"] == 4
         attack = row["attack_arithmetic"]
