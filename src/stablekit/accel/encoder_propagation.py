@@ -1,4 +1,6 @@
-"""Faster Diffusion (PAPERS.md #8): encoder propagation, the parallel decoder and prior noise injection.
+"""Faster Diffusion: encoder propagation, the parallel decoder and prior noise injection.
+
+"Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion Models" (2024).
 
 Encoder features change gently between steps while decoder features do not. At a key step the whole UNet
 runs and the encoder's outputs are stored; at the other steps the encoder (``conv_in``, the down blocks and

@@ -1,5 +1,5 @@
 """PhotoGuard's encoder attack (Salman et al., "Raising the Cost of Malicious AI-Powered Image Editing",
-ICML 2023; the "texture" / encoder attack that Diff-Protect, PAPERS.md #2, shows is the weak point of
+ICML 2023; the "texture" / encoder attack that Diff-Protect (2024) shows is the weak point of
 latent diffusion): perturb the pixels so that the VAE encoder maps the image to a target latent, so
 every edit made from that latent (SDEdit, inpainting) starts from the wrong picture.
 

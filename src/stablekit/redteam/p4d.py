@@ -1,4 +1,5 @@
-"""Prompting4Debugging, P4D (PAPERS.md #17): optimise a prompt so that the defended model's noise predictions
+"""P4D ("Prompting4Debugging: Red-Teaming Text-to-Image Diffusion Models by Finding Problematic Prompts",
+2024): optimise a prompt so that the defended model's noise predictions
 match the undefended model's for the concept prompt, with the prompt kept to real tokens.
 
     attack = P4D(tokens=16, iterations=200)

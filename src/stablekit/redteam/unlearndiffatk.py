@@ -1,4 +1,5 @@
-"""UnlearnDiffAtk (PAPERS.md #34): the defended model as its own diffusion classifier finds prefix tokens that
+"""UnlearnDiffAtk ("To Generate or Not? Safety-Driven Unlearned Diffusion Models Are Still Easy To Generate
+Unsafe Images ... For Now", 2024): the defended model as its own diffusion classifier finds prefix tokens that
 bring an erased concept back.
 
     attack = UnlearnDiffAtk(tokens=5, iterations=200)

@@ -1,4 +1,7 @@
-"""SAFREE (PAPERS.md #65): a training-free guard that steers prompt embeddings away from a concept subspace.
+"""SAFREE: a training-free guard that steers prompt embeddings away from a concept subspace.
+
+"SAFREE: Training-Free and Adaptive Guard for Safe Text-to-Image And Video Generation" (2025; reference code
+jaehong31/SAFREE).
 
     with stablekit.use(pipe, SAFREE(concepts=["star", "five-pointed star"])):
         image = pipe("a red star on a gray background").images[0]

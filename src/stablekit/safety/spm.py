@@ -1,4 +1,5 @@
-"""SPM, concept-semipermeable membranes (PAPERS.md #46): a rank-1 adapter trained to erase a concept, whose
+"""SPM, concept-semipermeable membranes ("One-dimensional Adapter to Rule Them All: Concepts,
+Diffusion Models and Erasing Applications", 2024): a rank-1 adapter trained to erase a concept, whose
 strength at inference follows the prompt's similarity to that concept.
 
     spm = SPM.train(pipe, "star")                    # minutes on the default model, with a progress bar
