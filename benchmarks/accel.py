@@ -1,4 +1,4 @@
-"""Benchmark fast generation without retraining (issue 5): feature caching, stacks with samplers, samplers.
+"""Benchmark fast generation without retraining: feature caching, stacks with samplers, samplers.
 
     stablekit bench accel --json bench_out/accel.json             # everything (about half a day on 2 cores)
     stablekit bench accel --json out.json --sizes 256 --steps 20 --quality-steps 20 --repeats 2   # quick
@@ -67,7 +67,8 @@ attribute accuracy, Fréchet distance to renders and to a many-step reference (D
 of another scene seed, disjoint from the evaluation prompts), saved next to the JSON, alone and with each
 ``--search-stacks`` feature cache on top (plotted at its MAC-equivalent number of full model calls).
 
-``targets`` evaluates the issue's targets from whatever was measured (``null`` where a part was not run).
+``targets`` evaluates the targets (see benchmarks/RESULTS.md) from whatever was measured
+(``null`` where a part was not run).
 """
 
 from __future__ import annotations
@@ -1019,7 +1020,7 @@ def plot_samplers(res: dict, path: Path):
 
 
 def targets(res: dict) -> dict:
-    """The issue's targets, from whatever was measured (pass is null where the numbers are missing)."""
+    """The targets, from whatever was measured (pass is null where the numbers are missing)."""
     out = {}
     sp, q, smp = res.get("speed"), res.get("quality"), res.get("samplers")
     runs = sp["runs"] if sp else []

@@ -44,7 +44,7 @@ how many). Runs made apart -- one per method in parallel processes, a cost-only 
 --world 0``) -- combine with ``--merge A.json B.json ... --json OUT.json``, which runs nothing. The model runs
 in float32 on every device (``--dtype``), so CPU and GPU runs measure the same arithmetic.
 
-Targets (issue 7), reported under "targets": PSNR >= 35 dB at 8/255; encoder and SDS SDEdit MSE ratio
+Targets, reported under "targets": PSNR >= 35 dB at 8/255; encoder and SDS SDEdit MSE ratio
 clearly above 1; SDS at most 0.6x the time and memory of the semantic attack.
 Writes the JSON, a PNG grid (original, protections, their SDEdit outputs) and a PNG of curves.
 """

@@ -17,7 +17,7 @@ attacks; 1000 is ``steps=1000``).
 
 Deviations: the squared error is averaged (PhotoGuard takes the norm: same sign of the gradient);
 the budget and step are in [0, 1] pixel units; the default target is a grey image's latent rather
-than zero (the issue's choice; ``target="zero"`` is PhotoGuard's); PhotoGuard's inpainting variant
+than zero (our default; ``target="zero"`` is PhotoGuard's); PhotoGuard's inpainting variant
 also zeroes the perturbation outside the kept region, which ``mask=`` does here for every method.
 """
 

@@ -17,7 +17,7 @@ back onto the simplex. Timesteps run in the reference's order: ascending blocks 
 ``T / n / 2 + j * T / n``. The attack prompt takes each slot's most probable token.
 
 Defaults: 5 prefix tokens (the reference's nudity setting; 3 for objects), lr 0.01, 40 iterations per timestep
-block. Deviations: 200 iterations (5 blocks) rather than 50 blocks (2000): this CPU budget; one evaluation, at
+block. Deviations: 200 iterations (5 blocks) rather than 50 blocks (2000), to fit a CPU budget; one evaluation, at
 the end, rather than after every block with early stopping; the reference latents are the undefended model's
 own generation for the prompt (the reference encodes an image the undefended model made, with the VAE).
 Only the defense's weight edits and membranes take part in the optimisation (guards that rewrite the prompt
