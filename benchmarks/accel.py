@@ -1,4 +1,4 @@
-"""Benchmark fast generation without retraining (issue 5): feature caching, stacks with samplers, samplers.
+"""Benchmark fast generation without retraining: feature caching, stacks with samplers, samplers.
 
     stablekit bench accel --json bench_out/accel.json             # everything (about half a day on 2 cores)
     stablekit bench accel --json out.json --sizes 256 --steps 20 --quality-steps 20 --repeats 2   # quick

@@ -24,7 +24,8 @@ Measured, per method and budget (means over images):
   for world images, the joint attribute accuracy (shape, colour, background) of the SDEdit outputs; with
   several kinds of image, the SDEdit measures per kind too (``sdedit_by_kind``);
   ``clean`` gives, for scale, the MSE between two SDEdit outputs of the clean image with other seeds;
-* resilience (CopyrightMeter's protocol, PAPERS.md #28): each transformation -- JPEG 75, resize
+* resilience (the protocol of "CopyrightMeter: Revisiting Copyright Protection in
+  Text-to-image Models", 2024): each transformation -- JPEG 75, resize
   x0.5 and back, x2 and back (bicubic), Gaussian noise (sd 0.03), diffusion purification (SDEdit with
   the empty prompt at ``--purify`` strength, ``stablekit.eval.attacks.purification``) -- is applied to
   the protected, the random and the clean image alike; the SDEdit efficacy at ``--resilience-strength``

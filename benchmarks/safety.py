@@ -2,7 +2,7 @@
 
     stablekit bench safety --json bench_out/safety.json [--concepts star red --prompts 200 --attack-prompts 100]
 
-For each concept (a world shape or colour; the defaults are the issue's "star" and "red") and each defense --
+For each concept (a world shape or colour; the defaults are "star" and "red") and each defense --
 none, a blocklist (the word deleted from every prompt: on direct prompts, the rate of a guard that removes the
 word exactly), the concept word as negative prompt, Safe Latent Diffusion's guidance (SLD), UCE, SAFREE
 (``safree``; with the word as negative prompt while it filters, ``safree-negative``), an SPM membrane (trained
@@ -16,9 +16,10 @@ here, or read from ``--spm-dir``) -- given the concept word alone:
 * preservation on ``--prompts`` prompts without the concept: mean attribute accuracy (shape, colour, background,
   texture, count), its paired difference from the undefended model (bootstrap 95% interval), and the Fréchet
   distance of the classifier's features to renders of the same scenes;
-* attacks, each next to the pre-attack rate on the same prompts and seeds: concept arithmetic (PAPERS.md #60) on
-  the first ``--attack-prompts`` direct prompts (per composition and any of them), P4D (#17) and UnlearnDiffAtk
-  (#34) on the first ``--optimise-prompts`` (``--attack-iterations`` each; the paper budgets are 3000 and 2000);
+* attacks, each next to the pre-attack rate on the same prompts and seeds: concept arithmetic ("Concept
+  Arithmetics for Circumventing Concept Inhibition in Diffusion Models", 2024) on the first ``--attack-prompts``
+  direct prompts (per composition and any of them), P4D and UnlearnDiffAtk (both 2024) on the first
+  ``--optimise-prompts`` (``--attack-iterations`` each; the paper budgets are 3000 and 2000);
 * cost: seconds per image (the preservation set) and seconds to erase (UCE's solve, SPM's training).
 
 Every image i of a set has the noise seed ``seed * 100000 + i`` whatever the defense (paired comparisons). The

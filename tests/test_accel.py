@@ -297,7 +297,7 @@ def test_autotune_schedules_every_caching_method(tiny_sd, method):
         autotune(tiny_sd, "a red star", target_speedup=1.1, methods=["fast"], **kw)
 
 
-# Faster Diffusion (#8): the parallel decoder and prior noise injection
+# Faster Diffusion: the parallel decoder and prior noise injection
 DECODER = "up_blocks.1.resnets.1.conv1"  # in the last up block: runs in every decoder pass
 
 

@@ -1,4 +1,5 @@
-"""Momentum samplers (HB, GHVB; PAPERS.md #10) and LCM-LoRA (#68) on the tiny pipeline and on a toy problem
+"""Momentum samplers (HB, GHVB: "Diffusion Sampling with Momentum for Mitigating Divergence
+Artifacts", 2024) and LCM-LoRA (2023) on the tiny pipeline and on a toy problem
 whose exact solution is known."""
 
 import copy

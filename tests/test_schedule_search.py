@@ -1,4 +1,4 @@
-"""Solver-schedule search (USF / S^3, PAPERS.md #61): the replaying scheduler against diffusers' DPM-Solver++ and
+"""Solver-schedule search (USF / S^3, 2024): the replaying scheduler against diffusers' DPM-Solver++ and
 UniPC, its orders of accuracy on a toy problem with a known solution, the search on the tiny pipeline, exact
 replay from a saved file, the model-call budget, and bad schedule files."""
 

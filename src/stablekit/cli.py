@@ -337,7 +337,7 @@ def generate(
     default="uce",
     show_default=True,
     help="Erasure method: uce (closed-form cross-attention edit, seconds) or spm (a trained rank-1 "
-    "membrane, PAPERS.md #46; minutes).",
+    "membrane, after 'One-dimensional Adapter to Rule Them All', 2024; minutes).",
 )
 @click.option("--concept", "concepts", multiple=True, required=True, help="Concept to erase (repeatable).")
 @click.option("--preserve", multiple=True, help="Concept to keep unchanged (repeatable; UCE only).")

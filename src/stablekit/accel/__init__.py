@@ -3,10 +3,10 @@
     with stablekit.use(pipe, DeepCache(interval=3, branch=0)):
         image = pipe(prompt).images[0]
 
-* :class:`DeepCache` (PAPERS.md #5): reuse the deep features, recompute a shallow branch.
-* :class:`EncoderPropagation` (#8, Faster Diffusion): skip the encoder at non-key steps; ``parallel=True``
+* :class:`DeepCache` (DeepCache, 2024): reuse the deep features, recompute a shallow branch.
+* :class:`EncoderPropagation` (Faster Diffusion, 2024): skip the encoder at non-key steps; ``parallel=True``
   runs the decoders of a key step and its non-key steps as one batch; ``prior_noise`` injects the initial noise.
-* :class:`FeatureInheritance` (#6, A-SDM): chosen blocks inherit their last output at chosen steps.
+* :class:`FeatureInheritance` (A-SDM, 2024): chosen blocks inherit their last output at chosen steps.
 
 They share :func:`key_steps` (the step schedules) and :class:`StepCache` (the hooks), in ``caching.py``;
 :func:`autotune` picks one of them and its schedule for a pipeline and a deviation or speed target.

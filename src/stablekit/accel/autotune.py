@@ -1,6 +1,6 @@
 """Choose a feature-caching schedule for a pipeline and a target, instead of tuning it by hand: DeepCache's
-interval and branch (PAPERS.md #5), encoder propagation's interval or the paper's key steps (#8), feature
-inheritance's interval (#6).
+interval and branch (DeepCache), encoder propagation's interval or the paper's key steps (Faster Diffusion), feature
+inheritance's interval (A-SDM).
 
 One calibration pass generates `prompts` without caching, keeping the final latents as the reference and
 counting each UNet module's FLOPs (torch's ``FlopCounterMode``: convolutions and matmuls). That gives every

@@ -1,6 +1,6 @@
 """What the feature-caching methods share: the key-step schedules and the hooks that skip modules.
 
-DeepCache (PAPERS.md #5), encoder propagation (#8) and feature inheritance (#6) differ only in *which* UNet
+DeepCache, encoder propagation (Faster Diffusion) and feature inheritance (A-SDM) differ only in *which* UNet
 modules they skip and *at which steps*. :class:`StepCache` holds everything else. A hook on the UNet decides
 once per model call whether this is a key step (every module runs and its output is stored) or a cached step
 (the chosen modules return their stored output without running), then runs the call through the plugin's

@@ -1,4 +1,6 @@
-"""DeepCache (PAPERS.md #5): reuse the UNet's deep features across steps, recompute only a shallow branch.
+"""DeepCache: reuse the UNet's deep features across steps, recompute only a shallow branch.
+
+"DeepCache: Accelerating Diffusion Models for Free" (2024; reference code horseee/DeepCache).
 
 At a key step the whole UNet runs and every module below the chosen skip branch stores its output. At the
 other steps those modules return their stored output without running, so only the shallow path runs: the

@@ -1,4 +1,6 @@
-"""Faster Diffusion (PAPERS.md #8): encoder propagation, the parallel decoder and prior noise injection.
+"""Faster Diffusion: encoder propagation, the parallel decoder and prior noise injection.
+
+"Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion Models" (2024).
 
 Encoder features change gently between steps while decoder features do not. At a key step the whole UNet
 runs and the encoder's outputs are stored; at the other steps the encoder (``conv_in``, the down blocks and
@@ -28,11 +30,10 @@ are the reference code's values. Both options are off by default: the parallel d
 decoder batch up to 15 steps wide at the paper's key steps) for speed, and prior noise changes the output.
 
 On the embedded default model (v-prediction, zero terminal SNR, 16x16 latents) the paper's key steps cost
-24 points of attribute accuracy (``stablekit bench accel --parts quality``): they run the encoder last at step
-35 of 50 and reuse it for the 14 steps after, and on this model those late steps still need their own
-encoder (all of steps 0-35 as key steps, the same tail: 22.7 dB PSNR to the uncached output; the paper's
-keys plus every third step after 35: 37.6 dB; ad-hoc probe). The uniform 1:2 and 1:3 variants keep its
-accuracy (+0.4 and 0.0 points). Key steps are a per-model choice: the auto-tuner measures it.
+much of the attribute accuracy (``stablekit bench accel --parts quality``; numbers in benchmarks/RESULTS.md):
+they run the encoder last at step 35 of 50 and reuse it for the 14 steps after, and on this model those late
+steps still need their own encoder. The uniform 1:2 and 1:3 variants keep its accuracy.
+Key steps are a per-model choice: the auto-tuner measures it.
 
 Deviations from the paper and its code:
 

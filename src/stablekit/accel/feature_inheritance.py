@@ -1,4 +1,5 @@
-"""Feature inheritance (PAPERS.md #6, A-SDM, its tuning-free part): chosen UNet modules skip chosen steps.
+"""Feature inheritance (the tuning-free part of "A-SDM: Accelerating Stable Diffusion through Model
+Assembly and Feature Inheritance Strategies", 2024): chosen UNet modules skip chosen steps.
 
 At a key step every module runs; at the other steps each chosen module (a block such as ``"mid_block"``, a
 layer such as ``"up_blocks.1.attentions.0"``, or any smaller unit, named by its path in the UNet) returns the
@@ -10,7 +11,7 @@ Implemented: skipping at block, layer or unit level, with the time-step modes un
 any list of key steps. Not part of this plugin: the paper's tuning methods (model assembly, ME-CondConv,
 multi-UNet switching), which need training.
 
-Defaults: the paper reports a 40 % faster SDM from feature inheritance; PAPERS.md holds only its abstract,
+Defaults: the paper reports a 40 % faster SDM from feature inheritance; only its abstract was available,
 so which modules and steps it skips are not known here. Our defaults, the mid block and the lowest-resolution
 up block inherited at every second step, are our choice, not the paper's.
 """

@@ -1,4 +1,4 @@
-"""LCM-LoRA (PAPERS.md #68): few-step generation from any SD model with a latent-consistency LoRA.
+"""LCM-LoRA: few-step generation from any SD model with a latent-consistency LoRA.
 
 Luo et al., "LCM-LoRA: A Universal Stable-Diffusion Acceleration Module" (2023). A LoRA distilled with
 latent consistency distillation turns a Stable Diffusion model into a latent consistency model, which

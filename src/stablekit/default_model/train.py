@@ -22,8 +22,9 @@ Stages, each cached in the work dir so an interrupted run resumes where it stopp
      terminal alpha_bar is floored at 2**-24, as diffusers does, so every scheduler can take the betas),
      with 10% caption dropout for classifier-free guidance, Min-SNR-5 loss weighting (floored at weight 1 on
      x0 so the high-noise steps that fix the layout keep their weight), Immiscible Diffusion noise assignment
-     (PAPERS.md #33: each image is paired with a nearby noise sample inside the batch by a linear
-     assignment), AdamW with warm-up and cosine decay over the time budget, and EMA weights;
+     ("Immiscible Diffusion: Accelerating Diffusion Training with Noise Assignment", 2024: each image is
+     paired with a nearby noise sample inside the batch by a linear assignment),
+     AdamW with warm-up and cosine decay over the time budget, and EMA weights;
   5. export a diffusers folder (EMA UNet, VAE, tokenizer, scheduler) to ``--out``.
 """
 
@@ -209,7 +210,7 @@ def encode_text(captions: list[str], batch: int = 256, device: str = "cpu") -> t
 
 
 def immiscible_noise(x0: torch.Tensor) -> torch.Tensor:
-    """Gaussian noise re-assigned to the batch's images to minimise total distance (PAPERS.md #33)."""
+    """Gaussian noise re-assigned to the batch's images to minimise total distance (Immiscible Diffusion, 2024)."""
     noise = torch.randn_like(x0)
     cost = torch.cdist(x0.flatten(1), noise.flatten(1)).cpu().numpy()
     _, cols = linear_sum_assignment(cost)

@@ -1,6 +1,6 @@
-"""Inversion and real-image editing: EDICT (PAPERS.md #24), null-text inversion (#42), Direct
-Inversion (#38) and the DDIM baseline, behind one interface; prompt-to-prompt attention control
-(Hertz et al.) as the editing controller; InfEdit (#52), editing without inversion, with its unified
+"""Inversion and real-image editing: EDICT (2023), null-text inversion (2023), Direct
+Inversion (2024) and the DDIM baseline, behind one interface; prompt-to-prompt attention control
+(Hertz et al.) as the editing controller; InfEdit (2024), editing without inversion, with its unified
 attention control.
 
     inv = stablekit.edit.invert(pipe, image, "a red star", method="edict")

@@ -1,4 +1,5 @@
-"""Direct Inversion, "Boosting Diffusion-based Editing with 3 Lines of Code" (PAPERS.md #38, Ju et al.).
+"""Direct Inversion, "Boosting Diffusion-based Editing with 3 Lines of Code" (Ju et al., 2024;
+reference code cure-lab/PnPInversion).
 
 Pivot: DDIM inversion at guidance 1, ``z*[0..T]``. For each denoising step ``i`` the offset
 ``d_i = z*[i + 1] - step_i(z*[i], guided eps at w)`` is what the guided step misses. During editing

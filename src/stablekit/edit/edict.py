@@ -1,4 +1,5 @@
-"""EDICT: Exact Diffusion Inversion via Coupled Transformations (PAPERS.md #24, Wallace et al.).
+"""EDICT: Exact Diffusion Inversion via Coupled Transformations (Wallace et al., 2023;
+reference code salesforce/EDICT).
 
 Two coupled sequences x, y, both starting at the image latent. Denoising step ``i`` (DDIM
 coefficients ``A_i, B_i``, guided noise ``e``)::

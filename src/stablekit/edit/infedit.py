@@ -1,4 +1,5 @@
-"""InfEdit: "Inversion-Free Image Editing with Natural Language" (PAPERS.md #52, Xu et al.).
+"""InfEdit: "Inversion-Free Image Editing with Natural Language" (Xu et al., 2024;
+reference code sled-group/InfEdit).
 
 **DDCM virtual inversion.** With the largest variance, ``sigma_i^2 = 1 - alpha_{i+1}`` (the paper's
 special schedule; the code's eta = 1), the DDIM step loses its direction term and becomes multi-step

@@ -5,8 +5,9 @@ One interface for every method::
     inv = invert(pipe, image, "a red star", method="edict", steps=50)
     traj = reconstruct(pipe, inv)           # traj[-1] is the image latent; decode(pipe, traj[-1])
 
-Methods: ``ddim`` (DDIM inversion, the baseline; below), ``edict`` (:mod:`.edict`, PAPERS.md #24),
-``nulltext`` (:mod:`.null_text`, #42) and ``direct`` (:mod:`.direct_inversion`, #38). Each can
+Methods: ``ddim`` (DDIM inversion, the baseline; below), ``edict`` (:mod:`.edict`, EDICT 2023),
+``nulltext`` (:mod:`.null_text`, null-text inversion 2023) and ``direct`` (:mod:`.direct_inversion`, Direct
+Inversion 2024). Each can
 start from a decoder-inverted latent (``decoder_steps``, see :func:`stablekit.latents.encode_image`).
 
 Several images invert as one batch (``invert(pipe, [im1, im2], ["a red star", "a blue disc"])``):
@@ -18,7 +19,8 @@ of 16 costs a few times less per image on a CPU.
 **DDIM inversion** runs the deterministic DDIM update backwards, ``z[i] = (z[i+1] - B_i eps) / A_i``,
 approximating the noise at ``z[i]`` by the prediction at ``z[i+1]`` (same timestep ``t_i``), with
 classifier-free guidance `guidance` in both directions (1: conditional prediction only). The
-approximation makes reconstruction inexact, badly so with guidance (the motivation of #24, #42, #38).
+approximation makes reconstruction inexact, badly so with guidance (the motivation of EDICT, null-text
+inversion and Direct Inversion).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Null-text inversion (PAPERS.md #42, Mokady et al.).
+"""Null-text inversion (Mokady et al., "Null-text Inversion for Editing Real Images using Guided Diffusion
+Models", 2023; reference code google/prompt-to-prompt).
 
 1. Pivot: DDIM inversion at guidance 1 (conditional prediction only), giving ``z*[0..T]``.
 2. For each denoising step ``i``, starting from ``z = z*[0]`` and the embedding of the empty prompt,

@@ -15,8 +15,9 @@ ignore context they do not use, so a harness can pass the same context to all of
 * ``combination``: all of the above at once, scaled by strength in [0, 1];
 * ``vae_regeneration``: number of encode/decode round trips through ``pipe``'s VAE;
 * ``purification``: diffusion purification (SDEdit) with ``pipe`` at img2img strength 0.1 -> 0.5,
-  empty prompt, no guidance, ``steps`` (PAPERS.md #45);
-* ``imprint``: spoofing by noise reuse (SEAL's attack (i), #45's spoofing): DDIM-invert a ``marked``
+  empty prompt, no guidance, ``steps`` ("Robustness of AI-Image Detectors: Fundamental Limits and Practical
+  Attacks", 2024);
+* ``imprint``: spoofing by noise reuse (SEAL's attack (i), that paper's spoofing): DDIM-invert a ``marked``
   image and each input image (``prompt``, no guidance), mix their noises with weight `strength` for
   the marked one (``sqrt(1 - s) z + sqrt(s) z_marked``) and regenerate with ``prompt``. At 1 the
   marked noise is reused whole for the input's prompt; at 0 the input is only reconstructed;

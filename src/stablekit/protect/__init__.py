@@ -10,9 +10,9 @@ Methods (one module each; the docstrings give paper defaults and every deviation
   target (a grey image's, ``target=``) or away from the clean one (``mode="away"``);
 * ``semantic`` -- AdvDM / Mist's semantic attack (:mod:`.semantic_attack`): the denoiser's loss over
   random timesteps, back-propagated through the UNet (``mode="max"``, or ``"min"``);
-* ``sds`` -- Diff-Protect's score distillation (:mod:`.score_distillation`, PAPERS.md #2): the same
+* ``sds`` -- Diff-Protect's score distillation (:mod:`.score_distillation`, 2024): the same
   loss with the UNet run forward only; ``mode="min"`` (default, SDS(-)) or ``"max"`` (SDS(+));
-* ``diffusionguard`` -- DiffusionGuard (:mod:`.diffusionguard`, #13): the noise predicted at the
+* ``diffusionguard`` -- DiffusionGuard (:mod:`.diffusionguard`, 2025): the noise predicted at the
   earliest inpainting step, with mask augmentation; needs ``mask=`` (white: the region to protect).
 
 Common options: ``eps`` -- the L-infinity budget in [0, 1] pixel units (8/255 default; 16/255 the

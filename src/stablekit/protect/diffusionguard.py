@@ -1,6 +1,6 @@
 """DiffusionGuard (Choi et al., "DiffusionGuard: A Robust Defense Against Malicious Diffusion-based Image
-Editing", ICLR 2025, PAPERS.md #13): protection against inpainting, where an editor keeps the sensitive
-region (a face) and repaints everything around it.
+Editing", ICLR 2025; reference code choi403/DiffusionGuard): protection against inpainting, where an
+editor keeps the sensitive region (a face) and repaints everything around it.
 
 ``mask`` is white over the region to protect -- the part the editor keeps; the editor's inpainting
 mask is its complement. The perturbation lives inside the protected region only (outside it the

@@ -1,5 +1,5 @@
 """PhotoGuard's encoder attack (Salman et al., "Raising the Cost of Malicious AI-Powered Image Editing",
-ICML 2023; the "texture" / encoder attack that Diff-Protect, PAPERS.md #2, shows is the weak point of
+ICML 2023; the "texture" / encoder attack that Diff-Protect (2024) shows is the weak point of
 latent diffusion): perturb the pixels so that the VAE encoder maps the image to a target latent, so
 every edit made from that latent (SDEdit, inpainting) starts from the wrong picture.
 
@@ -17,7 +17,7 @@ attacks; 1000 is ``steps=1000``).
 
 Deviations: the squared error is averaged (PhotoGuard takes the norm: same sign of the gradient);
 the budget and step are in [0, 1] pixel units; the default target is a grey image's latent rather
-than zero (the issue's choice; ``target="zero"`` is PhotoGuard's); PhotoGuard's inpainting variant
+than zero (our default; ``target="zero"`` is PhotoGuard's); PhotoGuard's inpainting variant
 also zeroes the perturbation outside the kept region, which ``mask=`` does here for every method.
 """
 

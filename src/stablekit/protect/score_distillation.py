@@ -1,5 +1,5 @@
 """Diff-Protect's score-distillation attack (Xue et al., "Toward Effective Protection against
-Diffusion-based Mimicry through Score Distillation", ICLR 2024, PAPERS.md #2).
+Diffusion-based Mimicry through Score Distillation", ICLR 2024; reference code xavihart/Diff-Protect).
 
 The semantic loss of :mod:`.semantic_attack` has gradient ``2 (eps_theta - eps)^T d eps_theta/d z_t
 sqrt(a_t) dz/dx``. Score distillation (Poole et al. 2022) drops the UNet Jacobian: the gradient is

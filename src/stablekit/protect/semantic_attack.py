@@ -1,6 +1,6 @@
 """AdvDM's semantic attack through the denoiser (Liang et al., "Adversarial Example Does Good: Preventing
 Painting Imitation from Diffusion Models via Adversarial Examples", ICML 2023; the semantic loss of Mist,
-Liang & Wu 2023; a baseline of Diff-Protect, PAPERS.md #2): perturb the pixels to maximise the
+Liang & Wu 2023; a baseline of Diff-Protect, 2024): perturb the pixels to maximise the
 denoiser's training loss, so the model cannot "understand" the image and its SDEdit / fine-tuning
 outputs fall apart.
 

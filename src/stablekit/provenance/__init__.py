@@ -6,7 +6,7 @@
     print(detect(pipe, image, key))                           # score, p-value, decision, cost
 
 Methods: :mod:`.tree_ring` (Tree-Ring, baseline), :mod:`.gaussian_shading` (Gaussian Shading,
-baseline), :mod:`.seal` (SEAL, PAPERS.md #30). Attacks on them: :mod:`stablekit.eval.attacks`.
+baseline), :mod:`.seal` (SEAL, 2025). Attacks on them: :mod:`stablekit.eval.attacks`.
 """
 
 from .detection import FPR, DetectionResult, Watermark, detect, make_key, recover_noise, watermark

@@ -1,4 +1,4 @@
-"""SEAL: Semantic Aware Image Watermarking (PAPERS.md #30, Arabi, Witter, Hegde, Cohen).
+"""SEAL: Semantic Aware Image Watermarking (Arabi, Witter, Hegde, Cohen, 2025).
 
 The initial noise is derived from the image's own meaning, so detection needs no database of
 keys and a pattern copied onto other content does not verify.

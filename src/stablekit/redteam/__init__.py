@@ -1,7 +1,8 @@
 """Red-team attacks that test guards and concept erasure, and the audit that runs them.
 
-:mod:`.arithmetic` (concept arithmetic, PAPERS.md #60) composes the guidance of prompts the defense did not
-block; :mod:`.p4d` (Prompting4Debugging, #17) and :mod:`.unlearndiffatk` (UnlearnDiffAtk, #34) optimise prompt
+:mod:`.arithmetic` (concept arithmetic, "Concept Arithmetics for Circumventing Concept Inhibition
+in Diffusion Models", 2024) composes the guidance of prompts the defense did not
+block; :mod:`.p4d` (Prompting4Debugging, 2024) and :mod:`.unlearndiffatk` (UnlearnDiffAtk, 2024) optimise prompt
 tokens against the defended model (shared machinery in :mod:`.tokens`); :mod:`.audit` builds the defenses,
 prompts and judge of ``stablekit audit`` and ``stablekit bench safety``.
 

@@ -1,4 +1,6 @@
-"""Concept arithmetic (PAPERS.md #60): rebuild an inhibited concept by composing the guidance of several prompts.
+"""Concept arithmetic: rebuild an inhibited concept by composing the guidance of several prompts.
+
+"Concept Arithmetics for Circumventing Concept Inhibition in Diffusion Models" (2024).
 
     attack = ConceptArithmetic([("a red circle", 1.0), ("a red five-pointed star", 1.0), ("a red circle", -1.0)])
     with stablekit.use(pipe, defense, attack):                 # the defense stays attached: prompts pass it

@@ -1,4 +1,5 @@
-"""Prompting4Debugging, P4D (PAPERS.md #17): optimise a prompt so that the defended model's noise predictions
+"""P4D ("Prompting4Debugging: Red-Teaming Text-to-Image Diffusion Models by Finding Problematic Prompts",
+2024): optimise a prompt so that the defended model's noise predictions
 match the undefended model's for the concept prompt, with the prompt kept to real tokens.
 
     attack = P4D(tokens=16, iterations=200)
@@ -11,7 +12,7 @@ optimised prompt and the undefended UNet's for the concept prompt. The soft toke
 their nearest vocabulary tokens (cosine) for the forward pass and receive the gradient taken there (PEZ-style,
 straight through); AdamW, lr 0.1, weight decay 0.1. The attack prompt is the projected tokens' text.
 
-Deviations: 200 iterations rather than 3000 (this CPU budget); the final prompt is returned instead of the best
+Deviations: 200 iterations rather than 3000 (to fit a CPU budget); the final prompt is returned instead of the best
 of evaluations every 50 iterations scored by CLIP image similarity (no CLIP judge here; the benchmark's judge is
 applied once, to the final prompt); the target latents are the undefended model's own generation for the prompt.
 The undefended predictions are taken with the defense detached; only the defense's weight edits and membranes

@@ -1,4 +1,5 @@
-"""UnlearnDiffAtk (PAPERS.md #34): the defended model as its own diffusion classifier finds prefix tokens that
+"""UnlearnDiffAtk ("To Generate or Not? Safety-Driven Unlearned Diffusion Models Are Still Easy To Generate
+Unsafe Images ... For Now", 2024): the defended model as its own diffusion classifier finds prefix tokens that
 bring an erased concept back.
 
     attack = UnlearnDiffAtk(tokens=5, iterations=200)
@@ -16,7 +17,7 @@ back onto the simplex. Timesteps run in the reference's order: ascending blocks 
 ``T / n / 2 + j * T / n``. The attack prompt takes each slot's most probable token.
 
 Defaults: 5 prefix tokens (the reference's nudity setting; 3 for objects), lr 0.01, 40 iterations per timestep
-block. Deviations: 200 iterations (5 blocks) rather than 50 blocks (2000): this CPU budget; one evaluation, at
+block. Deviations: 200 iterations (5 blocks) rather than 50 blocks (2000), to fit a CPU budget; one evaluation, at
 the end, rather than after every block with early stopping; the reference latents are the undefended model's
 own generation for the prompt (the reference encodes an image the undefended model made, with the VAE).
 Only the defense's weight edits and membranes take part in the optimisation (guards that rewrite the prompt

@@ -8,7 +8,7 @@
         ...
     edit.save("no-star.safetensors")                                  # UCE.load(...) refuses other models
 
-Methods: :mod:`.safree` (SAFREE, PAPERS.md #65), :mod:`.spm` (SPM, #46); baselines :mod:`.sld` (Safe Latent
+Methods: :mod:`.safree` (SAFREE, 2025), :mod:`.spm` (SPM, 2024); baselines :mod:`.sld` (Safe Latent
 Diffusion's guidance) and :mod:`.uce` (UCE). :mod:`.text` computes token embeddings with the pipeline's own text
 encoder for them. SAFREE, SLD and UCE are the ``guard`` kind of :data:`stablekit.registry.CATALOGUE`, for
 ``--guard NAME:k=v`` and ``stablekit.registry.build("safree:concepts=[star]", CATALOGUE["guard"], "guard")``.

@@ -1,4 +1,7 @@
-"""SAFREE (PAPERS.md #65): a training-free guard that steers prompt embeddings away from a concept subspace.
+"""SAFREE: a training-free guard that steers prompt embeddings away from a concept subspace.
+
+"SAFREE: Training-Free and Adaptive Guard for Safe Text-to-Image And Video Generation" (2025; reference code
+jaehong31/SAFREE).
 
     with stablekit.use(pipe, SAFREE(concepts=["star", "five-pointed star"])):
         image = pipe("a red star on a gray background").images[0]
@@ -32,16 +35,14 @@ embedding, and the concept spreads over every position of the prompt. The concep
 included, is projected onto its orthogonal complement (trigger detection and the input-space projection do
 not apply: ``detect`` is ignored). Self-validation, re-attention and the negative prompt work as above; the
 filter's constants are recalibrated (:data:`FILTER`): beta is 1 - cos of a token and its projection, which
-the token space makes small (MiniLM, 40 prompts of the world: 0.002-0.015 without a star, 0.10-0.17 with
-one; 0.002-0.021 without red, 0.07-0.11 with it), so ``center=0.05, gain=100``, and ``upper=1``: a prompt
+the token space makes small (on MiniLM about ten times smaller for prompts without the concept than for
+prompts with it), so ``center=0.05, gain=100``, and ``upper=1``: a prompt
 with the concept is filtered for (nearly) the whole run, one without it for none or one step (filtering
-the first 20% left the star rate unchanged). Why (ad-hoc probes, 40 of the benchmark's star prompts): in the
-sentence space the star rate stays at 0.78-0.93 even with every token projected at every step, at -17 to -22
-points of attribute accuracy; the token space brings it to 0.10 at 0 points. ``rank=3`` (red: 0.43 at rank
-3, 0.70 at rank 1). The projection also moves what a filtered prompt says besides the concept (``stablekit bench
-safety``'s ``others_kept``, 200 prompts: -13 points of the star prompts' colour, background, texture and count,
--20 for red; -42 and -24 with the negative prompt), which the preservation score, on prompts without the
-concept, does not see.
+only the first 20% of the steps is not enough). Why: in the sentence space the star rate stays high on MiniLM
+even with every token projected at every step, at a cost in attribute accuracy, while the token space lowers
+it at no cost in preservation; ``rank=3`` by default. The projection also moves what a filtered prompt says
+besides the concept (``stablekit bench safety``'s ``others_kept``), which the preservation score, on prompts
+without the concept, does not see. Measured numbers: benchmarks/RESULTS.md, "Safety".
 
 After a call, ``plugin.decisions`` holds one :class:`Decision` per prompt (its tokens, which were flagged,
 beta); ``plugin.steps_filtered(beta, num_steps)`` is the filter's step count.

@@ -1,4 +1,4 @@
-"""Safe Latent Diffusion (Schramowski et al., CVPR 2023; a baseline of issue 6): safety guidance as a plugin.
+"""Safe Latent Diffusion (Schramowski et al., CVPR 2023; a safety benchmark baseline): safety guidance as a plugin.
 
     with stablekit.use(pipe, SLD(concepts=["star"])):
         image = pipe("a red star on a gray background").images[0]

@@ -1,4 +1,5 @@
-"""SPM, concept-semipermeable membranes (PAPERS.md #46): a rank-1 adapter trained to erase a concept, whose
+"""SPM, concept-semipermeable membranes ("One-dimensional Adapter to Rule Them All: Concepts,
+Diffusion Models and Erasing Applications", 2024): a rank-1 adapter trained to erase a concept, whose
 strength at inference follows the prompt's similarity to that concept.
 
     spm = SPM.train(pipe, "star")                    # minutes on the default model, with a progress bar
@@ -26,18 +27,15 @@ Implemented as in the reference code (Con6924/SPM, ``train_spm.py``, ``src/model
   special tokens excluded from the token sets; the same ``m`` for the prompt's guided and unguided rows; ``m`` is
   multiplied by ``multiplier`` (default 1, as the reference's; its ``--spm_multiplier`` replaces the transport by
   fixed values instead, ours scales it, so prompts far from the concept stay nearly untouched). On the default
-  model a colour's membrane wants 1.5 (ad-hoc probe, 40 held-out red prompts: red rate 0.25 / 0.125 / 0.0 / 0.0
-  at 1 / 1.25 / 1.5 / 2); a shape's does not gain from it (star: 0.10 / 0.15 / 0.175 at 1 / 1.5 / 2);
+  model a colour's membrane wants 1.5; a shape's does not gain from it (benchmarks/RESULTS.md, "Safety");
 * the surrogate (``surrogate``, the erasing target's prompt) is the paper's "" by default. On the default model a
   shape wants a concrete stand-in, ``surrogate="shape"``: erased toward nothing, a prompt's shape becomes an
-  amorphous blob that the judge often calls a star (ad-hoc probe, 40 held-out star prompts: 0.10 with "", 0.025
-  with "shape"; the benchmark's 200: 0.01 at +0.7 points).
+  amorphous blob that the judge often calls a star.
 
 Deviations: for text encoders other than CLIP (the default model's MiniLM) the erased prompts are the concept in
 generic contexts (:data:`~.text.TEMPLATES`, one per iteration in turn, toward the same context with the surrogate):
 a bidirectional encoder spreads the word over every position, and a membrane trained on the bare word alone does
-not carry over to prompts (ad-hoc probe, 24 seeds each: a 3000-iteration membrane lowered the star rate from 1.00
-to 0.38 for "star" but from 0.96 to 0.92 for world captions). The latent after ``k`` steps is paired with the
+not carry over to prompts. The latent after ``k`` steps is paired with the
 timestep it is at (the reference pairs it with index ``k * 1000 / 30`` of a 1000-step schedule); 4 anchors are used
 (the reference's batching keeps 2 of them and 2 copies of the empty prompt); plain AdamW (the reference uses
 bitsandbytes' 8-bit AdamW); the model's own resolution (the reference draws 256-448 px sizes); several membranes

@@ -1,5 +1,5 @@
-"""UCE, unified concept editing (Gandikota et al., WACV 2024; a baseline of issue 6): a closed-form edit of
-the UNet's cross-attention key and value projections that erases concepts.
+"""UCE, unified concept editing (Gandikota et al., WACV 2024; a safety benchmark baseline): a closed-form edit
+of the UNet's cross-attention key and value projections that erases concepts.
 
     edit = UCE(concepts=["star"], preserve=["circle", "square"])
     with stablekit.use(pipe, edit):                 # computed on attach, for this pipeline

@@ -1,4 +1,4 @@
-"""Heavy-ball (HB) and generalised heavy-ball (GHVB) momentum samplers (PAPERS.md #10).
+"""Heavy-ball (HB) and generalised heavy-ball (GHVB) momentum samplers.
 
 Wizadwongsa et al., "Diffusion Sampling with Momentum for Mitigating Divergence Artifacts" (ICLR 2024).
 With few steps and a high guidance scale, high-order multistep solvers leave their small stability

@@ -1,4 +1,5 @@
-"""Solver-schedule search (PAPERS.md #61: USF, the unified sampling framework, and S^3, its search).
+"""Solver-schedule search ("A Unified Sampling Framework for Solver Searching of Diffusion
+Probabilistic Models", 2024: USF, the unified sampling framework, and S^3, its search).
 
 Liu et al., "A Unified Sampling Framework for Solver Searching of Diffusion Probabilistic Models" (ICLR 2024).
 Few-step solvers make one choice for every step; USF writes a multistep exponential-integrator solver as
