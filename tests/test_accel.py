@@ -388,3 +388,25 @@ def test_prior_noise_injection_acts_only_below_tau(tiny_sd):
         assert torch.equal(noisy[i], plain[i])
     torch.testing.assert_close(noisy[4] - plain[4], 0.003 * z_T)  # added after step 4, before the step at t = 401
     assert all(deviation(n, p) > 1e-4 for n, p in zip(noisy[5:], plain[5:], strict=False))
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return stablekit.load()
+
+
+@pytest.mark.parametrize("prompt", ["a red star on a gray background", "a red circle on a blue background"])
+def test_stacks_with_a_guard_that_adds_rows_at_some_steps(embedded, prompt):
+    """SAFREE on the embedded model adds guidance rows at some steps only: the cache recomputes when the batch
+    changes, so at interval 1 the stack equals SAFREE alone, and at interval 3 it runs. (How close interval 3
+    stays is not asserted: on this model at 6 steps DeepCache alone moves the output as far as another seed.)"""
+    from stablekit.safety import SAFREE
+
+    guard = SAFREE(concepts=["star"])
+    kw = {"steps": 6, "height": 64, "width": 64}
+    with stablekit.use(embedded, guard):
+        ref = run(embedded, prompt, **kw)
+    with stablekit.use(embedded, DeepCache(interval=1), guard):
+        assert torch.equal(run(embedded, prompt, **kw), ref)
+    with stablekit.use(embedded, DeepCache(interval=3), guard):
+        assert torch.isfinite(run(embedded, prompt, **kw)).all()

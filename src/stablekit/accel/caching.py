@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from diffusers.hooks import ModelHook
 
 from ..errors import StablekitError
@@ -76,8 +77,15 @@ class _StepHook(ModelHook):
         return self.plugin.model_call(self.fn_ref.original_forward, args, kwargs)
 
 
+def _batch(args, kwargs) -> int | None:
+    """The first dimension of a module call's first tensor argument."""
+    first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+    return None if first is None else first.shape[0]
+
+
 class _ReplayHook(ModelHook):
-    """On a skipped module: run and store at key steps, return the stored output otherwise."""
+    """On a skipped module: run and store at key steps, return the stored output otherwise. A call whose batch
+    differs from the stored one's (a stacked plugin that adds rows at some steps only) runs and stores anew."""
 
     def __init__(self, plugin: StepCache, name: str):
         super().__init__()
@@ -85,9 +93,10 @@ class _ReplayHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         store = self.plugin.cache.setdefault(self.plugin.slot, {})
-        if self.plugin.full or self.name not in store:
-            store[self.name] = self.fn_ref.original_forward(*args, **kwargs)
-        return store[self.name]
+        batch = _batch(args, kwargs)
+        if self.plugin.full or store.get(self.name, (None, None))[0] != batch:
+            store[self.name] = (batch, self.fn_ref.original_forward(*args, **kwargs))
+        return store[self.name][1]
 
 
 class KeySteps:
