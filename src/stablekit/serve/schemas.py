@@ -11,7 +11,7 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from .tasks import EDIT_METHODS, INVERSIONS, PROTECTIONS, TASKS, WATERMARKS
+from .tasks import CHOICES, TASKS
 
 Task = Literal[tuple(TASKS)]
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -58,7 +58,7 @@ class Edit(Strict):
     image: str
     source: str = Field(min_length=1, description="what the image shows")
     target: str = Field(min_length=1, description="what it should show")
-    method: Literal[tuple(EDIT_METHODS)] = "direct"
+    method: Literal[CHOICES["edit"]] = "direct"
     steps: int | None = Field(None, ge=1)
     guidance: float | None = Field(None, ge=0, le=100)
     strength: float | None = Field(None, gt=0, le=1)
@@ -67,14 +67,14 @@ class Edit(Strict):
 class Invert(Strict):
     image: str
     prompt: str = Field(min_length=1)
-    method: Literal[tuple(INVERSIONS)] = "direct"
+    method: Literal[CHOICES["invert"]] = "direct"
     steps: int = Field(50, ge=1)
     guidance: float | None = Field(None, ge=0, le=100)
 
 
 class Protect(Strict):
     image: str
-    method: Literal[tuple(PROTECTIONS)] = "sds"
+    method: Literal[CHOICES["protect"]] = "sds"
     eps: float = Field(8 / 255, gt=0, le=1, description="L-infinity budget in [0, 1] pixel units")
     steps: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0, lt=2**32)
@@ -135,7 +135,7 @@ class Accepted(BaseModel):
 
 class KeyRequest(Strict):
     name: str = Field(description="letters, digits, '_', '-', '.'; how jobs refer to the key")
-    method: Literal[tuple(WATERMARKS)]
+    method: Literal[CHOICES["watermark"]]
     width: int | None = Field(None, ge=8)
     height: int | None = Field(None, ge=8)
 
@@ -171,7 +171,7 @@ def open_image(raw: bytes, field: str, max_pixels: int) -> Image.Image:
                 return im.convert("RGB")
     except ApiError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(f"{field}: image refused as a decompression bomb (too many pixels)", 413) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ApiError(f"{field}: not a readable image ({type(e).__name__})") from None
-    except Image.DecompressionBombWarning:
-        raise ApiError(f"{field}: image refused as a decompression bomb", 413) from None

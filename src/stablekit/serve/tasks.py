@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,6 @@ from ..errors import StablekitError
 from ..output import generation_metadata, scheduler_name
 from ..pipeline import DEFAULT_MODEL, SCHEDULERS, guidance_rescale, load
 from ..plugins import SchedulerPlugin, use
-from ..protect import DEFAULTS as PROTECT_DEFAULTS
 from ..protect import METHODS as PROTECTIONS
 from ..protect import options as protect_options
 from ..protect import protect as protect_image
@@ -38,9 +38,14 @@ from ..provenance import detect as detect_watermark
 from ..registry import build, format_value, parameters, parse
 
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-IMAGE_TASKS = ("img2img", "edit", "invert", "protect", "detect")
 PLUGIN_TASKS = ("txt2img", "img2img")  # the others run the library's own loops, which take no plugins
-__all__ = ["EDIT_METHODS", "INVERSIONS", "PROTECTIONS", "PROTECT_DEFAULTS", "EDIT_STEPS", "EDIT_GUIDANCE", "GUIDANCE"]
+FILE_SCHEDULERS = ("searched",)  # replays a schedule file: no request may name a file on the server
+CHOICES = {  # the method names a request may give, by parameter
+    "edit": tuple(EDIT_METHODS),
+    "invert": tuple(INVERSIONS),
+    "protect": tuple(PROTECTIONS),
+    "watermark": tuple(WATERMARKS),
+}
 
 
 class Cancelled(Exception):
@@ -92,7 +97,7 @@ def catalogue() -> dict[str, dict[str, type]]:
     """``{kind: {name: class}}`` of every plugin a job may name."""
     return {
         "accel": dict(accel.REGISTRY),
-        "scheduler": dict(SCHEDULERS),
+        "scheduler": {n: c for n, c in SCHEDULERS.items() if n not in FILE_SCHEDULERS},
         "guard": dict(safety.REGISTRY),
         "watermark": dict(WATERMARKS),
     }
@@ -104,7 +109,9 @@ def _describe(cls, kind: str) -> dict:
     out = {}
     for name, p in parameters(cls).items():
         note = "" if p.annotation is inspect.Parameter.empty else str(p.annotation)
-        default = p.default if isinstance(p.default, (int, float, str, bool, list, type(None))) else str(p.default)
+        default = p.default if isinstance(p.default, (int, str, bool, list, type(None))) else str(p.default)
+        if isinstance(p.default, float) and math.isfinite(p.default):
+            default = p.default
         out[name] = {"default": default, "type": note.replace("typing.", "")}
     return out
 
@@ -138,7 +145,7 @@ def spec_text(name: str, args: dict) -> str:
 
 
 def _scheduler(name: str, args: dict) -> SchedulerPlugin:
-    _, cls, params = parse(spec_text(name, args), SCHEDULERS, "scheduler")
+    _, cls, params = parse(spec_text(name, args), catalogue()["scheduler"], "scheduler")
     if "clip_sample" in inspect.signature(cls.__init__).parameters:
         params = {"clip_sample": False, **params}  # as stablekit.set_scheduler: no pixel-space clipping
     return SchedulerPlugin(cls, **params)
