@@ -246,6 +246,7 @@ def test_bad_jobs_get_a_4xx_json_error(client, body, status, words):
         ("GET", "/v1/images/..%2Fjobs.sqlite3", 404, ""),
         ("GET", "/v1/nothing", 404, "no route"),
         ("PUT", "/v1/jobs", 405, "no route"),
+        ("GET", "/v1/jobs?status=done", 422, "status"),
     ],
 )
 def test_bad_paths_get_a_4xx_json_error(client, method, path, status, words):
@@ -279,3 +280,13 @@ def test_token_bearer_basic_and_origin(tmp_path):
         same = client.post("/v1/jobs", json=body, headers={**auth, "Origin": "http://testserver"})
         assert same.status_code == 202
         assert client.get("/v1/queue", headers={**auth, "Origin": "http://evil.example"}).status_code == 200
+
+
+def test_serve_command_refuses_a_public_host_without_a_token(tmp_path):
+    result = CliRunner().invoke(cli.cli, ["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "--host 0.0.0.0 is reachable from other machines: give --token-file" in result.output
+    short = tmp_path / "token"
+    short.write_text("abc\n")
+    result = CliRunner().invoke(cli.cli, ["serve", "--token-file", str(short), "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "at least 16 characters" in result.output

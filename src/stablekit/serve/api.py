@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from ..errors import StablekitError
 from . import tasks
 from .jobs import FINAL_EVENT, Jobs
-from .schemas import Accepted, ApiError, JobOut, JobRequest, KeyRequest
+from .schemas import Accepted, ApiError, JobOut, JobRequest, KeyRequest, Status
 
 ID = re.compile(r"[0-9a-f]{32}")
 KEEPALIVE_S = 15.0
@@ -38,7 +38,7 @@ def submit(req: JobRequest, request: Request):
 
 
 @router.get("/v1/jobs", response_model=list[JobOut], tags=["jobs"])
-def history(request: Request, status: str | None = None, limit: int = Query(50, ge=1, le=1000)):
+def history(request: Request, status: Status | None = None, limit: int = Query(50, ge=1, le=1000)):
     """The latest jobs, newest first (optionally of one status)."""
     jobs = _jobs(request)
     return [jobs.view(job) for job in jobs.store.jobs(status, limit)]
