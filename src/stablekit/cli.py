@@ -16,12 +16,12 @@ from pathlib import Path
 
 import click
 import torch
-from PIL.PngImagePlugin import PngInfo
 
-from . import __version__, attached, load, safety, use
+from . import __version__, load, safety, use
 from .edit import EDIT_GUIDANCE, EDIT_STEPS, GUIDANCE, PromptToPrompt, UnifiedAttentionControl, edit, reconstruct_image
 from .errors import StablekitError
 from .latents import read_image
+from .output import generation_metadata, save_png, write_atomically
 from .pipeline import DEFAULT_MODEL
 from .pipeline import guidance_rescale as guidance_rescale_for
 from .protect import DEFAULTS as PROTECT_DEFAULTS
@@ -127,30 +127,6 @@ def _check_output(output: Path, example: str = "out.png") -> None:
         raise StablekitError(f"output '{output}' must be a {suffix} file, e.g. -o {example}")
     if not output.parent.is_dir():
         raise StablekitError(f"output folder '{output.parent}' does not exist; create it or choose another -o")
-
-
-def _scheduler_name(pipe) -> str:
-    cls = type(pipe.scheduler)
-    return next((name for name, c in SCHEDULERS.items() if c is cls), cls.__name__)
-
-
-def write_atomically(path: Path, write, mode: int = 0o666) -> None:
-    """`write(tmp)` into a temp file beside `path` created with `mode` (less the umask), then rename it to `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode))
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_png(image, path: Path, meta: dict) -> None:
-    """Write `image` with `meta` as PNG text chunks, atomically."""
-    info = PngInfo()
-    for key, value in meta.items():
-        info.add_text(key, str(value))
-    write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def _load_quietly(model: str | None, device: str | None, **kw):
@@ -300,20 +276,17 @@ def generate(
     w, h = wh or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     jobs = [p for p in prompts for _ in range(n)]
     rescale = guidance_rescale_for(pipe) if guidance_rescale is None else guidance_rescale
-    common = dict(
-        negative=negative or "",
+    specs = {"accel": list(accels), "guard": list(guards), "adapter": [p.name for p in adapters]}
+    meta = dict(
+        negative=negative,
         steps=steps,
         guidance=guidance,
         guidance_rescale=rescale,
-        size=f"{w}x{h}",
-        scheduler=scheduler.strip() if scheduler else _scheduler_name(pipe),
-        model=model or DEFAULT_MODEL,
-        plugins=",".join(p.name for p in attached(pipe)),
-        stablekit=__version__,
+        size=(w, h),
+        scheduler=scheduler,
+        model=model,
+        specs=specs,
     )
-    for key, specs in (("accel", accels), ("guard", guards), ("adapter", [p.name for p in adapters])):
-        if specs:
-            common[key] = " ".join(spec.strip() for spec in specs)
     for i, (prompt, path) in enumerate(zip(jobs, output_paths(output, len(jobs)), strict=False)):
         pipe.set_progress_bar_config(disable=None, desc=f"image {i + 1}/{len(jobs)}")
         image = pipe(
@@ -326,7 +299,7 @@ def generate(
             width=w,
             generator=torch.Generator("cpu").manual_seed(seed + i),
         ).images[0]
-        save_png(image, path, dict(prompt=prompt, seed=seed + i, **common))
+        save_png(image, path, generation_metadata(pipe, prompt, seed + i, **meta))
         click.echo(str(path))
 
 
@@ -945,6 +918,43 @@ def protect_command(
         ),
     )
     click.echo(str(output))
+
+
+# ---------------------------------------------------------------- serve
+
+
+@cli.command()
+@click.option("--model", default=None, help=_MODEL_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (not loopback: needs a token).")
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="File whose first line is the token clients must send (Bearer, or as the HTTP Basic password).",
+)
+@click.option("--max-queue", default=32, show_default=True, type=click.IntRange(min=1), help="Jobs that may wait.")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Jobs database and images [default: $XDG_DATA_HOME/stablekit/serve].",
+)
+@click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
+def serve(model, host, port, token_file, max_queue, data_dir, device):
+    """Run the HTTP service: the native API (/docs), the AUTOMATIC1111 API (/sdapi/v1) and the studio (/)."""
+    from . import serve as service
+
+    settings = service.Settings(
+        data_dir=data_dir or service.default_data_dir(),
+        model=model,
+        device=device,
+        token=service.read_token(token_file),
+        max_queue=max_queue,
+    )
+    if settings.token is None and not service.is_loopback(host):
+        raise StablekitError(f"--host {host} is reachable from other machines: give --token-file, or bind 127.0.0.1")
+    service.run(settings, host, port)
 
 
 # ---------------------------------------------------------------- bench
