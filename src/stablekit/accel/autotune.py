@@ -76,8 +76,6 @@ def autotune(
 ) -> Tuning:
     """The caching setting among `methods` for `pipe` that meets the request; `call_kwargs` go to every
     pipeline call."""
-    from . import REGISTRY
-
     if target_speedup is None and max_deviation is None:
         raise StablekitError("say what to tune for: give target_speedup, max_deviation or both")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -94,14 +92,7 @@ def autotune(
     with FlopCounterMode(display=False) as counter:
         reference = generate()
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    root, steps = type(pipe.unet).__name__, pipe.num_timesteps
-    candidates, group = [Tuning(None, 1.0, 0.0)], {None: None}  # no caching
-    for method, variant, spec in variants:
-        plugin = build(spec, REGISTRY, "accel")
-        deep = sum(flops.get(f"{root}.{name}", 0) for name in plugin.skipped_modules(pipe.unet))
-        k = len(plugin.full_steps(steps))
-        candidates.append(Tuning(spec, steps / (k + (steps - k) * (1 - deep / flops[root]))))
-        group[spec] = (method, variant)
+    candidates, group = _predicted(pipe, flops, variants)
     candidates = [c for c in candidates if c.speedup >= (target_speedup or 0)]
     if not candidates:
         raise StablekitError(
@@ -115,6 +106,30 @@ def autotune(
             c, deviation=max(float((o - r).norm() / r.norm()) for o, r in zip(outs, reference, strict=False))
         )
 
+    return _choose(candidates, group, measured, target_speedup, max_deviation)
+
+
+def _predicted(pipe, flops: dict, variants: list[tuple[str, str, str]]) -> tuple[list[Tuning], dict]:
+    """(no caching, then each of the (method, variant, spec) `variants` with its speedup predicted from the
+    uncached run's `flops` per module; each setting's (method, variant) group)."""
+    from . import REGISTRY
+
+    root = type(pipe.unet).__name__
+    steps = pipe.num_timesteps
+    candidates = [Tuning(None, 1.0, 0.0)]  # no caching
+    group = {None: None}
+    for method, variant, spec in variants:
+        plugin = build(spec, REGISTRY, "accel")
+        deep = sum(flops.get(f"{root}.{name}", 0) for name in plugin.skipped_modules(pipe.unet))
+        k = len(plugin.full_steps(steps))
+        candidates.append(Tuning(spec, steps / (k + (steps - k) * (1 - deep / flops[root]))))
+        group[spec] = (method, variant)
+    return candidates, group
+
+
+def _choose(candidates: list[Tuning], group: dict, measured, target_speedup, max_deviation) -> Tuning:
+    """Without `max_deviation`: the least deviating of each group's slowest candidate. With it: the fastest
+    candidate whose `measured` deviation stays within it."""
     if max_deviation is None:
         slowest = {}
         for c in sorted(candidates, key=lambda c: c.speedup):
