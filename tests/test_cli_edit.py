@@ -1,5 +1,7 @@
-"""`stablekit edit` and `stablekit invert` on the tiny model (32x32, 3 steps): PNGs, PSNR, one-line errors."""
+"""`stablekit edit` and `stablekit invert` on the tiny model (32x32, 3 steps): PNGs, PSNR, one-line errors; and on
+the embedded default model, what an edit changes as the judge (its attribute classifier) sees it."""
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -7,6 +9,7 @@ from PIL import Image
 
 import stablekit
 from stablekit import cli
+from stablekit.default_model import classifier, world
 from stablekit.edit import reconstruct_image
 
 SOURCE = "a red star on a gray background"
@@ -148,3 +151,32 @@ def test_bad_input_one_error_line_exit_2_no_file(inputs, out_dir, tiny_sd_path, 
     assert result.exit_code == 2, result.output
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")
     assert result.stdout == "" and list(out_dir.iterdir()) == []
+
+
+RED_OBJECTS = [
+    world.Scene("gray", [world.Obj("star", "red", "solid", 32, 32, 18, 0)]),
+    world.Scene("beige", [world.Obj("circle", "red", "solid", 30, 34, 16, 0)]),
+]
+
+
+@pytest.mark.parametrize("scene", RED_OBJECTS, ids=lambda s: s.objects[0].shape)
+def test_edit_recolours_the_object_and_keeps_the_rest(tmp_path, scene):
+    """Red to blue on the embedded model: the judge sees blue where it saw red, the same shape and background,
+    and the pixels change on the object far more than around it."""
+    obj = scene.objects[0]
+    source = f"a red {obj.shape} on a {scene.background} background"
+    world.render(scene, np.random.default_rng(0)).save(tmp_path / "in.png")
+    args = ["--source", source, "--method", "direct", "--controller", "replace", "--steps", "10", "--device", "cpu"]
+    for name, target in (("same.png", source), ("blue.png", source.replace("red", "blue"))):
+        result = CliRunner().invoke(
+            cli.cli, ["edit", str(tmp_path / "in.png"), *args, "--target", target, "-o", str(tmp_path / name)]
+        )
+        assert result.exit_code == 0, result.output
+    images = [Image.open(tmp_path / name).convert("RGB") for name in ("in.png", "same.png", "blue.png")]
+    before, same, blue = classifier.predict(images)
+    assert before["colors"] == same["colors"] == ["red"] and blue["colors"] == ["blue"]
+    assert before["shapes"] == same["shapes"] == blue["shapes"] == [obj.shape]
+    assert before["background"] == same["background"] == blue["background"] == scene.background
+    change = np.abs(np.asarray(images[2], float) - np.asarray(images[0], float)).mean(-1)
+    mask = world.object_mask(obj)
+    assert change[mask > 0.99].mean() > 4 * change[mask < 0.01].mean()  # measured: 9x (circle)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 import torch
+from click.core import ParameterSource
 
 from . import __version__, load, safety, use
 from .edit import EDIT_GUIDANCE, EDIT_STEPS, GUIDANCE, PromptToPrompt, UnifiedAttentionControl, edit, reconstruct_image
@@ -84,6 +85,32 @@ def main(argv: list[str] | None = None) -> None:
 # ---------------------------------------------------------------- generate
 
 _MODEL_HELP = "Diffusers folder, .safetensors/.ckpt file or hub id [default: the embedded model]."
+
+
+def _model_option(f):
+    """--model, shared by every command that loads a pipeline."""
+    return click.option("--model", default=None, help=_MODEL_HELP)(f)
+
+
+def _model_and_device(f):
+    """--model and --device, shared by every command that runs a pipeline."""
+    device = click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
+    return _model_option(device(f))
+
+
+def _given(*names: str) -> list[str]:
+    """The options among the parameter `names` that the command line gave (not left at their defaults), as --flags."""
+    ctx = click.get_current_context()
+    sources = {name: ctx.get_parameter_source(name) for name in names}
+    return [
+        f"--{name.replace('_', '-')}" for name, src in sources.items() if src not in (None, ParameterSource.DEFAULT)
+    ]
+
+
+def _refuse(flags: list[str], reason: str) -> None:
+    """A one-line error if any of `flags` was given: they do not apply, and are never silently ignored."""
+    if flags:
+        raise StablekitError(f"{' and '.join(flags)} {'do' if len(flags) > 1 else 'does'} not apply {reason}")
 
 
 def parse_size(size: str | None) -> tuple[int, int] | None:
@@ -178,7 +205,6 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     type=click.Path(path_type=Path),
     help="PNG file; several images become STEM-0.png, STEM-1.png, ... beside it.",
 )
-@click.option("--model", default=None, help=_MODEL_HELP)
 @click.option("--seed", default=0, show_default=True, help="Image i uses seed+i.")
 @click.option("--steps", default=25, show_default=True, help="Denoising steps.")
 @click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
@@ -239,7 +265,7 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     help="Watermark key from `stablekit keygen`; alone it implies --watermark with the key's method.",
 )
 @click.option("--negative", default=None, help="Negative prompt.")
-@click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
+@_model_and_device
 def generate(
     prompts,
     output,
@@ -265,11 +291,9 @@ def generate(
     _check_generate(prompts, output, steps, guidance, n)
     if guidance_rescale is not None and not 0 <= guidance_rescale <= 1:
         raise StablekitError(f"--guidance-rescale {guidance_rescale}: must lie in [0, 1]")
-    plugins = [build(spec, ACCELS, "accel") for spec in accels]
-    plugins += [build(spec, GUARDS, "guard") for spec in guards]
-    plugins += [safety.load_adapter(path, spm_multiplier) for path in adapters]
-    if spm_multiplier != 1 and not any(isinstance(p, safety.SPM) for p in plugins):
-        raise StablekitError("--spm-multiplier scales SPM membranes: give one with --adapter")
+    if guidance <= 1:
+        _refuse(_given("negative", "guidance_rescale"), f"at --guidance {guidance:g}: classifier-free guidance is off")
+    plugins = _generation_plugins(accels, guards, adapters, spm_multiplier)
     mark, wh = _watermark_plugin(method, key_file, wh)
     pipe = _load_quietly(model, device, scheduler=scheduler)
     use(pipe, *plugins, *([mark] if mark else []))
@@ -287,20 +311,23 @@ def generate(
         model=model,
         specs=specs,
     )
+    call = dict(negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=rescale)
     for i, (prompt, path) in enumerate(zip(jobs, output_paths(output, len(jobs)), strict=False)):
         pipe.set_progress_bar_config(disable=None, desc=f"image {i + 1}/{len(jobs)}")
-        image = pipe(
-            prompt,
-            negative_prompt=negative,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            guidance_rescale=rescale,
-            height=h,
-            width=w,
-            generator=torch.Generator("cpu").manual_seed(seed + i),
-        ).images[0]
+        g = torch.Generator("cpu").manual_seed(seed + i)
+        image = pipe(prompt, height=h, width=w, generator=g, **call).images[0]
         save_png(image, path, generation_metadata(pipe, prompt, seed + i, **meta))
         click.echo(str(path))
+
+
+def _generation_plugins(accels, guards, adapters, spm_multiplier: float) -> list:
+    """The plugins of `generate`'s --accel, --guard and --adapter options, built (so checked) before any loading."""
+    plugins = [build(spec, ACCELS, "accel") for spec in accels]
+    plugins += [build(spec, GUARDS, "guard") for spec in guards]
+    plugins += [safety.load_adapter(path, spm_multiplier) for path in adapters]
+    if spm_multiplier != 1 and not any(isinstance(p, safety.SPM) for p in plugins):
+        raise StablekitError("--spm-multiplier scales SPM membranes: give one with --adapter")
+    return plugins
 
 
 @cli.command()
@@ -340,8 +367,7 @@ def generate(
     "embedded default model].",
 )
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="safetensors file to write.")
-@click.option("--model", default=None, help=_MODEL_HELP)
-@click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
+@_model_and_device
 def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrogate, output, model, device):
     """Erase CONCEPTs from a model; use the file with `generate --adapter`."""
     _check_output(output, "adapter.safetensors")
@@ -352,8 +378,11 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrog
             "--method spm erases one --concept per file (combine files with repeated --adapter) "
             "and takes no --preserve"
         )
-    if method == "uce" and (surrogate is not None or eta is not None):
-        raise StablekitError("--surrogate and --eta go with --method spm")
+    if method == "uce":
+        _refuse(
+            _given("iterations", "lr", "anchor_weight", "eta", "surrogate"),
+            "to --method uce, a closed-form edit: they set SPM's training",
+        )
     pipe = _load_quietly(model, device, dtype="float32")  # training and closed-form edits want float32
     if method == "spm":
         edit = safety.SPM.train(
@@ -420,8 +449,7 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrog
 @click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--seed", default=0, show_default=True, help="Prompt and noise seed.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
-@click.option("--model", default=None, help=_MODEL_HELP)
-@click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
+@_model_and_device
 def audit_command(
     concept,
     defense,
@@ -442,6 +470,8 @@ def audit_command(
     c = audit.concept(concept)
     if attack not in ATTACKS:
         raise StablekitError(f"unknown attack '{attack}'; choose one of: {', '.join(ATTACKS)}")
+    if attack not in ("p4d", "unlearndiffatk"):
+        _refuse(_given("iterations"), f"to --attack {attack}: it optimises nothing")
     if (adapter is not None or spm_multiplier != 1) and defense != "spm":
         raise StablekitError("--adapter and --spm-multiplier go with --defense spm")
     if adapter is not None and not adapter.is_file():
@@ -488,7 +518,7 @@ def audit_command(
     type=click.Path(path_type=Path),
     help="JSON key file to write; keep it private: it detects and forges the watermark.",
 )
-@click.option("--model", default=None, help=_MODEL_HELP)
+@_model_option
 @click.option(
     "--size", default=None, metavar="WxH", help="Size of the images to mark [default: the model's native size]."
 )
@@ -525,7 +555,6 @@ def keygen(method, output, model, size, seed, force):
     type=click.Path(path_type=Path),
     help="Key from `stablekit keygen` (repeatable: the best-matching one is reported).",
 )
-@click.option("--model", default=None, help=_MODEL_HELP)
 @click.option("--steps", default=50, show_default=True, help="Steps of the inversion to the initial noise.")
 @click.option(
     "--inversion", type=click.Choice(["ddim", "edict"]), default="ddim", show_default=True, help="Inversion method."
@@ -533,7 +562,7 @@ def keygen(method, output, model, size, seed, force):
 @click.option("--decoder-steps", default=0, show_default=True, help="Decoder-inversion steps (0: off).")
 @click.option("--fpr", default=FPR, show_default=True, help="False-positive rate of the decision.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per image.")
-@click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
+@_model_and_device
 def detect_command(images, key_files, model, steps, inversion, decoder_steps, fpr, as_json, device):
     """Is each IMAGE watermarked with one of the keys? Print score, p-value, decision and message or key."""
     if steps <= 0:
@@ -650,8 +679,7 @@ def _inversion_options(
                 click.option(
                     "--decoder-steps", default=0, show_default=True, help="Decoder-inversion steps (0: off)."
                 ),
-                click.option("--model", default=None, help=_MODEL_HELP),
-                click.option("--device", default=None, help="cuda, mps or cpu [default: the best available]."),
+                _model_and_device,
             ]
         ):
             f = option(f)
@@ -858,8 +886,7 @@ def invert_command(image, prompt, reconstruct, output, method, steps, guidance, 
     help="Precision of the VAE and UNet during the attack [default: the model's].",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the random start, timesteps and noise.")
-@click.option("--model", default=None, help=_MODEL_HELP)
-@click.option("--device", default=None, help="cuda, mps or cpu [default: the best available].")
+@_model_and_device
 def protect_command(
     image, output, method, mask, eps, min_psnr, steps, step_size, mode, prompt, eot, dtype, seed, model, device
 ):
@@ -869,6 +896,8 @@ def protect_command(
     step = None if step_size is None else parse_eps(step_size, "--step-size")
     if steps is not None and steps < 1:
         raise StablekitError(f"--steps {steps}: the number of PGD steps must be at least 1, e.g. --steps 100")
+    if "prompt" not in PROTECT_DEFAULTS[method]:
+        _refuse(_given("prompt"), f"to --method {method}: it uses no prompt")
     settings = protect_options(method, steps, step, mode, prompt)
     _check_output(output)
     picture = read_image(image)

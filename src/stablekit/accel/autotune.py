@@ -90,14 +90,7 @@ def autotune(
     with FlopCounterMode(display=False) as counter:
         reference = generate()
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    root, steps = type(pipe.unet).__name__, pipe.num_timesteps
-    candidates, group = [Tuning(None, 1.0, 0.0)], {None: None}  # no caching
-    for method, variant, spec in variants:
-        plugin = build(spec, CATALOGUE["accel"], "accel")
-        deep = sum(flops.get(f"{root}.{name}", 0) for name in plugin.skipped_modules(pipe.unet))
-        k = len(plugin.full_steps(steps))
-        candidates.append(Tuning(spec, steps / (k + (steps - k) * (1 - deep / flops[root]))))
-        group[spec] = (method, variant)
+    candidates, group = _predicted(pipe, flops, variants)
     candidates = [c for c in candidates if c.speedup >= (target_speedup or 0)]
     if not candidates:
         raise StablekitError(
@@ -111,6 +104,28 @@ def autotune(
             c, deviation=max(float((o - r).norm() / r.norm()) for o, r in zip(outs, reference, strict=False))
         )
 
+    return _choose(candidates, group, measured, target_speedup, max_deviation)
+
+
+def _predicted(pipe, flops: dict, variants: list[tuple[str, str, str]]) -> tuple[list[Tuning], dict]:
+    """(no caching, then each of the (method, variant, spec) `variants` with its speedup predicted from the
+    uncached run's `flops` per module; each setting's (method, variant) group)."""
+    root = type(pipe.unet).__name__
+    steps = pipe.num_timesteps
+    candidates = [Tuning(None, 1.0, 0.0)]  # no caching
+    group = {None: None}
+    for method, variant, spec in variants:
+        plugin = build(spec, CATALOGUE["accel"], "accel")
+        deep = sum(flops.get(f"{root}.{name}", 0) for name in plugin.skipped_modules(pipe.unet))
+        k = len(plugin.full_steps(steps))
+        candidates.append(Tuning(spec, steps / (k + (steps - k) * (1 - deep / flops[root]))))
+        group[spec] = (method, variant)
+    return candidates, group
+
+
+def _choose(candidates: list[Tuning], group: dict, measured, target_speedup, max_deviation) -> Tuning:
+    """Without `max_deviation`: the least deviating of each group's slowest candidate. With it: the fastest
+    candidate whose `measured` deviation stays within it."""
     if max_deviation is None:
         slowest = {}
         for c in sorted(candidates, key=lambda c: c.speedup):

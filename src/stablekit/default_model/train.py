@@ -227,7 +227,8 @@ def train_unet(
     log_every: int = 100,
     device: str = "cpu",
 ):
-    lat, cap_idx, text, uncond = (state[k].to(device) for k in ("latents", "cap_idx", "text", "uncond"))
+    data = {k: state[k].to(device) for k in ("latents", "cap_idx", "text", "uncond")}
+    data["scaling_factor"] = state["scaling_factor"]
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
     acp = sched.alphas_cumprod.to(device)
     snr = acp / (1 - acp)
@@ -235,37 +236,16 @@ def train_unet(
     unet = build_unet()
     ema = build_unet().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    step, elapsed = 0, 0.0
     unet.to(device)
     ema.to(device)
-    if ckpt.exists():
-        c = torch.load(ckpt, map_location=device)
-        unet.load_state_dict(c["unet"])
-        ema.load_state_dict(c["ema"])
-        opt.load_state_dict(c["opt"])
-        step, elapsed = c["step"], c["elapsed"]
-        print(f"resumed at step {step}, {elapsed / 60:.1f} min")
-    else:
-        if init is not None:  # continue from shipped weights (fresh optimizer, warm-up again)
-            unet.load_state_dict(UNet2DConditionModel.from_pretrained(init / "unet").state_dict())
-        ema.load_state_dict(unet.state_dict())
+    step, elapsed = _resume(ckpt, unet, ema, opt, init, device)
     budget, t_start, last_save, losses = minutes * 60, time.time() - elapsed, time.time(), []
     bar = tqdm(desc="train UNet", initial=step, mininterval=10)
     while (elapsed := time.time() - t_start) < budget:
         frac = elapsed / budget
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        idx = torch.randint(0, len(lat), (batch,), device=device)
-        x0 = lat[idx] * state["scaling_factor"]
-        cond = text[cap_idx[idx]].float()
-        drop = torch.rand(batch, device=device) < 0.1
-        cond[drop] = uncond
-        noise = immiscible_noise(x0)
-        t = torch.randint(0, 1000, (batch,), device=device)
-        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):  # bf16 matmuls on a GPU
-            pred = unet(sched.add_noise(x0, noise, t), t, cond).sample.float()
-        w = snr[t].clamp(1.0, 5.0) / (snr[t] + 1)  # Min-SNR-5 on x0 error, floored at 1, for v-prediction
-        loss = (w * (pred - sched.get_velocity(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = _batch_loss(unet, data, sched, snr, batch, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -283,28 +263,48 @@ def train_unet(
             )
             losses = []
         if time.time() - last_save > 300:
-            torch.save(
-                dict(
-                    unet=unet.state_dict(),
-                    ema=ema.state_dict(),
-                    opt=opt.state_dict(),
-                    step=step,
-                    elapsed=time.time() - t_start,
-                ),
-                ckpt,
-            )
+            _save(ckpt, unet, ema, opt, step, time.time() - t_start)
             last_save = time.time()
-    torch.save(
-        dict(
-            unet=unet.state_dict(),
-            ema=ema.state_dict(),
-            opt=opt.state_dict(),
-            step=step,
-            elapsed=time.time() - t_start,
-        ),
-        ckpt,
-    )
+    _save(ckpt, unet, ema, opt, step, time.time() - t_start)
     return ema.cpu().eval(), step
+
+
+def _resume(ckpt: Path, unet, ema, opt, init: Path | None, device: str) -> tuple[int, float]:
+    """(step, elapsed seconds): from checkpoint `ckpt` if it exists, else 0 after loading `init`'s UNet if given;
+    the EMA starts as a copy of the UNet."""
+    if ckpt.exists():
+        c = torch.load(ckpt, map_location=device)
+        unet.load_state_dict(c["unet"])
+        ema.load_state_dict(c["ema"])
+        opt.load_state_dict(c["opt"])
+        print(f"resumed at step {c['step']}, {c['elapsed'] / 60:.1f} min")
+        return c["step"], c["elapsed"]
+    if init is not None:  # continue from shipped weights (fresh optimizer, warm-up again)
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init / "unet").state_dict())
+    ema.load_state_dict(unet.state_dict())
+    return 0, 0.0
+
+
+def _save(ckpt: Path, unet, ema, opt, step: int, elapsed: float) -> None:
+    torch.save(
+        dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step, elapsed=elapsed), ckpt
+    )
+
+
+def _batch_loss(unet, data: dict, sched: DDPMScheduler, snr: torch.Tensor, batch: int, device: str) -> torch.Tensor:
+    """The v-prediction loss (Min-SNR-5 weighted) of one random batch of the encoded `data`: captions dropped 10%
+    of the time, immiscible noise."""
+    idx = torch.randint(0, len(data["latents"]), (batch,), device=device)
+    x0 = data["latents"][idx] * data["scaling_factor"]
+    cond = data["text"][data["cap_idx"][idx]].float()
+    drop = torch.rand(batch, device=device) < 0.1
+    cond[drop] = data["uncond"]
+    noise = immiscible_noise(x0)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):  # bf16 matmuls on a GPU
+        pred = unet(sched.add_noise(x0, noise, t), t, cond).sample.float()
+    w = snr[t].clamp(1.0, 5.0) / (snr[t] + 1)  # Min-SNR-5 on x0 error, floored at 1, for v-prediction
+    return (w * (pred - sched.get_velocity(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))).mean()
 
 
 def export(out: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, scaling_factor: float, recipe: dict):
@@ -340,7 +340,7 @@ def export(out: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, scaling_fa
     )
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=Path("runs/default_model"))
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
@@ -361,6 +361,24 @@ def main(argv=None):
         default=None,
         help="continue training from an exported model folder (its VAE and UNet), e.g. the shipped weights",
     )
+    return p
+
+
+def _vae(a: argparse.Namespace, images: torch.Tensor) -> AutoencoderKL:
+    """The VAE in ``a.workdir/vae``: `a.init`'s if continuing (its latent space kept), else trained on `images`,
+    first on crops, then on whole images (GroupNorm sees full frames); each stage saved and reused."""
+    if a.init is not None and not (a.workdir / "vae").exists():  # keep the latent space of the weights continued
+        AutoencoderKL.from_pretrained(a.init / "vae").save_pretrained(a.workdir / "vae")
+    if not (a.workdir / "vae").exists():  # stage 1: crops; stage 2: whole images (GroupNorm sees full frames)
+        if not (a.workdir / "vae_crops").exists():
+            train_vae(images, a.vae_steps).save_pretrained(a.workdir / "vae_crops")
+        vae = AutoencoderKL.from_pretrained(a.workdir / "vae_crops")
+        train_vae(images, a.vae_full_steps, vae, crop=world.SIZE, batch=16, lr=3e-4).save_pretrained(a.workdir / "vae")
+    return AutoencoderKL.from_pretrained(a.workdir / "vae").eval()
+
+
+def main(argv=None):
+    p = _parser()
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {a.device}: no CUDA GPU is visible; use --device cpu")
@@ -377,16 +395,7 @@ def main(argv=None):
     if a.use_captions < a.captions:  # train on the first captions' images (plus the memorization set) only
         keep = (data["cap_idx"] < a.use_captions) | (data["cap_idx"] >= a.captions)
         data["images"], data["cap_idx"] = data["images"][keep], data["cap_idx"][keep]
-    if a.init is not None and not (a.workdir / "vae").exists():  # keep the latent space of the weights continued
-        AutoencoderKL.from_pretrained(a.init / "vae").save_pretrained(a.workdir / "vae")
-    if not (a.workdir / "vae").exists():  # stage 1: crops; stage 2: whole images (GroupNorm sees full frames)
-        if not (a.workdir / "vae_crops").exists():
-            train_vae(data["images"], a.vae_steps).save_pretrained(a.workdir / "vae_crops")
-        vae = AutoencoderKL.from_pretrained(a.workdir / "vae_crops")
-        train_vae(data["images"], a.vae_full_steps, vae, crop=world.SIZE, batch=16, lr=3e-4).save_pretrained(
-            a.workdir / "vae"
-        )
-    vae = AutoencoderKL.from_pretrained(a.workdir / "vae").eval()
+    vae = _vae(a, data["images"])
     enc_f = a.workdir / "encoded.pt"
     if not enc_f.exists():
         lat = encode_latents(vae, data["images"], device=a.device)

@@ -268,34 +268,18 @@ class SPM(Plugin):
         init = {n: membrane(m) for n, m in target_modules(unet).items()}
         spm = cls([concept], {n: (a[0].weight.detach(), a[1].weight.detach()) for n, a in init.items()})
         ddim = DDIMScheduler.from_config(pipe.scheduler.config)
-        if templates is None:
-            templates = ("{}",) if is_clip(pipe) else TEMPLATES
-        if not templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
-            raise StablekitError("SPM templates must each contain '{}' once, e.g. ('a photo of a {}',)")
-        cs = encode_ids(pipe, [token_ids(pipe, t.format(concept)) for t in templates])
-        ss = encode_ids(pipe, [token_ids(pipe, t.format(surrogate).strip()) for t in templates])
-        u = encode_ids(pipe, [token_ids(pipe, "")])
+        cs, ss, u = _template_embeds(pipe, concept, surrogate, templates)
         shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        sampling = dict(shape=shape, u=u, sample_steps=sample_steps, sample_guidance=sample_guidance)
         with frozen(unet), use(pipe, spm):
             params = [p.requires_grad_(True) for a in spm.adapters.values() for p in a.parameters()]
             opt = torch.optim.AdamW(params, lr=lr)
             sched = get_cosine_with_hard_restarts_schedule_with_warmup(opt, iterations // 6, iterations, 3)
             bar = tqdm(range(iterations), desc=f"train SPM '{concept}'", disable=None if progress else True)
             for i in bar:
-                c, s = cs[i % len(templates)][None], ss[i % len(templates)][None]
-                with torch.no_grad():
-                    spm.fixed = 1.0
-                    x, t = _partial_sample(
-                        unet, ddim, shape, u, c, rng.randint(1, sample_steps - 1), sample_steps, sample_guidance
-                    )
-                    spm.fixed = 0.0
-                    anchor_embeds = _anchors(c, anchors, rng)
-                    ref = unet(x.expand(2 + anchors, -1, -1, -1), t, torch.cat([c, s, anchor_embeds])).sample
-                spm.fixed = 1.0
-                out = unet(x.expand(1 + anchors, -1, -1, -1), t, torch.cat([c, anchor_embeds])).sample
-                p_, n_ = ref[0:1], ref[1:2]
-                erase = torch.nn.functional.mse_loss(out[:1], n_ - eta * (p_ - n_))
-                anchor = torch.nn.functional.mse_loss(out[1:], ref[2:])
+                c = cs[i % len(cs)][None]
+                s = ss[i % len(ss)][None]
+                erase, anchor = _losses(spm, unet, ddim, c, s, rng, anchors=anchors, eta=eta, **sampling)
                 opt.zero_grad(set_to_none=True)
                 (erase + anchor_weight * anchor).backward()
                 opt.step()
@@ -306,6 +290,40 @@ class SPM(Plugin):
             }
         spm.fixed = None
         return spm
+
+
+def _template_embeds(pipe, concept: str, surrogate: str, templates: tuple[str, ...] | None):
+    """Text embeddings of each template filled with the concept, of each filled with the surrogate, and of the
+    empty prompt; `templates` None: the bare word for CLIP text encoders (the paper), :data:`~.text.TEMPLATES`
+    for any other."""
+    if templates is None:
+        templates = ("{}",) if is_clip(pipe) else TEMPLATES
+    if not templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+        raise StablekitError("SPM templates must each contain '{}' once, e.g. ('a photo of a {}',)")
+    concepts = encode_ids(pipe, [token_ids(pipe, t.format(concept)) for t in templates])
+    surrogates = encode_ids(pipe, [token_ids(pipe, t.format(surrogate).strip()) for t in templates])
+    return concepts, surrogates, encode_ids(pipe, [token_ids(pipe, "")])
+
+
+def _losses(spm, unet, ddim, c, s, rng, *, shape, u, sample_steps, sample_guidance, anchors: int, eta: float):
+    """One training step's (erasing loss, anchoring loss) for concept and surrogate embeddings `c`, `s`: at a latent
+    partly sampled with the membrane on, the membrane's output should move from the concept's prediction P past the
+    surrogate's N (N - eta (P - N)) and keep its predictions for `anchors` random embeddings of about `c`'s norm."""
+    with torch.no_grad():
+        spm.fixed = 1.0
+        x, t = _partial_sample(
+            unet, ddim, shape, u, c, rng.randint(1, sample_steps - 1), sample_steps, sample_guidance
+        )
+        spm.fixed = 0.0
+        anchor_embeds = _anchors(c, anchors, rng)
+        ref = unet(x.expand(2 + anchors, -1, -1, -1), t, torch.cat([c, s, anchor_embeds])).sample
+    spm.fixed = 1.0
+    out = unet(x.expand(1 + anchors, -1, -1, -1), t, torch.cat([c, anchor_embeds])).sample
+    concept_pred = ref[0:1]
+    surrogate_pred = ref[1:2]
+    erase = torch.nn.functional.mse_loss(out[:1], surrogate_pred - eta * (concept_pred - surrogate_pred))
+    anchor = torch.nn.functional.mse_loss(out[1:], ref[2:])
+    return erase, anchor
 
 
 def _partial_sample(unet, ddim, shape, u, c, k: int, steps: int, guidance: float):
