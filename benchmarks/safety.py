@@ -115,7 +115,7 @@ def run_concept(pipe, word: str, a, out: dict, save) -> None:
     out |= {"attribute": c.attribute, "paraphrases": c.paraphrases, "defenses": {}}
     ref = {}  # the undefended model's per-prompt matches: preservation and collateral
     for name in ["none"] + [d for d in a.defenses if d != "none"]:
-        d = audit.defense(name, c, pipe, spm_file, spm_train(a), a.spm_multiplier)
+        d = audit.defense(pipe, name, c, spm_file, spm_train(a), a.spm_multiplier)
         row, direct_hits = _defense_row(pipe, d, c, ps, judge, a, ref)
         row |= _attacks(pipe, d, c, ps, direct_hits, a)
         out["defenses"][name] = row
@@ -171,8 +171,8 @@ def _attacks(pipe, d, c, ps, direct_hits, a) -> dict:
         n = a.attack_prompts if attack == "arithmetic" else a.optimise_prompts
         if n:
             out[f"attack_{attack}"] = audit.attack(
-                attack,
                 pipe,
+                attack,
                 d,
                 c,
                 ps.direct[:n],

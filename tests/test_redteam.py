@@ -99,7 +99,7 @@ def test_decompositions_and_audit_prompts():
 
 
 def test_blocklist_deletes_the_word_before_the_pipeline_sees_it(pipe):
-    block, none = audit.defense("blocklist", concept("star"), pipe), audit.defense("none", concept("star"), pipe)
+    block, none = audit.defense(pipe, "blocklist", concept("star")), audit.defense(pipe, "none", concept("star"))
     assert block.filter(["a red Star on a starry sky", "star", "stars"]) == ["a red on a starry sky", "", "stars"]
     kw = dict(steps=2, guidance=5.0, seed=3, batch=2)
     got = audit.generate(pipe, block, ["a red star", "a blue circle"], **kw)[0]

@@ -479,7 +479,7 @@ def audit_command(
     if json_path is not None:
         _check_output(json_path, "audit.json")
     pipe = _load_quietly(model, device)
-    d = audit.defense(defense, c, pipe, adapter, spm_multiplier=spm_multiplier)
+    d = audit.defense(pipe, defense, c, adapter, spm_multiplier=spm_multiplier)
     if adapter is not None and list(d.plugins[0].config.concepts) != [c.word]:
         raise StablekitError(f"'{adapter}' erases {list(d.plugins[0].config.concepts)}, not '{c.word}'")
     direct = audit.prompts(c, prompts, seed).direct
@@ -494,7 +494,7 @@ def audit_command(
         "direct": audit.rate(hits),
     }
     res["attack_" + attack] = audit.attack(
-        attack, pipe, d, c, direct, hits, steps=steps, guidance=guidance, seed=seed, iterations=iterations
+        pipe, attack, d, c, direct, hits, steps=steps, guidance=guidance, seed=seed, iterations=iterations
     )
     if json_path is not None:
         write_atomically(json_path, lambda p: Path(p).write_text(json.dumps(res, indent=2)))

@@ -1,7 +1,7 @@
 """Audit a safety defense on the embedded default model's world, with its attribute classifier as the pinned judge.
 
     c = concept("star")                                  # a world shape or colour, its paraphrases and neighbours
-    d = defense("safree", c, pipe)                         # none | blocklist | negative | sld | uce | safree | spm
+    d = defense(pipe, "safree", c)                         # none | blocklist | negative | sld | uce | safree | spm
     p = prompts(c, 200, seed=0)                            # direct, para, keep prompts; direct and keep scenes
     images = generate(pipe, d, p.direct, steps=25, guidance=7.5, seed=1)
     rate = present(images, c).mean()                       # how often the judge sees the concept
@@ -134,7 +134,7 @@ class Defense:
 
 
 def defense(
-    name: str, c: Concept, pipe, spm_file=None, spm_train: dict | None = None, spm_multiplier: float = 1.0
+    pipe, name: str, c: Concept, spm_file=None, spm_train: dict | None = None, spm_multiplier: float = 1.0
 ) -> Defense:
     """The defense `name` against concept `c`, given the concept word only; an SPM membrane is read from
     `spm_file` if it exists, else trained with ``SPM.train(..., **spm_train)`` (and saved there), and used at
@@ -236,8 +236,8 @@ def rate(hits: np.ndarray) -> dict:
 
 
 def attack(
-    name: str,
     pipe,
+    name: str,
     d: Defense,
     c: Concept,
     direct: list[str],
