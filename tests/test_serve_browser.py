@@ -104,6 +104,9 @@ def test_generate_with_plugins_and_a_key_shows_the_image_and_its_metadata(page, 
     page.locator("#guidance").fill("5")
     page.locator("#sampler").select_option("euler")
     page.locator("#accel").select_option("deepcache")
+    page.locator("#guard").select_option("sld")
+    assert "concepts" in page.locator("#guard-args").get_attribute("placeholder")  # the plugin's parameters
+    page.locator("#guard-args").fill('{"concepts": ["star"], "warmup": 1}')
     job_id = _generate(page, "a blue circle", 6)
     card = _card(page, job_id)
     card.locator("figure img").wait_for(timeout=60_000)
@@ -112,7 +115,8 @@ def test_generate_with_plugins_and_a_key_shows_the_image_and_its_metadata(page, 
     )
     job = server.job(job_id)
     assert job["status"] == "succeeded" and card.get_attribute("data-status") == "succeeded"
-    assert {p["name"] for p in job["plugins"]} == {"euler", "deepcache", "tree-ring"}
+    assert {p["name"] for p in job["plugins"]} == {"euler", "deepcache", "sld", "tree-ring"}
+    assert job["plugins"][2] == {"name": "sld", "args": {"concepts": ["star"], "warmup": 1}}
     (image,) = job["result"]["images"]
     meta = _terms(card, "meta")
     assert meta["prompt"] == "a blue circle" and meta["seed"] == "7" and meta["steps"] == "6"
@@ -129,6 +133,24 @@ def test_generate_with_plugins_and_a_key_shows_the_image_and_its_metadata(page, 
     found = _terms(detected, "result")
     assert found["key"] == "studio-key" and "detected" in found
     page.locator("#tab-generate").click()
+
+
+def test_bad_input_is_answered_on_the_page_and_nothing_is_queued(page, server):
+    before = page.locator("article.job").count()
+    page.locator("#guard").select_option("sld")
+    page.locator("#guard-args").fill("{oops")
+    page.locator("#generate").click()
+    assert "arguments of guard: not JSON" in page.locator("#message").inner_text()
+    page.locator("#guard-args").fill("{}")  # the server refuses SLD without concepts, with its reason
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#message').textContent.includes('concepts')")
+    assert page.locator("#message").is_visible() and page.locator("article.job").count() == before
+    page.locator("#guard").select_option("")
+    page.locator("#guard-args").fill("")
+    page.locator("#generate").click()  # a good request clears the message
+    page.wait_for_function(f"document.querySelectorAll('article.job').length > {before}")
+    assert not page.locator("#message").is_visible()
+    page.locator("article.job").first.and_(page.locator("[data-status=succeeded]")).wait_for(timeout=60_000)
 
 
 def _progress(card) -> tuple[float, float]:

@@ -80,7 +80,15 @@ async function loadPlugins() {
       const plugin = plugins.find((p) => p.name === option.value);
       if (plugin) option.title = plugin.doc;
     }
+    select.addEventListener("change", () => hintArgs(select, plugins));
   }
+}
+
+function hintArgs(select, plugins) {
+  // The arguments box shows the chosen plugin's parameters with their defaults; "{}" keeps the defaults.
+  const plugin = plugins.find((p) => p.name === select.value);
+  const hint = plugin ? Object.entries(plugin.params).map(([k, v]) => `${k}: ${JSON.stringify(v.default)}`) : [];
+  $(`#${select.id}-args`).placeholder = hint.length ? `{} or e.g. {${hint.join(", ")}}` : "{}";
 }
 
 async function loadKeys() {
@@ -145,10 +153,26 @@ function generateRequest() {
     n: number("#count"),
   };
   const plugins = [];
-  for (const id of ["#sampler", "#accel", "#guard"]) if ($(id).value) plugins.push({ name: $(id).value, args: {} });
+  for (const id of ["#sampler", "#accel", "#guard"]) {
+    if ($(id).value) plugins.push({ name: $(id).value, args: pluginArgs(`${id}-args`) });
+  }
   const key = $("#watermark").selectedOptions[0];
   if (key && key.value) plugins.push({ name: key.dataset.method, args: { key: key.value } });
   return { task: "txt2img", params, plugins };
+}
+
+function pluginArgs(id) {
+  const text = $(id).value.trim();
+  let args;
+  try {
+    args = text ? JSON.parse(text) : {};
+  } catch (e) {
+    throw new Error(`arguments of ${id.slice(1, -5)}: not JSON (${e.message})`);
+  }
+  if (args === null || typeof args !== "object" || Array.isArray(args)) {
+    throw new Error(`arguments of ${id.slice(1, -5)}: expected a JSON object such as {"concepts": ["star"]}`);
+  }
+  return args;
 }
 
 function readFile(id) {
