@@ -366,7 +366,9 @@ class Jobs:
 
             torch.cuda.empty_cache()
         self.metrics.job(time.monotonic() - live.started)
-        self.store.finish(live.id, status, self.events.next_id(live.id), saved, error)
+        with self.cond:  # the queue's view and the job's status change together
+            self.store.finish(live.id, status, self.events.next_id(live.id), saved, error)
+            self.live = None
         self.events.emit(live.id, FINAL_EVENT[status], self.view(self.store.get(live.id)))
 
     # ------------------------------------------------------------ metrics
