@@ -977,8 +977,11 @@ def find_benchmark(name: str) -> Path:
 
 
 def load_benchmark(name: str):
-    """The module of benchmark `name`, imported (it has a ``main(args)``)."""
+    """The module of benchmark `name`, imported (it has a ``main(args)``), with its folder on ``sys.path`` for the
+    modules it shares with the other benchmarks (``benchmarks/_common.py``)."""
     path = find_benchmark(name)
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
     spec = importlib.util.spec_from_file_location(f"stablekit_bench_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
