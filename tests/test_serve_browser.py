@@ -153,6 +153,17 @@ def test_bad_input_is_answered_on_the_page_and_nothing_is_queued(page, server):
     page.locator("article.job").first.and_(page.locator("[data-status=succeeded]")).wait_for(timeout=60_000)
 
 
+def test_more_jobs_than_the_browser_has_connections_all_finish_on_the_page(page, server):
+    page.locator("#accel").select_option("")
+    page.locator("#guard").select_option("")
+    page.locator("#watermark").select_option("")
+    ids = [_generate(page, f"quick {i}", 1) for i in range(8)]  # each followed job holds a connection
+    for job_id in ids:
+        _card(page, job_id).and_(page.locator("[data-status=succeeded]")).wait_for(timeout=60_000)
+        _card(page, job_id).locator("figure img").wait_for()
+    assert len(set(ids)) == 8 and all(server.job(j)["status"] == "succeeded" for j in ids)
+
+
 def _progress(card) -> tuple[float, float]:
     bar = card.locator("progress")
     return float(bar.evaluate("b => b.value")), float(bar.evaluate("b => b.max"))

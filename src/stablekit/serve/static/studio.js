@@ -7,6 +7,11 @@ const FINAL = { completed: "succeeded", failed: "failed", cancelled: "cancelled"
 const SHOWN_META = ["prompt", "negative", "seed", "steps", "guidance", "scheduler", "size", "model", "method"];
 const $ = (selector, root = document) => root.querySelector(selector);
 const followed = new Set();
+// A browser opens at most 6 connections to one server; each followed job holds one open for its events, so at
+// most STREAMS jobs are followed at once and the page's other requests always find a connection.
+const STREAMS = 3;
+const waiting = [];
+let streams = 0;
 let token = sessionStorage.getItem(TOKEN_KEY);
 let asking = null;
 
@@ -367,21 +372,37 @@ async function stream(id, last) {
   }
 }
 
+async function slot() {
+  if (streams < STREAMS) streams++;
+  else await new Promise((resolve) => waiting.push(resolve));
+}
+
+function release() {
+  const next = waiting.shift();
+  if (next) next();
+  else streams--;
+}
+
 async function follow(id) {
   if (followed.has(id)) return;
   followed.add(id);
+  await slot();
   let last = 0;
-  for (let tries = 0; tries < 20; tries++) {
-    try {
-      const state = await stream(id, last);
-      if (state.finished) break;
-      last = state.last;
-    } catch (e) {
-      say(`lost the events of job ${id.slice(0, 8)}: ${e.message}; retrying`);
+  try {
+    for (let tries = 0; tries < 20; tries++) {
+      try {
+        const state = await stream(id, last);
+        if (state.finished) break;
+        last = state.last;
+      } catch (e) {
+        say(`lost the events of job ${id.slice(0, 8)}: ${e.message}; retrying`);
+      }
+      await new Promise((r) => setTimeout(r, 1000));
     }
-    await new Promise((r) => setTimeout(r, 1000));
+  } finally {
+    release();
+    followed.delete(id);
   }
-  followed.delete(id);
   refreshQueue();
 }
 
