@@ -6,7 +6,8 @@ Architecture (one concern per module)::
     app.py       create_app(settings) -> FastAPI: routes, middleware, {"error": ...} for every error, the
                  worker's life cycle; "/" serves static/index.html (the studio) when it is there
     api.py       the native routes: /v1/jobs (POST, GET, DELETE, /events as server-sent events), /v1/queue,
-                 /v1/images/{id}.png, /v1/models, /v1/plugins, /v1/keys, /health, /metrics
+                 /v1/images/{id}.png, /v1/models, /v1/tasks, /v1/plugins, /v1/keys,
+                 /health, /metrics
     a1111.py     /sdapi/v1/...: A1111 requests become native jobs; field-by-field compatibility rules
     infotext.py  A1111 sampler names and its "parameters" PNG text
     jobs.py      the bounded queue, the ONE worker thread that owns the pipeline, cancellation by job,

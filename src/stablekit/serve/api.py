@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from ..errors import StablekitError
 from . import tasks
 from .jobs import FINAL_EVENT, Jobs
-from .schemas import Accepted, ApiError, JobOut, JobRequest, KeyRequest, Status
+from .schemas import PARAMS, Accepted, ApiError, JobOut, JobRequest, KeyRequest, Status
 
 ID = re.compile(r"[0-9a-f]{32}")
 KEEPALIVE_S = 15.0
@@ -126,6 +126,12 @@ def models(request: Request):
     """The loaded model (one per server: start another server for another model)."""
     jobs = _jobs(request)
     return [tasks.model_info(_pipe(jobs), jobs.settings.model)]
+
+
+@router.get("/v1/tasks", tags=["server"])
+def task_schemas():
+    """Every task's parameters as JSON schema (``enum`` lists the methods a task offers)."""
+    return {task: model.model_json_schema() for task, model in PARAMS.items()}
 
 
 @router.get("/v1/plugins", tags=["server"])
