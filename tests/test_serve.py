@@ -77,6 +77,22 @@ def test_events_arrive_in_order_and_resume_after_last_event_id(client):
     assert bad.status_code == 400 and "Last-Event-ID" in bad.json()["error"]
 
 
+def test_preview_events_carry_the_current_image_while_the_job_runs(client):
+    ahead = client.post("/v1/jobs", json={"task": "txt2img", "params": {"prompt": "a red star", "steps": 50}})
+    params = {"prompt": "a blue circle", "steps": 6, "preview_every": 3}
+    job = client.post("/v1/jobs", json={"task": "txt2img", "params": params}).json()
+    events = _events(client, job["id"])  # connected while the job waits behind the first one
+    previews = [e[2] for e in events if e[1] == "preview"]
+    assert [p["step"] for p in previews] == [3, 6]
+    head, _, data = previews[-1]["image"].partition(",")
+    assert head == "data:image/png;base64" and open_png(base64.b64decode(data)).size == (64, 64)
+    final = open_png(client.get(events[-1][2]["result"]["images"][0]["url"]).content)
+    assert np.array_equal(np.asarray(open_png(base64.b64decode(data))), np.asarray(final))  # the last step's image
+    after = _events(client, job["id"])  # only the newest preview keeps its image
+    assert [sorted(e[2]) for e in after if e[1] == "preview"] == [["step"], ["image", "step"]]
+    assert ahead.status_code == 202
+
+
 def test_queue_bound_cancel_queued_and_running(tmp_path):
     with make_client(tmp_path, max_queue=1) as client:
         running = client.post("/v1/jobs", json={"task": "txt2img", "params": LONG}).json()["id"]

@@ -185,6 +185,9 @@ def test_progress_moves_and_cancel_stops_only_that_job(page, server, tmp_path):
         timeout=60_000,
     )
     assert "step" in _card(page, running).locator(".progress-text").inner_text()
+    preview = _card(page, running).locator("img.preview")  # the running job's image every 5 steps
+    preview.wait_for(state="visible", timeout=30_000)
+    assert preview.get_attribute("src").startswith("data:image/png;base64,")
     assert server.job(running)["status"] == "running"
     _card(page, running).locator("button.cancel").click()
     _card(page, running).and_(page.locator("[data-status=cancelled]")).wait_for(timeout=30_000)

@@ -14,8 +14,10 @@ reconnects with ``Last-Event-ID`` gets the events after it. Logs of finished job
 
 from __future__ import annotations
 
+import base64
 import collections
 import gc
+import io
 import logging
 import math
 import secrets
@@ -46,6 +48,15 @@ def validation_message(e: ValidationError, prefix: str = "") -> str:
     return f"{where}: {first['msg']}" if where else first["msg"]
 
 
+def png_data_url(image, side: int = 256) -> str:
+    """`image` (PIL), shrunk to at most `side` pixels a side, as a ``data:image/png;base64,...`` URL."""
+    image = image.copy()
+    image.thumbnail((side, side))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 class Events:
     """Per-job event logs: ``(id, name, data)``, ids from 1."""
 
@@ -57,6 +68,8 @@ class Events:
     def emit(self, job_id: str, name: str, data: dict) -> int:
         with self.lock:
             log_ = self.logs.setdefault(job_id, [])
+            if name == "preview":  # only the newest preview keeps its image; older ones keep their step
+                log_[:] = [(i, n, {"step": d["step"]} if n == "preview" else d) for i, n, d in log_]
             log_.append((len(log_) + 1, name, data))
             if name in FINAL_EVENT.values():
                 self.finished.append(job_id)
@@ -303,12 +316,14 @@ class Jobs:
     # ------------------------------------------------------------ running
 
     def _progress(self, live: Live):
-        def report(step: int, total: int) -> None:
+        def report(step: int, total: int, preview=None) -> None:
             now = time.monotonic()
             if step > live.step:
                 self.metrics.step((now - live.last) / (step - live.step))
             live.step, live.total, live.last = step, total, now
             self.events.emit(live.id, "progress", live.progress())
+            if preview is not None:
+                self.events.emit(live.id, "preview", {"step": step, "image": png_data_url(preview)})
 
         return report
 

@@ -45,6 +45,7 @@ class Txt2Img(Strict):
     width: int | None = Field(None, ge=8, description="null: the model's native size")
     height: int | None = Field(None, ge=8)
     n: int = Field(1, ge=1, description="images, seeds seed, seed+1, ...")
+    preview_every: int = Field(0, ge=0, description="a preview event every this many steps (0: none)")
 
 
 class Img2Img(Txt2Img):

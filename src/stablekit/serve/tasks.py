@@ -25,6 +25,7 @@ from ..edit import EDIT_GUIDANCE, EDIT_METHODS, EDIT_STEPS, GUIDANCE, reconstruc
 from ..edit import METHODS as INVERSIONS
 from ..edit import edit as edit_image
 from ..errors import StablekitError
+from ..latents import decode
 from ..output import generation_metadata, scheduler_name
 from ..pipeline import DEFAULT_MODEL, guidance_rescale, load
 from ..plugins import SchedulerPlugin, use
@@ -253,9 +254,13 @@ def check_size(pipe, width: int, height: int) -> None:
 # ---------------------------------------------------------------- text to image, image to image
 
 
-def _callback(offset: int, total: int, progress, cancelled):
+def _callback(offset: int, total: int, progress, cancelled, preview_every: int = 0):
+    """Reports steps done (with the decoded current latents every `preview_every` steps) and interrupts the
+    pipeline at the next step once the job is cancelled."""
+
     def on_step_end(pipe, i, t, kwargs):
-        progress(offset + i + 1, total)
+        show = preview_every and (i + 1) % preview_every == 0 and "latents" in kwargs
+        progress(offset + i + 1, total, decode(pipe, kwargs["latents"][:1]) if show else None)
         if cancelled():
             pipe._interrupt = True
         return kwargs
@@ -298,7 +303,7 @@ def _generate(runner, pipe, p: dict, progress, cancelled, extra: dict) -> Result
                 guidance_scale=p["guidance"],
                 guidance_rescale=p["guidance_rescale"],
                 generator=torch.Generator("cpu").manual_seed(seed),
-                callback_on_step_end=_callback(i * steps, n * steps, progress, cancelled),
+                callback_on_step_end=_callback(i * steps, n * steps, progress, cancelled, p["preview_every"]),
                 **extra,
             ).images[0]
             result.images.append(Output(out, generation_metadata(runner, p["prompt"], seed, **meta) | p["more"], seed))

@@ -156,6 +156,7 @@ function generateRequest() {
     width: number("#width"),
     height: number("#height"),
     n: number("#count"),
+    preview_every: 5,
   };
   const plugins = [];
   for (const id of ["#sampler", "#accel", "#guard"]) {
@@ -306,6 +307,7 @@ async function showImage(holder, image) {
 function showResult(node, job) {
   if (node.dataset.shown) return;
   node.dataset.shown = "1";
+  $(".preview", node).hidden = true;
   const { images = [], ...rest } = job.result;
   for (const image of images) showImage($(".images", node), image);
   for (const [name, value] of Object.entries(rest)) term($(".result", node), name, value);
@@ -341,6 +343,9 @@ function onEvent(id, event) {
   const payload = event.data ? JSON.parse(event.data) : {};
   if (event.name === "progress") {
     render(node, { status: "running", progress: payload });
+  } else if (event.name === "preview" && payload.image) {
+    $(".preview", node).src = payload.image;
+    $(".preview", node).hidden = false;
   } else if (event.name === "running") {
     render(node, { status: "running" });
   } else if (event.name === "queued") {
