@@ -11,6 +11,7 @@ from PIL import Image
 
 from stablekit import StablekitError, batch, cli
 from stablekit.batch.manifest import MANIFEST
+from stablekit.eval.harness import rnd
 
 ROWS = [
     {"id": "star", "prompt": "a red star on a gray background"},
@@ -140,3 +141,17 @@ def test_the_parquet_copy_holds_the_manifest(tmp_path, tiny_sd_path):
     assert [r["sha256"] for r in table] == [r["sha256"] for r in records]
     assert [r["params.size"] for r in table] == [[32, 32], [32, 32], [32, 32], [48, 32]]
     assert all(r["seconds"] > 0 for r in table)
+
+
+def test_the_batch_benchmark_at_tiny_scale(tmp_path, tiny_sd_path):
+    from stablekit.cli import load_benchmark
+
+    out = tmp_path / "batch.json"
+    argv = ["--json", str(out), "--model", str(tiny_sd_path), "--device", "cpu", "--images", "3", "--rounds", "1"]
+    res = load_benchmark("batch").main([*argv, "--steps", "1", "--size", "32", "--no-ray"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and out.with_suffix(".png").exists()
+    assert [len(res["seconds"][w]) for w in ("one", "two")] == [1, 1] and "ray" not in res["seconds"]
+    assert res["targets"]["identical_images"]["status"] == "met"  # 1 and 2 workers: the same images
+    assert res["targets"]["two_workers_speedup"]["status"] == "not measured"  # one round gives no interval
+    assert res["images_per_second"]["one"]["all"] == [rnd(3 / s) for s in res["seconds"]["one"]]
+    assert res["speedup_two_over_one"]["all"] == [rnd(res["seconds"]["one"][0] / res["seconds"]["two"][0])]

@@ -80,3 +80,14 @@ def test_a_job_completes_every_row_once_when_an_actor_is_killed(tmp_path, tiny_s
     assert len(first) < 12  # the kill came before the end of the job
     workers = {r["worker"] for r in records}
     assert len(workers) == 3  # the two actors, and the killed one restarted, which did its retried rows
+
+
+def test_the_batch_benchmark_times_ray_on_the_cluster(tmp_path, tiny_sd_path, cluster):
+    from stablekit.cli import load_benchmark
+
+    out = tmp_path / "batch.json"
+    argv = ["--json", str(out), "--model", str(tiny_sd_path), "--device", "cpu", "--images", "2", "--rounds", "1"]
+    res = load_benchmark("batch").main([*argv, "--steps", "1", "--size", "32", "--ray", cluster.address])
+    assert res["targets"]["identical_images"]["status"] == "met"  # local and Ray: the same images
+    assert res["ray_over_local"]["n"] == 1 and res["ray_over_local"]["median"] > 0
+    assert res["targets"]["ray_overhead"]["status"] == "not measured"  # one round gives no interval
