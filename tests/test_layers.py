@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 SPINE = {"pipeline", "plugins", "registry", "latents", "text", "errors"}
 RESOURCES = {"stablekit.default_model"}  # the embedded model's weights path and text encoder: the spine may load it
-FACES = {"cli", "serve"}  # the faces: only other faces may import them
+FACES = {"cli", "serve", "batch"}  # the faces: only other faces may import them
 MAX_LINES = 60
 
 
