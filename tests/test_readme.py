@@ -38,3 +38,10 @@ def test_plugin_example_counts_unet_calls_and_steps_then_detaches(tiny_sd, monke
     assert hooks is None or not hooks.hooks
     tiny_sd("a red star", num_inference_steps=2, output_type="latent", height=32, width=32)
     assert profiler.unet_calls.calls == 10  # no longer counting
+
+
+def test_readme_is_a_guide_of_at_most_300_lines_without_run_logs():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300
+    for log in (r"\bsession \d", r"\bissue \d", r"this CPU, shared", r"PAPERS\.md"):
+        assert not re.search(log, text, flags=re.I), log
