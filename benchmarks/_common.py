@@ -196,6 +196,18 @@ def set_threads(a):
         torch.set_num_threads(a.threads)
 
 
+def model_info(a, pipe) -> dict:
+    """The head of a result: the model benchmarked (``--model``, or the embedded default's path), its device and
+    the dtype of its UNet."""
+    from stablekit.pipeline import DEFAULT_MODEL
+
+    return {
+        "model": str(a.model or DEFAULT_MODEL),
+        "device": str(pipe.device),
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+    }
+
+
 def plugin_config(plugin) -> dict | str:
     """What a plugin ran with: its ``config`` dataclass as a dict (with the plugin's class), else its repr."""
     cfg = getattr(plugin, "config", None)

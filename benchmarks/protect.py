@@ -147,32 +147,24 @@ class Editor:
             p.set_progress_bar_config(disable=True)
 
     def sdedit(self, image: Image.Image, prompt: str, strength: float, seed: int) -> Image.Image:
-        g = torch.Generator().manual_seed(seed)
-        with torch.inference_mode():
-            return self.img2img(
-                prompt,
-                image=image,
-                strength=strength,
-                num_inference_steps=self.a.edit_steps,
-                guidance_scale=self.a.guidance,
-                generator=g,
-                height=image.height,
-                width=image.width,
-            ).images[0]
+        return self._edit(self.img2img, image, prompt, seed, strength=strength)
 
     def inpaint(self, image: Image.Image, repaint: Image.Image, prompt: str, seed: int) -> Image.Image:
+        return self._edit(self.inpaint_pipe, image, prompt, seed, mask_image=repaint, strength=1.0)
+
+    def _edit(self, pipe, image: Image.Image, prompt: str, seed: int, **kw) -> Image.Image:
+        """`pipe` (image-to-image or inpainting) run on `image` at its size with the benchmark's steps and guidance."""
         g = torch.Generator().manual_seed(seed)
         with torch.inference_mode():
-            return self.inpaint_pipe(
+            return pipe(
                 prompt,
                 image=image,
-                mask_image=repaint,
-                strength=1.0,
                 num_inference_steps=self.a.edit_steps,
                 guidance_scale=self.a.guidance,
                 generator=g,
                 height=image.height,
                 width=image.width,
+                **kw,
             ).images[0]
 
 
