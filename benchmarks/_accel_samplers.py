@@ -238,6 +238,21 @@ def fd_delta(feats: torch.Tensor, other: torch.Tensor, real: torch.Tensor, reps:
     return {"value": _r(delta(np.arange(n))), "ci95": [_r(np.quantile(boots, 0.025)), _r(np.quantile(boots, 0.975))]}
 
 
+def _searched_points(res: dict, key: str) -> list[tuple]:
+    """(calls, value of `key`, scatter style) of each searched schedule (a black star) and of each searched
+    stack with a value (a grey plus, at its MAC-equivalent calls)."""
+    points = [
+        (s["calls"], s[key], dict(marker="*", s=150, color="black", label=f"searched ({s['calls']} calls)"))
+        for s in res["searched"]
+    ]
+    stack = dict(marker="P", s=80, color="dimgray")
+    return points + [
+        (s["full_call_equivalents"], s[key], dict(stack, label=f"{s['label']} (at its MAC-equivalent calls)"))
+        for s in res.get("searched_stacks", [])
+        if s.get(key) is not None
+    ]
+
+
 def plot_samplers(res: dict, path: Path):
     plt = _common.pyplot()
     keys = (
@@ -251,27 +266,8 @@ def plot_samplers(res: dict, path: Path):
             pts = [(p["calls"], p[key]) for p in curve if p.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=False), marker="o", ms=3, label=name)
-        for s in res["searched"]:
-            ax.scatter(
-                [s["calls"]],
-                [s[key]],
-                marker="*",
-                s=150,
-                color="black",
-                zorder=3,
-                label=f"searched ({s['calls']} calls)",
-            )
-        for s in res.get("searched_stacks", []):
-            if s.get(key) is not None:
-                ax.scatter(
-                    [s["full_call_equivalents"]],
-                    [s[key]],
-                    marker="P",
-                    s=80,
-                    color="dimgray",
-                    zorder=3,
-                    label=f"{s['label']} (at its MAC-equivalent calls)",
-                )
+        for x, y, style in _searched_points(res, key):
+            ax.scatter([x], [y], zorder=3, **style)
         ax.set_xlabel("model calls")
         ax.set_ylabel(label)
         if key.startswith("fd"):

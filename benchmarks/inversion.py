@@ -242,7 +242,6 @@ def evaluate(pipe, method: str, world_images, photo_images, clf, a) -> tuple[dic
 def main(args: list[str]) -> dict:
     a = parse(args)
     _common.set_threads(a)
-    import stablekit
     from stablekit.default_model import classifier as C
     from stablekit.default_model import world
     from stablekit.eval.harness import bench_pipeline, photos, table_grid
@@ -258,9 +257,7 @@ def main(args: list[str]) -> dict:
     ]
     photo_images = photos(size) if a.photos else []
     res = {
-        "model": str(a.model or stablekit.pipeline.DEFAULT_MODEL),
-        "device": str(pipe.device),
-        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        **_common.model_info(a, pipe),
         "steps": a.steps,
         "seed": a.seed,
         "images": a.images,

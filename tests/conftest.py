@@ -57,9 +57,9 @@ def _scheduler():
     )
 
 
-def make_tiny_sd() -> StableDiffusionPipeline:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+def _unet(**kw):
+    """A two-level 16x16 UNet with one cross-attention level; `kw`: the rest of its config."""
+    return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=16,
@@ -67,10 +67,14 @@ def make_tiny_sd() -> StableDiffusionPipeline:
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
         norm_num_groups=32,
+        **kw,
     )
+
+
+def make_tiny_sd() -> StableDiffusionPipeline:
+    torch.manual_seed(0)
+    unet = _unet(cross_attention_dim=32, attention_head_dim=4)
     return StableDiffusionPipeline(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config()),
@@ -85,14 +89,7 @@ def make_tiny_sd() -> StableDiffusionPipeline:
 
 def make_tiny_sdxl() -> StableDiffusionXLPipeline:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -100,7 +97,6 @@ def make_tiny_sdxl() -> StableDiffusionXLPipeline:
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=80,
         cross_attention_dim=64,
-        norm_num_groups=32,
     )
     return StableDiffusionXLPipeline(
         vae=_vae(),

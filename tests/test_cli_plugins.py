@@ -266,60 +266,14 @@ def test_erase_and_adapter_errors_are_one_line(generate, out_dir, tiny_sd_path, 
     one_line_error(generate("--adapter", bad), out_dir, "bad.safetensors")
     one_line_error(generate("--adapter", tmp_path / "missing.safetensors"), out_dir, "does not exist")
     one_line_error(generate("--spm-multiplier", "2"), out_dir, "--adapter")
-    one_line_error(
-        invoke(
-            "erase",
-            "--method",
-            "spm",
-            "--concept",
-            "star",
-            "--concept",
-            "red",
-            "-o",
-            tmp_path / "two.safetensors",
-            "--model",
-            tiny_sd_path,
-        ),
-        out_dir,
-        "one --concept",
-    )
-    one_line_error(
-        invoke("erase", "--concept", " ", "-o", tmp_path / "a.safetensors", "--model", tiny_sd_path),
-        out_dir,
-        "--concept",
-    )
-    one_line_error(
-        invoke(
-            "erase",
-            "--concept",
-            "star",
-            "--surrogate",
-            "shape",
-            "-o",
-            tmp_path / "a.safetensors",
-            "--model",
-            tiny_sd_path,
-        ),
-        out_dir,
-        "--surrogate",
-    )
-    one_line_error(
-        invoke(
-            "erase",
-            "--method",
-            "spm",
-            "--concept",
-            "star",
-            "--eta",
-            "0",
-            "-o",
-            tmp_path / "a.safetensors",
-            "--model",
-            tiny_sd_path,
-        ),
-        out_dir,
-        "--eta",
-    )
+
+    def erase(*args):
+        return invoke("erase", *args, "-o", tmp_path / "a.safetensors", "--model", tiny_sd_path)
+
+    one_line_error(erase("--method", "spm", "--concept", "star", "--concept", "red"), out_dir, "one --concept")
+    one_line_error(erase("--concept", " "), out_dir, "--concept")
+    one_line_error(erase("--concept", "star", "--surrogate", "shape"), out_dir, "--surrogate")
+    one_line_error(erase("--method", "spm", "--concept", "star", "--eta", "0"), out_dir, "--eta")
     assert not list(out_dir.iterdir()) and not (tmp_path / "a.safetensors").exists()
 
 

@@ -98,6 +98,22 @@ def _model_and_device(f):
     return _model_option(device(f))
 
 
+def _spm_multiplier_option(f):
+    """--spm-multiplier, shared by the commands that attach SPM membranes (generate, audit)."""
+    return click.option(
+        "--spm-multiplier",
+        type=click.FloatRange(min=0),
+        default=1.0,
+        show_default=True,
+        help="Multiply each SPM membrane's strength (its facilitated transport) by this.",
+    )(f)
+
+
+def _decoder_steps_option(f):
+    """--decoder-steps, shared by the commands that invert images to latents (detect, edit, invert)."""
+    return click.option("--decoder-steps", default=0, show_default=True, help="Decoder-inversion steps (0: off).")(f)
+
+
 def _given(*names: str) -> list[str]:
     """The options among the parameter `names` that the command line gave (not left at their defaults), as --flags."""
     ctx = click.get_current_context()
@@ -244,13 +260,7 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     type=click.Path(path_type=Path),
     help="Concept-erasure file from `stablekit erase` (repeatable).",
 )
-@click.option(
-    "--spm-multiplier",
-    type=click.FloatRange(min=0),
-    default=1.0,
-    show_default=True,
-    help="Multiply each SPM membrane's strength (its facilitated transport) by this.",
-)
+@_spm_multiplier_option
 @click.option(
     "--watermark",
     "method",
@@ -417,13 +427,7 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrog
     default=None,
     help="SPM membrane from `stablekit erase --method spm` for --defense spm [default: train one].",
 )
-@click.option(
-    "--spm-multiplier",
-    type=click.FloatRange(min=0),
-    default=1.0,
-    show_default=True,
-    help="Multiply the SPM membrane's strength (its facilitated transport) by this.",
-)
+@_spm_multiplier_option
 @click.option(
     "--attack",
     default="arithmetic",
@@ -559,7 +563,7 @@ def keygen(method, output, model, size, seed, force):
 @click.option(
     "--inversion", type=click.Choice(["ddim", "edict"]), default="ddim", show_default=True, help="Inversion method."
 )
-@click.option("--decoder-steps", default=0, show_default=True, help="Decoder-inversion steps (0: off).")
+@_decoder_steps_option
 @click.option("--fpr", default=FPR, show_default=True, help="False-positive rate of the decision.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per image.")
 @_model_and_device
@@ -676,9 +680,7 @@ def _inversion_options(
                     + ", ".join(f"{m} {g:g}" for m, g in guidance.items())
                     + "].",
                 ),
-                click.option(
-                    "--decoder-steps", default=0, show_default=True, help="Decoder-inversion steps (0: off)."
-                ),
+                _decoder_steps_option,
                 _model_and_device,
             ]
         ):

@@ -45,6 +45,7 @@ from ..pipeline import frozen
 from . import diffusionguard, encoder_attack, score_distillation, semantic_attack
 from . import eot as eot_
 from .core import parse_eps, parse_psnr, pixels, quantize, random_sign, region
+from .pgd import Budget
 
 METHODS = {
     "encoder": encoder_attack,
@@ -134,15 +135,21 @@ def protect(
     opts = dict(options(method, steps, step_size, mode, prompt), **_extra(method, extra))
     transforms, dtype = eot_.parse(eot), _dtype(dtype)
     x = pixels(pipe, image)
-    keep = region(mask, x)
-    g = torch.Generator().manual_seed(int(seed))
+    budget = Budget(
+        eps=eps,
+        steps=opts.pop("steps"),
+        step_size=opts.pop("step_size"),
+        keep=region(mask, x),
+        generator=torch.Generator().manual_seed(int(seed)),
+        eot=transforms,
+        rms=rms,
+        progress=progress,
+    )
     with ExitStack() as stack:
         for m in (pipe.vae, pipe.unet):
             stack.enter_context(cast(m, dtype))
         stack.enter_context(frozen(pipe.vae, pipe.unet))
-        x_adv = module.attack(
-            pipe, x, eps=eps, keep=keep, generator=g, eot=transforms, target=target, progress=progress, rms=rms, **opts
-        )
+        x_adv = module.attack(pipe, x, budget, target=target, **opts)
     return quantize(x, x_adv, eps, rms)
 
 

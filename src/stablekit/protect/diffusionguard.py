@@ -48,7 +48,7 @@ from scipy import ndimage
 from ..errors import StablekitError
 from ..latents import Schedule
 from .core import Denoiser, encode
-from .pgd import pgd
+from .pgd import Budget, pgd
 
 DEFAULTS = dict(steps=800, step_size=0.5 / 255, prompt="", inference_steps=4, shrink=0.5)
 
@@ -127,22 +127,9 @@ def objective(
 
 
 def attack(
-    pipe,
-    x: torch.Tensor,
-    *,
-    eps: float,
-    steps: int,
-    step_size: float,
-    keep: torch.Tensor,
-    generator: torch.Generator,
-    eot=None,
-    prompt: str = "",
-    inference_steps: int = 4,
-    shrink: float = 0.5,
-    progress: bool = True,
-    rms=None,
-    **_,
+    pipe, x: torch.Tensor, budget: Budget, *, prompt: str = "", inference_steps: int = 4, shrink: float = 0.5, **_
 ) -> torch.Tensor:
+    keep, generator = budget.keep, budget.generator
     _check(pipe, keep)
     f = _Objective(pipe, x, prompt, inference_steps)
     rng = np.random.default_rng([generator.initial_seed(), 1])  # the mask augmentation's own stream
@@ -155,16 +142,4 @@ def attack(
         noise = torch.randn((1, *f.latent_shape), generator=generator).to(x)
         return f(x_adv, k, noise)
 
-    return pgd(
-        x,
-        loss,
-        eps=eps,
-        steps=steps,
-        step_size=step_size,
-        keep=keep,
-        generator=generator,
-        eot=eot,
-        progress=progress,
-        rms=rms,
-        desc="protect (diffusionguard)",
-    )
+    return pgd(x, loss, budget, desc="protect (diffusionguard)")

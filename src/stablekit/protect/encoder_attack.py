@@ -27,7 +27,7 @@ import torch
 
 from ..errors import StablekitError
 from .core import encode, pixels
-from .pgd import pgd
+from .pgd import Budget, pgd
 
 DEFAULTS = dict(steps=100, step_size=0.01, mode="toward")
 MODES = ("toward", "away")
@@ -57,22 +57,7 @@ def objective(pipe, x_adv: torch.Tensor, x: torch.Tensor, mode: str = "toward", 
     return -d if mode == "toward" else d
 
 
-def attack(
-    pipe,
-    x: torch.Tensor,
-    *,
-    eps: float,
-    steps: int,
-    step_size: float,
-    keep: torch.Tensor,
-    generator: torch.Generator,
-    eot=None,
-    mode: str = "toward",
-    target="gray",
-    progress: bool = True,
-    rms=None,
-    **_,
-) -> torch.Tensor:
+def attack(pipe, x: torch.Tensor, budget: Budget, *, mode: str = "toward", target="gray", **_) -> torch.Tensor:
     if mode not in MODES:
         raise StablekitError(f"the encoder attack's mode is one of {', '.join(MODES)}, not '{mode}'")
     ref = target_latent(pipe, x, target) if mode == "toward" else encode(pipe, x).detach()
@@ -81,18 +66,4 @@ def attack(
     def loss(x_adv, i):
         return sign * ((encode(pipe, x_adv) - ref) ** 2).mean()
 
-    return pgd(
-        x,
-        loss,
-        eps=eps,
-        steps=steps,
-        step_size=step_size,
-        keep=keep,
-        generator=generator,
-        eot=eot,
-        random_start=True,
-        decay=True,
-        progress=progress,
-        rms=rms,
-        desc=f"protect (encoder, {mode})",
-    )
+    return pgd(x, loss, budget, random_start=True, decay=True, desc=f"protect (encoder, {mode})")

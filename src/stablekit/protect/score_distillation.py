@@ -24,41 +24,19 @@ import torch
 
 from . import semantic_attack
 from .core import Denoiser, encode
-from .pgd import pgd
+from .pgd import Budget, pgd
 
 DEFAULTS = dict(steps=100, step_size=1 / 255, mode="min", prompt="a photo")
 MODES = semantic_attack.MODES
 
 
-def objective(
-    pipe,
-    x_adv: torch.Tensor,
-    x: torch.Tensor,
-    mode: str = "min",
-    prompt: str = "a photo",
-    samples: int = 16,
-    seed: int = 1234,
-) -> float:
-    """The semantic loss it approximates (see :func:`.semantic_attack.objective`), signed for `mode`."""
-    return semantic_attack.objective(pipe, x_adv, x, mode=mode, prompt=prompt, samples=samples, seed=seed)
+def objective(pipe, x_adv: torch.Tensor, x: torch.Tensor, mode: str = "min", **kw) -> float:
+    """The semantic loss it approximates (:func:`.semantic_attack.objective`, same `prompt`, `samples` and
+    `seed`), signed for `mode`."""
+    return semantic_attack.objective(pipe, x_adv, x, mode=mode, **kw)
 
 
-def attack(
-    pipe,
-    x: torch.Tensor,
-    *,
-    eps: float,
-    steps: int,
-    step_size: float,
-    keep: torch.Tensor,
-    generator: torch.Generator,
-    eot=None,
-    mode: str = "min",
-    prompt: str = "a photo",
-    progress: bool = True,
-    rms=None,
-    **_,
-) -> torch.Tensor:
+def attack(pipe, x: torch.Tensor, budget: Budget, *, mode: str = "min", prompt: str = "a photo", **_) -> torch.Tensor:
     semantic_attack.check_mode(mode, "sds")
     with torch.no_grad():
         denoiser = Denoiser(pipe, prompt, encode(pipe, x))
@@ -67,20 +45,8 @@ def attack(
     def surrogate(x_adv, i):
         z = encode(pipe, x_adv)  # the only backward pass: through the encoder
         with torch.no_grad():
-            t, noise = semantic_attack.draws(denoiser, z, 1, generator)
+            t, noise = semantic_attack.draws(denoiser, z, 1, budget.generator)
             residual = denoiser(denoiser.noised(z.detach(), t, noise), t) - noise
         return sign * (z * residual).sum()  # its gradient is the SDS gradient residual^T dz/dx
 
-    return pgd(
-        x,
-        surrogate,
-        eps=eps,
-        steps=steps,
-        step_size=step_size,
-        keep=keep,
-        generator=generator,
-        eot=eot,
-        progress=progress,
-        rms=rms,
-        desc=f"protect (sds, {mode})",
-    )
+    return pgd(x, surrogate, budget, desc=f"protect (sds, {mode})")

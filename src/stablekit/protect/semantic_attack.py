@@ -25,7 +25,7 @@ import torch
 
 from ..errors import StablekitError
 from .core import Denoiser, encode
-from .pgd import pgd
+from .pgd import Budget, pgd
 
 DEFAULTS = dict(steps=100, step_size=1 / 255, mode="max", prompt="a photo")
 MODES = ("max", "min")
@@ -66,22 +66,7 @@ def check_mode(mode: str, name: str):
         raise StablekitError(f"the {name} attack's mode is one of {', '.join(MODES)}, not '{mode}'")
 
 
-def attack(
-    pipe,
-    x: torch.Tensor,
-    *,
-    eps: float,
-    steps: int,
-    step_size: float,
-    keep: torch.Tensor,
-    generator: torch.Generator,
-    eot=None,
-    mode: str = "max",
-    prompt: str = "a photo",
-    progress: bool = True,
-    rms=None,
-    **_,
-) -> torch.Tensor:
+def attack(pipe, x: torch.Tensor, budget: Budget, *, mode: str = "max", prompt: str = "a photo", **_) -> torch.Tensor:
     check_mode(mode, "semantic")
     with torch.no_grad():
         denoiser = Denoiser(pipe, prompt, encode(pipe, x))
@@ -89,20 +74,7 @@ def attack(
 
     def loss(x_adv, i):
         z = encode(pipe, x_adv)
-        t, noise = draws(denoiser, z, 1, generator)
+        t, noise = draws(denoiser, z, 1, budget.generator)
         return sign * semantic_loss(denoiser, z, t, noise)
 
-    return pgd(
-        x,
-        loss,
-        eps=eps,
-        steps=steps,
-        step_size=step_size,
-        keep=keep,
-        generator=generator,
-        eot=eot,
-        random_start=True,
-        progress=progress,
-        rms=rms,
-        desc=f"protect (semantic, {mode})",
-    )
+    return pgd(x, loss, budget, random_start=True, desc=f"protect (semantic, {mode})")

@@ -69,8 +69,12 @@ def multistep(history: list[torch.Tensor], b: float = 1.0) -> torch.Tensor:
 
 
 class VPScheduler(SchedulerMixin, ConfigMixin):
-    """What our discrete-time (DDPM-family) schedulers share: unscaled model inputs, and forward noising
+    """What our discrete-time (DDPM-family) schedulers share: the configs of diffusers' schedulers they load from
+    (``_compatibles``), one model call per step (``order``), unscaled model inputs, and forward noising
     ``sqrt(abar) x + sqrt(1 - abar) noise`` from ``self.alphas_cumprod`` (for img2img)."""
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample
@@ -84,8 +88,6 @@ class VPScheduler(SchedulerMixin, ConfigMixin):
 class MomentumScheduler(VPScheduler):
     """Shared machinery: the noise schedule, the wrapped solver's timesteps, step counting, the transfer."""
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
-    order = 1
     solver = "plms"  # "plms": targets are noise; "dpm++": targets are clean samples
     max_order = 4
 

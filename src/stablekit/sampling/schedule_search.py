@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.configuration_utils import register_to_config
-from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerOutput
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils import logging
 
 from ..errors import StablekitError
@@ -147,9 +147,6 @@ class SearchedScheduler(VPScheduler):
     """Replays a :class:`Schedule` (a JSON path or its ``to_dict()``) on the pipeline's noise schedule."""
 
     name = "searched"
-
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
-    order = 1
 
     @register_to_config
     def __init__(
