@@ -102,7 +102,9 @@ def test_one_or_two_workers_give_bit_identical_images(tmp_path, tiny_sd_path):
         assert record["sha256"] == by_id[record["id"]]["sha256"]
         assert (tmp_path / "two" / record["image"]).read_bytes() == (tmp_path / "one" / record["image"]).read_bytes()
         workers.add(record["worker"])
-    assert len(workers) == 2  # the rows were in fact split between the two processes
+    # the second run's images were made in pool processes, not in this one (how the pool splits rows between its
+    # two processes is its own choice on a loaded machine; every row is bit-identical whichever made it)
+    assert workers and not workers & {r["worker"] for r in by_id.values()}
 
 
 def test_a_rerun_skips_done_rows_and_never_writes_a_row_twice(tmp_path, tiny_sd_path):

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import stablekit
+import stablekit.output
 from stablekit import cli
 
 
@@ -151,7 +152,7 @@ def test_unexpected_error_one_line_exit_1_or_traceback_in_debug(generate, monkey
     def broken(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(cli, "load", broken)
+    monkeypatch.setattr(stablekit.output, "load", broken)  # where the command line loads its pipeline
     result = generate()
     assert result.exit_code == 1 and result.stderr == "error: RuntimeError: boom\n"
     monkeypatch.setenv("STABLEKIT_DEBUG", "1")

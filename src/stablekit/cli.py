@@ -18,11 +18,11 @@ import click
 import torch
 from click.core import ParameterSource
 
-from . import __version__, load, safety, use
+from . import __version__, safety, use
 from .edit import EDIT_GUIDANCE, EDIT_STEPS, GUIDANCE, PromptToPrompt, UnifiedAttentionControl, edit, reconstruct_image
 from .errors import StablekitError
 from .latents import read_image
-from .output import generation_metadata, save_png, write_atomically
+from .output import generation_metadata, load_quietly, save_png, write_atomically
 from .pipeline import DEFAULT_MODEL
 from .pipeline import guidance_rescale as guidance_rescale_for
 from .protect import DEFAULTS as PROTECT_DEFAULTS
@@ -172,21 +172,6 @@ def _check_output(output: Path, example: str = "out.png") -> None:
         raise StablekitError(f"output folder '{output.parent}' does not exist; create it or choose another -o")
 
 
-def _load_quietly(model: str | None, device: str | None, **kw):
-    """The pipeline, loaded without progress bars, so that an error found after loading stays one line on stderr."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
-    for lib in libraries:
-        lib.disable_progress_bar()
-    try:
-        return load(model, device=device, **kw)
-    finally:
-        for lib in libraries:
-            lib.enable_progress_bar()
-
-
 def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, int] | None):
     """(the watermark plugin or None, the image size): the key's size unless --size agrees with it."""
     if key_file is None:
@@ -305,7 +290,7 @@ def generate(
         _refuse(_given("negative", "guidance_rescale"), f"at --guidance {guidance:g}: classifier-free guidance is off")
     plugins = _generation_plugins(accels, guards, adapters, spm_multiplier)
     mark, wh = _watermark_plugin(method, key_file, wh)
-    pipe = _load_quietly(model, device, scheduler=scheduler)
+    pipe = load_quietly(model, device, scheduler=scheduler)
     use(pipe, *plugins, *([mark] if mark else []))
     w, h = wh or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     jobs = [p for p in prompts for _ in range(n)]
@@ -393,7 +378,7 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrog
             _given("iterations", "lr", "anchor_weight", "eta", "surrogate"),
             "to --method uce, a closed-form edit: they set SPM's training",
         )
-    pipe = _load_quietly(model, device, dtype="float32")  # training and closed-form edits want float32
+    pipe = load_quietly(model, device, dtype="float32")  # training and closed-form edits want float32
     if method == "spm":
         edit = safety.SPM.train(
             pipe,
@@ -482,7 +467,7 @@ def audit_command(
         raise StablekitError(f"adapter file '{adapter}' does not exist")
     if json_path is not None:
         _check_output(json_path, "audit.json")
-    pipe = _load_quietly(model, device)
+    pipe = load_quietly(model, device)
     d = audit.defense(pipe, defense, c, adapter, spm_multiplier=spm_multiplier)
     if adapter is not None and list(d.plugins[0].config.concepts) != [c.word]:
         raise StablekitError(f"'{adapter}' erases {list(d.plugins[0].config.concepts)}, not '{c.word}'")
@@ -544,7 +529,7 @@ def keygen(method, output, model, size, seed, force):
             "choose another -o, or pass --force"
         )
     w, h = wh or (None, None)
-    key = make_key(_load_quietly(model, "cpu"), name, height=h, width=w, seed=seed, **params)
+    key = make_key(load_quietly(model, "cpu"), name, height=h, width=w, seed=seed, **params)
     write_atomically(output, key.save, mode=0o600)
     click.echo(str(output))
 
@@ -590,7 +575,7 @@ def detect_command(images, key_files, model, steps, inversion, decoder_steps, fp
                 f"image '{path}' is {picture.width}x{picture.height} but the key is for "
                 f"{marks[0].size_text()} images; detect at the size it was generated"
             )
-    pipe = _load_quietly(model, device)
+    pipe = load_quietly(model, device)
     shape = latent_shape(pipe, *marks[0].image_size)[0]
     if shape != marks[0].shape:
         raise StablekitError(
@@ -739,7 +724,7 @@ def edit_command(
     _check_inversion(steps, guidance, decoder_steps, output)
     plugin = _controller(controller, weights, blend, method)
     picture = read_image(image)
-    pipe = _load_quietly(model, device)
+    pipe = load_quietly(model, device)
     if plugin is not None:
         plugin.prepare(pipe.tokenizer, source, target)  # fail before the inversion, not after it
     out = edit(
@@ -799,7 +784,7 @@ def invert_command(image, prompt, reconstruct, output, method, steps, guidance, 
         raise StablekitError("stablekit invert writes reconstructions only: add --reconstruct")
     _check_inversion(steps, guidance, decoder_steps, output)
     picture = read_image(image)
-    pipe = _load_quietly(model, device)
+    pipe = load_quietly(model, device)
     out, db = reconstruct_image(
         pipe, picture, prompt, method, steps=steps, guidance=guidance, decoder_steps=decoder_steps
     )
@@ -916,7 +901,7 @@ def protect_command(
             "--method diffusionguard needs --mask MASK: white over the region to protect "
             "(what an inpainting editor keeps)"
         )
-    pipe = _load_quietly(model, device)
+    pipe = load_quietly(model, device)
     out = protect(
         pipe,
         picture,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
-from .pipeline import DEFAULT_MODEL
+from .pipeline import DEFAULT_MODEL, load
 from .plugins import SchedulerPlugin, attached
 from .registry import CATALOGUE
 
@@ -80,3 +80,19 @@ def generation_metadata(
         if items:
             meta[key] = " ".join(item.strip() for item in items)
     return meta
+
+
+def load_quietly(model: str | None, device: str | None, **kw):
+    """The pipeline, loaded without progress bars, so that an error found after loading stays one line
+    on stderr and parallel workers do not garble one another's bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        return load(model, device=device, **kw)
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()

@@ -26,6 +26,7 @@ from diffusers import (
 )
 
 from .errors import StablekitError
+from .plugins import SchedulerPlugin
 from .registry import CATALOGUE, parse, register
 
 STANDARD_SCHEDULERS = {
@@ -67,6 +68,15 @@ def set_scheduler(pipe: DiffusionPipeline, spec: str | None) -> DiffusionPipelin
     except (TypeError, ValueError, NotImplementedError) as e:
         raise StablekitError(f"scheduler '{spec}': {e}") from None
     return pipe
+
+
+def scheduler_plugin(spec: str, schedulers: dict | None = None) -> SchedulerPlugin:
+    """The scheduler of ``NAME[:k=v,...]`` (NAME in `schedulers`, by default ``CATALOGUE["scheduler"]``) as a
+    reversible plugin; DDIM/DDPM without pixel-space clipping unless the spec says otherwise."""
+    _, cls, params = parse(spec, CATALOGUE["scheduler"] if schedulers is None else schedulers, "scheduler")
+    if "clip_sample" in inspect.signature(cls.__init__).parameters:
+        params = {"clip_sample": False, **params}
+    return SchedulerPlugin(cls, **params)
 
 
 def guidance_rescale(pipe: DiffusionPipeline) -> float:

@@ -5,7 +5,6 @@ retried task) is still written once, and a cluster needs no shared file system."
 from __future__ import annotations
 
 import hashlib
-import inspect
 import io
 import os
 import socket
@@ -13,20 +12,11 @@ import time
 
 import torch
 
-from ..output import generation_metadata, png_info
-from ..pipeline import guidance_rescale, load
-from ..plugins import SchedulerPlugin, use
-from ..registry import CATALOGUE, build, parse
+from ..output import generation_metadata, load_quietly, png_info
+from ..pipeline import guidance_rescale, scheduler_plugin
+from ..plugins import use
+from ..registry import CATALOGUE, build
 from .jobs import PLUGIN_KINDS, Row, plugin_kind
-
-
-def scheduler_plugin(spec: str) -> SchedulerPlugin:
-    """The scheduler of ``NAME[:k=v,...]`` as a reversible plugin, built as :func:`stablekit.set_scheduler` would
-    (DDIM/DDPM without pixel-space clipping unless the spec says otherwise)."""
-    _, cls, params = parse(spec, CATALOGUE["scheduler"], "scheduler")
-    if "clip_sample" in inspect.signature(cls.__init__).parameters:
-        params = {"clip_sample": False, **params}
-    return SchedulerPlugin(cls, **params)
 
 
 def row_plugins(row: Row) -> tuple[list, dict[str, list[str]]]:
@@ -38,21 +28,6 @@ def row_plugins(row: Row) -> tuple[list, dict[str, list[str]]]:
     return plugins, specs
 
 
-def quiet_load(model: str | None, device: str | None):
-    """The pipeline, loaded without the libraries' progress bars (one per worker would garble the batch's)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
-    for library in libraries:
-        library.disable_progress_bar()
-    try:
-        return load(model, device=device)
-    finally:
-        for library in libraries:
-            library.enable_progress_bar()
-
-
 class Renderer:
     """Loads the pipeline once; ``renderer(row)`` -> ``{"id", "png": bytes, "record": dict}``."""
 
@@ -60,7 +35,7 @@ class Renderer:
         if threads:
             torch.set_num_threads(threads)
         self.model = model
-        self.pipe = quiet_load(model, device)
+        self.pipe = load_quietly(model, device)
         self.pipe.set_progress_bar_config(disable=True)
         self.worker = f"{socket.gethostname()}/{os.getpid()}"
 

@@ -27,14 +27,14 @@ from ..edit import edit as edit_image
 from ..errors import StablekitError
 from ..latents import decode
 from ..output import generation_metadata, scheduler_name
-from ..pipeline import DEFAULT_MODEL, guidance_rescale, load
-from ..plugins import SchedulerPlugin, use
+from ..pipeline import DEFAULT_MODEL, guidance_rescale, load, scheduler_plugin
+from ..plugins import use
 from ..protect import METHODS as PROTECTIONS
 from ..protect import options as protect_options
 from ..protect import protect as protect_image
 from ..provenance import Key, make_key, watermark
 from ..provenance import detect as detect_watermark
-from ..registry import CATALOGUE, build, format_value, parameters, parse
+from ..registry import CATALOGUE, build, format_value, parameters
 
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PLUGIN_TASKS = ("txt2img", "img2img")  # the others run the library's own loops, which take no plugins
@@ -143,13 +143,6 @@ def spec_text(name: str, args: dict) -> str:
     return name + (":" + ",".join(items) if items else "")
 
 
-def _scheduler(name: str, args: dict) -> SchedulerPlugin:
-    _, cls, params = parse(spec_text(name, args), catalogue()["scheduler"], "scheduler")
-    if "clip_sample" in inspect.signature(cls.__init__).parameters:
-        params = {"clip_sample": False, **params}  # as stablekit.set_scheduler: no pixel-space clipping
-    return SchedulerPlugin(cls, **params)
-
-
 def _watermark(name: str, args: dict, keys_dir: Path):
     if set(args) - {"key"} or "key" not in args:
         raise StablekitError(f"watermark {name} takes one argument, key (the name of a server key)")
@@ -171,7 +164,7 @@ def build_plugins(specs: list[dict], keys_dir: Path) -> tuple[list, dict[str, li
             texts.setdefault(kind, []).append(f"{name}:key={args['key']}")
             continue
         if kind == "scheduler":
-            plugins.append(_scheduler(name, args))
+            plugins.append(scheduler_plugin(spec_text(name, args), catalogue()["scheduler"]))
         else:
             plugins.append(build(spec_text(name, args), catalogue()[kind], kind))
         texts.setdefault(kind, []).append(spec_text(name, args))
