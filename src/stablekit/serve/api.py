@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
@@ -61,8 +60,19 @@ def _sse(event_id: int, name: str, data: dict) -> str:
 
 
 async def _stream(jobs: Jobs, job_id: str, last: int):
-    quiet_since = time.monotonic()
+    """The job's events after `last`, pushed as the worker emits them (no polling), then its final event."""
+    loop, woken = asyncio.get_running_loop(), asyncio.Event()
+    jobs.events.watch(job_id, loop, woken)
+    try:
+        async for text in _events_after(jobs, job_id, last, woken):
+            yield text
+    finally:
+        jobs.events.unwatch(job_id, loop, woken)
+
+
+async def _events_after(jobs: Jobs, job_id: str, last: int, woken: asyncio.Event):
     while True:
+        woken.clear()  # before reading: an event emitted after the read sets it again
         events = jobs.events.after(job_id, last)
         if events is None:  # a log no longer kept: the job is finished; send its final event
             job = jobs.store.get(job_id)
@@ -74,12 +84,11 @@ async def _stream(jobs: Jobs, job_id: str, last: int):
             last = event_id
             if name in FINAL_EVENT.values():
                 return
-        if events:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > KEEPALIVE_S:
-            yield ": keep-alive\n\n"
-            quiet_since = time.monotonic()
-        await asyncio.sleep(0.05)
+        if not events:
+            try:
+                await asyncio.wait_for(woken.wait(), KEEPALIVE_S)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
 
 
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse)

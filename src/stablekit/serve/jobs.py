@@ -64,6 +64,7 @@ class Events:
         self.lock = threading.Lock()
         self.logs: dict[str, list[tuple[int, str, dict]]] = {}
         self.finished: collections.deque[str] = collections.deque()
+        self.waiters: dict[str, set] = {}  # job id -> {(event loop, asyncio.Event)} of open streams
 
     def emit(self, job_id: str, name: str, data: dict) -> int:
         with self.lock:
@@ -75,7 +76,21 @@ class Events:
                 self.finished.append(job_id)
                 while len(self.finished) > KEEP_LOGS:
                     self.logs.pop(self.finished.popleft(), None)
+            for loop, woken in self.waiters.get(job_id, ()):
+                loop.call_soon_threadsafe(woken.set)
             return len(log_)
+
+    def watch(self, job_id: str, loop, woken) -> None:
+        """Set the asyncio event `woken` (of `loop`) whenever `job_id` gets an event, until :meth:`unwatch`."""
+        with self.lock:
+            self.waiters.setdefault(job_id, set()).add((loop, woken))
+
+    def unwatch(self, job_id: str, loop, woken) -> None:
+        with self.lock:
+            streams = self.waiters.get(job_id, set())
+            streams.discard((loop, woken))
+            if not streams:
+                self.waiters.pop(job_id, None)
 
     def next_id(self, job_id: str) -> int:
         with self.lock:
