@@ -10,7 +10,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from . import __version__, safety, use
 from .edit import EDIT_GUIDANCE, EDIT_STEPS, GUIDANCE, PromptToPrompt, UnifiedAttentionControl, edit, reconstruct_image
 from .errors import StablekitError
 from .latents import read_image
-from .output import generation_metadata, load_quietly, save_png, write_atomically
+from .output import generation_metadata, load_quietly, parse_size, save_png, write_atomically
 from .pipeline import DEFAULT_MODEL
 from .pipeline import guidance_rescale as guidance_rescale_for
 from .protect import DEFAULTS as PROTECT_DEFAULTS
@@ -127,20 +126,6 @@ def _refuse(flags: list[str], reason: str) -> None:
     """A one-line error if any of `flags` was given: they do not apply, and are never silently ignored."""
     if flags:
         raise StablekitError(f"{' and '.join(flags)} {'do' if len(flags) > 1 else 'does'} not apply {reason}")
-
-
-def parse_size(size: str | None) -> tuple[int, int] | None:
-    """``"WxH"`` -> ``(W, H)``, both positive multiples of 8; None stays None (the model's native size)."""
-    if size is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
-    if not m:
-        raise StablekitError(f"--size '{size}' is not WxH; write it like --size 512x512")
-    w, h = int(m[1]), int(m[2])
-    if w <= 0 or h <= 0 or w % 8 or h % 8:
-        near = "x".join(str(max(8, round(v / 8) * 8)) for v in (w, h))
-        raise StablekitError(f"--size {w}x{h}: width and height must be positive multiples of 8, e.g. --size {near}")
-    return w, h
 
 
 def output_paths(output: Path, count: int) -> list[Path]:

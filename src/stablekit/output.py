@@ -1,13 +1,16 @@
-"""Writing results, shared by the command line and the HTTP service: atomic files, and PNGs whose text
-chunks say how each image was made (the same keys whichever face wrote it)."""
+"""What the faces (command line, HTTP service, batch engine) share: sizes as WxH, quiet loading, and writing
+results: atomic files, and PNGs whose text chunks say how each image was made (the same keys whichever face wrote
+it)."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
+from .errors import StablekitError
 from .pipeline import DEFAULT_MODEL, load
 from .plugins import SchedulerPlugin, attached
 from .registry import CATALOGUE
@@ -96,3 +99,18 @@ def load_quietly(model: str | None, device: str | None, **kw):
     finally:
         for lib in libraries:
             lib.enable_progress_bar()
+
+
+def parse_size(size: str | None, what: str = "--size") -> tuple[int, int] | None:
+    """``"WxH"`` -> ``(W, H)``, both positive multiples of 8; None stays None (the model's native size). `what`
+    names the option or field in the one-line error."""
+    if size is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
+    if not m:
+        raise StablekitError(f"{what} '{size}' is not WxH; write it like {what} 512x512")
+    w, h = int(m[1]), int(m[2])
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        near = "x".join(str(max(8, round(v / 8) * 8)) for v in (w, h))
+        raise StablekitError(f"{what} {w}x{h}: width and height must be positive multiples of 8, e.g. {what} {near}")
+    return w, h

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from ..errors import StablekitError
+from ..output import parse_size
 from ..registry import CATALOGUE, build, parse
 
 PLUGIN_KINDS = ("accel", "guard")
@@ -76,13 +77,11 @@ def plugin_kind(spec: str) -> str:
 
 
 def _size(value) -> tuple[int, int]:
-    if isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value)):
-        value = [int(m[1]), int(m[2])]
-    if not (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)):
+    if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
+        value = f"{value[0]}x{value[1]}"
+    if not isinstance(value, str):
         raise StablekitError(f'size {value!r} is not "WxH" or [W, H]; write it like "size": "512x512"')
-    if min(value) <= 0 or value[0] % 8 or value[1] % 8:
-        raise StablekitError(f"size {value[0]}x{value[1]}: width and height must be positive multiples of 8")
-    return value[0], value[1]
+    return parse_size(value, "size")
 
 
 def _typed(data: dict, key: str, kinds: tuple, what: str):
