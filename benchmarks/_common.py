@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -222,15 +221,12 @@ def plugin_config(plugin) -> dict | str:
 def write_json(path: Path, res: dict):
     """Write `res` to `path` atomically: a reader (or a stopped run) sees the previous file or the new one,
     never half of one."""
+    from stablekit.output import write_atomically
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(res, indent=2))
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    text = json.dumps(res, indent=2)  # serialised first: a result that fails to serialise leaves the old file
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def load_run(path: Path, bench: str, keys: tuple[str, ...]) -> dict:

@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ..output import png_info, write_atomically
+from ..output import save_png
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -136,7 +136,7 @@ class Store:
         """Write `image` with `meta` as PNG text chunks; its id and sha256 (of the file's bytes)."""
         image_id = new_id()
         path = self.images / f"{image_id}.png"
-        write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(meta)))
+        save_png(image, path, meta)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         self._write("INSERT INTO images VALUES (?,?,?)", (image_id, job_id, digest))
         return {"id": image_id, "sha256": digest}
