@@ -146,7 +146,7 @@ def test_the_parquet_copy_holds_the_manifest(tmp_path, tiny_sd_path):
 
 
 def test_the_batch_benchmark_at_tiny_scale(tmp_path, tiny_sd_path):
-    from stablekit.cli import load_benchmark
+    from stablekit.cli.bench import load_benchmark
 
     out = tmp_path / "batch.json"
     argv = ["--json", str(out), "--model", str(tiny_sd_path), "--device", "cpu", "--images", "3", "--rounds", "1"]

@@ -85,7 +85,7 @@ def test_a_job_completes_every_row_once_when_an_actor_is_killed(tmp_path, tiny_s
 
 
 def test_the_batch_benchmark_times_ray_on_the_cluster(tmp_path, tiny_sd_path, cluster):
-    from stablekit.cli import load_benchmark
+    from stablekit.cli.bench import load_benchmark
 
     out = tmp_path / "batch.json"
     argv = ["--json", str(out), "--model", str(tiny_sd_path), "--device", "cpu", "--images", "2", "--rounds", "1"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from stablekit.cli import load_benchmark
+from stablekit.cli.bench import load_benchmark
 
 
 @pytest.fixture(scope="module")

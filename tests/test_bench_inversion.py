@@ -2,7 +2,7 @@
 
 import json
 
-from stablekit.cli import load_benchmark
+from stablekit.cli.bench import load_benchmark
 
 
 def test_inversion_benchmark_in_batches(tmp_path):

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from stablekit import StablekitError
-from stablekit.cli import load_benchmark
+from stablekit.cli.bench import load_benchmark
 
 
 def test_protect_benchmark_runs_apart_and_merged(tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from stablekit.cli import load_benchmark
+from stablekit.cli.bench import load_benchmark
 
 
 def test_safety_benchmark_end_to_end(tmp_path):

@@ -4,7 +4,7 @@ ways, per-round seconds per image, overhead ratios, latencies, the target judged
 import json
 import math
 
-from stablekit.cli import load_benchmark
+from stablekit.cli.bench import load_benchmark
 
 
 def test_serve_benchmark_measures_both_ways_on_the_same_images(tmp_path):

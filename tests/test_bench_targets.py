@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from stablekit import StablekitError
-from stablekit.cli import load_benchmark
+from stablekit.cli.bench import load_benchmark
 from stablekit.eval.metrics import rate_interval
 
 

@@ -189,3 +189,10 @@ def test_bench_unknown_name_lists_available(bench_dir):
     assert result.exit_code == 2
     [line] = result.stderr.splitlines()
     assert line.startswith("error: unknown benchmark 'nope'") and "echo_args" in line
+
+
+def test_every_command_of_the_lazy_table_loads_under_its_name():
+    for name, (target, short) in cli.COMMANDS.items():
+        command = cli.cli.get_command(None, name)
+        assert command is not None and command.name == name, target
+        assert short and len(short) < 80

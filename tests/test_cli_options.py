@@ -62,7 +62,8 @@ def test_the_same_options_at_their_defaults_are_accepted(tmp_path, tiny_sd_path)
 
 
 def loading_commands() -> dict[str, click.Command]:
-    return {name: c for name, c in cli.cli.commands.items() if any(p.name == "model" for p in c.params)}
+    commands = {name: cli.cli.get_command(None, name) for name in cli.COMMANDS}
+    return {name: c for name, c in commands.items() if any(p.name == "model" for p in c.params)}
 
 
 def test_model_and_device_are_one_option_everywhere():

@@ -1,0 +1,231 @@
+"""``stablekit edit`` and ``stablekit invert``: real-image inversion and editing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..edit import (
+    EDIT_GUIDANCE,
+    EDIT_STEPS,
+    GUIDANCE,
+    PromptToPrompt,
+    UnifiedAttentionControl,
+    edit,
+    reconstruct_image,
+)
+from ..errors import StablekitError
+from ..latents import read_image
+from ..output import load_quietly, save_png
+from ..pipeline import DEFAULT_MODEL
+from .common import check_output, decoder_steps_option, model_and_device
+
+
+def _check_inversion(steps: int, guidance: float | None, decoder_steps: int, output: Path) -> None:
+    if steps <= 0:
+        raise StablekitError(f"--steps {steps}: the number of inversion steps must be at least 1, e.g. --steps 50")
+    if guidance is not None and guidance < 0:
+        raise StablekitError(f"--guidance {guidance}: guidance must be >= 0 (1 turns it off)")
+    if decoder_steps < 0:
+        raise StablekitError(f"--decoder-steps {decoder_steps}: must be >= 0 (0 turns decoder inversion off)")
+    check_output(output)
+
+
+def parse_weights(weights: tuple[str, ...]) -> dict[str, float]:
+    """``("word=2.5", ...)`` -> ``{"word": 2.5, ...}``."""
+    out = {}
+    for item in weights:
+        word, _, scale = item.rpartition("=")
+        try:
+            value = float(scale)
+        except ValueError:
+            value = None
+        if not word.strip() or value is None:
+            raise StablekitError(f"--weight '{item}' is not WORD=SCALE; write it like --weight red=2")
+        out[word.strip()] = value
+    return out
+
+
+def _controller(
+    name: str | None, weights: tuple[str, ...], blend: tuple[str, ...], method: str
+) -> PromptToPrompt | None:
+    if name is None:
+        if weights or blend:
+            raise StablekitError("--weight and --blend need a --controller (replace, refine or reweight)")
+        return None
+    if name == "reweight" and not weights:
+        raise StablekitError("--controller reweight needs at least one --weight WORD=SCALE, e.g. --weight red=2")
+    kind = UnifiedAttentionControl if method == "infedit" else PromptToPrompt
+    return kind("replace" if name == "replace" else "refine", weights=parse_weights(weights), blend=blend)
+
+
+def _inversion_options(
+    guidance: dict[str, float],
+    steps: int | None = 50,
+    method_help: str = "Inversion method.",
+    steps_help: str = "DDIM steps of the inversion.",
+):
+    """--method (a key of `guidance`, the methods' default guidance), --steps (default `steps`), --guidance,
+    --decoder-steps, --model and --device."""
+
+    def decorate(f):
+        for option in reversed(
+            [
+                click.option(
+                    "--method",
+                    type=click.Choice(list(guidance)),
+                    default="direct",
+                    show_default=True,
+                    help=method_help,
+                ),
+                click.option("--steps", type=int, default=steps, show_default=steps is not None, help=steps_help),
+                click.option(
+                    "--guidance",
+                    type=float,
+                    default=None,
+                    help="Classifier-free guidance [default: the method's paper's, "
+                    + ", ".join(f"{m} {g:g}" for m, g in guidance.items())
+                    + "].",
+                ),
+                decoder_steps_option,
+                model_and_device,
+            ]
+        ):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+@click.command("edit")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--source", required=True, help="Prompt that describes IMAGE.")
+@click.option("--target", required=True, help="Prompt that describes the edited image.")
+@click.option(
+    "--controller",
+    type=click.Choice(["replace", "refine", "reweight"]),
+    default=None,
+    help="Prompt-to-prompt attention control (with --method infedit, InfEdit's unified attention control): "
+    "replace (word swap), refine (added words), reweight (refine with --weight) [default: none].",
+)
+@click.option("--weight", "weights", multiple=True, metavar="WORD=SCALE", help="Scale a target word's attention.")
+@click.option("--blend", multiple=True, metavar="WORD", help="Local blend: edit only where WORD attends.")
+@click.option(
+    "--strength",
+    type=float,
+    default=None,
+    help="Fraction of the schedule the edit regenerates [default: edict 0.8 (its paper), the other inversions 1].",
+)
+@click.option(
+    "-o", "--output", default="edit.png", show_default=True, type=click.Path(path_type=Path), help="PNG file to write."
+)
+@_inversion_options(
+    EDIT_GUIDANCE,
+    None,
+    "Editing method: an inversion, or infedit (none needed; --guidance is the target branch's, the source's is 1).",
+    f"Diffusion steps [default: the method's paper's, 50, infedit {EDIT_STEPS['infedit']}].",
+)
+def edit_command(
+    image,
+    source,
+    target,
+    controller,
+    weights,
+    blend,
+    strength,
+    output,
+    method,
+    steps,
+    guidance,
+    decoder_steps,
+    model,
+    device,
+):
+    """Edit IMAGE from the --source prompt to the --target prompt; print the written path."""
+    steps = EDIT_STEPS[method] if steps is None else steps
+    _check_inversion(steps, guidance, decoder_steps, output)
+    plugin = _controller(controller, weights, blend, method)
+    picture = read_image(image)
+    pipe = load_quietly(model, device)
+    if plugin is not None:
+        plugin.prepare(pipe.tokenizer, source, target)  # fail before the inversion, not after it
+    out = edit(
+        pipe,
+        picture,
+        source,
+        target,
+        method,
+        controller=plugin,
+        steps=steps,
+        guidance=guidance,
+        strength=strength,
+        decoder_steps=decoder_steps,
+    )
+    guidance = EDIT_GUIDANCE[method] if guidance is None else guidance
+    save_png(
+        out,
+        output,
+        dict(
+            source=source,
+            target=target,
+            method=method,
+            strength=strength or "",
+            controller=controller or "",
+            weights=",".join(weights),
+            blend=",".join(blend),
+            steps=steps,
+            guidance=guidance,
+            decoder_steps=decoder_steps,
+            model=model or DEFAULT_MODEL,
+            stablekit=__version__,
+        ),
+    )
+    click.echo(str(output))
+
+
+@click.command("invert")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Prompt that describes IMAGE.")
+@click.option(
+    "--reconstruct",
+    is_flag=True,
+    help="Regenerate IMAGE from its inversion, write it to -o and print its PSNR against IMAGE.",
+)
+@click.option(
+    "-o",
+    "--output",
+    default="reconstruction.png",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="PNG file to write.",
+)
+@_inversion_options(GUIDANCE)
+def invert_command(image, prompt, reconstruct, output, method, steps, guidance, decoder_steps, model, device):
+    """Invert IMAGE under --prompt; with --reconstruct, write the reconstruction and print its PSNR."""
+    if not reconstruct:
+        raise StablekitError("stablekit invert writes reconstructions only: add --reconstruct")
+    _check_inversion(steps, guidance, decoder_steps, output)
+    picture = read_image(image)
+    pipe = load_quietly(model, device)
+    out, db = reconstruct_image(
+        pipe, picture, prompt, method, steps=steps, guidance=guidance, decoder_steps=decoder_steps
+    )
+    guidance = GUIDANCE[method] if guidance is None else guidance
+    save_png(
+        out,
+        output,
+        dict(
+            prompt=prompt,
+            method=method,
+            steps=steps,
+            guidance=guidance,
+            decoder_steps=decoder_steps,
+            psnr_db=f"{db:.2f}",
+            model=model or DEFAULT_MODEL,
+            stablekit=__version__,
+        ),
+    )
+    click.echo(str(output))
+    click.echo(f"reconstruction PSNR: {db:.2f} dB")

@@ -1,0 +1,187 @@
+"""``stablekit erase`` (concept erasure adapters) and ``stablekit audit`` (red-teaming a defense)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .. import safety
+from ..errors import StablekitError
+from ..output import load_quietly, write_atomically
+from ..redteam import audit
+from ..registry import CATALOGUE
+from .common import check_output, given, model_and_device, refuse, spm_multiplier_option
+
+ATTACKS = CATALOGUE["attack"]
+
+
+@click.command("erase")
+@click.option(
+    "--method",
+    type=click.Choice(["uce", "spm"]),
+    default="uce",
+    show_default=True,
+    help="Erasure method: uce (closed-form cross-attention edit, seconds) or spm (a trained rank-1 "
+    "membrane, after 'One-dimensional Adapter to Rule Them All', 2024; minutes).",
+)
+@click.option("--concept", "concepts", multiple=True, required=True, help="Concept to erase (repeatable).")
+@click.option("--preserve", multiple=True, help="Concept to keep unchanged (repeatable; UCE only).")
+@click.option(
+    "--iterations", type=click.IntRange(min=1), default=3000, show_default=True, help="SPM training iterations."
+)
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, help="SPM learning rate."
+)
+@click.option(
+    "--anchor-weight",
+    type=click.FloatRange(min=0),
+    default=1000.0,
+    show_default=True,
+    help="SPM latent-anchoring weight (the paper's 1000; 1 on the embedded default model).",
+)
+@click.option(
+    "--eta",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="SPM erasing guidance: the target is N - eta (P - N) [default: 1, the paper's].",
+)
+@click.option(
+    "--surrogate",
+    default=None,
+    help="What SPM erases the concept toward [default: '', the paper's; 'shape' suits a shape of the "
+    "embedded default model].",
+)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="safetensors file to write.")
+@model_and_device
+def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrogate, output, model, device):
+    """Erase CONCEPTs from a model; use the file with `generate --adapter`."""
+    check_output(output, "adapter.safetensors")
+    if not all(c.strip() for c in concepts):
+        raise StablekitError("--concept must not be empty")
+    if method == "spm" and (len(concepts) > 1 or preserve):
+        raise StablekitError(
+            "--method spm erases one --concept per file (combine files with repeated --adapter) "
+            "and takes no --preserve"
+        )
+    if method == "uce":
+        refuse(
+            given("iterations", "lr", "anchor_weight", "eta", "surrogate"),
+            "to --method uce, a closed-form edit: they set SPM's training",
+        )
+    pipe = load_quietly(model, device, dtype="float32")  # training and closed-form edits want float32
+    if method == "spm":
+        edit = safety.SPM.train(
+            pipe,
+            concepts[0],
+            iterations=iterations,
+            lr=lr,
+            anchor_weight=anchor_weight,
+            eta=eta or 1.0,
+            surrogate=surrogate or "",
+        )
+    else:
+        edit = safety.UCE(concepts=list(concepts), preserve=list(preserve)).fit(pipe)
+    write_atomically(output, edit.save)
+    click.echo(str(output))
+
+
+@click.command("audit")
+@click.option("--concept", required=True, help="Concept to test: a shape or colour of the default model's world.")
+@click.option(
+    "--defense",
+    default="none",
+    show_default=True,
+    type=click.Choice(list(audit.DEFENSES)),
+    help="Defense given the concept word: none, blocklist (the word deleted from prompts), negative "
+    "(prompt), sld, uce, safree, safree-negative "
+    "(SAFREE with the word as negative prompt while it filters) or spm.",
+)
+@click.option(
+    "--adapter",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="SPM membrane from `stablekit erase --method spm` for --defense spm [default: train one].",
+)
+@spm_multiplier_option
+@click.option(
+    "--attack",
+    default="arithmetic",
+    show_default=True,
+    metavar="|".join(ATTACKS),
+    help=f"Attack, one of {', '.join(ATTACKS)}.",
+)
+@click.option(
+    "--prompts",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Direct prompts (one object with the concept) to generate and attack.",
+)
+@click.option(
+    "--iterations",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Optimisation steps per prompt of p4d and unlearndiffatk.",
+)
+@click.option("--steps", default=25, show_default=True, type=click.IntRange(min=1), help="Denoising steps.")
+@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", default=0, show_default=True, help="Prompt and noise seed.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
+@model_and_device
+def audit_command(
+    concept,
+    defense,
+    adapter,
+    spm_multiplier,
+    attack,
+    prompts,
+    iterations,
+    steps,
+    guidance,
+    seed,
+    json_path,
+    model,
+    device,
+):
+    """Red-team a defense: how often the judge (the default model's attribute classifier) sees CONCEPT, before
+    and after an attack."""
+    c = audit.concept(concept)
+    if attack not in ATTACKS:
+        raise StablekitError(f"unknown attack '{attack}'; choose one of: {', '.join(ATTACKS)}")
+    if attack not in ("p4d", "unlearndiffatk"):
+        refuse(given("iterations"), f"to --attack {attack}: it optimises nothing")
+    if (adapter is not None or spm_multiplier != 1) and defense != "spm":
+        raise StablekitError("--adapter and --spm-multiplier go with --defense spm")
+    if adapter is not None and not adapter.is_file():
+        raise StablekitError(f"adapter file '{adapter}' does not exist")
+    if json_path is not None:
+        check_output(json_path, "audit.json")
+    pipe = load_quietly(model, device)
+    d = audit.defense(pipe, defense, c, adapter, spm_multiplier=spm_multiplier)
+    if adapter is not None and list(d.plugins[0].config.concepts) != [c.word]:
+        raise StablekitError(f"'{adapter}' erases {list(d.plugins[0].config.concepts)}, not '{c.word}'")
+    direct = audit.prompts(c, prompts, seed).direct
+    hits = audit.present(audit.generate(pipe, d, direct, steps=steps, guidance=guidance, seed=seed)[0], c)
+    res = {
+        "concept": c.word,
+        "defense": defense,
+        "attack": attack,
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "direct": audit.rate(hits),
+    }
+    res["attack_" + attack] = audit.attack(
+        pipe, attack, d, c, direct, hits, steps=steps, guidance=guidance, seed=seed, iterations=iterations
+    )
+    if json_path is not None:
+        write_atomically(json_path, lambda p: Path(p).write_text(json.dumps(res, indent=2)))
+    post = res["attack_" + attack]["post_attack"]
+    for label, r in (("before attack", res["direct"]), (f"after {attack}", post)):
+        click.echo(
+            f"{c.word} under {defense}, {label}: concept rate {r['rate']:.3f} "
+            f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({r['k']}/{r['n']})"
+        )
