@@ -10,6 +10,8 @@ original, and a perceptual distance: the L2 distance between the attribute class
 and of the original, divided by the feature norm of the original. Per method: network calls and seconds per image.
 Intervals are Student-t 95% intervals over images; the target compares ResShift with the baseline image by image
 (the paired PSNR difference): "matches or beats" is met when the whole interval is above -0.25 dB.
+
+With ``--edits N``, PixelMan moves the object of N held-out world scenes (see ``_restore_edit.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 
 import _common
+import _restore_edit
 import numpy as np
 import torch
 
@@ -32,6 +35,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--photos", type=int, default=48, help="crops of the held-out scikit-image photos (0: none)")
     p.add_argument("--baseline-steps", type=int, default=50, help="DDIM steps of the diffusion baseline")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--edits", type=int, default=40, help="world scenes whose object PixelMan moves (0: none)")
     return p.parse_args(args)
 
 
@@ -154,7 +158,19 @@ def main(args=None):
         _common.write_json(a.json, res)
     res["targets"] = targets(raw, a)
     _common.write_json(a.json, res)
+    if a.edits:
+        res["pixelman"] = _restore_edit.run(embedded_pipeline(), a.edits, a.seed)
+        res["targets"] |= res["pixelman"]["targets"]
+        _common.write_json(a.json, res)
     return res
+
+
+def embedded_pipeline():
+    import stablekit
+
+    pipe = stablekit.load(device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 if __name__ == "__main__":

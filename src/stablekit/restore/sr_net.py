@@ -66,9 +66,10 @@ def photo_crops(names: tuple[str, ...], n: int, seed: int, size: int = 64) -> to
     from PIL import Image
 
     rng = np.random.default_rng(seed)
+    photos = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in names]
     out = []
     for i in range(n):
-        photo = Image.fromarray(getattr(skimage.data, names[i % len(names)])()).convert("RGB")
+        photo = photos[i % len(names)]
         short = int(rng.integers(2 * size, 4 * size + 1))
         k = short / min(photo.size)
         photo = photo.resize((max(size, round(photo.width * k)), max(size, round(photo.height * k))), Image.BICUBIC)

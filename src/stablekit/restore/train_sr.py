@@ -24,7 +24,7 @@ class TrainConfig:
     """`iters` Adam steps at learning rate `lr` on batches of `batch` random `crop`-pixel crops from `scenes` world
     scenes and `photos` crops of the training photos; `seed` fixes data, initialisation and noise."""
 
-    iters: int = 1000
+    iters: int = 500
     batch: int = 16
     crop: int = 32
     lr: float = 1e-3
