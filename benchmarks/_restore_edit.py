@@ -106,3 +106,25 @@ def summarise(raw: dict, calls: list[int], seconds: float) -> dict:
         ),  # fmt: skip
     }
     return res
+
+
+def plot(res: dict, path) -> None:
+    """Background and vacated-region PSNR of each method, with their intervals."""
+    plt = _common.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    names = list(res["methods"])
+    for ax, key in zip(axes, ("background_psnr_db", "vacated_psnr_db"), strict=True):
+        vals = [res["methods"][m][key] for m in names]
+        ci = [res["methods"][m][f"{key}_ci95"] or [v, v] for m, v in zip(names, vals, strict=True)]
+        err = np.array(
+            [
+                [v - lo for v, (lo, _) in zip(vals, ci, strict=True)],
+                [hi - v for v, (_, hi) in zip(vals, ci, strict=True)],
+            ]
+        )
+        ax.bar(names, vals, yerr=err, capsize=4)
+        ax.set_title(key.replace("_", " "), fontsize=9)
+    axes[0].axhline(35, color="r", linestyle="--", linewidth=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -31,7 +31,7 @@ MATCH_MARGIN_DB = 0.25
 def parse(args: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="stablekit bench restore", description=__doc__.splitlines()[0])
     _common.add_common_args(p, seed=4242, seed_help="held-out scene seed (training used 0)", model=False)
-    p.add_argument("--images", type=int, default=64, help="held-out world scenes")
+    p.add_argument("--images", type=int, default=64, help="held-out world scenes to upscale (0: no super-resolution)")
     p.add_argument("--photos", type=int, default=48, help="crops of the held-out scikit-image photos (0: none)")
     p.add_argument("--baseline-steps", type=int, default=50, help="DDIM steps of the diffusion baseline")
     p.add_argument("--batch", type=int, default=16)
@@ -139,28 +139,36 @@ def plot(res: dict, shown: dict, hr: torch.Tensor, path: Path) -> None:
     plt.close(fig)
 
 
-def main(args=None):
+def super_resolution(a, res: dict) -> None:
+    """The super-resolution part: every method on the world and photo sets, the plot and the targets."""
     from stablekit.default_model.classifier import load_classifier
     from stablekit.restore import sr_net
 
-    a = parse(sys.argv[1:] if args is None else args)
-    _common.set_threads(a)
     classifier = load_classifier().eval()
     sets = {"world": sr_net.world_images(a.images, a.seed)}
     if a.photos:
         sets["photos"] = sr_net.photo_crops(sr_net.HELDOUT_PHOTOS, a.photos, a.seed)
-    res = {"scale": sr_net.SCALE, "heldout_photos": list(sr_net.HELDOUT_PHOTOS), "sets": {}}
+    res |= {"scale": sr_net.SCALE, "heldout_photos": list(sr_net.HELDOUT_PHOTOS), "sets": {}}
     raw = {}
     for name, hr in sets.items():
         res["sets"][name], raw[name], shown = evaluate_set(hr, a, classifier)
         if name == "world":
             plot(res, shown, hr, a.json.with_suffix(".png"))
         _common.write_json(a.json, res)
-    res["targets"] = targets(raw, a)
-    _common.write_json(a.json, res)
+    res["targets"] |= targets(raw, a)
+
+
+def main(args=None):
+    a = parse(sys.argv[1:] if args is None else args)
+    _common.set_threads(a)
+    res = {"targets": {}}
+    if a.images:
+        super_resolution(a, res)
+        _common.write_json(a.json, res)
     if a.edits:
         res["pixelman"] = _restore_edit.run(embedded_pipeline(), a.edits, a.seed)
         res["targets"] |= res["pixelman"]["targets"]
+        _restore_edit.plot(res["pixelman"], a.json.with_name(a.json.stem + "_pixelman.png"))
         _common.write_json(a.json, res)
     return res
 

@@ -12,6 +12,7 @@ def test_restore_benchmark_tiny(tmp_path):
         ["--json", str(out), "--images", "3", "--photos", "2", "--baseline-steps", "3", "--batch", "2", "--edits", "2"]
     )
     assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and out.with_suffix(".png").exists()
+    assert (tmp_path / "restore_pixelman.png").exists()
     for name in ("world", "photos"):
         methods = res["sets"][name]
         assert set(methods) == {"bicubic", "resshift", "diffusion_3"}

@@ -140,23 +140,18 @@ def edit_command(
     blend,
     strength,
     output,
-    mask,
-    move,
-    resize,
     method,
     steps,
     guidance,
     decoder_steps,
     model,
     device,
+    **pixelman_options,
 ):
-    """Edit IMAGE from the --source prompt to the --target prompt (or, with --method pixelman, move or resize the
-    object of --mask); print the written path."""
+    """Edit IMAGE from --source to --target, or move/resize the object of --mask (pixelman); print the written path."""
     if method == "pixelman":
-        return pixelman_edit(image, source, mask, move, resize, output, steps, guidance, model, device)
-    refuse(given("mask", "move", "resize"), "to an edit by prompts (they are pixelman's)")
-    if source is None or target is None:
-        raise StablekitError(f"--method {method} needs --source and --target prompts")
+        return pixelman_edit(image, source, output, steps, guidance, model, device, **pixelman_options)
+    _check_prompts(source, target, method)
     steps = EDIT_STEPS[method] if steps is None else steps
     _check_inversion(steps, guidance, decoder_steps, output)
     plugin = _controller(controller, weights, blend, method)
@@ -198,6 +193,12 @@ def edit_command(
     click.echo(str(output))
 
 
+def _check_prompts(source: str | None, target: str | None, method: str) -> None:
+    refuse(given("mask", "move", "resize"), "to an edit by prompts (they are pixelman's)")
+    if source is None or target is None:
+        raise StablekitError(f"--method {method} needs --source and --target prompts")
+
+
 def parse_move(move: str) -> tuple[float, float]:
     """``"dx,dy"`` -> ``(dx, dy)``."""
     parts = move.split(",")
@@ -208,7 +209,7 @@ def parse_move(move: str) -> tuple[float, float]:
     return dx, dy
 
 
-def pixelman_edit(image, prompt, mask, move, resize, output, steps, guidance, model, device):
+def pixelman_edit(image, prompt, output, steps, guidance, model, device, mask, move, resize):
     """``edit --method pixelman``: check everything, then move/resize the object and write the PNG."""
     from ..edit.pixelman import STEPS, PixelManConfig, object_mask, pixelman
 
