@@ -26,6 +26,10 @@ COMMANDS = {
     "protect": ("stablekit.cli.protect:protect_command", "Protect IMAGE against diffusion mimicry and editing."),
     "serve": ("stablekit.cli.serve:serve", "Run the HTTP service, the AUTOMATIC1111 API and the studio."),
     "batch": ("stablekit.cli.batch:batch_command", "Generate every row of a JSON-lines job file."),
+    "memorization": (
+        "stablekit.cli.memorization:memorization",
+        "Detect memorized prompts; remove memorized images with an adapter.",
+    ),
     "bench": ("stablekit.cli.bench:bench", "Run benchmarks/NAME.py with the remaining arguments."),
 }
 

@@ -92,7 +92,7 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     "adapters",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Concept-erasure file from `stablekit erase` (repeatable).",
+    help="Concept-erasure file from `stablekit erase`, or memorization adapter (repeatable).",
 )
 @spm_multiplier_option
 @click.option(
@@ -168,10 +168,21 @@ def _generation_plugins(accels, guards, adapters, spm_multiplier: float) -> list
     """The plugins of `generate`'s --accel, --guard and --adapter options, built (so checked) before any loading."""
     plugins = [build(spec, ACCELS, "accel") for spec in accels]
     plugins += [build(spec, GUARDS, "guard") for spec in guards]
-    plugins += [safety.load_adapter(path, spm_multiplier) for path in adapters]
+    plugins += [_adapter(path, spm_multiplier) for path in adapters]
     if spm_multiplier != 1 and not any(isinstance(p, safety.SPM) for p in plugins):
         raise StablekitError("--spm-multiplier scales SPM membranes: give one with --adapter")
     return plugins
+
+
+def _adapter(path: Path, spm_multiplier: float):
+    """An adapter file: a memorization adapter or a concept-erasure one, by its metadata."""
+    from .. import memorization
+
+    return (
+        memorization.NeuronPruning.load(path)
+        if memorization.is_adapter(path)
+        else safety.load_adapter(path, spm_multiplier)
+    )
 
 
 def _check_generate(prompts, output: Path, steps: int, guidance: float, n: int) -> None:
