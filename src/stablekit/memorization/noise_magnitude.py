@@ -99,8 +99,8 @@ class MagnitudeRecorder(Plugin):
 
 def _check_prompts(prompts) -> list[str]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise StablekitError("give at least one non-empty prompt")
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise StablekitError("give at least one prompt (a list of strings)")
     return prompts
 
 
