@@ -43,7 +43,7 @@ def detect_command(prompts, steps, generations, threshold, seed, model, device):
     if threshold is None and model is not None:
         raise StablekitError("--threshold is needed with --model: the shipped one is the embedded model's")
     if threshold is None:
-        threshold = M.shipped_threshold(steps)["value"]
+        M.shipped_threshold(steps)  # a missing one is refused before loading
     pipe = load_quietly(model, device)
     pipe.set_progress_bar_config(disable=True)
     for d in M.detect(pipe, list(prompts), threshold, steps=steps, generations=generations, seed=seed):

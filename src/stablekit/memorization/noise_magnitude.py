@@ -165,14 +165,16 @@ class Detection:
 
 def detect(pipe, prompts, threshold: float | None = None, steps: int = 1, **kw) -> list[Detection]:
     """Score `prompts` (:func:`noise_magnitude` over the first `steps` steps, `kw` passed on) and call each
-    memorized when its score exceeds `threshold` (None: the default model's shipped threshold; another model
-    needs its own, fixed on its held-out prompts)."""
+    memorized when its score exceeds `threshold` (None: the default model's shipped threshold, measured with the
+    `num_inference_steps` it records; another model needs its own, fixed on its held-out prompts)."""
     if threshold is None:
         from ..pipeline import DEFAULT_MODEL
 
         if getattr(pipe, "name_or_path", None) != DEFAULT_MODEL:
             raise StablekitError("the shipped threshold is the embedded default model's; give a threshold")
-        threshold = shipped_threshold(steps)["value"]
+        rec = shipped_threshold(steps)
+        threshold = rec["value"]
+        kw.setdefault("num_inference_steps", rec["num_inference_steps"])
     scores = noise_magnitude(pipe, prompts, steps=steps, **kw).mean(1)
     return [Detection(p, float(s), bool(s > threshold)) for p, s in zip(_check_prompts(prompts), scores, strict=True)]
 
