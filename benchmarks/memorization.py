@@ -29,6 +29,7 @@ memorized scene below the threshold, with at most 1 point of attribute accuracy 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -273,12 +274,12 @@ def main(args: list[str]) -> dict:
     res["targets"] = targets(res)
     _common.write_json(a.json, res)
     plot(res, a.json.with_suffix(".png"))
+    print(json.dumps(res["targets"], indent=2))
+    print(f"wrote {a.json} and {a.json.with_suffix('.png')}")
     return res
 
 
 def write_threshold(det: dict, a) -> None:
-    import json
-
     from stablekit.memorization.noise_magnitude import THRESHOLDS
     from stablekit.output import write_atomically
 
