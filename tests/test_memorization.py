@@ -144,3 +144,21 @@ def test_cli_mitigate_writes_an_adapter_that_generate_applies_and_refuses_bad_in
         invoke("memorization", "mitigate", "--method", "memcontrol", "-o", out / "x.safetensors"), out, "memcontrol"
     )
     one_line_error(invoke("generate", "a red star", "-o", out / "b.png", "--adapter", adapter), out, "another model")
+
+
+def test_cli_detect_prints_score_and_decision_at_the_shipped_threshold():
+    from stablekit.memorization import detect, shipped_threshold
+
+    prompts = ["the zorvex emblem", "a red circle on a gray background"]
+    result = invoke("memorization", "detect", *prompts)
+    assert result.exit_code == 0, result.output
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [p for _, _, p in lines] == prompts
+    threshold = shipped_threshold(1)["value"]
+    for score, decision, _ in lines:
+        assert decision == ("memorized" if float(score) > threshold else "not memorized")
+    pipe = stablekit.load()
+    pipe.set_progress_bar_config(disable=True)
+    assert [round(d.score, 4) for d in detect(pipe, prompts)] == [float(s) for s, _, _ in lines]
+    with pytest.raises(StablekitError, match="shipped threshold"):
+        detect(make_tiny_sd(), prompts)
