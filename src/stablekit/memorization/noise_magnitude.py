@@ -17,7 +17,7 @@ Implemented: :class:`MagnitudeRecorder` hooks the UNet and keeps, for each of th
 generation after the last measured step. :class:`PromptAdjustment` optimises the conditional prompt embedding
 at the first step of each call, on that call's initial latents, with Adam to minimise the mean over images of
 ``|c - u|_2``, stopping early once every image is at or below `target`, and generates with the adjusted
-embedding at every step.
+embedding at every step (SD 1.x/2.x UNets; SDXL's added conditioning is not handled).
 
 Defaults are the reference code's: detection at the first step (the paper also reports all steps, and 1 to 32
 generations per prompt), mitigation at step 0 with Adam, ``lr=0.05``, 10 iterations; its target loss (3 on SD)
@@ -207,6 +207,8 @@ class _AdjustHook(ModelHook):
             raise StablekitError(f"{p!r} adjusts guidance: call the pipeline with guidance_scale > 1")
         kwargs = unet_kwargs(module, args, kwargs)
         ehs = kwargs["encoder_hidden_states"]
+        if kwargs.get("added_cond_kwargs"):
+            raise StablekitError(f"{p!r} supports SD 1.x/2.x UNets (no added conditioning, as SDXL's)")
         if p.adjusted is None:
             p.adjusted = p.optimise(self.fn_ref.forward, kwargs)  # the UNet without this hook
         kwargs["encoder_hidden_states"] = torch.cat([ehs.chunk(2)[0], p.adjusted.to(ehs)])
@@ -218,7 +220,6 @@ class PromptAdjustment(Plugin):
 
     name = "prompt-adjustment"
     Config = AdjustmentConfig
-    exclusive = ("prompt embeddings",)
 
     def __init__(self, *args, **params):
         super().__init__(*args, **params)
