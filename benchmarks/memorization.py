@@ -115,7 +115,8 @@ def detection(pipe, a) -> dict:
     t0 = time.perf_counter()
     scores_1 = _first_step_cost(pipe, a, held[: min(len(held), 64)])
     out["seconds_per_prompt_first_step"] = rnd((time.perf_counter() - t0) / scores_1)
-    out["scores"] = {"memorized": s_mem.tolist(), "paraphrases": s_para.tolist(), "heldout": s_held.tolist()}
+    named = {"memorized": s_mem, "paraphrases": s_para, "heldout": s_held}
+    out["scores"] = {k: [[rnd(x) for x in row] for row in v] for k, v in named.items()}
     return out
 
 
