@@ -149,7 +149,7 @@ def adapter(pipe, a, method: str):
     ref = [c for c, _ in ground_truth.heldout(100, 2026)]
     t0 = time.perf_counter()
     plugin = {
-        "subspace": lambda: prune(pipe, mem, ref),
+        "subspace": lambda: prune(pipe, mem, ref, max_fraction=a.subspace_fraction),
         "nemo": lambda: localize(pipe, mem, ref),
         "prompt-adjustment": lambda: PromptAdjustment(),
     }[method]()
@@ -252,6 +252,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--quality-prompts", type=int, default=200, help="held-out prompts for accuracy and SSIM")
     p.add_argument("--memo-seeds", type=int, default=4, help="generations per memorized caption")
     p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
+    p.add_argument("--subspace-fraction", type=float, default=0.2, help="most of a layer's neurons pruned")
     p.add_argument("--no-detection", dest="detection", action="store_false")
     p.add_argument("--no-mitigation", dest="mitigation", action="store_false")
     p.add_argument("--batch", type=int, default=32)
@@ -263,7 +264,17 @@ def main(args: list[str]) -> dict:
     a = parse(args)
     _common.set_threads(a)
     pipe = bench_pipeline(a)
-    keys = ("seed", "heldout", "steps", "guidance", "fpr", "quality_prompts", "memo_seeds", "methods")
+    keys = (
+        "seed",
+        "heldout",
+        "steps",
+        "guidance",
+        "fpr",
+        "quality_prompts",
+        "memo_seeds",
+        "methods",
+        "subspace_fraction",
+    )
     res = _common.model_info(a, pipe) | {"settings": {k: getattr(a, k) for k in keys}}
     if a.detection:
         res["detection"] = detection(pipe, a)
