@@ -1,5 +1,6 @@
 """The local executor: the work function in this process (one worker) or in a pool of processes (several), each
-process with its own pipeline. Results come back as they are done, in any order."""
+process with its own pipeline. Work comes in units (lists of rows, see :meth:`.work.Renderer.render`); results
+come back as they are done, in any order."""
 
 from __future__ import annotations
 
@@ -20,31 +21,34 @@ def _start(model, device, threads) -> None:
     _renderer = Renderer(model, device, threads)
 
 
-def _render(text: str) -> dict:
-    return _renderer(Row.from_json(text))
+def _render(texts: list[str]) -> list[dict]:
+    return _renderer.render([Row.from_json(t) for t in texts])
 
 
-def run_local(rows: list[Row], model, device, workers: int, threads: int | None) -> Iterator[dict]:
-    """The work function's result for every row: in this process for one worker, else in `workers` processes
-    (started with spawn, as forked torch is unsafe), at most two rows queued per process."""
+def run_local(units: list[list[Row]], model, device, workers: int, threads: int | None, pipe=None) -> Iterator[dict]:
+    """The work function's result for every row of every unit: in this process for one worker (on `pipe` if
+    given, else a pipeline loaded here), else in `workers` processes (started with spawn, as forked torch is
+    unsafe), at most two units queued per process."""
     if workers == 1:
         before = torch.get_num_threads()
         try:
-            yield from map(Renderer(model, device, threads), rows)
+            renderer = Renderer(model, device, threads, pipe)
+            for unit in units:
+                yield from renderer.render(unit)
         finally:
             torch.set_num_threads(before)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, context, _start, (model, device, threads)) as pool:
-        queue = iter(rows)
+        queue = ([row.to_json() for row in unit] for unit in units)
         running = set()
         while True:
-            running |= {pool.submit(_render, row.to_json()) for row in _take(queue, 2 * workers - len(running))}
+            running |= {pool.submit(_render, unit) for unit in _take(queue, 2 * workers - len(running))}
             if not running:
                 return
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                yield future.result()
+                yield from future.result()
 
 
 def _take(items: Iterator, n: int) -> list:

@@ -1,5 +1,5 @@
 """The Ray executor: the same work function on Ray Data, ``map_batches`` over a fixed pool of actors, one pipeline
-per actor and one row per call, with one GPU per actor where the cluster has GPUs. A killed actor is restarted
+per actor and one unit of rows per call, with one GPU per actor where the cluster has GPUs. A killed actor is restarted
 and its rows retried (Ray Data's defaults for actor pools); the driver stores each id once whatever comes back
 twice. Usage statistics and the dashboard are off."""
 
@@ -15,13 +15,16 @@ from .work import Renderer
 
 
 class RayRenderer:
-    """The work function as a Ray Data callable class: batches of ``{"row": [row json]}`` -> results."""
+    """The work function as a Ray Data callable class: batches of ``{"rows": [json list of a unit's rows]}`` ->
+    one result per row."""
 
     def __init__(self, model, device, threads):
         self.renderer = Renderer(model, device, threads)
 
     def __call__(self, batch: dict) -> dict:
-        results = [self.renderer(Row.from_json(str(text))) for text in batch["row"]]
+        results = []
+        for text in batch["rows"]:
+            results += self.renderer.render([Row.from_json(row) for row in json.loads(str(text))])
         return {
             "id": [r["id"] for r in results],
             "png": [r["png"] for r in results],
@@ -54,15 +57,16 @@ def default_workers() -> int:
     return gpus or len([n for n in ray.nodes() if n["Alive"]])
 
 
-def run_ray(rows: list[Row], model, device, workers: int | None, threads: int | None) -> Iterator[dict]:
-    """The work function's result for every row, from a pool of `workers` actors on the connected cluster."""
+def run_ray(units: list[list[Row]], model, device, workers: int | None, threads: int | None) -> Iterator[dict]:
+    """The work function's result for every row of every unit, from a pool of `workers` actors on the connected
+    cluster."""
     import ray
 
     workers = workers or default_workers()
     gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the caller draws one bar for every executor
-    items = [{"row": row.to_json()} for row in rows]
+    items = [{"rows": json.dumps([row.to_json() for row in unit])} for unit in units]
     data = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         RayRenderer,
         fn_constructor_kwargs=dict(model=model, device=device, threads=threads),
