@@ -294,8 +294,11 @@ def plugin_spec(plugin) -> str:
     from stablekit.registry import CATALOGUE, build, format_value
 
     cfg = plugin.config
-    default = type(cfg)()
-    changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)]
+    changed = [
+        f.name
+        for f in dataclasses.fields(cfg)
+        if f.default is dataclasses.MISSING or getattr(cfg, f.name) != f.default
+    ]
     spec = plugin.name + (":" if changed else "") + ",".join(f"{k}={format_value(getattr(cfg, k))}" for k in changed)
     kind = plugin_kind(spec)
     if build(spec, CATALOGUE[kind], kind).config != cfg:
