@@ -240,13 +240,21 @@ def add_executor_args(p):
 
 
 @contextlib.contextmanager
-def executor(a):
-    """Holds Ray up for the whole benchmark (one start, not one per image set) where ``--ray`` asks for it."""
+def executor(a, *modules):
+    """Holds Ray up for the whole benchmark (one start, not one per image set) where ``--ray`` asks for it; the
+    benchmark's own `modules` that define its work (and this one) travel to the Ray workers by value, as no
+    worker has the benchmarks' folder on its path."""
     if getattr(a, "ray", None) is None:
         yield
         return
+    import sys
+
+    from ray import cloudpickle
+
     from stablekit.batch import on_ray
 
+    for module in (sys.modules[__name__], *modules):
+        cloudpickle.register_pickle_by_value(module)
     started = on_ray.connect(None if a.ray == "local" else a.ray)
     try:
         yield

@@ -12,14 +12,15 @@ images with any number of workers on one machine. The driver alone writes the fo
 :func:`generate` runs rows given in memory through the same executors and returns the images in row order (what the
 benchmarks shard their generation with); its `group` generates consecutive rows that differ by prompt and seed only
 as one batch (faster on a CPU; the images depend on the grouping, so equal `group` gives equal images).
+:func:`map_units` is the engine under both: units of any work, a picklable factory of workers, either executor.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -27,26 +28,42 @@ from tqdm.auto import tqdm
 from ..errors import StablekitError
 from .jobs import Row, check_rows, read_jobs
 from .manifest import Store, pending, read_manifest
+from .work import Renderer
 
-__all__ = ["run", "generate", "read_jobs", "check_rows", "read_manifest", "Row"]
+__all__ = ["run", "generate", "map_units", "read_jobs", "check_rows", "read_manifest", "Row", "Renderer"]
 
 
-def _executor(ray: str | None, pipe=None):
-    """The executor function, and a context that holds Ray up for the run where this process started it; `pipe`:
-    the pipeline of a local executor's single worker (None: it loads its own)."""
+def map_units(
+    task,
+    units: list,
+    *,
+    workers: int | None = None,
+    threads: int | None = None,
+    ray: str | None = None,
+    pipe=None,
+) -> Iterator[tuple[int, list]]:
+    """``(index of the unit, its results)`` for every unit of work, in the order they are done: each unit given to
+    ``task(pipe=None).render(unit)`` (a picklable factory of workers, e.g. ``functools.partial(Renderer, model)``)
+    on one of `workers` local processes (default 1: this process, on `pipe` if given) or, with `ray`, Ray actors
+    (default: one per GPU, else one per node) of `threads` CPUs. `ray`: ``""`` or ``"local"`` starts a Ray
+    instance for the call; an address connects to that cluster (an already connected Ray stays up)."""
+    if workers is not None and workers < 1:
+        raise StablekitError(f"workers {workers}: give at least 1")
     if ray is None:
         from .local import run_local
 
-        return functools.partial(run_local, pipe=pipe), contextlib.nullcontext()
+        yield from run_local(units, task, workers or 1, pipe if (workers or 1) == 1 else None)
+        return
     from . import on_ray
 
     started = on_ray.connect(None if ray in ("", "local") else ray)
-    stack = contextlib.ExitStack()
-    if started:
-        import ray as ray_module
+    try:
+        yield from on_ray.run_ray(units, task, workers, threads)
+    finally:
+        if started:
+            import ray as ray_module
 
-        stack.callback(ray_module.shutdown)
-    return on_ray.run_ray, stack
+            ray_module.shutdown()
 
 
 def run(
@@ -78,14 +95,15 @@ def run(
     store = Store(out)
     written = 0
     if todo:
-        execute, held = _executor(ray)
-        bar = tqdm(total=len(todo), desc="batch", unit="image", disable=None if progress is None else not progress)
-        with held, bar:
-            units = [[row] for row in todo]
-            for result in execute(units, model, device, workers or (None if ray is not None else 1), threads or 1):
-                stored = store.add(result)
-                written += stored
-                bar.update(int(stored))
+        task = functools.partial(Renderer, model, device, threads or 1)
+        with tqdm(
+            total=len(todo), desc="batch", unit="image", disable=None if progress is None else not progress
+        ) as bar:
+            for _, results in map_units(task, [[row] for row in todo], workers=workers, threads=threads or 1, ray=ray):
+                for result in results:
+                    stored = store.add(result)
+                    written += stored
+                    bar.update(int(stored))
     parquet = store.write_parquet()
     return {
         "rows": len(rows),
@@ -126,15 +144,14 @@ def generate(
     from PIL import Image
 
     checked = check_rows(rows)
-    if workers is not None and workers < 1:
-        raise StablekitError(f"workers {workers}: give at least 1")
     if group < 1:
         raise StablekitError(f"group {group}: give at least 1")
-    execute, held = _executor(ray, pipe if ray is None and (workers or 1) == 1 else None)
+    task = functools.partial(Renderer, model, device, threads)
     results = {}
-    with held, tqdm(total=len(checked), desc="generate", unit="image", disable=not progress) as bar:
-        units = units_of(checked, group)
-        for result in execute(units, model, device, workers or (None if ray is not None else 1), threads):
-            results[result["id"]] = result
-            bar.update()
+    with tqdm(
+        total=len(checked), desc="generate", unit="image", disable=None if progress is None else not progress
+    ) as bar:
+        for _, done in map_units(task, units_of(checked, group), workers=workers, threads=threads, ray=ray, pipe=pipe):
+            results |= {result["id"]: result for result in done}
+            bar.update(len(done))
     return [results[row.id] | {"image": Image.open(io.BytesIO(results[row.id]["png"]))} for row in checked]

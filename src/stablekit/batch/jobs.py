@@ -95,18 +95,6 @@ class Row:
         text = json.dumps(self.params() | {"model": model}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def to_json(self) -> str:
-        """The whole row (the watermark's secret included), for a worker."""
-        return json.dumps(self.fields())
-
-    @classmethod
-    def from_json(cls, text: str) -> Row:
-        data = json.loads(text)
-        data["size"] = None if data["size"] is None else tuple(data["size"])
-        data["plugins"] = tuple(data["plugins"])
-        data["adapters"] = tuple(data["adapters"])
-        return cls(**data)
-
 
 def plugin_kind(spec: str) -> str:
     """The catalogue kind (accel or guard) of a plugin spec's name, or one StablekitError listing the names."""

@@ -32,7 +32,7 @@ class Renderer:
     ``renderer.render(rows)`` the same for a unit of rows. The plugins a row names are built once per worker and
     reused by every row that names them, as `generate` reuses them for its images."""
 
-    def __init__(self, model: str | None = None, device: str | None = None, threads: int | None = None, pipe=None):
+    def __init__(self, model: str | None = None, device: str | None = None, threads: int | None = None, *, pipe=None):
         if threads:
             torch.set_num_threads(threads)
         self.model = model
