@@ -216,3 +216,24 @@ def test_generate_groups_rows_into_batches_and_returns_them_in_order(tiny_sd_pat
         assert difference.max() <= 2  # batched or not: the same image up to float rounding
     with pytest.raises(StablekitError, match="row 1: id 'x' is already row 0's"):
         batch.generate([{"prompt": "a", "id": "x"}, {"prompt": "b", "id": "x"}], model=str(tiny_sd_path))
+
+
+def test_an_adapter_and_guard_row_is_the_image_generate_makes_with_them(tmp_path, tiny_sd_path):
+    adapter = tmp_path / "no-star.safetensors"
+    erase = ["erase", "--concept", "star", "--preserve", "circle", "-o", str(adapter), "--model", str(tiny_sd_path)]
+    assert CliRunner().invoke(cli.cli, erase).exit_code == 0
+    row = {
+        "id": "erased",
+        "prompt": "a red star",
+        "seed": 4,
+        "adapters": [str(adapter)],
+        "plugins": ["sld:concepts=[red]"],
+    }
+    out = tmp_path / "out"
+    assert run(tmp_path, write_jobs(tmp_path / "jobs.jsonl", [row]), out, model=tiny_sd_path).exit_code == 0
+    png = tmp_path / "generate.png"
+    argv = ["generate", "a red star", "--seed", "4", "--steps", "2", "--size", "32x32", "--adapter", str(adapter)]
+    argv += ["--guard", "sld:concepts=[red]", "-o", str(png), "--model", str(tiny_sd_path), "--device", "cpu"]
+    assert CliRunner().invoke(cli.cli, argv).exit_code == 0
+    assert (out / "images" / "erased.png").read_bytes() == png.read_bytes()  # pixels and every text chunk
+    assert manifest(out)[0]["params"]["adapters"] == [str(adapter.resolve())]
