@@ -1,0 +1,115 @@
+"""Few-step students: the teacher's pairs are its own samples, the one-step loss is the pipeline's one-step error,
+training lowers it, and students save as folders that load and refuse to overwrite."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import DPMSolverMultistepScheduler
+from PIL import Image
+
+import stablekit
+from stablekit import cli
+from stablekit.default_model.train import SCHEDULER_CONFIG
+from stablekit.errors import StablekitError
+from stablekit.train import instaflow, students
+
+PROMPTS = ["a red star", "a blue circle on a green background", "a small yellow square", "a pink heart"]
+
+
+@pytest.fixture
+def v_pipe(tiny_sd):
+    tiny_sd.scheduler = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)  # the embedded model's: v, trailing
+    tiny_sd.set_progress_bar_config(disable=True)
+    return tiny_sd
+
+
+def test_teacher_pairs_are_the_pipelines_own_samples(v_pipe):
+    pairs = students.sample_pairs(v_pipe, PROMPTS[:2], steps=3, guidance=3.0, seed=5, guidance_rescale=0.7)
+    again = v_pipe(
+        PROMPTS[:2],
+        latents=pairs.noise,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        guidance_rescale=0.7,
+        output_type="latent",
+    ).images
+    assert torch.equal(pairs.latents, again)
+    assert not torch.equal(pairs.latents[0], pairs.latents[1])  # fresh noise per prompt
+    assert pairs.cond.shape[0] == 2
+
+
+def test_one_step_loss_is_the_error_of_the_pipelines_one_step_sample(v_pipe):
+    pairs = students.sample_pairs(v_pipe, PROMPTS, steps=1, guidance=1.0, seed=1)
+    loss = instaflow.one_step_loss(v_pipe.scheduler)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        assert loss(v_pipe.unet, pairs.noise, pairs.cond.float(), pairs.latents, g) < 1e-8
+        other = students.sample_pairs(v_pipe, PROMPTS, steps=4, guidance=1.0, seed=1)
+        assert loss(v_pipe.unet, other.noise, other.cond.float(), other.latents, g) > 1e-4
+
+
+def test_distillation_brings_the_one_step_sample_to_the_teachers(v_pipe):
+    teacher = students.sample_pairs(v_pipe, PROMPTS, steps=4, guidance=2.0, seed=2)
+
+    def one_step_error(pipe):
+        out = pipe(
+            prompt_embeds=teacher.cond.float(),
+            latents=teacher.noise,
+            num_inference_steps=1,
+            guidance_scale=1.0,
+            output_type="latent",
+        ).images
+        return (out - teacher.latents).pow(2).mean().item()
+
+    config = instaflow.Config(
+        pairs=4,
+        teacher_steps=4,
+        guidance=2.0,
+        reflow_iterations=30,
+        reflow_steps=2,
+        distill_iterations=60,
+        batch=4,
+        lr=1e-3,
+        seed=2,
+    )
+    before = one_step_error(v_pipe)
+    student, recipe = instaflow.distill(v_pipe, config, prompts=PROMPTS)
+    assert one_step_error(student) < 0.5 * before
+    assert recipe["steps"] == 1 and recipe["guidance"] == 1.0
+    assert student.unet is not v_pipe.unet and one_step_error(v_pipe) == before  # the teacher is untouched
+
+
+def test_an_epsilon_teacher_is_refused(tiny_sd):
+    with pytest.raises(StablekitError, match="v-prediction"):
+        instaflow.distill(tiny_sd, instaflow.Config(pairs=1, reflow_iterations=1, distill_iterations=1))
+
+
+def test_a_student_saves_as_a_folder_that_loads_and_is_never_overwritten(v_pipe, tmp_path):
+    out = students.save_student(v_pipe, tmp_path / "student", {"method": "instaflow", "steps": 1, "guidance": 1.0})
+    loaded = stablekit.load(out)
+    assert torch.equal(loaded.unet.conv_in.weight, v_pipe.unet.conv_in.weight)
+    assert stablekit.pipeline.recommended(out) == {"steps": 1, "guidance": 1.0}
+    assert stablekit.pipeline.recommended(None) == {}
+    png = tmp_path / "one.png"
+    args = ["generate", "a red star", "--model", str(out), "--size", "32x32", "-o", str(png)]
+    result = CliRunner().invoke(cli.cli, args)
+    assert result.exit_code == 0, result.output
+    assert (Image.open(png).text["steps"], Image.open(png).text["guidance"]) == ("1", "1.0")  # the student's own
+    with pytest.raises(StablekitError, match="not an empty folder"):
+        students.save_student(v_pipe, out, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "student"]  # no temporary folder left
+
+
+def test_distill_command_refuses_a_used_folder_and_writes_nothing(tmp_path, tiny_sd_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("x")
+    result = CliRunner().invoke(cli.cli, ["distill", "--model", str(tiny_sd_path), "-o", str(used)])
+    assert result.exit_code == 2 and "not an empty folder" in result.output
+    assert [p.name for p in used.iterdir()] == ["keep.txt"]
+    result = CliRunner().invoke(
+        cli.cli,
+        ["distill", "--model", str(tiny_sd_path), "-o", str(tmp_path / "new"), "--pairs", "1", "--iterations", "1"],
+    )
+    assert result.exit_code == 2 and "v-prediction" in result.output
+    assert not (tmp_path / "new").exists()
