@@ -11,7 +11,7 @@ import stablekit
 from stablekit import cli
 from stablekit.default_model.train import SCHEDULER_CONFIG
 from stablekit.errors import StablekitError
-from stablekit.train import instaflow, students
+from stablekit.train import instaflow, lcm_distill, students
 
 PROMPTS = ["a red star", "a blue circle on a green background", "a small yellow square", "a pink heart"]
 
@@ -113,3 +113,66 @@ def test_distill_command_refuses_a_used_folder_and_writes_nothing(tmp_path, tiny
     )
     assert result.exit_code == 2 and "v-prediction" in result.output
     assert not (tmp_path / "new").exists()
+
+
+def test_consistency_boundary_is_the_lcm_schedulers():
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "steps_offset"})
+    t = torch.tensor([0, 19, 499, 999])
+    c_skip, c_out = lcm_distill.boundary(t)
+    for i, step in enumerate(t.tolist()):
+        skip, out = sched.get_scalings_for_boundary_condition_discrete(step)
+        assert torch.isclose(c_skip[i, 0, 0, 0], torch.tensor(float(skip))) and abs(c_out[i].item() - out) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_predictions_convert_back_to_the_clean_latent_and_noise(kind):
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    a = torch.tensor([0.3, 0.9]).view(-1, 1, 1, 1)
+    x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    pred = eps if kind == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+    got_x0, got_eps = lcm_distill.x0_and_eps(pred, x, a, kind)
+    assert torch.allclose(got_x0, x0, atol=1e-5) and torch.allclose(got_eps, eps, atol=1e-5)
+
+
+def test_lcm_lora_training_lowers_the_consistency_loss_and_loads_in_the_plugin(v_pipe, tmp_path):
+    from stablekit.accel.lcm import LCMLoRA
+
+    config = lcm_distill.Config(images=8, iterations=15, batch=8, lr=1e-2, rank=4, seed=0)
+    before = v_pipe(
+        PROMPTS[0],
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        height=32,
+        width=32,
+    ).images
+    lora, recipe = lcm_distill.distill(v_pipe, config)
+    assert not getattr(v_pipe.unet, "peft_config", None)  # the adapter is gone from the teacher
+    after_teacher = v_pipe(
+        PROMPTS[0],
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        height=32,
+        width=32,
+    ).images
+    assert torch.equal(before, after_teacher)
+    path = tmp_path / "lcm.safetensors"
+    lcm_distill.save(v_pipe, lora, path, recipe)
+    with stablekit.use(v_pipe, LCMLoRA(str(path))):
+        fast = v_pipe(
+            PROMPTS[0],
+            num_inference_steps=2,
+            guidance_scale=1.0,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            height=32,
+            width=32,
+        ).images
+    assert not torch.equal(fast, before)
+    assert recipe["probe_loss_after"] < recipe["probe_loss_before"]
