@@ -176,3 +176,21 @@ def test_lcm_lora_training_lowers_the_consistency_loss_and_loads_in_the_plugin(v
         ).images
     assert not torch.equal(fast, before)
     assert recipe["probe_loss_after"] < recipe["probe_loss_before"]
+
+
+def test_distillation_resumes_from_its_work_folder(v_pipe, tmp_path):
+    config = instaflow.Config(
+        pairs=4, teacher_steps=2, reflow_iterations=3, reflow_steps=2, distill_iterations=3, batch=4, lr=1e-3, seed=3
+    )
+    first, _ = instaflow.distill(v_pipe, config, prompts=PROMPTS, workdir=tmp_path / "work")
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [
+        "config.json",
+        "distill.pt",
+        "reflow.pt",
+        "reflow_pairs.pt",
+        "teacher_pairs.pt",
+    ]
+    again, recipe = instaflow.distill(v_pipe, config, prompts=PROMPTS, workdir=tmp_path / "work")
+    assert all(torch.equal(a, b) for a, b in zip(first.unet.parameters(), again.unet.parameters(), strict=True))
+    with pytest.raises(StablekitError, match="other settings"):
+        instaflow.distill(v_pipe, instaflow.Config(pairs=5), prompts=PROMPTS, workdir=tmp_path / "work")

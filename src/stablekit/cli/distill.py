@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import click
@@ -22,8 +23,16 @@ METHODS = ("instaflow",)
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Training batch.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True, help="AdamW lr.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the prompts, noise and batches.")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Keep finished stages here; a re-run with it resumes [default: OUTPUT.work, removed at the end].",
+)
 @model_and_device
-def distill_command(method, output, pairs, teacher_steps, guidance, iterations, batch, lr, seed, model, device):
+def distill_command(
+    method, output, pairs, teacher_steps, guidance, iterations, batch, lr, seed, workdir, model, device
+):
     """Distill a one-step student (InstaFlow: reflow, then distillation) into the folder -o."""
     from ..output import load_quietly
     from ..train import instaflow, students
@@ -43,7 +52,10 @@ def distill_command(method, output, pairs, teacher_steps, guidance, iterations, 
     pipe = load_quietly(model, device, dtype="float32")
     if getattr(pipe, "unet", None) is None:
         raise StablekitError("the model has no UNet to distill")
-    student, recipe = instaflow.distill(pipe, config)
+    work = workdir or output.with_name(output.name + ".work")
+    student, recipe = instaflow.distill(pipe, config, workdir=work)
     recipe["teacher"] = model or "stablekit-default"
     students.save_student(student, output, recipe)
+    if workdir is None:
+        shutil.rmtree(work)
     click.echo(str(output))

@@ -30,8 +30,10 @@ Paper defaults and our deviations:
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -104,33 +106,57 @@ def check_teacher(pipe) -> None:
         )
 
 
-def distill(pipe, config: Config = Config(), prompts: list[str] | None = None):
-    """Train a one-step student of `pipe` (whose UNet is left as it was): returns (student pipeline, recipe)."""
+def distill(pipe, config: Config = Config(), prompts: list[str] | None = None, workdir: Path | None = None):
+    """Train a one-step student of `pipe` (whose UNet is left as it was): returns (student pipeline, recipe).
+    With `workdir`, each finished stage (pairs, reflow, pairs of the reflowed model, student) is kept there and a
+    re-run resumes after the last one."""
     check_teacher(pipe)
     t0 = time.perf_counter()
     prompts = prompts or world_prompts(config.pairs, config.seed)
+    stage = Stages(workdir, config)
     rescale = guidance_rescale(pipe)
-    pairs = sample_pairs(
-        pipe, prompts, steps=config.teacher_steps, guidance=config.guidance, seed=config.seed, guidance_rescale=rescale
+    pairs = stage.pairs(
+        "teacher_pairs",
+        lambda: sample_pairs(
+            pipe,
+            prompts,
+            steps=config.teacher_steps,
+            guidance=config.guidance,
+            seed=config.seed,
+            guidance_rescale=rescale,
+        ),
     )
     student = copy.deepcopy(pipe)
-    student.unet.float().requires_grad_(True)
+    student.unet.float()
     common = dict(batch=config.batch, lr=config.lr, seed=config.seed)
-    reflow = fit(
-        student.unet, reflow_loss(pipe.scheduler), pairs, iterations=config.reflow_iterations, **common, desc="reflow"
-    )
-    student.unet.requires_grad_(False)
-    pairs2 = sample_pairs(student, prompts, steps=config.reflow_steps, guidance=1.0, seed=config.seed + 1)
-    student.unet.requires_grad_(True)
-    one = fit(
+    stage.train(
+        "reflow",
         student.unet,
-        one_step_loss(pipe.scheduler),
-        pairs2,
-        iterations=config.distill_iterations,
-        **common,
-        desc="distill",
+        lambda: fit(
+            student.unet,
+            reflow_loss(pipe.scheduler),
+            pairs,
+            iterations=config.reflow_iterations,
+            desc="reflow",
+            **common,
+        ),
     )
-    student.unet.requires_grad_(False)
+    pairs2 = stage.pairs(
+        "reflow_pairs",
+        lambda: sample_pairs(student, prompts, steps=config.reflow_steps, guidance=1.0, seed=config.seed + 1),
+    )
+    stage.train(
+        "distill",
+        student.unet,
+        lambda: fit(
+            student.unet,
+            one_step_loss(pipe.scheduler),
+            pairs2,
+            iterations=config.distill_iterations,
+            desc="distill",
+            **common,
+        ),
+    )
     recipe = {
         "method": "instaflow",
         "paper": "InstaFlow: One Step is Enough for High-Quality Diffusion-Based Text-to-Image Generation (ICLR 2024)",
@@ -138,11 +164,52 @@ def distill(pipe, config: Config = Config(), prompts: list[str] | None = None):
         "steps": 1,
         "guidance": 1.0,
         "teacher_guidance_rescale": rescale,
-        "reflow_loss_last": sum(reflow[-50:]) / len(reflow[-50:]),
-        "distill_loss_last": sum(one[-50:]) / len(one[-50:]),
-        "minutes": elapsed_minutes(t0),
+        "losses": stage.losses,
+        "minutes_this_run": elapsed_minutes(t0),
     }
     return student, recipe
+
+
+class Stages:
+    """Stage results kept in a work folder (none: nothing kept), so that a stopped distillation resumes."""
+
+    def __init__(self, workdir: Path | None, config: Config):
+        self.dir = None if workdir is None else Path(workdir)
+        self.losses = {}
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        record, wanted = self.dir / "config.json", json.dumps(config.__dict__, sort_keys=True)
+        if record.exists() and record.read_text() != wanted:
+            raise StablekitError(f"work folder '{self.dir}' holds a distillation with other settings; remove it")
+        record.write_text(wanted)
+
+    def _path(self, name: str) -> Path | None:
+        return None if self.dir is None else self.dir / f"{name}.pt"
+
+    def pairs(self, name: str, make) -> Pairs:
+        path = self._path(name)
+        if path is not None and path.exists():
+            return Pairs.load(path)
+        pairs = make()
+        if path is not None:
+            pairs.save(path)
+        return pairs
+
+    def train(self, name: str, unet, run) -> None:
+        """Run `run` (training `unet` in place, returning its losses) unless the stage's weights are kept."""
+        path = self._path(name)
+        if path is not None and path.exists():
+            kept = torch.load(path)
+            unet.load_state_dict(kept["unet"])
+            self.losses[name] = kept["loss_last"]
+        else:
+            unet.requires_grad_(True)
+            losses = run()
+            self.losses[name] = sum(losses[-50:]) / len(losses[-50:])
+            if path is not None:
+                torch.save({"unet": unet.state_dict(), "loss_last": self.losses[name]}, path)
+        unet.requires_grad_(False)
 
 
 __all__ = ["Config", "Pairs", "distill", "reflow_loss", "one_step_loss"]
