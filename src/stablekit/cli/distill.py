@@ -1,4 +1,4 @@
-"""``stablekit distill``: train a few-step student of a model and write it as a diffusers folder."""
+"""``stablekit distill``: train a few-step student of a model (a folder) or an LCM-LoRA (a file)."""
 
 from __future__ import annotations
 
@@ -8,37 +8,53 @@ from pathlib import Path
 import click
 
 from ..errors import StablekitError
-from .common import model_and_device
+from .common import check_output, given, model_and_device, refuse
 
-METHODS = ("instaflow",)
+METHODS = ("instaflow", "lcm-lora")
 
 
 @click.command("distill")
-@click.option("--method", type=click.Choice(METHODS), default="instaflow", show_default=True, help="Distillation.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Folder to write (new or empty).")
-@click.option("--pairs", type=click.IntRange(min=1), default=4096, show_default=True, help="Teacher samples.")
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="instaflow",
+    show_default=True,
+    help="instaflow (reflow then one-step distillation: a model folder) or lcm-lora (latent consistency "
+    "distillation into a LoRA file for `--accel lcm-lora:lora=FILE`).",
+)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Folder (instaflow) or file.")
+@click.option("--pairs", type=click.IntRange(min=1), default=4096, show_default=True, help="Teacher samples/images.")
 @click.option("--teacher-steps", type=click.IntRange(min=1), default=12, show_default=True, help="Teacher's steps.")
 @click.option("--guidance", type=click.FloatRange(min=0), default=7.5, show_default=True, help="Teacher's guidance.")
 @click.option("--iterations", type=click.IntRange(min=1), default=2000, show_default=True, help="Per stage.")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Training batch.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True, help="AdamW lr.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, help="AdamW lr.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the prompts, noise and batches.")
 @click.option(
     "--workdir",
     type=click.Path(path_type=Path),
     default=None,
-    help="Keep finished stages here; a re-run with it resumes [default: OUTPUT.work, removed at the end].",
+    help="instaflow: keep finished stages here; a re-run resumes [default: OUTPUT.work, removed at the end].",
 )
 @model_and_device
-def distill_command(
-    method, output, pairs, teacher_steps, guidance, iterations, batch, lr, seed, workdir, model, device
-):
-    """Distill a one-step student (InstaFlow: reflow, then distillation) into the folder -o."""
+def distill_command(method, output, model, device, **settings):
+    """Distill a model into a one-step student (InstaFlow) or an LCM-LoRA; print what was written."""
     from ..output import load_quietly
+
+    if method == "lcm-lora":
+        check_output(output, "lcm-lora.safetensors")
+    elif output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise StablekitError(f"output '{output}' exists and is not an empty folder; choose another -o or remove it")
+    pipe = load_quietly(model, device, dtype="float32")
+    if getattr(pipe, "unet", None) is None:
+        raise StablekitError("the model has no UNet to distill")
+    (_lcm_lora if method == "lcm-lora" else _instaflow)(pipe, output, model, **settings)
+    click.echo(str(output))
+
+
+def _instaflow(pipe, output, model, pairs, teacher_steps, guidance, iterations, batch, lr, seed, workdir):
     from ..train import instaflow, students
 
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise StablekitError(f"output '{output}' exists and is not an empty folder; choose another -o or remove it")
     config = instaflow.Config(
         pairs=pairs,
         teacher_steps=teacher_steps,
@@ -49,13 +65,22 @@ def distill_command(
         lr=lr,
         seed=seed,
     )
-    pipe = load_quietly(model, device, dtype="float32")
-    if getattr(pipe, "unet", None) is None:
-        raise StablekitError("the model has no UNet to distill")
     work = workdir or output.with_name(output.name + ".work")
     student, recipe = instaflow.distill(pipe, config, workdir=work)
     recipe["teacher"] = model or "stablekit-default"
     students.save_student(student, output, recipe)
     if workdir is None:
         shutil.rmtree(work)
-    click.echo(str(output))
+
+
+def _lcm_lora(pipe, output, model, pairs, teacher_steps, guidance, iterations, batch, lr, seed, workdir):
+    from ..train import lcm_distill
+
+    refuse(
+        given("teacher_steps", "guidance", "workdir"),
+        "to --method lcm-lora: its teacher takes one DDIM step at a guidance drawn from [3, 15], and it has one stage",
+    )
+    config = lcm_distill.Config(images=pairs, iterations=iterations, batch=batch, lr=lr, seed=seed)
+    lora, recipe = lcm_distill.distill(pipe, config)
+    recipe["teacher"] = model or "stablekit-default"
+    lcm_distill.save(pipe, lora, output, recipe)
