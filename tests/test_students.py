@@ -11,7 +11,7 @@ import stablekit
 from stablekit import cli
 from stablekit.default_model.train import SCHEDULER_CONFIG
 from stablekit.errors import StablekitError
-from stablekit.train import instaflow, lcm_distill, students
+from stablekit.train import guidance_lora, instaflow, lcm_distill, students
 
 PROMPTS = ["a red star", "a blue circle on a green background", "a small yellow square", "a pink heart"]
 
@@ -194,3 +194,26 @@ def test_distillation_resumes_from_its_work_folder(v_pipe, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first.unet.parameters(), again.unet.parameters(), strict=True))
     with pytest.raises(StablekitError, match="other settings"):
         instaflow.distill(v_pipe, instaflow.Config(pairs=5), prompts=PROMPTS, workdir=tmp_path / "work")
+
+
+def test_guidance_lora_predicts_the_guided_output_in_one_call(v_pipe):
+    config = guidance_lora.Config(images=8, iterations=30, batch=8, lr=3e-3, rank=4, guidance=4.0, seed=0)
+    data = students.world_latents(v_pipe, 8, 0)
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    a = v_pipe.scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x_t = a.sqrt() * data.latents + (1 - a).sqrt() * torch.randn(data.latents.shape, generator=g)
+    cond = data.cond.float()
+    uncond = v_pipe.encode_prompt([""] * 8, "cpu", 1, False)[0]
+    with torch.no_grad():
+        c, u = v_pipe.unet(x_t, t, cond).sample, v_pipe.unet(x_t, t, uncond).sample
+        guided = u + 4.0 * (c - u)
+    student, recipe = guidance_lora.distill(v_pipe, config)
+    with torch.no_grad():
+        mine = student.unet(x_t, t, cond).sample
+        assert torch.equal(v_pipe.unet(x_t, t, cond).sample, c)  # the teacher is untouched
+    assert (mine - guided).pow(2).mean() < 0.9 * (c - guided).pow(2).mean()
+    assert not any("lora" in n for n, _ in student.unet.named_parameters())  # fused: a plain UNet
+    memory = recipe["optimizer_state_bytes"]
+    assert 0 < memory["lora"] < 0.2 * memory["full_finetune"]
+    assert recipe["guidance"] == 1.0

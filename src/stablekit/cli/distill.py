@@ -10,7 +10,7 @@ import click
 from ..errors import StablekitError
 from .common import check_output, given, model_and_device, refuse
 
-METHODS = ("instaflow", "lcm-lora")
+METHODS = ("instaflow", "lcm-lora", "lora-cfg")
 
 
 @click.command("distill")
@@ -19,8 +19,9 @@ METHODS = ("instaflow", "lcm-lora")
     type=click.Choice(METHODS),
     default="instaflow",
     show_default=True,
-    help="instaflow (reflow then one-step distillation: a model folder) or lcm-lora (latent consistency "
-    "distillation into a LoRA file for `--accel lcm-lora:lora=FILE`).",
+    help="instaflow (reflow then one-step distillation: a model folder), lcm-lora (latent consistency "
+    "distillation into a LoRA file for `--accel lcm-lora:lora=FILE`) or lora-cfg (guidance distilled into a "
+    "fused LoRA: a model folder that needs no guidance).",
 )
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Folder (instaflow) or file.")
 @click.option("--pairs", type=click.IntRange(min=1), default=4096, show_default=True, help="Teacher samples/images.")
@@ -38,17 +39,20 @@ METHODS = ("instaflow", "lcm-lora")
 )
 @model_and_device
 def distill_command(method, output, model, device, **settings):
+    guidance = settings["guidance"]
     """Distill a model into a one-step student (InstaFlow) or an LCM-LoRA; print what was written."""
     from ..output import load_quietly
 
     if method == "lcm-lora":
         check_output(output, "lcm-lora.safetensors")
+    elif method == "lora-cfg" and guidance < 1:
+        raise StablekitError(f"--guidance {guidance}: the guidance to distil must be at least 1, e.g. 7.5")
     elif output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise StablekitError(f"output '{output}' exists and is not an empty folder; choose another -o or remove it")
     pipe = load_quietly(model, device, dtype="float32")
     if getattr(pipe, "unet", None) is None:
         raise StablekitError("the model has no UNet to distill")
-    (_lcm_lora if method == "lcm-lora" else _instaflow)(pipe, output, model, **settings)
+    {"instaflow": _instaflow, "lcm-lora": _lcm_lora, "lora-cfg": _lora_cfg}[method](pipe, output, model, **settings)
     click.echo(str(output))
 
 
@@ -84,3 +88,15 @@ def _lcm_lora(pipe, output, model, pairs, teacher_steps, guidance, iterations, b
     lora, recipe = lcm_distill.distill(pipe, config)
     recipe["teacher"] = model or "stablekit-default"
     lcm_distill.save(pipe, lora, output, recipe)
+
+
+def _lora_cfg(pipe, output, model, pairs, teacher_steps, guidance, iterations, batch, lr, seed, workdir):
+    from ..train import guidance_lora, students
+
+    refuse(given("teacher_steps", "workdir"), "to --method lora-cfg: it learns from noised world images in one stage")
+    config = guidance_lora.Config(
+        images=pairs, iterations=iterations, batch=batch, lr=lr, guidance=guidance, seed=seed
+    )
+    student, recipe = guidance_lora.distill(pipe, config)
+    recipe["teacher"] = model or "stablekit-default"
+    students.save_student(student, output, recipe)

@@ -32,10 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import StablekitError
-from ..latents import encode_image, to_tensor
-from .students import Pairs, elapsed_minutes, fit
-
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+from .students import add_lora, elapsed_minutes, fit, world_latents
 
 
 @dataclass(frozen=True)
@@ -74,29 +71,6 @@ def x0_and_eps(pred: torch.Tensor, x: torch.Tensor, a: torch.Tensor, kind: str) 
     if kind == "epsilon":
         return (x - (1 - a).sqrt() * pred) / a.sqrt(), pred
     raise StablekitError(f"latent consistency distillation supports epsilon and v-prediction models, not {kind}")
-
-
-def world_latents(pipe, n: int, seed: int, batch: int = 64) -> Pairs:
-    """`n` world renders (training side) encoded by the pipeline's VAE, with their captions' embeddings."""
-    from ..default_model import world
-
-    scenes = list(world.dataset(n, seed))
-    latents, conds = [], []
-    with torch.no_grad():
-        for i in range(0, n, batch):
-            chunk = scenes[i : i + batch]
-            pixels = torch.stack([to_tensor(im) for im, _, _ in chunk]) * 2 - 1
-            latents.append(encode_image(pipe, pixels))
-            conds.append(pipe.encode_prompt([c for _, c, _ in chunk], "cpu", 1, False)[0].half())
-    x0 = torch.cat(latents).float()
-    return Pairs(noise=torch.zeros_like(x0), cond=torch.cat(conds), latents=x0)
-
-
-def add_lora(unet, rank: int) -> None:
-    from peft import LoraConfig
-
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS))
 
 
 def lcd_loss(pipe, config: Config):

@@ -21,6 +21,9 @@ import torch
 from tqdm import tqdm
 
 from ..errors import StablekitError
+from ..latents import encode_image, to_tensor
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
 
 @dataclass
@@ -82,6 +85,29 @@ def sample_pairs(
     return Pairs(noise=noise, cond=torch.cat(conds), latents=torch.cat(out))
 
 
+def world_latents(pipe, n: int, seed: int, batch: int = 64) -> Pairs:
+    """`n` world renders (training side) encoded by the pipeline's VAE, with their captions' embeddings."""
+    from ..default_model import world
+
+    scenes = list(world.dataset(n, seed))
+    latents, conds = [], []
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            chunk = scenes[i : i + batch]
+            pixels = torch.stack([to_tensor(im) for im, _, _ in chunk]) * 2 - 1
+            latents.append(encode_image(pipe, pixels))
+            conds.append(pipe.encode_prompt([c for _, c, _ in chunk], "cpu", 1, False)[0].half())
+    x0 = torch.cat(latents).float()
+    return Pairs(noise=torch.zeros_like(x0), cond=torch.cat(conds), latents=x0)
+
+
+def add_lora(unet, rank: int) -> None:
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+
+
 def fit(unet, loss, pairs: Pairs, *, iterations: int, batch: int, lr: float, seed: int, desc: str) -> list[float]:
     """Train `unet` in place for `iterations` AdamW steps of ``loss(unet, noise, cond, x0, generator)`` on random
     batches of `pairs`; the per-step losses."""
@@ -120,12 +146,6 @@ def save_student(pipe, out: Path, recipe: dict) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def read_recipe(pipe) -> dict:
-    """The ``recipe.json`` beside a loaded student (its intended steps and guidance), or {} for other models."""
-    path = Path(str(pipe.config.get("_name_or_path", ""))) / "recipe.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def elapsed_minutes(t0: float) -> float:
