@@ -157,17 +157,20 @@ def distill(pipe, config: Config = Config(), prompts: list[str] | None = None, w
             **common,
         ),
     )
-    recipe = {
+    return student, _recipe(config, rescale, stage.losses, t0)
+
+
+def _recipe(config: Config, rescale: float, losses: dict, t0: float) -> dict:
+    return {
         "method": "instaflow",
         "paper": "InstaFlow: One Step is Enough for High-Quality Diffusion-Based Text-to-Image Generation (ICLR 2024)",
         "config": config.__dict__,
         "steps": 1,
         "guidance": 1.0,
         "teacher_guidance_rescale": rescale,
-        "losses": stage.losses,
+        "losses": losses,
         "minutes_this_run": elapsed_minutes(t0),
     }
-    return student, recipe
 
 
 class Stages:
