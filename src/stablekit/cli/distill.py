@@ -28,6 +28,12 @@ METHODS = ("instaflow", "lcm-lora", "lora-cfg")
 @click.option("--teacher-steps", type=click.IntRange(min=1), default=12, show_default=True, help="Teacher's steps.")
 @click.option("--guidance", type=click.FloatRange(min=0), default=7.5, show_default=True, help="Teacher's guidance.")
 @click.option("--iterations", type=click.IntRange(min=1), default=2000, show_default=True, help="Per stage.")
+@click.option(
+    "--distill-iterations",
+    type=click.IntRange(min=1),
+    default=None,
+    help="instaflow's second stage [default: --iterations].",
+)
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Training batch.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, help="AdamW lr.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the prompts, noise and batches.")
@@ -56,7 +62,9 @@ def distill_command(method, output, model, device, **settings):
     click.echo(str(output))
 
 
-def _instaflow(pipe, output, model, pairs, teacher_steps, guidance, iterations, batch, lr, seed, workdir):
+def _instaflow(
+    pipe, output, model, pairs, teacher_steps, guidance, iterations, distill_iterations, batch, lr, seed, workdir
+):
     from ..train import instaflow, students
 
     config = instaflow.Config(
@@ -64,7 +72,7 @@ def _instaflow(pipe, output, model, pairs, teacher_steps, guidance, iterations, 
         teacher_steps=teacher_steps,
         guidance=guidance,
         reflow_iterations=iterations,
-        distill_iterations=iterations,
+        distill_iterations=distill_iterations or iterations,
         batch=batch,
         lr=lr,
         seed=seed,
@@ -77,7 +85,9 @@ def _instaflow(pipe, output, model, pairs, teacher_steps, guidance, iterations, 
         shutil.rmtree(work)
 
 
-def _lcm_lora(pipe, output, model, pairs, teacher_steps, guidance, iterations, batch, lr, seed, workdir):
+def _lcm_lora(
+    pipe, output, model, pairs, teacher_steps, guidance, iterations, distill_iterations, batch, lr, seed, workdir
+):
     from ..train import lcm_distill
 
     refuse(
@@ -90,10 +100,15 @@ def _lcm_lora(pipe, output, model, pairs, teacher_steps, guidance, iterations, b
     lcm_distill.save(pipe, lora, output, recipe)
 
 
-def _lora_cfg(pipe, output, model, pairs, teacher_steps, guidance, iterations, batch, lr, seed, workdir):
+def _lora_cfg(
+    pipe, output, model, pairs, teacher_steps, guidance, iterations, distill_iterations, batch, lr, seed, workdir
+):
     from ..train import guidance_lora, students
 
-    refuse(given("teacher_steps", "workdir"), "to --method lora-cfg: it learns from noised world images in one stage")
+    refuse(
+        given("teacher_steps", "workdir", "distill_iterations"),
+        "to --method lora-cfg: it learns from noised world images in one stage",
+    )
     config = guidance_lora.Config(
         images=pairs, iterations=iterations, batch=batch, lr=lr, guidance=guidance, seed=seed
     )
