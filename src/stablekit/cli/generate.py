@@ -14,7 +14,7 @@ from ..pipeline import guidance_rescale as guidance_rescale_for
 from ..pipeline import recommended
 from ..provenance import Key, watermark
 from ..registry import CATALOGUE, build
-from .common import check_output, given, model_and_device, output_paths, refuse, spm_multiplier_option
+from .common import check_output, given, load_adapter, model_and_device, output_paths, refuse, spm_multiplier_option
 
 SCHEDULERS = CATALOGUE["scheduler"]
 ACCELS = CATALOGUE["accel"]
@@ -174,21 +174,10 @@ def _generation_plugins(accels, guards, adapters, spm_multiplier: float) -> list
     """The plugins of `generate`'s --accel, --guard and --adapter options, built (so checked) before any loading."""
     plugins = [build(spec, ACCELS, "accel") for spec in accels]
     plugins += [build(spec, GUARDS, "guard") for spec in guards]
-    plugins += [_adapter(path, spm_multiplier) for path in adapters]
+    plugins += [load_adapter(path, spm_multiplier) for path in adapters]
     if spm_multiplier != 1 and not any(isinstance(p, safety.SPM) for p in plugins):
         raise StablekitError("--spm-multiplier scales SPM membranes: give one with --adapter")
     return plugins
-
-
-def _adapter(path: Path, spm_multiplier: float):
-    """An adapter file: a memorization adapter or a concept-erasure one, by its metadata."""
-    from .. import memorization
-
-    return (
-        memorization.NeuronPruning.load(path)
-        if memorization.is_adapter(path)
-        else safety.load_adapter(path, spm_multiplier)
-    )
 
 
 def _check_generate(prompts, output: Path, steps: int, guidance: float, n: int) -> None:
