@@ -11,9 +11,10 @@ from .. import safety, use
 from ..errors import StablekitError
 from ..output import generation_metadata, load_quietly, parse_size, save_png
 from ..pipeline import guidance_rescale as guidance_rescale_for
+from ..pipeline import recommended
 from ..provenance import Key, watermark
 from ..registry import CATALOGUE, build
-from .common import check_output, given, model_and_device, output_paths, refuse, spm_multiplier_option
+from .common import check_output, given, load_adapter, model_and_device, output_paths, refuse, spm_multiplier_option
 
 SCHEDULERS = CATALOGUE["scheduler"]
 ACCELS = CATALOGUE["accel"]
@@ -56,8 +57,10 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     help="PNG file; several images become STEM-0.png, STEM-1.png, ... beside it.",
 )
 @click.option("--seed", default=0, show_default=True, help="Image i uses seed+i.")
-@click.option("--steps", default=25, show_default=True, help="Denoising steps.")
-@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--steps", type=int, default=None, help="Denoising steps [default: 25, or a student model's own].")
+@click.option(
+    "--guidance", type=float, default=None, help="Classifier-free guidance scale [default: 7.5, or a student's own]."
+)
 @click.option(
     "--guidance-rescale",
     type=float,
@@ -92,7 +95,7 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     "adapters",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Concept-erasure file from `stablekit erase` (repeatable).",
+    help="Concept-erasure file from `stablekit erase`, or memorization adapter (repeatable).",
 )
 @spm_multiplier_option
 @click.option(
@@ -132,6 +135,9 @@ def generate(
 ):
     """Generate images from PROMPT(s); print each written path."""
     wh = parse_size(size)
+    own = recommended(model)
+    steps = own.get("steps", 25) if steps is None else steps
+    guidance = own.get("guidance", 7.5) if guidance is None else guidance
     _check_generate(prompts, output, steps, guidance, n)
     if guidance_rescale is not None and not 0 <= guidance_rescale <= 1:
         raise StablekitError(f"--guidance-rescale {guidance_rescale}: must lie in [0, 1]")
@@ -168,7 +174,7 @@ def _generation_plugins(accels, guards, adapters, spm_multiplier: float) -> list
     """The plugins of `generate`'s --accel, --guard and --adapter options, built (so checked) before any loading."""
     plugins = [build(spec, ACCELS, "accel") for spec in accels]
     plugins += [build(spec, GUARDS, "guard") for spec in guards]
-    plugins += [safety.load_adapter(path, spm_multiplier) for path in adapters]
+    plugins += [load_adapter(path, spm_multiplier) for path in adapters]
     if spm_multiplier != 1 and not any(isinstance(p, safety.SPM) for p in plugins):
         raise StablekitError("--spm-multiplier scales SPM membranes: give one with --adapter")
     return plugins
