@@ -248,8 +248,9 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog=f"python -m {__name__}", description="train the two-stage laundering detector")
     p.add_argument("--model", default=None)
     p.add_argument("--out", type=Path, default=WEIGHTS)
-    p.add_argument("--n", type=int, default=1000, help="images per class")
-    p.add_argument("--iters", type=int, default=1500)
+    p.add_argument("--n", type=int, default=250, help="images per class")
+    p.add_argument("--iters", type=int, default=400)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
@@ -259,8 +260,8 @@ def main(argv: list[str] | None = None) -> Path:
     t0 = time.perf_counter()
     pipe = load(a.model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
-    net = fit(training_sets(pipe, a.n, 0), a.iters)
-    info = {"width": 32, "n": a.n, "iters": a.iters, "train_photos": TRAIN_PHOTOS, "world_seed": 0}
+    net = fit(training_sets(pipe, a.n, 0), a.iters, a.batch)
+    info = {"width": 32, "n": a.n, "iters": a.iters, "batch": a.batch, "train_photos": TRAIN_PHOTOS, "world_seed": 0}
     info |= {
         "command": " ".join([f"python -m {__name__}", *argv]),
         "minutes": round((time.perf_counter() - t0) / 60, 1),
