@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog=f"python -m {__name__}", description="train the two-stage laundering detector")
     p.add_argument("--model", default=None)
     p.add_argument("--out", type=Path, default=WEIGHTS)
-    p.add_argument("--n", type=int, default=250, help="images per class")
+    p.add_argument("--n", type=int, default=100, help="images per class")
     p.add_argument("--iters", type=int, default=400)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
