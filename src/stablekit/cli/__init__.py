@@ -21,6 +21,7 @@ COMMANDS = {
     "audit": ("stablekit.cli.safety:audit_command", "Red-team a defense: how often the judge sees CONCEPT."),
     "keygen": ("stablekit.cli.provenance:keygen", "Write a new watermark key for METHOD."),
     "detect": ("stablekit.cli.provenance:detect_command", "Is each IMAGE watermarked with one of the keys?"),
+    "forensics": ("stablekit.cli.forensics:forensics_command", "Is each IMAGE pristine, laundered or generated?"),
     "edit": ("stablekit.cli.edit:edit_command", "Edit IMAGE from the --source prompt to the --target prompt."),
     "invert": ("stablekit.cli.edit:invert_command", "Invert IMAGE under --prompt; write its reconstruction."),
     "protect": ("stablekit.cli.protect:protect_command", "Protect IMAGE against diffusion mimicry and editing."),
