@@ -8,9 +8,9 @@ size, MultiDiffusion (its defaults: native windows every eighth of a window), sh
 (MultiDiffusion with the stride equal to the window: non-overlapping tiles that never move, the seam reference).
 Per image:
 
-* **seam score** -- the mean absolute pixel difference across the tile borders of the last step (for plain
-  generation: the native-size grid) over the mean across every other row and column: about 1 without seams,
-  above 1 where the borders show;
+* **seam score** -- along each tile border of the last step (for plain generation: the native-size grid), the
+  median absolute pixel difference across it over that across the nearby lines: about 1 without seams, above 1
+  where the borders show;
 * **judge accuracy on crops** -- the attribute classifier on each native-size crop of the image: the share of
   shape, colour and background judgements that match the prompt's scene;
 * **UNet calls** (counted at the UNet's first layer, whatever hooks wrap it) and wall-clock seconds.
@@ -66,18 +66,19 @@ def borders(plugin, size: int, width: int, height: int, scale: int) -> tuple[set
     return set(), set()
 
 
-def seam_score(image: torch.Tensor, rows: set[int], cols: set[int]) -> float | None:
-    """Per direction, the mean |difference| across the border lines over the mean across the other lines of that
-    direction, averaged over the border lines (None without borders)."""
+def seam_score(image: torch.Tensor, rows: set[int], cols: set[int], eps: float = 1 / 255) -> float | None:
+    """Per border line, the median over its pixels of the |difference| across it over the median of the
+    differences across the lines 2 to 4 pixels away on either side (each plus `eps`, a grey level), averaged over
+    the border lines: about 1 without a seam, well above 1 where a tile border shows along the line (an object's
+    edge crossing it touches too few of its pixels to move the median). None without borders."""
     ratios = []
     for axis, lines in ((1, rows), (2, cols)):
-        diff = image.diff(dim=axis).abs().mean(dim=[d for d in (0, 1, 2) if d != axis])  # diff[i]: lines i, i + 1
-        at = torch.zeros_like(diff, dtype=torch.bool)
-        at[[line - 1 for line in lines]] = True
-        ratio = float(diff[at].mean() / diff[~at].mean().clamp_min(1e-8)) if lines else 0.0
-        ratios.append((ratio, len(lines)))
-    count = sum(n for _, n in ratios)
-    return sum(r * n for r, n in ratios) / count if count else None
+        diff = image.diff(dim=axis).abs().mean(0)
+        diff = diff if axis == 1 else diff.T  # row i: the differences between lines i and i + 1
+        for line in sorted(lines):
+            near = [j for o in (2, 3, 4) for j in (line - 1 - o, line - 1 + o) if 0 <= j < len(diff)]
+            ratios.append(float((diff[line - 1].median() + eps) / (diff[near].median() + eps)))
+    return float(np.mean(ratios)) if ratios else None
 
 
 def crop_accuracy(image: torch.Tensor, scene, native: int, clf) -> float:

@@ -34,5 +34,8 @@ def test_seam_score_sees_a_step_at_a_border_and_nothing_elsewhere():
     stepped = smooth.clone()
     stepped[..., 32:] += 0.2
     assert seam_score(stepped, set(), {32}) > 5
-    assert seam_score(stepped, set(), {16}) < 1  # the step is not at this border
+    crossed = smooth.clone()
+    crossed[:, 10:14, 28:36] = 1  # an object crossing the border: a few of its pixels
+    assert abs(seam_score(crossed, set(), {32}) - 1) < 0.05
+    assert abs(seam_score(stepped, set(), {16}) - 1) < 1e-4  # the step is not at this border
     assert abs(seam_score(stepped.transpose(1, 2), {32}, set()) - seam_score(stepped, set(), {32})) < 1e-4

@@ -19,7 +19,8 @@ Deviations from the reference code:
 1. a latent side that the stride does not divide gets one more window flush with its far edge (the reference
    leaves the remainder uncovered), so every size works;
 2. the prediction is averaged before the scheduler step instead of averaging per-window steps: equal for
-   first-order schedulers, and well defined for multistep ones, whose history is then one full-size latent;
+   deterministic first-order schedulers (DDIM, Euler), and well defined for multistep ones, whose history is then
+   one full-size latent; stochastic schedulers draw their noise once for the latent, not once per window;
 3. the reference runs guidance inside its own loop; here the pipeline's guidance runs unchanged on the merged
    halves (the ``[uncond, cond]`` rows stay together in every window call);
 4. the VAE decodes in tiles (diffusers' ``enable_tiling``) instead of in one call, to bound memory.
