@@ -176,7 +176,9 @@ def timed_call(pipe, counter, plugin, width: int, height: int, a) -> dict:
             num_inference_steps=a.sd15_steps,
             generator=torch.Generator().manual_seed(a.seed),
         )
-    return {"unet_calls": counter.n, "seconds": rnd(time.perf_counter() - t0)}
+    out = {"unet_calls": counter.n, "seconds": rnd(time.perf_counter() - t0)}
+    print(f"anysize compute: {type(plugin).__name__} at {width}x{height}: {out}", flush=True)
+    return out
 
 
 def compute(a) -> dict:
@@ -204,7 +206,6 @@ def compute(a) -> dict:
         "seconds": rnd(windows * one["seconds"]),
         "estimated": f"{windows} windows x {one['seconds']} s for {a.sd15_steps} native-size step(s)",
     }
-    print(f"anysize compute: {out}", flush=True)
     return {"unet": a.sd15_unet, "size": f"{a.sd15_width}x{a.sd15_height}", "steps": a.sd15_steps} | out
 
 

@@ -7,6 +7,7 @@
 * :class:`EncoderPropagation` (Faster Diffusion, 2024): skip the encoder at non-key steps; ``parallel=True``
   runs the decoders of a key step and its non-key steps as one batch; ``prior_noise`` injects the initial noise.
 * :class:`FeatureInheritance` (A-SDM, 2024): chosen blocks inherit their last output at chosen steps.
+* :class:`LCMLoRA` (LCM-LoRA, 2023): a latent-consistency LoRA fused while attached, with ``LCMScheduler``.
 
 Generation beyond the model's native size, as a UNet hook that denoises the latent window by window:
 
@@ -26,6 +27,7 @@ from .caching import StepCache, key_steps
 from .deepcache import DeepCache
 from .encoder_propagation import EncoderPropagation
 from .feature_inheritance import FeatureInheritance
+from .lcm import LCMLoRA
 from .multidiffusion import MultiDiffusion
 from .shifted_tiles import ShiftedTiles
 from .tiling import TiledUNet, check_size
@@ -34,6 +36,7 @@ __all__ = [
     "DeepCache",
     "EncoderPropagation",
     "FeatureInheritance",
+    "LCMLoRA",
     "autotune",
     "Tuning",
     "key_steps",
