@@ -278,10 +278,10 @@ def main(args: list[str]) -> dict:
     res["per_image"] = {m: {k: [rnd(x) for x in v] for k, v in xs.items()} for m, xs in per.items()}
     res["targets"] = targets(per, a.seam_margin)
     _common.write_json(a.json, res)
+    plot(res, samples, a.json.with_suffix(".png"))
     if a.sd15_steps > 0:
         res["compute"] = compute(a)
         _common.write_json(a.json, res)
-    plot(res, samples, a.json.with_suffix(".png"))
     return res
 
 
