@@ -8,6 +8,7 @@ import click
 import torch
 
 from .. import safety, use
+from ..accel import check_size
 from ..errors import StablekitError
 from ..output import generation_metadata, load_quietly, parse_size, save_png
 from ..pipeline import guidance_rescale as guidance_rescale_for
@@ -148,6 +149,7 @@ def generate(
     pipe = load_quietly(model, device, scheduler=scheduler)
     use(pipe, *plugins, *([mark] if mark else []))
     w, h = wh or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    check_size(pipe, w, h)
     jobs = [p for p in prompts for _ in range(n)]
     rescale = guidance_rescale_for(pipe) if guidance_rescale is None else guidance_rescale
     specs = {"accel": list(accels), "guard": list(guards), "adapter": [p.name for p in adapters]}
