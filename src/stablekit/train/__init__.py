@@ -6,8 +6,11 @@ writes a resumable diffusers folder that ``stablekit.load`` opens. ``stablekit t
 """
 
 from . import corruption, immiscible, plain, scalelong  # noqa: F401  (each files its recipe)
-from .recipe import RECIPES, Recipe, train
+from .base import RECIPES, Recipe, train
 from .trainer import TrainConfig, WorldData, build_unet, fit
+
+for _name in ("plain", "immiscible", "scalelong", "corruption"):  # listed in this order: the reference first
+    RECIPES[_name] = RECIPES.pop(_name)
 
 
 def recipe(spec: str) -> Recipe:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import StablekitError
-from .recipe import Recipe, register
+from .base import Recipe, register
 
 
 def perturb(cond: torch.Tensor, share: float, gamma: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..errors import StablekitError
-from .recipe import Recipe, train
+from .base import Recipe, train
 from .trainer import TrainConfig, WorldData
 
 RUN_FILE = "train.json"

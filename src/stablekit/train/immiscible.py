@@ -16,7 +16,7 @@ Deviations:
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .recipe import Recipe, register
+from .base import Recipe, register
 
 
 def assign(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ Deviations from the teacher's recipe: those of :mod:`stablekit.train.trainer`, a
   1. no Immiscible Diffusion noise assignment (the teacher's recipe uses it; it is the ``immiscible`` recipe).
 """
 
-from .recipe import Recipe, register
+from .base import Recipe, register
 
 
 @register

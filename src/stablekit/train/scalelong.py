@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from ..errors import StablekitError
-from .recipe import Recipe, register
+from .base import Recipe, register
 
 SCALES_FILE = "skip_scales.json"
 
