@@ -26,7 +26,7 @@ COMMANDS = {
     "protect": ("stablekit.cli.protect:protect_command", "Protect IMAGE against diffusion mimicry and editing."),
     "serve": ("stablekit.cli.serve:serve", "Run the HTTP service, the AUTOMATIC1111 API and the studio."),
     "batch": ("stablekit.cli.batch:batch_command", "Generate every row of a JSON-lines job file."),
-    "train": ("stablekit.cli.train:train_command", "Train the embedded model's UNet with a recipe (--help lists them)."),
+    "train": ("stablekit.cli.train:train_command", "Train a UNet with a recipe (listed by --help)."),
     "bench": ("stablekit.cli.bench:bench", "Run benchmarks/NAME.py with the remaining arguments."),
 }
 
