@@ -47,6 +47,9 @@ class Recipe:
     def loss(self, unet, x0, noise, t, cond, sched, snr) -> torch.Tensor:
         return teacher.v_loss(unet, x0, noise, t, cond, sched, snr)
 
+    def for_inference(self, unet) -> None:
+        """Put what the recipe adds to a UNet (with its trained values) on `unet`, e.g. the EMA copy to sample."""
+
     def spec(self) -> dict:
         return {"recipe": self.name, "params": dataclasses.asdict(self.config), "paper": self.paper}
 
@@ -72,15 +75,22 @@ def batch_loss(recipe: Recipe, unet, data: WorldData, batch: int):
     return step_loss
 
 
-def train(recipe: Recipe, data: WorldData, config: TrainConfig, checkpoint: Path | None = None, progress=True):
+def train(
+    recipe: Recipe,
+    data: WorldData,
+    config: TrainConfig,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+    callback=None,
+):
     """(unet, ema unet, recipe's module, fit's state): a fresh UNet of ``config.size`` initialised from
-    ``config.seed``, trained with `recipe` on `data` by :func:`fit`."""
+    ``config.seed``, trained with `recipe` on `data` by :func:`fit` (which calls `callback(step, ema)`)."""
     from .trainer import build_unet
 
     torch.manual_seed(config.seed)
     unet = build_unet(config.size)
     extra = recipe.prepare(unet)
-    state = fit(unet, batch_loss(recipe, unet, data, config.batch), config, checkpoint, extra, progress)
+    state = fit(unet, batch_loss(recipe, unet, data, config.batch), config, checkpoint, extra, progress, callback)
     ema = build_unet(config.size)
     ema.load_state_dict(state["ema"])
     return unet, ema.eval().requires_grad_(False), extra, state

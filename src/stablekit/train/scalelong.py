@@ -94,5 +94,8 @@ class ScaleLong(Recipe):
         self.module.attach(unet)
         return self.module
 
+    def for_inference(self, unet) -> None:
+        SkipScales(self.module.scales.detach().clone(), learnable=False).attach(unet)
+
     def export(self, out: Path) -> None:
         (out / SCALES_FILE).write_text(json.dumps([float(s) for s in self.module.scales]))

@@ -138,10 +138,12 @@ def fit(
     checkpoint: Path | None = None,
     extra: torch.nn.Module | None = None,
     progress: bool = True,
+    callback: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> dict:
     """Train `unet` (and `extra`'s parameters, e.g. a recipe's own) on `step_loss(generator)` for `config`'s budget;
-    resume from `checkpoint` if it exists. Returns the final state: unet, ema (state dicts), step, losses,
-    elapsed seconds. The EMA weights are the teacher's; the generator is seeded from ``config.seed``."""
+    resume from `checkpoint` if it exists; `callback(step, ema)` after every step. Returns the final state: unet,
+    ema (state dicts), step, losses, elapsed seconds. The EMA weights are the teacher's; the generator is seeded
+    from ``config.seed``."""
     from tqdm import tqdm
 
     ema = build_unet(config.size).requires_grad_(False)
@@ -167,6 +169,8 @@ def fit(
         state["losses"].append(loss.item())
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if callback is not None:
+            callback(state["step"], ema)
         if checkpoint is not None and state["step"] % config.save_every == 0:
             _checkpoint(checkpoint, state, t0, unet, ema, opt, gen, extra)
     bar.close()
