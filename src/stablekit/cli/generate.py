@@ -14,7 +14,7 @@ from ..pipeline import guidance_rescale as guidance_rescale_for
 from ..pipeline import recommended
 from ..provenance import Key, watermark
 from ..registry import CATALOGUE, build
-from .common import check_output, given, model_and_device, output_paths, refuse, spm_multiplier_option
+from .common import check_output, given, load_adapter, model_and_device, output_paths, refuse, spm_multiplier_option
 
 SCHEDULERS = CATALOGUE["scheduler"]
 ACCELS = CATALOGUE["accel"]
@@ -95,7 +95,7 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     "adapters",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Concept-erasure file from `stablekit erase` (repeatable).",
+    help="Concept-erasure file from `stablekit erase`, or memorization adapter (repeatable).",
 )
 @spm_multiplier_option
 @click.option(
@@ -174,7 +174,7 @@ def _generation_plugins(accels, guards, adapters, spm_multiplier: float) -> list
     """The plugins of `generate`'s --accel, --guard and --adapter options, built (so checked) before any loading."""
     plugins = [build(spec, ACCELS, "accel") for spec in accels]
     plugins += [build(spec, GUARDS, "guard") for spec in guards]
-    plugins += [safety.load_adapter(path, spm_multiplier) for path in adapters]
+    plugins += [load_adapter(path, spm_multiplier) for path in adapters]
     if spm_multiplier != 1 and not any(isinstance(p, safety.SPM) for p in plugins):
         raise StablekitError("--spm-multiplier scales SPM membranes: give one with --adapter")
     return plugins
