@@ -27,6 +27,7 @@ COMMANDS = {
     "protect": ("stablekit.cli.protect:protect_command", "Protect IMAGE against diffusion mimicry and editing."),
     "serve": ("stablekit.cli.serve:serve", "Run the HTTP service, the AUTOMATIC1111 API and the studio."),
     "batch": ("stablekit.cli.batch:batch_command", "Generate every row of a JSON-lines job file."),
+    "train": ("stablekit.cli.train:train_command", "Train a UNet with a recipe (listed by --help)."),
     "distill": ("stablekit.cli.distill:distill_command", "Distill a one-step student of a model into a folder."),
     "memorization": (
         "stablekit.cli.memorization:memorization",
