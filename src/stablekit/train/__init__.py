@@ -3,6 +3,9 @@
 A recipe is ``NAME[:k=v,...]`` (:data:`RECIPES`): the shared loop (:mod:`.trainer`'s :func:`fit`, the
 teacher's step with a recipe's hooks) trains a fresh UNet on the rendered world, and :func:`.folder.run`
 writes a resumable diffusers folder that ``stablekit.load`` opens. ``stablekit train --help`` lists the recipes.
+
+Distillation into faster students lives beside them (``stablekit distill``): :mod:`.students` (the teacher's pairs,
+the students' loop and folders), :mod:`.instaflow`, :mod:`.lcm_distill` and :mod:`.guidance_lora`.
 """
 
 from . import corruption, immiscible, plain, scalelong  # noqa: F401  (each files its recipe)
