@@ -94,7 +94,7 @@ def trajectories(pipe, cfg: CalibrationConfig) -> Trajectories:
             chunk = prompts[i : i + cfg.batch]
             step[0] = 0
             gens = [torch.Generator("cpu").manual_seed(cfg.seed * 1000 + i + k) for k in range(len(chunk))]
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference mode: the recorded inputs feed optimisation later
                 pipe(chunk, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, generator=gens,
                      output_type="latent", **size)  # fmt: skip
             bar.update(len(chunk))
@@ -201,3 +201,32 @@ def collect(unet, layers: dict[str, torch.nn.Module], calls: list[Call], splits:
         for h in handles:
             h.remove()
     return stats
+
+
+def capture(unet, modules: dict[str, torch.nn.Module], calls: list[Call]) -> dict[str, list[tuple]]:
+    """{name: [(args, kwargs, output), ...]}: each module's inputs and output in every call of `calls`
+    (the full-precision UNet's, for reconstruction)."""
+    seen, handles = {n: [] for n in modules}, []
+
+    def detached(v):
+        if isinstance(v, torch.Tensor):
+            return v.detach().clone()
+        if isinstance(v, (tuple, list)):
+            return type(v)(detached(x) for x in v)
+        return v
+
+    for name, module in modules.items():
+
+        def post(m, args, kwargs, out, n=name):
+            first = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+            seen[n].append((detached(args), detached(kwargs), first.detach().clone()))
+
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+    try:
+        with torch.no_grad():  # not inference mode: the captured tensors feed optimisation later
+            for call in tqdm(calls, desc="block inputs", unit="call"):
+                unet(**call.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen

@@ -203,18 +203,25 @@ class QuantLayer(nn.Module):
     def __init__(self, kind, shape, wbits, codes, scale, bias, act, cargs=None, smooth=None, down=None, up=None):
         super().__init__()
         self.kind, self.shape, self.wbits, self.act, self.cargs = kind, tuple(shape), wbits, act, dict(cargs or {})
-        stored = pack4(codes) if wbits <= 4 else codes.to(torch.int8)
-        self.register_buffer("codes", stored)
+        self.soft_weight = None  # while reconstruction or fine-tuning optimizes the weight: a callable giving it
+        self.register_buffer("codes", None)
+        self.set_codes(codes)
         self.register_buffer("scale", scale.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("smooth", smooth)
         self.register_buffer("down", down)
         self.register_buffer("up", up)
 
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """Store integer `codes` (of the weight's shape), packed two to a byte at 4 bits or fewer."""
+        self.codes = pack4(codes) if self.wbits <= 4 else codes.to(torch.int8)
+
     def int_codes(self) -> torch.Tensor:
         return unpack4(self.codes, self.shape) if self.wbits <= 4 else self.codes
 
     def weight(self) -> torch.Tensor:
+        if self.soft_weight is not None:
+            return self.soft_weight()
         return self.int_codes().float() * expand_scale(self.scale, self.shape)
 
     def op(self, x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:

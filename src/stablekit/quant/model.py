@@ -177,7 +177,7 @@ def _from_layout(spec: dict, name: str, tensors: dict) -> QuantLayer:
         spec["kind"], spec["shape"], spec["wbits"], torch.zeros(spec["shape"], dtype=torch.int8), get("scale"),
         get("bias"), act, cargs, get("smooth"), get("down"), get("up"),
     )  # fmt: skip
-    layer.codes = get("codes")
+    layer.codes = get("codes")  # stored as saved (packed at 4 bits)
     return layer
 
 
