@@ -26,6 +26,7 @@ COMMANDS = {
     "protect": ("stablekit.cli.protect:protect_command", "Protect IMAGE against diffusion mimicry and editing."),
     "serve": ("stablekit.cli.serve:serve", "Run the HTTP service, the AUTOMATIC1111 API and the studio."),
     "batch": ("stablekit.cli.batch:batch_command", "Generate every row of a JSON-lines job file."),
+    "quantize": ("stablekit.cli.quant:quantize_command", "Quantize a model's UNet to 8 or 4 bits; write a folder."),
     "bench": ("stablekit.cli.bench:bench", "Run benchmarks/NAME.py with the remaining arguments."),
 }
 

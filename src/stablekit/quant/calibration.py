@@ -87,6 +87,8 @@ def trajectories(pipe, cfg: CalibrationConfig) -> Trajectories:
         step[0] += 1
 
     handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    bars = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)  # one bar over the prompts instead of one per batch
     size = {} if cfg.size is None else {"height": cfg.size, "width": cfg.size}
     bar = tqdm(total=len(prompts), desc="calibration trajectories", unit="prompt")
     try:
@@ -101,6 +103,7 @@ def trajectories(pipe, cfg: CalibrationConfig) -> Trajectories:
     finally:
         handle.remove()
         bar.close()
+        pipe._progress_bar_config = bars
     return out
 
 

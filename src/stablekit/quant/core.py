@@ -198,9 +198,12 @@ class QuantLayer(nn.Module):
     """A Linear or Conv2d computed from quantized weights on quantized inputs (simulated).
 
     ``y = op(Q_a(x / smooth), codes * scale) + bias [+ op(x / smooth, up @ down)]``: `smooth` (per input channel)
-    and the low-rank pair (`down`, `up`) are SVDQuant's and absent otherwise. 4-bit codes are kept packed."""
+    and the low-rank pair (`down`, `up`) are SVDQuant's and absent otherwise. 4-bit codes are kept packed.
+    `out_range`: the output's calibrated range, used only when the layer moves to the int8 kernels."""
 
-    def __init__(self, kind, shape, wbits, codes, scale, bias, act, cargs=None, smooth=None, down=None, up=None):
+    def __init__(
+        self, kind, shape, wbits, codes, scale, bias, act, cargs=None, smooth=None, down=None, up=None, out_range=None
+    ):
         super().__init__()
         self.kind, self.shape, self.wbits, self.act, self.cargs = kind, tuple(shape), wbits, act, dict(cargs or {})
         self.soft_weight = None  # while reconstruction or fine-tuning optimizes the weight: a callable giving it
@@ -211,6 +214,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("smooth", smooth)
         self.register_buffer("down", down)
         self.register_buffer("up", up)
+        self.register_buffer("out_range", out_range)  # (lo, hi) of the output in calibration, for int8 kernels
 
     def set_codes(self, codes: torch.Tensor) -> None:
         """Store integer `codes` (of the weight's shape), packed two to a byte at 4 bits or fewer."""

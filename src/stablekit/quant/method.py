@@ -150,7 +150,8 @@ class QuantMethod:
         act = ActQuantizer(bits.act, "static", lo, hi, split=stats.split)
         kind = "linear" if isinstance(layer, nn.Linear) else "conv"
         codes = weight_codes(w, scale, bits.weight)
-        return QuantLayer(kind, w.shape, bits.weight, codes, scale, layer.bias, act, conv_args(layer))
+        out = torch.tensor([stats.out_lo, stats.out_hi])
+        return QuantLayer(kind, w.shape, bits.weight, codes, scale, layer.bias, act, conv_args(layer), out_range=out)
 
     def refine(self, pipe, q: Quantized, calls: list) -> None:
         """After building: reconstruction or fine-tuning (none by default)."""

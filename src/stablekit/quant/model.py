@@ -175,7 +175,7 @@ def _from_layout(spec: dict, name: str, tensors: dict) -> QuantLayer:
     cargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["conv"].items()}
     layer = QuantLayer(
         spec["kind"], spec["shape"], spec["wbits"], torch.zeros(spec["shape"], dtype=torch.int8), get("scale"),
-        get("bias"), act, cargs, get("smooth"), get("down"), get("up"),
+        get("bias"), act, cargs, get("smooth"), get("down"), get("up"), get("out_range"),
     )  # fmt: skip
     layer.codes = get("codes")  # stored as saved (packed at 4 bits)
     return layer

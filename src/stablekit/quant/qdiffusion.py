@@ -59,7 +59,9 @@ class QDiffusionConfig(QuantConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.iters < 0 or self.recon_calls < 1:
-            raise StablekitError(f"Q-Diffusion needs iters >= 0 and recon_calls >= 1, got {self.iters}, {self.recon_calls}")
+            raise StablekitError(
+                f"Q-Diffusion needs iters >= 0 and recon_calls >= 1, not {self.iters}, {self.recon_calls}"
+            )
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:

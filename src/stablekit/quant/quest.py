@@ -103,7 +103,8 @@ class QuEST(QuantMethod):
                 layer = q.layers[n]
                 layer.soft_weight = lambda layer=layer, w=w: fake_weight(w, layer.scale, layer.wbits)
                 ranges += [layer.act.lo.requires_grad_(True), layer.act.hi.requires_grad_(True)]
-            opt = torch.optim.Adam([{"params": list(weights.values())}, {"params": ranges, "lr": 1e-3}], lr=self.config.lr)
+            groups = [{"params": list(weights.values())}, {"params": ranges, "lr": 1e-3}]
+            opt = torch.optim.Adam(groups, lr=self.config.lr)
             self._finetune(pipe.unet, opt, calls, targets)
         for n, w in weights.items():
             layer = q.layers[n]

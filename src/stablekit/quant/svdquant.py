@@ -91,4 +91,5 @@ class SVDQuant(QuantMethod):
         act = ActQuantizer(bits.act, "dynamic")
         kind = "linear" if isinstance(layer, nn.Linear) else "conv"
         branch = dict(down=down.half(), up=up.half()) if len(down) else {}
-        return QuantLayer(kind, w.shape, bits.weight, codes, scale, layer.bias, act, conv_args(layer), smooth, **branch)
+        cargs = conv_args(layer)
+        return QuantLayer(kind, w.shape, bits.weight, codes, scale, layer.bias, act, cargs, smooth, **branch)
