@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -110,8 +111,6 @@ class Quantized(Plugin):
         """Write the folder (``quant.json`` + ``quant.safetensors``); layers must be simulated ones."""
         from safetensors.torch import save_file
 
-        from ..output import write_atomically
-
         folder = Path(folder)
         tensors, layout = {}, {}
         for name, layer in self.layers.items():
@@ -122,8 +121,10 @@ class Quantized(Plugin):
                 tensors[f"{name}::{key}"] = t.contiguous().cpu()
         folder.mkdir(parents=True, exist_ok=True)
         meta = dict(self.meta, format=FORMAT, layers=layout)
-        write_atomically(folder / TENSOR_FILE, lambda p: save_file(tensors, str(p)))
-        write_atomically(folder / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+        save_file(tensors, str(folder / (TENSOR_FILE + ".tmp")))
+        (folder / (META_FILE + ".tmp")).write_text(json.dumps(meta, indent=1))
+        for name in (TENSOR_FILE, META_FILE):  # the description last: a folder without it is no model
+            os.replace(folder / (name + ".tmp"), folder / name)
         return folder
 
     @classmethod
