@@ -185,3 +185,12 @@ def test_quantize_command(tiny, tmp_path):
 
         imgs.append(Image.open(out).tobytes())
     assert imgs[0] == imgs[1]
+
+
+def test_a_pipeline_without_a_unet_is_refused():
+    from types import SimpleNamespace
+
+    with pytest.raises(StablekitError, match="no UNet"):
+        method("naive").quantize(SimpleNamespace(unet=None))
+    with pytest.raises(StablekitError, match="no UNet"):
+        Quantized({}, {}).attach(SimpleNamespace(unet=None))
