@@ -11,6 +11,7 @@ from .. import safety, use
 from ..errors import StablekitError
 from ..output import generation_metadata, load_quietly, parse_size, save_png
 from ..pipeline import guidance_rescale as guidance_rescale_for
+from ..pipeline import recommended
 from ..provenance import Key, watermark
 from ..registry import CATALOGUE, build
 from .common import check_output, given, model_and_device, output_paths, refuse, spm_multiplier_option
@@ -57,8 +58,10 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     help="PNG file; several images become STEM-0.png, STEM-1.png, ... beside it.",
 )
 @click.option("--seed", default=0, show_default=True, help="Image i uses seed+i.")
-@click.option("--steps", default=25, show_default=True, help="Denoising steps.")
-@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--steps", type=int, default=None, help="Denoising steps [default: 25, or a student model's own].")
+@click.option(
+    "--guidance", type=float, default=None, help="Classifier-free guidance scale [default: 7.5, or a student's own]."
+)
 @click.option(
     "--guidance-rescale",
     type=float,
@@ -141,6 +144,9 @@ def generate(
 ):
     """Generate images from PROMPT(s); print each written path."""
     wh = parse_size(size)
+    own = recommended(model)
+    steps = own.get("steps", 25) if steps is None else steps
+    guidance = own.get("guidance", 7.5) if guidance is None else guidance
     _check_generate(prompts, output, steps, guidance, n)
     if guidance_rescale is not None and not 0 <= guidance_rescale <= 1:
         raise StablekitError(f"--guidance-rescale {guidance_rescale}: must lie in [0, 1]")
