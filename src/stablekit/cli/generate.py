@@ -15,7 +15,7 @@ from ..pipeline import recommended
 from ..provenance import Key, watermark
 from ..registry import CATALOGUE, build
 from .common import check_output, given, model_and_device, output_paths, refuse, spm_multiplier_option
-from .quant import quant_plugin, quant_recipe
+from .quant import quant_plugins, quant_recipe
 
 SCHEDULERS = CATALOGUE["scheduler"]
 ACCELS = CATALOGUE["accel"]
@@ -156,8 +156,7 @@ def generate(
     mark, wh = _watermark_plugin(method, key_file, wh)
     recipe = quant_recipe(quant)
     pipe = load_quietly(model, device, scheduler=scheduler)
-    if recipe is not None:
-        plugins.append(quant_plugin(pipe, recipe))
+    plugins += quant_plugins(pipe, recipe)
     use(pipe, *plugins, *([mark] if mark else []))
     w, h = wh or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     jobs = [p for p in prompts for _ in range(n)]

@@ -65,8 +65,10 @@ def quant_recipe(spec: str | None):
     return quant.method(spec)
 
 
-def quant_plugin(pipe, recipe):
-    """The Quantized plugin for `pipe`: the saved one, or `recipe` calibrated on `pipe` now."""
+def quant_plugins(pipe, recipe) -> list:
+    """[the Quantized plugin for `pipe`]: the saved one, or `recipe` calibrated on `pipe` now; [] without one."""
     from ..quant import Quantized
 
-    return recipe if isinstance(recipe, Quantized) else recipe.quantize(pipe)
+    if recipe is None:
+        return []
+    return [recipe if isinstance(recipe, Quantized) else recipe.quantize(pipe)]
