@@ -20,7 +20,7 @@ from ..errors import StablekitError
 from ..latents import read_image
 from ..output import load_quietly, save_png
 from ..pipeline import DEFAULT_MODEL
-from .common import check_output, decoder_steps_option, model_and_device
+from .common import check_output, decoder_steps_option, given, model_and_device, refuse
 
 
 def _check_inversion(steps: int, guidance: float | None, decoder_steps: int, output: Path) -> None:
@@ -101,8 +101,8 @@ def _inversion_options(
 
 @click.command("edit")
 @click.argument("image", type=click.Path(path_type=Path))
-@click.option("--source", required=True, help="Prompt that describes IMAGE.")
-@click.option("--target", required=True, help="Prompt that describes the edited image.")
+@click.option("--source", default=None, help="Prompt that describes IMAGE (required but with pixelman).")
+@click.option("--target", default=None, help="Prompt that describes the edited image (required but with pixelman).")
 @click.option(
     "--controller",
     type=click.Choice(["replace", "refine", "reweight"]),
@@ -121,10 +121,14 @@ def _inversion_options(
 @click.option(
     "-o", "--output", default="edit.png", show_default=True, type=click.Path(path_type=Path), help="PNG file to write."
 )
+@click.option("--mask", type=click.Path(path_type=Path), default=None, help="pixelman: the object's mask (a PNG).")
+@click.option("--move", default="0,0", show_default=True, metavar="DX,DY", help="pixelman: move the object (pixels).")
+@click.option("--resize", type=float, default=1.0, show_default=True, help="pixelman: scale the object.")
 @_inversion_options(
-    EDIT_GUIDANCE,
+    {**EDIT_GUIDANCE, "pixelman": 1.0},
     None,
-    "Editing method: an inversion, or infedit (none needed; --guidance is the target branch's, the source's is 1).",
+    "Editing method: an inversion, infedit (none needed; --guidance is the target branch's, the source's is 1), or "
+    "pixelman (move or resize the object of --mask; --source, if given, describes the image).",
     f"Diffusion steps [default: the method's paper's, 50, infedit {EDIT_STEPS['infedit']}].",
 )
 def edit_command(
@@ -142,8 +146,12 @@ def edit_command(
     decoder_steps,
     model,
     device,
+    **pixelman_options,
 ):
-    """Edit IMAGE from the --source prompt to the --target prompt; print the written path."""
+    """Edit IMAGE from --source to --target, or move/resize the object of --mask (pixelman); print the written path."""
+    if method == "pixelman":
+        return pixelman_edit(image, source, output, steps, guidance, model, device, **pixelman_options)
+    _check_prompts(source, target, method)
     steps = EDIT_STEPS[method] if steps is None else steps
     _check_inversion(steps, guidance, decoder_steps, output)
     plugin = _controller(controller, weights, blend, method)
@@ -182,6 +190,41 @@ def edit_command(
             stablekit=__version__,
         ),
     )
+    click.echo(str(output))
+
+
+def _check_prompts(source: str | None, target: str | None, method: str) -> None:
+    refuse(given("mask", "move", "resize"), "to an edit by prompts (they are pixelman's)")
+    if source is None or target is None:
+        raise StablekitError(f"--method {method} needs --source and --target prompts")
+
+
+def parse_move(move: str) -> tuple[float, float]:
+    """``"dx,dy"`` -> ``(dx, dy)``."""
+    parts = move.split(",")
+    try:
+        dx, dy = (float(v) for v in parts)
+    except ValueError:
+        raise StablekitError(f"--move '{move}' is not DX,DY; write it like --move 12,-4") from None
+    return dx, dy
+
+
+def pixelman_edit(image, prompt, output, steps, guidance, model, device, mask, move, resize):
+    """``edit --method pixelman``: check everything, then move/resize the object and write the PNG."""
+    from ..edit.pixelman import STEPS, PixelManConfig, object_mask, pixelman
+
+    refuse(given("target", "controller", "weights", "blend", "strength", "decoder_steps"), "to pixelman")
+    if mask is None:
+        raise StablekitError("--method pixelman needs --mask, an image of the object to move (white on black)")
+    steps = STEPS if steps is None else steps
+    config = PixelManConfig(move=parse_move(move), scale=resize, steps=steps, guidance=guidance or 1.0)
+    check_output(output)
+    picture = read_image(image)
+    object_mask(read_image(mask), (picture.height, picture.width))  # the size is checked before loading a model
+    pipe = load_quietly(model, device)
+    out, _, _ = pixelman(pipe, picture, read_image(mask), prompt or "", config)
+    meta = dict(method="pixelman", move=move, resize=resize, steps=steps, source=prompt or "", stablekit=__version__)
+    save_png(out, output, meta | dict(model=model or DEFAULT_MODEL))
     click.echo(str(output))
 
 

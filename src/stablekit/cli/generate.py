@@ -8,13 +8,14 @@ import click
 import torch
 
 from .. import safety, use
+from ..accel import check_size
 from ..errors import StablekitError
 from ..output import generation_metadata, load_quietly, parse_size, save_png
 from ..pipeline import guidance_rescale as guidance_rescale_for
 from ..pipeline import recommended
 from ..provenance import Key, watermark
 from ..registry import CATALOGUE, build
-from .common import check_output, given, model_and_device, output_paths, refuse, spm_multiplier_option
+from .common import check_output, given, load_adapter, model_and_device, output_paths, refuse, spm_multiplier_option
 from .quant import quant_plugins, quant_recipe
 
 SCHEDULERS = CATALOGUE["scheduler"]
@@ -96,7 +97,7 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     "adapters",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Concept-erasure file from `stablekit erase` (repeatable).",
+    help="Concept-erasure file from `stablekit erase`, or memorization adapter (repeatable).",
 )
 @spm_multiplier_option
 @click.option(
@@ -159,6 +160,7 @@ def generate(
     plugins += quant_plugins(pipe, recipe)
     use(pipe, *plugins, *([mark] if mark else []))
     w, h = wh or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    check_size(pipe, w, h)
     jobs = [p for p in prompts for _ in range(n)]
     rescale = guidance_rescale_for(pipe) if guidance_rescale is None else guidance_rescale
     specs = {"accel": list(accels), "guard": list(guards), "adapter": [p.name for p in adapters]}
@@ -187,7 +189,7 @@ def _generation_plugins(accels, guards, adapters, spm_multiplier: float) -> list
     """The plugins of `generate`'s --accel, --guard and --adapter options, built (so checked) before any loading."""
     plugins = [build(spec, ACCELS, "accel") for spec in accels]
     plugins += [build(spec, GUARDS, "guard") for spec in guards]
-    plugins += [safety.load_adapter(path, spm_multiplier) for path in adapters]
+    plugins += [load_adapter(path, spm_multiplier) for path in adapters]
     if spm_multiplier != 1 and not any(isinstance(p, safety.SPM) for p in plugins):
         raise StablekitError("--spm-multiplier scales SPM membranes: give one with --adapter")
     return plugins
