@@ -164,8 +164,7 @@ def generate(
     jobs = [p for p in prompts for _ in range(n)]
     rescale = guidance_rescale_for(pipe) if guidance_rescale is None else guidance_rescale
     specs = {"accel": list(accels), "guard": list(guards), "adapter": [p.name for p in adapters]}
-    if quant:
-        specs["quant"] = [quant]
+    specs["quant"] = [quant] if quant else []  # empty lists are left out of the metadata
     meta = dict(
         negative=negative,
         steps=steps,
