@@ -13,7 +13,7 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # importing the method packages (accel ... sampling) files their classes in the catalogue
-from . import accel, edit, protect, provenance, redteam, safety, sampling  # noqa: E402
+from . import accel, edit, protect, provenance, quant, redteam, safety, sampling  # noqa: E402
 from .errors import StablekitError  # noqa: E402
 from .pipeline import load, set_scheduler  # noqa: E402
 from .plugins import CallState, Plugin, SchedulerPlugin, WeightEdit, attached, use  # noqa: E402
@@ -35,6 +35,7 @@ __all__ = [
     "edit",
     "protect",
     "provenance",
+    "quant",
     "redteam",
     "safety",
     "sampling",

@@ -50,6 +50,9 @@ PIPELINES = {
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
 }
 DEFAULT_MODEL = "stablekit-default"
+# marker file -> loader(path, device=, dtype=, scheduler=) of model folders that are not diffusers folders;
+# method packages add theirs (a quantized model folder: stablekit.quant)
+FOLDER_FORMATS: dict[str, object] = {}
 DEFAULT_STUDENT = "stablekit-default-1step"  # the embedded model's one-step student: its UNet, the rest shared
 
 
@@ -201,7 +204,8 @@ def load(
     `model` is None (the embedded default model, offline), a local diffusers folder (SD 1.x/2.x or
     SDXL, chosen from its model_index.json), a single-file ``.safetensors``/``.ckpt`` checkpoint
     (`config` may name a diffusers folder or hub id holding its component configs), or a hub id
-    (needs internet; honours ``HF_HUB_OFFLINE``). `scheduler`: ``NAME[:k=v,...]`` as in :func:`set_scheduler`.
+    (needs internet; honours ``HF_HUB_OFFLINE``), or a folder of another format in :data:`FOLDER_FORMATS`
+    (a quantized model written by ``stablekit quantize``). `scheduler`: ``NAME[:k=v,...]`` as in :func:`set_scheduler`.
     """
     device = _device(device)
     dtype = _dtype(dtype, device)
@@ -213,6 +217,9 @@ def load(
         pipe = _load_default_student(dtype)
     else:
         path = Path(model).expanduser()
+        loader = next((f for m, f in FOLDER_FORMATS.items() if (path / m).is_file()), None)
+        if loader is not None:
+            return loader(path, device=device, dtype=dtype, scheduler=scheduler)
         if path.is_dir():
             pipe = _load_folder(path, dtype)
         elif path.suffix in (".safetensors", ".ckpt"):

@@ -30,7 +30,7 @@ import typing
 
 from .errors import StablekitError
 
-KINDS = ("scheduler", "accel", "guard", "watermark", "attack")
+KINDS = ("scheduler", "accel", "guard", "watermark", "attack", "quant")
 CATALOGUE: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
 
 

@@ -16,6 +16,7 @@ from ..pipeline import recommended
 from ..provenance import Key, watermark
 from ..registry import CATALOGUE, build
 from .common import check_output, given, load_adapter, model_and_device, output_paths, refuse, spm_multiplier_option
+from .quant import quant_plugins, quant_recipe
 
 SCHEDULERS = CATALOGUE["scheduler"]
 ACCELS = CATALOGUE["accel"]
@@ -113,6 +114,13 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     help="Watermark key from `stablekit keygen`; alone it implies --watermark with the key's method.",
 )
 @click.option("--negative", default=None, help="Negative prompt.")
+@click.option(
+    "--quant",
+    default=None,
+    metavar="METHOD[:k=v,...]|DIR",
+    help="Quantize the UNet for this run: a method (calibrated first, e.g. svdquant:bits=w4a4) or a folder "
+    "from `stablekit quantize` made from --model.",
+)
 @model_and_device
 def generate(
     prompts,
@@ -132,6 +140,7 @@ def generate(
     method,
     key_file,
     negative,
+    quant,
     device,
 ):
     """Generate images from PROMPT(s); print each written path."""
@@ -146,13 +155,16 @@ def generate(
         refuse(given("negative", "guidance_rescale"), f"at --guidance {guidance:g}: classifier-free guidance is off")
     plugins = _generation_plugins(accels, guards, adapters, spm_multiplier)
     mark, wh = _watermark_plugin(method, key_file, wh)
+    recipe = quant_recipe(quant)
     pipe = load_quietly(model, device, scheduler=scheduler)
+    plugins += quant_plugins(pipe, recipe)
     use(pipe, *plugins, *([mark] if mark else []))
     w, h = wh or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     check_size(pipe, w, h)
     jobs = [p for p in prompts for _ in range(n)]
     rescale = guidance_rescale_for(pipe) if guidance_rescale is None else guidance_rescale
     specs = {"accel": list(accels), "guard": list(guards), "adapter": [p.name for p in adapters]}
+    specs["quant"] = [quant] if quant else []  # empty lists are left out of the metadata
     meta = dict(
         negative=negative,
         steps=steps,
