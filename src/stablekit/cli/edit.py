@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .. import __version__
-from ..edit import (
-    EDIT_GUIDANCE,
-    EDIT_STEPS,
-    GUIDANCE,
-    PromptToPrompt,
-    UnifiedAttentionControl,
-    edit,
-    reconstruct_image,
-)
 from ..errors import StablekitError
-from ..latents import read_image
-from ..output import load_quietly, save_png
-from ..pipeline import DEFAULT_MODEL
 from .common import check_output, decoder_steps_option, model_and_device
+from .defaults import DEFAULT_MODEL, EDIT_GUIDANCE, EDIT_STEPS, INVERSION_GUIDANCE
+
+if TYPE_CHECKING:
+    from ..edit import PromptToPrompt
 
 
 def _check_inversion(steps: int, guidance: float | None, decoder_steps: int, output: Path) -> None:
@@ -57,6 +50,8 @@ def _controller(
         return None
     if name == "reweight" and not weights:
         raise StablekitError("--controller reweight needs at least one --weight WORD=SCALE, e.g. --weight red=2")
+    from ..edit import PromptToPrompt, UnifiedAttentionControl
+
     kind = UnifiedAttentionControl if method == "infedit" else PromptToPrompt
     return kind("replace" if name == "replace" else "refine", weights=parse_weights(weights), blend=blend)
 
@@ -144,6 +139,10 @@ def edit_command(
     device,
 ):
     """Edit IMAGE from the --source prompt to the --target prompt; print the written path."""
+    from ..edit import edit
+    from ..latents import read_image
+    from ..output import load_quietly, save_png
+
     steps = EDIT_STEPS[method] if steps is None else steps
     _check_inversion(steps, guidance, decoder_steps, output)
     plugin = _controller(controller, weights, blend, method)
@@ -201,9 +200,13 @@ def edit_command(
     type=click.Path(path_type=Path),
     help="PNG file to write.",
 )
-@_inversion_options(GUIDANCE)
+@_inversion_options(INVERSION_GUIDANCE)
 def invert_command(image, prompt, reconstruct, output, method, steps, guidance, decoder_steps, model, device):
     """Invert IMAGE under --prompt; with --reconstruct, write the reconstruction and print its PSNR."""
+    from ..edit import reconstruct_image
+    from ..latents import read_image
+    from ..output import load_quietly, save_png
+
     if not reconstruct:
         raise StablekitError("stablekit invert writes reconstructions only: add --reconstruct")
     _check_inversion(steps, guidance, decoder_steps, output)
@@ -212,7 +215,7 @@ def invert_command(image, prompt, reconstruct, output, method, steps, guidance, 
     out, db = reconstruct_image(
         pipe, picture, prompt, method, steps=steps, guidance=guidance, decoder_steps=decoder_steps
     )
-    guidance = GUIDANCE[method] if guidance is None else guidance
+    guidance = INVERSION_GUIDANCE[method] if guidance is None else guidance
     save_png(
         out,
         output,
