@@ -63,6 +63,9 @@ def test_a_table_knows_its_names_before_importing_and_files_new_classes():
         table.file("extra", list)
     with pytest.raises(KeyError):
         table["missing"]
+    table["extra"] = list  # as on a dict (monkeypatch.setitem)
+    del table["late"]
+    assert list(table) == ["extra"] and table["extra"] is list
 
 
 def test_the_help_defaults_are_the_library_s():

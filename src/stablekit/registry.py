@@ -77,9 +77,10 @@ INDEX: dict[str, dict[str, str]] = {
 }
 
 
-class Table(collections.abc.Mapping):
+class Table(collections.abc.MutableMapping):
     """One kind's classes by name: the names of :data:`INDEX` (known without importing anything) and those filed by
-    :func:`register`; a class of the index is imported on first lookup (``table[name]``, ``.items()``)."""
+    :func:`register`; a class of the index is imported on first lookup (``table[name]``, ``.items()``). Setting
+    and deleting work as on a dict."""
 
     def __init__(self, kind: str, paths: dict[str, str]):
         self.kind = kind
@@ -100,6 +101,15 @@ class Table(collections.abc.Mapping):
             module, _, attr = self.paths[name].partition(":")
             self.classes[name] = getattr(importlib.import_module(module), attr)
         return self.classes[name]
+
+    def __setitem__(self, name: str, cls: type) -> None:
+        self.classes[name] = cls
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        self.classes.pop(name, None)
+        self.paths.pop(name, None)
 
     def __repr__(self) -> str:
         return f"Table({self.kind!r}, {list(self)})"
