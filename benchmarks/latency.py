@@ -129,7 +129,7 @@ def sd15_unet(a):
     return UNet2DConditionModel(**(dict(SD15_UNET, **TINY_SD15) if a.tiny_sd15 else SD15_UNET)).eval()
 
 
-def openvino_rows(unet, side: int, dtypes: list[str], rounds: int, peaks: dict) -> list[dict]:
+def openvino_rows(unet, side: int, dtypes: list[str], rounds: int) -> list[dict]:
     """The same UNet converted by OpenVINO and compiled for the CPU at each inference precision, batch 2."""
     import openvino as ov
 
@@ -325,27 +325,37 @@ def main(args: list[str]) -> dict:
     _common.set_threads(a)
     dtypes = a.dtypes.split(",")
     out_dir = Path(tempfile.mkdtemp(prefix="stablekit-latency-"))
-    res = {"config": vars(a) | {"json": str(a.json)}, "load_avg_start": list(os.getloadavg())}
+    res = {"config": vars(a) | {"json": str(a.json)}, "torch": torch.__version__, "load_avg": [os.getloadavg()]}
     res["matmul_gflop_per_s"] = matmul_rates(a.matmul, dtypes, a.rounds)
     cli_rounds = a.rounds if a.cli_rounds is None else a.cli_rounds
     if cli_rounds:
         res["cli"] = cli_times(a.steps, cli_rounds, out_dir)
     res["breakdown"] = breakdown(lambda: stablekit.load(device="cpu"), a.steps, a.rounds, out_dir)
-    peaks = res["matmul_gflop_per_s"]
     embedded = stablekit.load(device="cpu").unet
     batches = [int(b) for b in a.batches.split(",")]
-    res["unet"] = {"embedded": unet_rows(embedded, batches, embedded.config.sample_size, dtypes, a.rounds, peaks)}
-    res["unet"]["sd15"] = []
-    if a.sd15_size:
-        unet = sd15_unet(a)
-        res["unet"]["sd15"] = unet_rows(unet, [2], a.sd15_size // 8, dtypes, a.rounds, peaks)
-        if a.peer == "openvino":
-            res["peer"] = openvino_rows(unet, a.sd15_size // 8, dtypes, a.rounds, peaks)
+    peaks = res["matmul_gflop_per_s"]
+    res["unet"] = {
+        "sd15": [],
+        "embedded": unet_rows(embedded, batches, embedded.config.sample_size, dtypes, a.rounds, peaks),
+    }
+    save(res, a)
     if a.accuracy_prompts:
         res["accuracy"] = accuracy(a.accuracy_prompts, a.steps, a.seed)
+        save(res, a)
+    if a.sd15_size:
+        unet = sd15_unet(a)
+        for name in dtypes:
+            res["unet"]["sd15"] += unet_rows(unet, [2], a.sd15_size // 8, [name], a.rounds, peaks)
+            save(res, a)
+        if a.peer == "openvino":
+            res["peer"] = openvino_rows(unet, a.sd15_size // 8, dtypes, a.rounds)
+    return save(res, a)
+
+
+def save(res: dict, a) -> dict:
+    """Judge the targets on what is measured so far; write the JSON and the plot."""
+    res["load_avg"].append(os.getloadavg())
     res["targets"] = targets(res)
-    res["load_avg_end"] = list(os.getloadavg())
-    res["torch"] = torch.__version__
     _common.write_json(a.json, res)
     plot(res, Path(a.json).with_suffix(".png"))
     return res
