@@ -1,6 +1,7 @@
 """What the benchmarks share: their common arguments, timing over rounds, intervals, atomic JSON writes, reading
 finished runs back for a merge, matplotlib, the config of the plugins they ran, random-weight pipelines for
-measuring compute, and the judging of targets.
+measuring compute, image generation through the batch engine (here, in local processes or on Ray), and the
+judging of targets.
 
 **Targets.** Every target is judged on a 95% interval, never on a point estimate alone (:func:`judge`):
 
@@ -213,6 +214,104 @@ def plugin_config(plugin) -> dict | str:
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         return json.loads(json.dumps({"plugin": type(plugin).__name__} | dataclasses.asdict(cfg), default=repr))
     return repr(plugin)
+
+
+# ---------------------------------------------------------------- generation through the batch engine
+
+
+def add_executor_args(p):
+    """--ray [ADDRESS] and --workers: where a benchmark's images are generated (:func:`generate_rows`)."""
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="generate the images on Ray: a local instance (no ADDRESS) or the cluster at ADDRESS "
+        "(auto, HOST:6379, ray://HOST:10001)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes (local) or Ray actors generating the images [default: this process; on Ray: one per GPU, "
+        "else one per node]",
+    )
+
+
+@contextlib.contextmanager
+def executor(a, *modules):
+    """Holds Ray up for the whole benchmark (one start, not one per image set) where ``--ray`` asks for it; the
+    benchmark's own `modules` that define its work (and this one) travel to the Ray workers by value, as no
+    worker has the benchmarks' folder on its path."""
+    if getattr(a, "ray", None) is None:
+        yield
+        return
+    import sys
+
+    from ray import cloudpickle
+
+    from stablekit.batch import on_ray
+
+    for module in (sys.modules[__name__], *modules):
+        cloudpickle.register_pickle_by_value(module)
+    started = on_ray.connect(None if a.ray == "local" else a.ray)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def generate_rows(a, pipe, rows: list[dict], desc: str = "generate"):
+    """(images (N, 3, H, W) in [0, 1], their manifest records) of job rows (the fields of a ``stablekit batch``
+    line) through :func:`stablekit.batch.generate`: in this process on `pipe`, or on ``--workers`` local processes,
+    or on Ray with ``--ray``; ``--batch`` consecutive rows that differ by prompt and seed only are one batch. The
+    images are the PNGs a worker sends back, so a run gives the same results wherever its images were made."""
+    import torch
+
+    from stablekit import batch
+
+    results = batch.generate(
+        rows,
+        model=a.model,
+        device=a.device,
+        workers=a.workers,
+        threads=a.threads,
+        ray=a.ray,
+        group=getattr(a, "batch", 1),
+        pipe=pipe,
+        progress=None,
+    )
+    x = np.stack([np.asarray(r["image"].convert("RGB"), dtype=np.float32) / 255 for r in results])
+    print(f"{desc}: {len(results)} images", flush=True)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), [r["record"] for r in results]
+
+
+def seconds_per_image(records: list[dict]) -> float:
+    """Mean seconds of work per image of these records (a batch's time shared by its images)."""
+    return float(np.mean([r["seconds"] for r in records]))
+
+
+def plugin_spec(plugin) -> str:
+    """``NAME[:k=v,...]`` of a catalogue plugin: its config's values that differ from the defaults. Refuses a plugin
+    the spec does not rebuild exactly (its config differs once built from the spec)."""
+    from stablekit.batch.jobs import plugin_kind
+    from stablekit.registry import CATALOGUE, build, format_value
+
+    cfg = plugin.config
+    changed = [
+        f.name
+        for f in dataclasses.fields(cfg)
+        if f.default is dataclasses.MISSING or getattr(cfg, f.name) != f.default
+    ]
+    spec = plugin.name + (":" if changed else "") + ",".join(f"{k}={format_value(getattr(cfg, k))}" for k in changed)
+    kind = plugin_kind(spec)
+    if build(spec, CATALOGUE[kind], kind).config != cfg:
+        raise ValueError(f"{plugin!r} is not rebuilt exactly by the spec '{spec}'")
+    return spec
 
 
 # ---------------------------------------------------------------- files

@@ -1,6 +1,7 @@
 """Benchmark the embedded default model: prompt fidelity judged by the attribute classifier.
 
     python benchmarks/default_model.py --json bench_out/default_model.json   # or: stablekit bench default-model
+    stablekit bench default-model --json out.json --ray [ADDRESS]           # the images made on a Ray cluster
 
 Held-out world scenes (seed 777; the training data used seed 0) give the prompts: their
 paraphrased captions. Each prompt gets its own noise seed. The classifier judges every generated
@@ -11,7 +12,9 @@ images and renders of the same scenes (with, for scale, the distance between two
 renders of that size); the classifier's own accuracy on those renders (``real_*``) and on their
 round trip through the model's autoencoder (``recon_*``, the ceiling for the generator, and its mean
 per-image PSNR ``vae_psnr_db``); and
-seconds per image. Writes the JSON and a PNG grid of samples with their prompts.
+seconds per image (of work, a batch's time shared by its images). The images are generated as rows of the batch
+engine (``stablekit batch``'s, ``--batch`` rows a batch): in this process, on ``--workers`` processes or on Ray
+(``--ray``), with the same results. Writes the JSON and a PNG grid of samples with their prompts.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ def parse(args: list[str]) -> argparse.Namespace:
         help="default: stablekit.pipeline.guidance_rescale(pipe), as `stablekit generate` uses",
     )
     p.add_argument("--grid", type=Path, default=None, help="PNG grid of samples (default: next to the JSON)")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32, help="images generated together")
+    _common.add_executor_args(p)
     a = p.parse_args(args)
     a.grid = a.grid or a.json.with_suffix(".png")
     return a
@@ -77,22 +81,19 @@ def main(args: list[str]) -> dict:
     a = parse(args)
     _common.set_threads(a)
     import stablekit
-    from stablekit.eval.harness import generate, grid, heldout_prompts
+    from stablekit.eval.harness import grid, heldout_prompts
 
     pipe = stablekit.load(a.model, device=a.device)
     n_pair = max(1, round(0.25 * a.prompts))
     scenes, prompts = heldout_prompts(a.prompts, n_pair, a.seed)
     if a.guidance_rescale is None:
         a.guidance_rescale = stablekit.pipeline.guidance_rescale(pipe)
-    images, sec_per_image = generate(
-        pipe,
-        prompts,
-        steps=a.steps,
-        guidance=a.guidance,
-        seed=a.seed,
-        batch=a.batch,
-        guidance_rescale=a.guidance_rescale,
-    )
+    settings = {"steps": a.steps, "guidance": a.guidance}
+    settings |= {"guidance_rescale": a.guidance_rescale} if a.guidance > 1 else {}  # off with guidance
+    rows = [{"prompt": p, "seed": a.seed * 100_000 + i} | settings for i, p in enumerate(prompts)]
+    with _common.executor(a):
+        images, records = _common.generate_rows(a, pipe, rows)
+    sec_per_image = _common.seconds_per_image(records)
     res = {
         **_common.model_info(a, pipe),
         "steps": a.steps,

@@ -1,6 +1,6 @@
 """Benchmark inversion and real-image editing: DDIM, EDICT, null-text, Direct Inversion and InfEdit side by side.
 
-    stablekit bench inversion --json bench_out/inversion.json [--images 100 --steps 50 --model PATH]
+    stablekit bench inversion --json bench_out/inversion.json [--images 100 --steps 50 --model PATH] [--ray [ADDRESS]]
 
 "Real" images: world scenes rendered from seed 4242 (training used seed 0; in distribution, with
 exact attributes and object masks), plus the photos scikit-image ships (``pip install
@@ -21,8 +21,10 @@ attribute classifier judges success (it sees the target colour / shape; 95% Clop
 interval) and preservation (its background prediction agrees with the one on the source image;
 PSNR against the source outside the old and new object masks).
 
-Writes the JSON and a PNG grid: source, VAE round trip, then reconstruction, colour edit and shape
-edit per method.
+The work is cut in units of ``--batch`` images per method (``benchmarks/_inversion_work.py``), done in this
+process, on ``--workers`` processes or on Ray (``--ray [ADDRESS]``) through the batch engine's executors, with the
+same results (timings aside). Writes the JSON and a PNG grid: source, VAE round trip, then reconstruction, colour
+edit and shape edit per method.
 """
 
 from __future__ import annotations
@@ -35,12 +37,10 @@ import sys
 from pathlib import Path
 
 import _common
+import _inversion_work
 import numpy as np
-import torch
-import torch.nn.functional as F
+from _inversion_work import EDITS
 from PIL import Image
-
-EDITS = {"color": "colors", "shape": "shapes"}  # edit -> the classifier's attribute list
 
 
 def world_edits(n: int, seed: int):
@@ -59,79 +59,12 @@ def world_edits(n: int, seed: int):
     return out
 
 
-def pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.float64) / 255
-
-
-def outside(scene, target, size: int) -> np.ndarray:
-    """Pixels (size x size, bool) covered by neither the first object before nor after the edit."""
-    from stablekit.default_model import world
-
-    cover = np.maximum(world.object_mask(scene.objects[0]), world.object_mask(target.objects[0]))
-    cover = F.interpolate(torch.from_numpy(cover)[None, None], size=(size, size), mode="area")[0, 0].numpy()
-    return cover == 0
-
-
 def finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
 def summary(rows: list[dict]) -> dict:
     return {k: finite(float(np.mean([r[k] for r in rows]))) for k in rows[0]} | {"n": len(rows)} if rows else {}
-
-
-def reconstruction(pipe, method: str, images: list[Image.Image], prompts: list[str], a):
-    """(what `edit` takes, or None; reconstructed images; metrics per image) for a batch of images. Method "vae"
-    is the encode-decode round trip; "infedit" inverts nothing: it gives back the images, and reconstructs by
-    editing to the source prompts. Seconds are the batch's divided by its images."""
-    from stablekit.edit import decode, edit, invert, reconstruct
-    from stablekit.edit.inversion import load_images
-    from stablekit.latents import encode_image
-
-    t0 = _common.clock(pipe.device)
-    if method == "infedit":
-        outs = edit(pipe, images, prompts, prompts, method="infedit", decoder_steps=a.decoder_steps)
-        t1 = _common.clock(pipe.device)
-        z, z0 = (encode_image(pipe, load_images(pipe, x)).double().cpu() for x in (outs, images))
-        return images, outs, _metrics(images, outs, z, z0, (t1 - t0) / len(images), 0.0)
-    if method == "vae":
-        inv, z0 = None, encode_image(pipe, load_images(pipe, images), a.decoder_steps)
-        z, t1 = z0, _common.clock(pipe.device)
-    else:
-        inv = invert(pipe, images, prompts, method, a.steps, decoder_steps=a.decoder_steps)
-        t1 = _common.clock(pipe.device)
-        z, z0 = reconstruct(pipe, inv)[-1], inv.latents[-1]
-    outs = [decode(pipe, row[None]) for row in z]
-    t2 = _common.clock(pipe.device)
-    n = len(images)
-    return inv, outs, _metrics(images, outs, z.double().cpu(), z0.double().cpu(), (t1 - t0) / n, (t2 - t1) / n)
-
-
-def _metrics(images, outs, z, z0, seconds_invert: float, seconds_reconstruct: float) -> list[dict]:
-    from stablekit.eval.metrics import psnr
-
-    rows = []
-    for image, out, zi, z0i in zip(images, outs, z, z0, strict=False):
-        x, y = pixels(image), pixels(out)
-        rows.append(
-            {
-                "pixel_psnr_db": psnr(y, x),
-                "pixel_mse": float(np.mean((y - x) ** 2)),
-                "latent_psnr_db": psnr(zi, z0i, data_range=float(z0i.max() - z0i.min())),
-                "latent_mse": float(((zi - z0i) ** 2).mean()),
-                "seconds_invert": seconds_invert,
-                "seconds_reconstruct": seconds_reconstruct,
-            }
-        )
-    return rows
-
-
-def controller(kind: str, source_word: str, target_word: str):
-    from stablekit.edit import PromptToPrompt
-
-    if kind == "none":
-        return None
-    return PromptToPrompt("replace", blend=(source_word, target_word) if kind == "blend" else ())
 
 
 def parse(args: list[str]) -> argparse.Namespace:
@@ -159,6 +92,7 @@ def parse(args: list[str]) -> argparse.Namespace:
         default=16,
         help="images inverted and edited together (1 with --controller blend: its words differ per image)",
     )
+    _common.add_executor_args(p)
     a = p.parse_args(args)
     if a.batch < 1:
         p.error("--batch must be at least 1")
@@ -186,55 +120,30 @@ def _chunks(items: list, n: int):
     return (items[i : i + n] for i in range(0, len(items), n))
 
 
-def evaluate(pipe, method: str, world_images, photo_images, clf, a) -> tuple[dict, list[list]]:
-    """One method's results and its grid cells (a list per world image in the grid, then per photo)."""
-    from stablekit.default_model import classifier as C
-    from stablekit.default_model import world
-    from stablekit.edit import GUIDANCE, edit
-    from stablekit.eval.harness import PHOTOS
-    from stablekit.eval.metrics import psnr
+def evaluate(a, pipe, method: str, world_images, photo_images) -> tuple[dict, list[list]]:
+    """One method's results and its grid cells (a list per world image in the grid, then per photo): its units of
+    work (``--batch`` images each) done by :class:`_inversion_work.Evaluator` workers."""
+    import functools
 
-    rec, edits, cells, done = {"world": [], "photos": []}, {e: [] for e in EDITS}, [], 0
-    for chunk in _chunks(world_images, a.batch):
-        images, prompts, scenes, targets, source_preds = (list(x) for x in zip(*chunk, strict=False))
-        inv, outs, metrics = reconstruction(pipe, method, images, prompts, a)
-        rec["world"] += metrics
-        rows = [[(out, f"{m['pixel_psnr_db']:.1f} dB")] for out, m in zip(outs, metrics, strict=False)]
-        for name in [] if inv is None else EDITS:
-            olds = [getattr(sc.objects[0], name) for sc in scenes]
-            words, edited = zip(*(t[name] for t in targets), strict=False)
-            t0 = _common.clock(pipe.device)
-            results = edit(
-                pipe,
-                inv,
-                prompts,
-                [world.canonical_caption(t) for t in edited],
-                method=method,
-                controller=controller(a.controller, olds[0], words[0]),
-            )  # blend: batch 1
-            seconds = (_common.clock(pipe.device) - t0) / len(results)
-            for k, (result, pred) in enumerate(zip(results, C.predict(results, clf), strict=False)):
-                keep = outside(scenes[k], edited[k], images[k].width)
-                edits[name].append(
-                    {
-                        "success": words[k] in pred[EDITS[name]],
-                        "seconds": seconds,
-                        "background": pred["background"] == source_preds[k]["background"],
-                        "psnr_outside_db": psnr(pixels(result)[keep], pixels(images[k])[keep]),
-                    }
-                )
-                rows[k].append((result, f"{olds[k]}->{words[k]}"))
-        done += len(chunk)
-        cells += rows[: max(0, a.grid_rows - done + len(chunk))]
-        print(f"{method}: image {done}/{len(world_images)}", flush=True)
-    for chunk in _chunks(photo_images, a.batch):
-        names, images = (list(x) for x in zip(*chunk, strict=False))
-        inv, outs, metrics = reconstruction(pipe, method, images, [PHOTOS[n] for n in names], a)
-        rec["photos"] += metrics
-        cells += [
-            [(out, f"{m['pixel_psnr_db']:.1f} dB")] + [(None, "")] * (0 if inv is None else len(EDITS))
-            for out, m in zip(outs, metrics, strict=False)
-        ]
+    from stablekit import batch
+    from stablekit.edit import GUIDANCE
+
+    units = [(method, "world", chunk) for chunk in _chunks(world_images, a.batch)]
+    units += [(method, "photos", chunk) for chunk in _chunks(photo_images, a.batch)]
+    settings = {"steps": a.steps, "decoder_steps": a.decoder_steps, "controller": a.controller}
+    task = functools.partial(_inversion_work.Evaluator, a.model, a.device, a.threads, settings, a.classifier)
+    done = {}
+    for index, (result,) in batch.map_units(task, units, workers=a.workers, threads=a.threads, ray=a.ray, pipe=pipe):
+        done[index] = result
+        print(f"{method}: batch {len(done)}/{len(units)}", flush=True)
+    rec, edits, cells, seen = {"world": [], "photos": []}, {e: [] for e in EDITS}, [], 0
+    for index, (_, kind, chunk) in enumerate(units):
+        result = done[index]
+        rec[kind] += result["rec"]
+        for name, rows in result["edits"].items():
+            edits[name] += rows
+        seen += len(chunk) if kind == "world" else 0
+        cells += result["cells"][: max(0, a.grid_rows - seen + len(chunk))] if kind == "world" else result["cells"]
     entry = {"guidance": GUIDANCE.get(method), "reconstruction": {k: summary(v) for k, v in rec.items()}}
     return entry | {f"edit_{name}": edit_summary(rows) for name, rows in edits.items() if rows}, cells
 
@@ -268,10 +177,11 @@ def main(args: list[str]) -> dict:
         "methods": {},
     }
     cells = [[(im, "source")] for im in images[: a.grid_rows]] + [[(im, name)] for name, im in photo_images]
-    for method in ["vae"] + a.methods:
-        res["methods"][method], new = evaluate(pipe, method, world_images, photo_images, clf, a)
-        cells = [row + more for row, more in zip(cells, new, strict=False)]
-        _common.write_json(a.json, res)  # after every method: a stopped run keeps what it finished
+    with _common.executor(a, _inversion_work):
+        for method in ["vae"] + a.methods:
+            res["methods"][method], new = evaluate(a, pipe, method, world_images, photo_images)
+            cells = [row + more for row, more in zip(cells, new, strict=False)]
+            _common.write_json(a.json, res)  # after every method: a stopped run keeps what it finished
     table_grid(cells, ["source", "vae"] + [f"{m} {c}" for m in a.methods for c in ("rec", *EDITS)], a.grid)
     for method, entry in res["methods"].items():
         r = entry["reconstruction"]["world"]

@@ -23,7 +23,11 @@ here, or read from ``--spm-dir``) -- given the concept word alone:
 * cost: seconds per image (the preservation set) and seconds to erase (UCE's solve, SPM's training).
 
 Every image i of a set has the noise seed ``seed * 100000 + i`` whatever the defense (paired comparisons). The
-generation settings are ``stablekit generate``'s: the model's sampler, 25 steps, guidance 7.5, rescale 0.7.
+generation settings are ``stablekit generate``'s: the model's sampler, 25 steps, guidance 7.5, rescale 0.7. A
+defense's three sets are one job of the batch engine (its guards by their catalogue specs, an SPM membrane by its
+file): in this process, on ``--workers`` processes or on Ray (``--ray``; membranes trained here are read by the
+workers from a temporary folder, or ``--spm-dir``, which a multi-machine cluster needs on a shared file system),
+with the same results; the attacks run in this process.
 Targets, under "targets", each judged on its 95% interval (``benchmarks/_common.py``: met only when the whole
 interval is on the right side, inconclusive when it straddles or under 100 prompts): SAFREE and SPM each below 5%
 concept rate on direct prompts with preservation within 3 points of the undefended model, with the attacks' rates
@@ -36,8 +40,10 @@ each named "<defense> (<run file's stem>)", the first run's undefended row first
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,6 +85,7 @@ def parse(args: list[str]) -> argparse.Namespace:
         help="folder of membranes <concept>.safetensors: read if there, else trained and saved there",
     )
     p.add_argument("--batch", type=int, default=50)
+    _common.add_executor_args(p)
     p.add_argument(
         "--merge",
         nargs="+",
@@ -111,7 +118,7 @@ def run_concept(pipe, word: str, a, out: dict, save) -> None:
     c = audit.concept(word)
     ps = audit.prompts(c, a.prompts, a.seed)
     judge = Judge(ps.keep_scenes, a.seed)
-    spm_file = a.spm_dir / f"{word}.safetensors" if a.spm_dir else None
+    spm_file = a.spm_file = a.spm_dir / f"{word}.safetensors"  # the rows name the membrane by its file
     out |= {"attribute": c.attribute, "paraphrases": c.paraphrases, "defenses": {}}
     ref = {}  # the undefended model's per-prompt matches: preservation and collateral
     for name in ["none"] + [d for d in a.defenses if d != "none"]:
@@ -136,12 +143,14 @@ def _defense_row(pipe, d, c, ps, judge, a, ref: dict) -> tuple[dict, object]:
     from stablekit.eval.harness import paired_delta, rnd
     from stablekit.redteam import audit
 
-    gen = dict(steps=a.steps, guidance=a.guidance, batch=a.batch)
-    images = audit.generate(pipe, d, ps.direct, seed=a.seed, **gen)[0]
-    direct_hits, kept = audit.present(images, c), audit.others_kept(images, ps.direct_scenes, c)
-    para_hits = audit.present(audit.generate(pipe, d, ps.para, seed=a.seed, **gen)[0], c)
-    images, sec = audit.generate(pipe, d, ps.keep, seed=a.seed + 1, **gen)
-    ev, m, _ = judge.evaluate(images)
+    sets = {"direct": (ps.direct, a.seed), "para": (ps.para, a.seed), "keep": (ps.keep, a.seed + 1)}
+    rows = [row for texts, seed in sets.values() for row in defense_rows(d, texts, seed, a)]
+    x, records = _common.generate_rows(a, pipe, rows, f"{c.word} {d.name}")
+    images = dict(zip(sets, x.split([len(texts) for texts, _ in sets.values()]), strict=True))
+    sec = _common.seconds_per_image(records[-len(ps.keep) :])
+    direct_hits, kept = audit.present(images["direct"], c), audit.others_kept(images["direct"], ps.direct_scenes, c)
+    para_hits = audit.present(images["para"], c)
+    ev, m, _ = judge.evaluate(images["keep"])
     if d.name == "none":
         ref |= {"m": m, "kept": kept}
     row = {
@@ -160,6 +169,21 @@ def _defense_row(pipe, d, c, ps, judge, a, ref: dict) -> tuple[dict, object]:
         "erase_seconds": rnd(d.setup_seconds),
     }
     return row, direct_hits
+
+
+def defense_rows(d, texts: list[str], seed: int, a) -> list[dict]:
+    """Job rows of `texts` under defense `d`, as :func:`stablekit.redteam.audit.generate` makes them (prompt i with
+    noise seed ``seed * 100_000 + i``, the blocklist's words deleted): its guards by their catalogue specs, an SPM
+    membrane by its file (``spm_file``, set by :func:`run_concept`)."""
+    from stablekit.safety import SPM
+
+    base = {"steps": a.steps, "guidance": a.guidance}
+    base |= {"negative": d.call["negative_prompt"]} if "negative_prompt" in d.call else {}
+    specs = [_common.plugin_spec(p) for p in d.plugins if not isinstance(p, SPM)]
+    base |= {"plugins": specs} if specs else {}
+    if any(isinstance(p, SPM) for p in d.plugins):
+        base |= {"adapters": [str(a.spm_file)], "spm_multiplier": a.spm_multiplier}
+    return [{"prompt": t, "seed": seed * 100_000 + i} | base for i, t in enumerate(d.filter(texts))]
 
 
 def _attacks(pipe, d, c, ps, direct_hits, a) -> dict:
@@ -300,6 +324,8 @@ def run(a, args: list[str]) -> dict:
     if a.spm_dir:
         a.spm_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    spm_dir = None if a.spm_dir else tempfile.TemporaryDirectory(prefix="stablekit-spm-")
+    a.spm_dir = a.spm_dir or Path(spm_dir.name)  # membranes trained for this run only
     res = {
         "command": "stablekit bench safety " + " ".join(args),
         "model": str(a.model or "stablekit-default"),
@@ -318,8 +344,9 @@ def run(a, args: list[str]) -> dict:
         res["targets"], res["total_seconds"] = targets(res), round(time.time() - t0, 1)
         _common.write_json(a.json, res)
 
-    for word in a.concepts:
-        run_concept(pipe, word, a, res["concepts"].setdefault(word, {}), save)
+    with _common.executor(a), spm_dir or contextlib.nullcontext():
+        for word in a.concepts:
+            run_concept(pipe, word, a, res["concepts"].setdefault(word, {}), save)
     return res
 
 

@@ -1,10 +1,12 @@
 """Benchmark the generative watermarks (Tree-Ring, Gaussian Shading, SEAL) and the dwtDct baseline.
 
-    stablekit bench watermark --json bench_out/watermark.json [--n 500 --calib 500 --attack-n 200]
+    stablekit bench watermark --json bench_out/watermark.json [--n 500 --calib 500 --attack-n 200] [--ray [ADDRESS]]
 
 Protocol (on the embedded default model unless ``--model``):
 * prompts: held-out world captions (seed 777; training used 0). Image i of every marked set and of
   the unmarked test set shares prompt i; every image has its own noise seed (no noise is reused).
+  The sets are generated as one job of the batch engine (each marked row carries its key): in this
+  process, on ``--workers`` processes or on Ray (``--ray``), with the same results.
 * negatives: ``--n`` unmarked generations of the same prompts (the test negatives, attacked exactly
   like the marked images) and ``--calib`` unmarked generations of other held-out prompts (the
   calibration set, never attacked, never used for rates).
@@ -172,6 +174,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--inv-steps", type=int, default=25, help="DDIM inversion steps in detection")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--batch", type=int, default=50)
+    _common.add_executor_args(p)
     a = p.parse_args(args)
     a.methods, a.attacks = a.methods.split(","), [s for s in a.attacks.split(",") if s]
     import stablekit
@@ -210,7 +213,8 @@ def main(args: list[str]) -> dict:
     )
     keys = {m: make_key(pipe, m, seed=i) for i, m in enumerate(a.methods)}
     dwt_bits = np.random.default_rng(a.seed).integers(0, 2, 48)
-    images, seconds = generate_sets(pipe, prompts, keys, gen, a)
+    with _common.executor(a):
+        images, seconds = generate_sets(pipe, prompts, keys, gen, a)
     pub = {k: publish(x) for k, x in images.items()}
     pub["dwtDct"] = dwt_encode(pub["unmarked"], dwt_bits)
     methods = a.methods + ["dwtDct"]
@@ -239,17 +243,21 @@ def main(args: list[str]) -> dict:
 
 def generate_sets(pipe, prompts: list[str], keys: dict, gen: dict, a) -> tuple[dict, dict]:
     """The image sets (unmarked test, calibration on other prompts, one marked set per method, each with its own
-    seeds) and seconds per image of each."""
-    import stablekit
-    from stablekit.eval.harness import generate
-    from stablekit.provenance import watermark
-
-    images, seconds = {}, {}
-    images["unmarked"], seconds["unmarked"] = generate(pipe, prompts[: a.n], seed=a.seed, desc="unmarked", **gen)
-    images["calib"], _ = generate(pipe, prompts[a.n :], seed=a.seed + 1, desc="calibration", **gen)
-    for i, m in enumerate(keys):
-        with stablekit.use(pipe, watermark(keys[m])):
-            images[m], seconds[m] = generate(pipe, prompts[: a.n], seed=a.seed + 2 + i, desc=m, **gen)
+    seeds), made as one job of the batch engine, and seconds per image of each."""
+    sets = {"unmarked": (prompts[: a.n], a.seed, None), "calib": (prompts[a.n :], a.seed + 1, None)}
+    sets |= {m: (prompts[: a.n], a.seed + 2 + i, keys[m].to_data()) for i, m in enumerate(keys)}
+    settings = {"steps": gen["steps"], "guidance": gen["guidance"]}
+    settings |= {"guidance_rescale": gen["guidance_rescale"]} if gen["guidance"] > 1 else {}
+    rows = []
+    for texts, seed, key in sets.values():
+        mark = {} if key is None else {"watermark": key}
+        rows += [{"prompt": p, "seed": seed * 100_000 + i} | settings | mark for i, p in enumerate(texts)]
+    x, records = _common.generate_rows(a, pipe, rows, "watermark sets")
+    images, seconds, start = {}, {}, 0
+    for name, (texts, _, _) in sets.items():
+        images[name] = x[start : start + len(texts)]
+        seconds[name] = _common.seconds_per_image(records[start : start + len(texts)])
+        start += len(texts)
     return images, seconds
 
 

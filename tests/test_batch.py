@@ -4,6 +4,7 @@ twice, and a Parquet copy of the manifest."""
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -51,6 +52,12 @@ BAD_LINES = {
     "negative without guidance": ('{"prompt": "a", "guidance": 1, "negative": "b"}', "guidance <= 1"),
     "bad id": ('{"prompt": "a", "id": "../x"}', "id '../x' must be"),
     "duplicate id": ('{"prompt": "a", "id": "star"}', "id 'star' is already line 1's"),
+    "missing key file": ('{"prompt": "a", "watermark": "no-such-key.json"}', "key file 'no-such-key.json' does not"),
+    "bad inline key": ('{"prompt": "a", "watermark": {"method": "seal"}}', "is not a valid stablekit watermark key"),
+    "watermark as a number": ('{"prompt": "a", "watermark": 7}', "watermark must be a key file's path"),
+    "missing adapter": ('{"prompt": "a", "adapters": ["gone.safetensors"]}', "adapter file 'gone.safetensors' does"),
+    "adapters not a list": ('{"prompt": "a", "adapters": "x.safetensors"}', "adapters must be a list"),
+    "negative spm_multiplier": ('{"prompt": "a", "spm_multiplier": -1}', "spm_multiplier -1 must be >= 0"),
 }
 
 
@@ -157,3 +164,76 @@ def test_the_batch_benchmark_at_tiny_scale(tmp_path, tiny_sd_path):
     assert res["targets"]["two_workers_speedup"]["status"] == "not measured"  # one round gives no interval
     assert res["images_per_second"]["one"]["all"] == [rnd(3 / s) for s in res["seconds"]["one"]]
     assert res["speedup_two_over_one"]["all"] == [rnd(res["seconds"]["one"][0] / res["seconds"]["two"][0])]
+
+
+def test_a_watermark_row_is_the_image_generate_makes_with_that_key(tmp_path, tiny_sd_path):
+    key = tmp_path / "key.json"
+    model = ["--model", str(tiny_sd_path)]
+    assert CliRunner().invoke(cli.cli, ["keygen", "tree-ring", "-o", str(key), "--seed", "3", *model]).exit_code == 0
+    inline = json.loads(key.read_text())
+    rows = [
+        {"id": "file", "prompt": "a red star", "seed": 5, "watermark": str(key)},
+        {"id": "inline", "prompt": "a red star", "seed": 5, "watermark": inline},
+        {"id": "plain", "prompt": "a red star", "seed": 5},
+    ]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"steps": 2} | row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    assert run(tmp_path, jobs, out, model=tiny_sd_path).exit_code == 0
+    png = tmp_path / "generate.png"
+    argv = ["generate", "a red star", "--seed", "5", "--steps", "2", "--key-file", str(key), "-o", str(png), *model]
+    assert CliRunner().invoke(cli.cli, [*argv, "--device", "cpu"]).exit_code == 0
+    marked = png.read_bytes()
+    assert (out / "images" / "file.png").read_bytes() == marked  # pixels and every text chunk
+    assert (out / "images" / "inline.png").read_bytes() == marked
+    assert (out / "images" / "plain.png").read_bytes() != marked  # the key changed the image
+    records = {r["id"]: r for r in manifest(out)}
+    shown = records["file"]["params"]["watermark"]
+    assert shown == records["inline"]["params"]["watermark"] and shown["method"] == "tree-ring"
+    assert inline["secret"] not in (out / MANIFEST).read_text()  # the manifest never holds the secret
+
+
+def test_a_watermark_key_for_another_size_is_refused(tmp_path, tiny_sd_path):
+    key = tmp_path / "key.json"
+    argv = ["keygen", "seal", "-o", str(key), "--seed", "1", "--model", str(tiny_sd_path)]
+    assert CliRunner().invoke(cli.cli, argv).exit_code == 0
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": "a", "watermark": str(key), "size": "48x48"}])
+    result = run(tmp_path, jobs, tmp_path / "out", model=tiny_sd_path)
+    assert result.exit_code == 2 and f"{jobs}:1: size 48x48 but the watermark key is for" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_groups_rows_into_batches_and_returns_them_in_order(tiny_sd_path):
+    rows = [{"prompt": f"a red star number {i}", "seed": i, "steps": 2, "size": "32x32"} for i in range(5)]
+    rows[3] |= {"guidance": 3.0}  # another setting: a batch of its own
+    units = batch.units_of(batch.check_rows(rows), 2)
+    assert [[r.seed for r in unit] for unit in units] == [[0, 1], [2], [3], [4]]
+    alone = batch.generate(rows, model=str(tiny_sd_path), device="cpu", threads=1)
+    grouped = batch.generate(rows, model=str(tiny_sd_path), device="cpu", threads=1, group=2)
+    assert [r["record"]["seed"] for r in grouped] == [0, 1, 2, 3, 4]
+    for one, many in zip(alone, grouped, strict=True):
+        difference = np.abs(np.asarray(one["image"], float) - np.asarray(many["image"], float))
+        assert difference.max() <= 2  # batched or not: the same image up to float rounding
+    with pytest.raises(StablekitError, match="row 1: id 'x' is already row 0's"):
+        batch.generate([{"prompt": "a", "id": "x"}, {"prompt": "b", "id": "x"}], model=str(tiny_sd_path))
+
+
+def test_an_adapter_and_guard_row_is_the_image_generate_makes_with_them(tmp_path, tiny_sd_path):
+    adapter = tmp_path / "no-star.safetensors"
+    erase = ["erase", "--concept", "star", "--preserve", "circle", "-o", str(adapter), "--model", str(tiny_sd_path)]
+    assert CliRunner().invoke(cli.cli, erase).exit_code == 0
+    row = {
+        "id": "erased",
+        "prompt": "a red star",
+        "seed": 4,
+        "adapters": [str(adapter)],
+        "plugins": ["sld:concepts=[red]"],
+    }
+    out = tmp_path / "out"
+    assert run(tmp_path, write_jobs(tmp_path / "jobs.jsonl", [row]), out, model=tiny_sd_path).exit_code == 0
+    png = tmp_path / "generate.png"
+    argv = ["generate", "a red star", "--seed", "4", "--steps", "2", "--size", "32x32", "--adapter", str(adapter)]
+    argv += ["--guard", "sld:concepts=[red]", "-o", str(png), "--model", str(tiny_sd_path), "--device", "cpu"]
+    assert CliRunner().invoke(cli.cli, argv).exit_code == 0
+    assert (out / "images" / "erased.png").read_bytes() == png.read_bytes()  # pixels and every text chunk
+    assert manifest(out)[0]["params"]["adapters"] == [str(adapter.resolve())]

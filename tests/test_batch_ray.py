@@ -1,6 +1,7 @@
 """`stablekit batch --ray` on a real two-node Ray cluster started on this machine (one CPU per node, usage statistics
-and dashboard off) and shut down by this module: the same images as the local executor, one actor per node, and a
-job that completes, every row exactly once, when an actor is killed in the middle of it."""
+and dashboard off) and shut down by this module: the same images as the local executor, one actor per node, a
+job that completes, every row exactly once, when an actor is killed in the middle of it, and a benchmark whose
+images are made on the cluster with the results of a local run."""
 
 import json
 import os
@@ -93,3 +94,15 @@ def test_the_batch_benchmark_times_ray_on_the_cluster(tmp_path, tiny_sd_path, cl
     assert res["targets"]["identical_images"]["status"] == "met"  # local and Ray: the same images
     assert res["ray_over_local"]["n"] == 1 and res["ray_over_local"]["median"] > 0
     assert res["targets"]["ray_overhead"]["status"] == "not measured"  # one round gives no interval
+
+
+def test_a_benchmark_on_ray_gives_the_local_runs_results(tmp_path, cluster):
+    from stablekit.cli.bench import load_benchmark
+
+    bench = load_benchmark("default_model")
+    argv = ["--prompts", "2", "--steps", "2", "--batch", "2", "--threads", "1"]
+    local = bench.main([*argv, "--json", str(tmp_path / "local.json")])
+    on_ray = bench.main([*argv, "--json", str(tmp_path / "ray.json"), "--ray", cluster.address, "--workers", "2"])
+    timing = ("seconds_per_image",)
+    assert {k: v for k, v in on_ray.items() if k not in timing} == {k: v for k, v in local.items() if k not in timing}
+    assert local["two_object_prompts"] == 1 and on_ray["seconds_per_image"] > 0

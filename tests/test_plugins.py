@@ -12,7 +12,6 @@ from diffusers.hooks import ModelHook
 
 import stablekit
 from stablekit import CallState, Plugin, SchedulerPlugin, StablekitError, WeightEdit, safety
-from stablekit.accel.lcm import LCMLoRA
 from stablekit.edit.infedit import UnifiedAttentionControl
 from stablekit.edit.prompt_to_prompt import PromptToPrompt
 from stablekit.redteam.arithmetic import ConceptArithmetic
@@ -242,6 +241,7 @@ VARIED = {
     "encoder-propagation": "interval=4,key_steps=[0,2,5],reference_steps=10,parallel=true,prior_noise=0.003,"
     "prior_noise_below=400",
     "feature-inheritance": "blocks=[mid_block,up_blocks.1],interval=3,schedule=quadratic,center=0.4,power=1.6",
+    "lcm-lora": "lora=other.safetensors,weight=0.5",
     "safree": "concepts=[star,red],alpha=0.1,detect=false,project=false,self_validation=false,upper=0.5,gain=10,"
     "center=0.2,re_attention=false,scales=[1.0,0.5],radius=2,negative_prompt=true,space=tokens,rank=2",
     "sld": "concepts=[star],guidance=500,warmup=2,threshold=0.1,momentum=0.5,beta=0.5",
@@ -251,6 +251,7 @@ BAD = {  # one bad value each, with what its one-line error names
     "deepcache": ({"interval": 0}, "interval"),
     "encoder-propagation": ({"prior_noise": -1.0}, "prior_noise"),
     "feature-inheritance": ({"schedule": "cubic"}, "schedule"),
+    "lcm-lora": ({"lora": " "}, "lora"),
     "safree": ({"concepts": ["star"], "rank": 0}, "rank"),
     "sld": ({"concepts": ["star"], "beta": 2.0}, "beta"),
     "uce": ({"concepts": ["star", "red"], "guides": ["a", "b", "c"]}, "guide"),
@@ -259,7 +260,6 @@ UNREGISTERED = [
     PromptToPrompt("refine", cross_replace_steps=0.5, weights={"star": 2.0}, blend=["star"], threshold=0.2),
     UnifiedAttentionControl(self_replace_steps=0.3),
     ConceptArithmetic([(["a red star", "a blue star"], 1.0), (["star", "circle"], -0.5)]),
-    LCMLoRA("lcm.safetensors", weight=0.5),
     safety.SPM(["star"], {}, rank=2, alpha=4.0, multiplier=0.5),
 ]
 
@@ -282,7 +282,8 @@ def test_config_is_frozen_and_its_repr_round_trips_through_the_registry(what, na
     assert isinstance(config, cls.Config) and dataclasses.is_dataclass(config)
     fields = [f.name for f in dataclasses.fields(config)]
     assert list(inspect.signature(cls).parameters) == fields  # declared once: the class shows its config's
-    defaults = cls.Config(**({"concepts": ("star",)} if "concepts" in fields else {}))
+    required = {"concepts": ("star",), "lora": "x.safetensors"}  # the fields a plugin cannot do without
+    defaults = cls.Config(**{k: v for k, v in required.items() if k in fields})
     assert all(getattr(config, f) != getattr(defaults, f) for f in fields if f != "concepts")
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(config, fields[0], getattr(config, fields[0]))

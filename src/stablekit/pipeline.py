@@ -48,6 +48,7 @@ PIPELINES = {
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
 }
 DEFAULT_MODEL = "stablekit-default"
+DEFAULT_STUDENT = "stablekit-default-1step"  # the embedded model's one-step student: its UNet, the rest shared
 
 
 def set_scheduler(pipe: DiffusionPipeline, spec: str | None) -> DiffusionPipeline:
@@ -136,6 +137,30 @@ def _load_default(dtype) -> DiffusionPipeline:
     return pipe
 
 
+def _load_default_student(dtype) -> DiffusionPipeline:
+    from diffusers import UNet2DConditionModel
+
+    from .default_model import STUDENT_DIR
+
+    pipe = _load_default(dtype)
+    pipe.unet = UNet2DConditionModel.from_pretrained(STUDENT_DIR / "unet", dtype=dtype)
+    pipe.register_to_config(_name_or_path=DEFAULT_STUDENT)
+    return pipe
+
+
+def recommended(model: str | os.PathLike | None) -> dict:
+    """The ``steps`` and ``guidance`` the ``recipe.json`` of `model` (a name or folder, as :func:`load` takes)
+    says it is meant for (a distilled student's: one step, no guidance), or {} for models without them."""
+    if str(model) == DEFAULT_STUDENT:
+        from .default_model import STUDENT_DIR
+
+        path = STUDENT_DIR / "recipe.json"
+    else:
+        path = Path(str(model or "")).expanduser() / "recipe.json"
+    recipe = json.loads(path.read_text()) if model and path.is_file() else {}
+    return {k: recipe[k] for k in ("steps", "guidance") if k in recipe}
+
+
 def _load_folder(path: Path, dtype) -> DiffusionPipeline:
     index = path / "model_index.json"
     if not index.is_file():
@@ -199,6 +224,8 @@ def load(
         parse(scheduler, CATALOGUE["scheduler"], "scheduler")  # a bad name or parameter fails before any loading
     if model is None or str(model) == DEFAULT_MODEL:
         pipe = _load_default(dtype)
+    elif str(model) == DEFAULT_STUDENT:
+        pipe = _load_default_student(dtype)
     else:
         path = Path(model).expanduser()
         if path.is_dir():

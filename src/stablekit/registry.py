@@ -58,6 +58,7 @@ INDEX: dict[str, dict[str, str]] = {
         "deepcache": "stablekit.accel.deepcache:DeepCache",
         "encoder-propagation": "stablekit.accel.encoder_propagation:EncoderPropagation",
         "feature-inheritance": "stablekit.accel.feature_inheritance:FeatureInheritance",
+        "lcm-lora": "stablekit.accel.lcm:LCMLoRA",
     },
     "guard": {
         "safree": "stablekit.safety.safree:SAFREE",

@@ -7,6 +7,7 @@
 * :class:`EncoderPropagation` (Faster Diffusion, 2024): skip the encoder at non-key steps; ``parallel=True``
   runs the decoders of a key step and its non-key steps as one batch; ``prior_noise`` injects the initial noise.
 * :class:`FeatureInheritance` (A-SDM, 2024): chosen blocks inherit their last output at chosen steps.
+* :class:`LCMLoRA` (LCM-LoRA, 2023): a latent-consistency LoRA fused while attached, with ``LCMScheduler``.
 
 They share :func:`key_steps` (the step schedules) and :class:`StepCache` (the hooks), in ``caching.py``;
 :func:`autotune` picks one of them and its schedule for a pipeline and a deviation or speed target.
@@ -19,11 +20,13 @@ from .caching import StepCache, key_steps
 from .deepcache import DeepCache
 from .encoder_propagation import EncoderPropagation
 from .feature_inheritance import FeatureInheritance
+from .lcm import LCMLoRA
 
 __all__ = [
     "DeepCache",
     "EncoderPropagation",
     "FeatureInheritance",
+    "LCMLoRA",
     "autotune",
     "Tuning",
     "key_steps",

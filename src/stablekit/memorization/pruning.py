@@ -1,0 +1,106 @@
+"""Neuron pruning as an adapter: the localisation methods' output, a reversible weight edit.
+
+A neuron of a linear layer is an input feature (a column of its weight: the feed-forward neurons of
+:mod:`.subspace`) or an output feature (a row: the cross-attention value neurons of :mod:`.nemo`). Pruning zeroes
+those columns or rows through a :class:`~stablekit.plugins.WeightEdit`, which detach undoes bit for bit. The file
+(safetensors) records the method, the neurons, the parameters, the base model's name and the norms of the weights
+it was made from: attaching it to another model is refused.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..errors import StablekitError
+from ..plugins import WeightEdit
+
+METHODS = ("subspace", "nemo")
+
+
+def contrast(mem: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``(memorized prompts, neurons)`` z-scores of `mem`'s rows against `other`'s per-neuron mean and std."""
+    return (mem - other.mean(0)) / (other.std(0) + 1e-6)
+
+
+def shared_neurons(z: torch.Tensor, threshold: float, share: float, max_fraction: float) -> list[int]:
+    """Neurons whose z-score is at least `threshold` for at least a `share` of the memorized prompts (rows of
+    `z`), at most `max_fraction` of them (highest median z-score first), sorted."""
+    shared = (z >= threshold).float().mean(0) >= share
+    order = [int(j) for j in z.median(0).values.argsort(descending=True) if shared[j]]
+    return sorted(order[: int(max_fraction * z.shape[1])])
+
+
+def _norms(params: dict) -> dict[str, float]:
+    return {n: float(p.detach().double().norm()) for n, p in params.items()}
+
+
+class NeuronPruning(WeightEdit):
+    """Pruned neurons: ``NeuronPruning.make(pipe, method, {"unet.<layer>.weight": [i, ...]}, axis)``."""
+
+    name = "neuron-pruning"
+
+    @classmethod
+    def make(cls, pipe, method: str, neurons: dict[str, list[int]], axis: str, params: dict | None = None):
+        """Zero the `neurons` of each named weight: columns (``axis="in"``) or rows (``"out"``)."""
+        if axis not in ("in", "out"):
+            raise ValueError(f"axis is 'in' or 'out', not {axis!r}")
+        deltas, weights = {}, {}
+        for name, idx in neurons.items():
+            w = cls._param(pipe, name)
+            delta = torch.zeros(w.shape, dtype=torch.float32)
+            src = w.detach().float().cpu()
+            if axis == "in":
+                delta[:, idx] = -src[:, idx]
+            else:
+                delta[idx] = -src[idx]
+            deltas[name], weights[name] = delta, w
+        meta = {
+            "method": method,
+            "axis": axis,
+            "neurons": json.dumps(neurons),
+            "params": json.dumps(params or {}),
+            "base": str(getattr(pipe, "name_or_path", "") or ""),
+            "base_norms": json.dumps(_norms(weights)),
+        }
+        return cls(deltas, meta)
+
+    @property
+    def method(self) -> str:
+        return self.meta["method"]
+
+    @property
+    def neurons(self) -> dict[str, list[int]]:
+        return json.loads(self.meta["neurons"])
+
+    def attach(self, pipe):
+        base = json.loads(self.meta["base_norms"])
+        now = _norms({n: self._param(pipe, n) for n in base})
+        if any(abs(now[n] - v) > 1e-3 * v for n, v in base.items()):
+            raise StablekitError(
+                f"this {self.method} adapter was made for another model ({self.meta.get('base') or 'unknown'}): "
+                "the weights it edits differ"
+            )
+        super().attach(pipe)
+
+    def __repr__(self):
+        return f"NeuronPruning({self.method}, {sum(map(len, self.neurons.values()))} neurons)"
+
+    @classmethod
+    def load(cls, path) -> NeuronPruning:
+        edit = WeightEdit.load(path)
+        if edit.meta.get("method") not in METHODS or "base_norms" not in edit.meta:
+            raise StablekitError(f"'{path}' is not a memorization adapter from `stablekit memorization mitigate`")
+        return cls(edit.deltas, edit.meta)
+
+
+def is_adapter(path) -> bool:
+    """Whether the safetensors file at `path` is a memorization adapter (by its metadata)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("method") in METHODS
+    except (SafetensorError, OSError):
+        return False

@@ -1,0 +1,25 @@
+"""benchmarks/students.py end to end at tiny scale: every row judged on the same prompts, calls and MACs counted."""
+
+import json
+
+import stablekit
+from stablekit.cli.bench import load_benchmark
+from stablekit.train import lcm_distill
+
+
+def test_students_benchmark_compares_rows_on_the_same_prompts(tmp_path):
+    pipe = stablekit.load()
+    lora, recipe = lcm_distill.distill(pipe, lcm_distill.Config(images=4, iterations=1, batch=4, rank=4))
+    lcm_distill.save(pipe, lora, tmp_path / "lcm.safetensors", recipe)
+    out = tmp_path / "students.json"
+    args = ["--json", str(out), "--prompts", "4", "--teacher-steps", "2", "--student", "stablekit-default:2:7.5"]
+    args += ["--student", "stablekit-default:1", "--lcm-lora", str(tmp_path / "lcm.safetensors"), "--lcm-steps", "2"]
+    res = load_benchmark("students").main(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and out.with_suffix(".png").exists()
+    first, same, one, lcm = res["rows"]
+    assert first["unet_calls"] == 4 and one["unet_calls"] == 1 and lcm["unet_calls"] == 2
+    assert same["attr_acc_mean"] == first["attr_acc_mean"]  # the same model, prompts and noise
+    assert same["delta_vs_first_points"]["points"] == 0
+    assert first["macs_per_image"] == 4 * one["macs_per_image"] > 0
+    assert lcm["lcm_lora"] and lcm["role"] == "student"
+    assert list(res["targets"]) == ["stablekit-default:1 within 5 points of the 25-step teacher"]
