@@ -28,7 +28,19 @@ print(json.dumps(sorted(m for m in {heavy} if m in sys.modules)), file=sys.stder
 """
 
 
-@pytest.mark.parametrize("command", ["", *COMMANDS])
+# `train --help` lists its recipes with their parameters by importing stablekit.train
+IMPORTS_FOR_HELP = {"train"}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(reason="its help imports its recipes", strict=True))
+        if c in IMPORTS_FOR_HELP
+        else c
+        for c in ["", *COMMANDS]
+    ],
+)
 def test_help_imports_nothing_heavy(command):
     args = [command, "--help"] if command else ["--help"]
     run = subprocess.run(

@@ -238,6 +238,8 @@ REGISTERED = [(what, name, cls) for what, registry in REGISTRIES.items() for nam
 # every field away from its default, so a repr or spec that dropped or garbled one would not round-trip
 VARIED = {
     "deepcache": "interval=2,branch=1,schedule=[0,3],center=0.5,power=1.2",
+    "multidiffusion": "tile=8,batch=2,tiled_vae=false,stride=4",
+    "shifted-tiles": "tile=8,batch=2,tiled_vae=false,seed=5",
     "encoder-propagation": "interval=4,key_steps=[0,2,5],reference_steps=10,parallel=true,prior_noise=0.003,"
     "prior_noise_below=400",
     "feature-inheritance": "blocks=[mid_block,up_blocks.1],interval=3,schedule=quadratic,center=0.4,power=1.6",
@@ -249,6 +251,8 @@ VARIED = {
 }
 BAD = {  # one bad value each, with what its one-line error names
     "deepcache": ({"interval": 0}, "interval"),
+    "multidiffusion": ({"stride": 0}, "stride"),
+    "shifted-tiles": ({"batch": 0}, "batch"),
     "encoder-propagation": ({"prior_noise": -1.0}, "prior_noise"),
     "feature-inheritance": ({"schedule": "cubic"}, "schedule"),
     "lcm-lora": ({"lora": " "}, "lora"),

@@ -217,3 +217,17 @@ def test_guidance_lora_predicts_the_guided_output_in_one_call(v_pipe):
     memory = recipe["optimizer_state_bytes"]
     assert 0 < memory["lora"] < 0.2 * memory["full_finetune"]
     assert recipe["guidance"] == 1.0
+
+
+def test_the_shipped_one_step_student_loads_and_draws_in_one_call():
+    pipe = stablekit.load("stablekit-default-1step")
+    assert stablekit.pipeline.recommended("stablekit-default-1step") == {"steps": 1, "guidance": 1.0}
+    teacher = stablekit.load()
+    assert not torch.equal(pipe.unet.conv_in.weight, teacher.unet.conv_in.weight)
+    assert pipe.vae is not teacher.vae and torch.equal(
+        pipe.vae.decoder.conv_out.weight, teacher.vae.decoder.conv_out.weight
+    )
+    calls = []
+    pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    pipe("a red star on a gray background", num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+    assert len(calls) == 1

@@ -185,7 +185,8 @@ def test_attacks_keep_size_and_grow_with_strength(pipe):
     for name, (fn, grid) in ATTACKS.items():
         if name in ("vae_regeneration", "purification", "imprint"):
             grid = grid[-1:]
-        outs = [fn(images, s, **dict(ctx, marked=images[0]) if name == "imprint" else ctx) for s in grid]
+        extra = {"imprint": {"marked": images[0]}, "surrogate_pgd": {"surrogate": lambda x: x.mean((1, 2, 3))}}
+        outs = [fn(images, s, **dict(ctx, **extra.get(name, {}))) for s in grid]
         assert all([o.size for o in out] == [i.size for i in images] for out in outs), name
         if name in ("jpeg", "blur", "noise", "brightness", "contrast", "combination", "averaging"):
             errors = [err(out) for out in outs]

@@ -75,6 +75,7 @@ class Plugin:
 
     name = "plugin"
     exclusive: tuple[str, ...] = ()  # resources at most one attached plugin may claim
+    outermost = False  # its hooks wrap every other plugin's (it splits each model call into several)
     Config: type = NoConfig  # a frozen dataclass of the parameters, validating in __post_init__
 
     def __init_subclass__(cls, **kw):
@@ -248,9 +249,14 @@ class _Session:
                     raise StablekitError(f"{p!r} conflicts with {taken[c]!r}: both set the {c}; attach only one")
                 taken[c] = p
         self._uninstall()
+        outer = [p for p in self.plugins if p.outermost] if not all(p.outermost for p in plugins) else []
+        for p in outer:  # re-attached after the new ones, so that their hooks stay outermost
+            p._remove_hooks()
+            p.detach(self.pipe)
+            self.plugins.remove(p)
         done = []
         try:
-            for p in plugins:
+            for p in sorted(plugins, key=lambda p: p.outermost) + outer:
                 p.attach(self.pipe)
                 done.append(p)
                 self.plugins.append(p)

@@ -59,6 +59,8 @@ INDEX: dict[str, dict[str, str]] = {
         "encoder-propagation": "stablekit.accel.encoder_propagation:EncoderPropagation",
         "feature-inheritance": "stablekit.accel.feature_inheritance:FeatureInheritance",
         "lcm-lora": "stablekit.accel.lcm:LCMLoRA",
+        "multidiffusion": "stablekit.accel.multidiffusion:MultiDiffusion",
+        "shifted-tiles": "stablekit.accel.shifted_tiles:ShiftedTiles",
     },
     "guard": {
         "safree": "stablekit.safety.safree:SAFREE",
@@ -69,6 +71,7 @@ INDEX: dict[str, dict[str, str]] = {
         "gaussian-shading": "stablekit.provenance.gaussian_shading:GaussianShading",
         "seal": "stablekit.provenance.seal:SEAL",
         "tree-ring": "stablekit.provenance.tree_ring:TreeRing",
+        "wouaf": "stablekit.provenance.wouaf:WOUAF",
     },
     "attack": {
         "arithmetic": "stablekit.redteam.arithmetic:ConceptArithmetic",

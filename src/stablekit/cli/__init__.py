@@ -21,16 +21,19 @@ COMMANDS = {
     "audit": ("stablekit.cli.safety:audit_command", "Red-team a defense: how often the judge sees CONCEPT."),
     "keygen": ("stablekit.cli.provenance:keygen", "Write a new watermark key for METHOD."),
     "detect": ("stablekit.cli.provenance:detect_command", "Is each IMAGE watermarked with one of the keys?"),
+    "forensics": ("stablekit.cli.forensics:forensics_command", "Is each IMAGE pristine, laundered or generated?"),
     "edit": ("stablekit.cli.edit:edit_command", "Edit IMAGE from the --source prompt to the --target prompt."),
     "invert": ("stablekit.cli.edit:invert_command", "Invert IMAGE under --prompt; write its reconstruction."),
     "protect": ("stablekit.cli.protect:protect_command", "Protect IMAGE against diffusion mimicry and editing."),
     "serve": ("stablekit.cli.serve:serve", "Run the HTTP service, the AUTOMATIC1111 API and the studio."),
     "batch": ("stablekit.cli.batch:batch_command", "Generate every row of a JSON-lines job file."),
+    "train": ("stablekit.cli.train:train_command", "Train a UNet with a recipe (listed by --help)."),
     "distill": ("stablekit.cli.distill:distill_command", "Distill a one-step student of a model into a folder."),
     "memorization": (
         "stablekit.cli.memorization:memorization",
         "Detect memorized prompts; remove memorized images with an adapter.",
     ),
+    "restore": ("stablekit.cli.restore:restore_command", "Upscale IMAGE with a diffusion super-resolution model."),
     "bench": ("stablekit.cli.bench:bench", "Run benchmarks/NAME.py with the remaining arguments."),
 }
 

@@ -72,7 +72,7 @@ def _instaflow(
         teacher_steps=teacher_steps,
         guidance=guidance,
         reflow_iterations=iterations,
-        distill_iterations=distill_iterations or iterations,
+        distill_iterations=iterations if distill_iterations is None else distill_iterations,
         batch=batch,
         lr=lr,
         seed=seed,

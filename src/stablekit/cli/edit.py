@@ -9,11 +9,36 @@ import click
 
 from .. import __version__
 from ..errors import StablekitError
-from .common import check_output, decoder_steps_option, model_and_device
-from .defaults import DEFAULT_MODEL, EDIT_GUIDANCE, EDIT_STEPS, INVERSION_GUIDANCE
+from .common import check_output, decoder_steps_option, given, model_and_device, refuse
+from .defaults import DEFAULT_MODEL, EDIT_GUIDANCE, EDIT_STEPS
+from .defaults import INVERSION_GUIDANCE as GUIDANCE
 
 if TYPE_CHECKING:
     from ..edit import PromptToPrompt
+
+
+def read_image(path):
+    from ..latents import read_image
+
+    return read_image(path)
+
+
+def load_quietly(model, device):
+    from ..output import load_quietly
+
+    return load_quietly(model, device)
+
+
+def edit(*args, **kwargs):
+    from ..edit import edit
+
+    return edit(*args, **kwargs)
+
+
+def save_png(image, path, meta):
+    from ..output import save_png
+
+    save_png(image, path, meta)
 
 
 def _check_inversion(steps: int, guidance: float | None, decoder_steps: int, output: Path) -> None:
@@ -96,8 +121,8 @@ def _inversion_options(
 
 @click.command("edit")
 @click.argument("image", type=click.Path(path_type=Path))
-@click.option("--source", required=True, help="Prompt that describes IMAGE.")
-@click.option("--target", required=True, help="Prompt that describes the edited image.")
+@click.option("--source", default=None, help="Prompt that describes IMAGE (required but with pixelman).")
+@click.option("--target", default=None, help="Prompt that describes the edited image (required but with pixelman).")
 @click.option(
     "--controller",
     type=click.Choice(["replace", "refine", "reweight"]),
@@ -116,10 +141,14 @@ def _inversion_options(
 @click.option(
     "-o", "--output", default="edit.png", show_default=True, type=click.Path(path_type=Path), help="PNG file to write."
 )
+@click.option("--mask", type=click.Path(path_type=Path), default=None, help="pixelman: the object's mask (a PNG).")
+@click.option("--move", default="0,0", show_default=True, metavar="DX,DY", help="pixelman: move the object (pixels).")
+@click.option("--resize", type=float, default=1.0, show_default=True, help="pixelman: scale the object.")
 @_inversion_options(
-    EDIT_GUIDANCE,
+    {**EDIT_GUIDANCE, "pixelman": 1.0},
     None,
-    "Editing method: an inversion, or infedit (none needed; --guidance is the target branch's, the source's is 1).",
+    "Editing method: an inversion, infedit (none needed; --guidance is the target branch's, the source's is 1), or "
+    "pixelman (move or resize the object of --mask; --source, if given, describes the image).",
     f"Diffusion steps [default: the method's paper's, 50, infedit {EDIT_STEPS['infedit']}].",
 )
 def edit_command(
@@ -137,12 +166,12 @@ def edit_command(
     decoder_steps,
     model,
     device,
+    **pixelman_options,
 ):
-    """Edit IMAGE from the --source prompt to the --target prompt; print the written path."""
-    from ..edit import edit
-    from ..latents import read_image
-    from ..output import load_quietly, save_png
-
+    """Edit IMAGE from --source to --target, or move/resize the object of --mask (pixelman); print the written path."""
+    if method == "pixelman":
+        return pixelman_edit(image, source, output, steps, guidance, model, device, **pixelman_options)
+    _check_prompts(source, target, method)
     steps = EDIT_STEPS[method] if steps is None else steps
     _check_inversion(steps, guidance, decoder_steps, output)
     plugin = _controller(controller, weights, blend, method)
@@ -184,6 +213,41 @@ def edit_command(
     click.echo(str(output))
 
 
+def _check_prompts(source: str | None, target: str | None, method: str) -> None:
+    refuse(given("mask", "move", "resize"), "to an edit by prompts (they are pixelman's)")
+    if source is None or target is None:
+        raise StablekitError(f"--method {method} needs --source and --target prompts")
+
+
+def parse_move(move: str) -> tuple[float, float]:
+    """``"dx,dy"`` -> ``(dx, dy)``."""
+    parts = move.split(",")
+    try:
+        dx, dy = (float(v) for v in parts)
+    except ValueError:
+        raise StablekitError(f"--move '{move}' is not DX,DY; write it like --move 12,-4") from None
+    return dx, dy
+
+
+def pixelman_edit(image, prompt, output, steps, guidance, model, device, mask, move, resize):
+    """``edit --method pixelman``: check everything, then move/resize the object and write the PNG."""
+    from ..edit.pixelman import STEPS, PixelManConfig, object_mask, pixelman
+
+    refuse(given("target", "controller", "weights", "blend", "strength", "decoder_steps"), "to pixelman")
+    if mask is None:
+        raise StablekitError("--method pixelman needs --mask, an image of the object to move (white on black)")
+    steps = STEPS if steps is None else steps
+    config = PixelManConfig(move=parse_move(move), scale=resize, steps=steps, guidance=guidance or 1.0)
+    check_output(output)
+    picture = read_image(image)
+    object_mask(read_image(mask), (picture.height, picture.width))  # the size is checked before loading a model
+    pipe = load_quietly(model, device)
+    out, _, _ = pixelman(pipe, picture, read_image(mask), prompt or "", config)
+    meta = dict(method="pixelman", move=move, resize=resize, steps=steps, source=prompt or "", stablekit=__version__)
+    save_png(out, output, meta | dict(model=model or DEFAULT_MODEL))
+    click.echo(str(output))
+
+
 @click.command("invert")
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Prompt that describes IMAGE.")
@@ -200,22 +264,20 @@ def edit_command(
     type=click.Path(path_type=Path),
     help="PNG file to write.",
 )
-@_inversion_options(INVERSION_GUIDANCE)
+@_inversion_options(GUIDANCE)
 def invert_command(image, prompt, reconstruct, output, method, steps, guidance, decoder_steps, model, device):
     """Invert IMAGE under --prompt; with --reconstruct, write the reconstruction and print its PSNR."""
-    from ..edit import reconstruct_image
-    from ..latents import read_image
-    from ..output import load_quietly, save_png
-
     if not reconstruct:
         raise StablekitError("stablekit invert writes reconstructions only: add --reconstruct")
     _check_inversion(steps, guidance, decoder_steps, output)
     picture = read_image(image)
     pipe = load_quietly(model, device)
+    from ..edit import reconstruct_image
+
     out, db = reconstruct_image(
         pipe, picture, prompt, method, steps=steps, guidance=guidance, decoder_steps=decoder_steps
     )
-    guidance = INVERSION_GUIDANCE[method] if guidance is None else guidance
+    guidance = GUIDANCE[method] if guidance is None else guidance
     save_png(
         out,
         output,

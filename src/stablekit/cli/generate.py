@@ -142,6 +142,7 @@ def generate(
 ):
     """Generate images from PROMPT(s); print each written path."""
     from .. import use
+    from ..accel import check_size
     from ..output import load_quietly, parse_size
     from ..pipeline import guidance_rescale as guidance_rescale_for
     from ..pipeline import recommended
@@ -158,6 +159,7 @@ def generate(
     pipe = load_quietly(model, device, scheduler=scheduler, dtype=dtype)
     use(pipe, *plugins, *([mark] if mark else []))
     w, h = wh or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    check_size(pipe, w, h)
     jobs = [p for p in prompts for _ in range(n)]
     rescale = guidance_rescale_for(pipe) if guidance_rescale is None else guidance_rescale
     specs = {"accel": list(accels), "guard": list(guards), "adapter": [p.name for p in adapters]}

@@ -251,9 +251,7 @@ def train_unet(
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
+        ema_update(ema, unet, step)
         losses.append(loss.item())
         bar.update()
         if step % log_every == 0:
@@ -301,10 +299,24 @@ def _batch_loss(unet, data: dict, sched: DDPMScheduler, snr: torch.Tensor, batch
     cond[drop] = data["uncond"]
     noise = immiscible_noise(x0)
     t = torch.randint(0, 1000, (batch,), device=device)
-    with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):  # bf16 matmuls on a GPU
+    return v_loss(unet, x0, noise, t, cond, sched, snr)
+
+
+def v_loss(unet, x0, noise, t, cond, sched: DDPMScheduler, snr: torch.Tensor) -> torch.Tensor:
+    """The teacher's loss of one batch: v-prediction error of `unet` on `x0` noised with `noise` at timesteps `t`
+    under condition `cond`, Min-SNR-5 weighted on the x0 error and floored at weight 1 (bf16 matmuls on a GPU)."""
+    with torch.autocast("cuda", torch.bfloat16, enabled=x0.device.type == "cuda"):
         pred = unet(sched.add_noise(x0, noise, t), t, cond).sample.float()
-    w = snr[t].clamp(1.0, 5.0) / (snr[t] + 1)  # Min-SNR-5 on x0 error, floored at 1, for v-prediction
+    w = snr[t].clamp(1.0, 5.0) / (snr[t] + 1)
     return (w * (pred - sched.get_velocity(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+@torch.no_grad()
+def ema_update(ema, unet, step: int) -> None:
+    """The teacher's EMA after optimizer step `step` (counted from 1): decay (1 + step) / (10 + step), capped at
+    0.999."""
+    decay = min(0.999, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
 
 
 def export(out: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, scaling_factor: float, recipe: dict):

@@ -24,7 +24,13 @@ ignore context they do not use, so a harness can pass the same context to all of
 * ``averaging``: adds `strength` times the pattern estimated by averaging many ``marked`` images
   (their mean minus the mean of ``clean`` reference images, or minus its own per-channel mean);
   positive strength spoofs, negative removes ("Can Simple Averaging Defeat Modern Watermarks?",
-  Yang et al., NeurIPS 2024).
+  Yang et al., NeurIPS 2024);
+* ``surrogate_pgd``: model substitution ("Robustness of AI-Image Detectors: Fundamental Limits and Practical
+  Attacks", 2024): the attacker trains a surrogate classifier (:func:`train_surrogate`: a small CNN, marked
+  vs clean images of their own) and runs ``iters`` steps of L-infinity PGD of radius `strength` (pixels in
+  [0, 1], step 2.5 x radius / iters) that lower the surrogate's "marked" logit; the perturbation transfers
+  to the real detector. Give ``surrogate=`` or the ``marked=[...]`` and ``clean=[...]`` to train one. The
+  paper's surrogate is a ResNet-18 trained on thousands of images; here a 4-layer CNN.
 """
 
 from __future__ import annotations
@@ -169,6 +175,54 @@ def averaging(images, strength, marked=None, clean=None, **_):
     return out
 
 
+def train_surrogate(marked, clean, iters: int = 300, batch: int = 32, lr: float = 2e-3, seed: int = 0):
+    """The attacker's substitute detector: a small CNN, images (B, 3, H, W) in [0, 1] -> logit (marked > 0),
+    trained with binary cross-entropy on `marked` and `clean` PIL images (random flips)."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    x = torch.stack([to_tensor(im) for im in [*marked, *clean]])
+    y = torch.cat([torch.ones(len(marked)), torch.zeros(len(clean))])
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, 1, 1),
+        nn.SiLU(),
+        nn.Conv2d(32, 64, 4, 2, 1),
+        nn.SiLU(),
+        nn.Conv2d(64, 64, 4, 2, 1),
+        nn.SiLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 1),
+        nn.Flatten(0),
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(iters):
+        i = torch.randint(0, len(x), (min(batch, len(x)),))
+        xb = torch.where(torch.rand(len(i))[:, None, None, None] < 0.5, x[i].flip(-1), x[i])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(xb * 2 - 1), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lambda v: net(v * 2 - 1)
+
+
+def surrogate_pgd(images, strength, surrogate=None, marked=None, clean=None, iters: int = 20, **_):
+    if surrogate is None:
+        if not marked or not clean:
+            raise StablekitError("the surrogate_pgd attack needs surrogate=... or marked=[...] and clean=[...]")
+        surrogate = train_surrogate(marked, clean)
+    eps = float(strength)
+    x0 = torch.stack([to_tensor(im) for im in images])
+    x = x0.clone()
+    for _ in range(int(iters)):
+        x.requires_grad_(True)
+        grad = torch.autograd.grad(surrogate(x).sum(), x)[0]
+        with torch.no_grad():
+            x = x - 2.5 * eps / iters * grad.sign()
+            x = (x0 + (x - x0).clamp(-eps, eps)).clamp(0, 1)
+    return [to_pil(v) for v in x.detach()]
+
+
 ATTACKS = {
     "jpeg": (jpeg, (90, 70, 50, 30, 10)),
     "resized_crop": (resized_crop, (0.9, 0.75, 0.6, 0.5)),
@@ -182,4 +236,5 @@ ATTACKS = {
     "purification": (purification, (0.1, 0.2, 0.3, 0.5)),
     "imprint": (imprint, (0.5, 1.0)),
     "averaging": (averaging, (0.5, 1.0, 2.0)),
+    "surrogate_pgd": (surrogate_pgd, (2 / 255, 4 / 255, 8 / 255, 16 / 255)),
 }

@@ -6,7 +6,9 @@
     print(detect(pipe, image, key))                           # score, p-value, decision, cost
 
 Methods: :mod:`.tree_ring` (Tree-Ring, baseline), :mod:`.gaussian_shading` (Gaussian Shading,
-baseline), :mod:`.seal` (SEAL, 2025). Attacks on them: :mod:`stablekit.eval.attacks`.
+baseline), :mod:`.seal` (SEAL, 2025), all on the initial latents; :mod:`.wouaf` (WOUAF, 2024), user
+fingerprints in the VAE decoder's weights, read from the image without inversion.
+Attacks on them: :mod:`stablekit.eval.attacks`.
 """
 
 from .detection import FPR, DetectionResult, Watermark, detect, make_key, recover_noise, watermark
@@ -14,6 +16,7 @@ from .gaussian_shading import GaussianShading
 from .keys import Key
 from .seal import SEAL
 from .tree_ring import TreeRing
+from .wouaf import WOUAF
 
 __all__ = [
     "Key",
@@ -26,5 +29,6 @@ __all__ = [
     "TreeRing",
     "GaussianShading",
     "SEAL",
+    "WOUAF",
     "FPR",
 ]

@@ -42,6 +42,7 @@ class Watermark(Plugin):
 
     name = ""
     Config = Key
+    inverts = True  # detection inverts the image to its initial noise; False: the method reads the image itself
 
     def __init__(self, key: Key):
         if not isinstance(key, Key):
@@ -159,13 +160,14 @@ class DetectionResult:
     user: int | None = None  # index of the best-matching key when several were given
     message: str | None = None  # Gaussian Shading: the decoded bits
     details: dict = field(default_factory=dict)
+    stage: str = "inversion"  # what `seconds` measured: the inversion, or reading the image (no inversion)
 
     def __str__(self):
         verdict = "watermarked" if self.detected else "not detected"
         who = f", key #{self.user}" if self.user is not None else ""
         return (
             f"{self.method}: {verdict} (score {self.score:.4g}, p-value {self.p_value:.3g} at FPR {self.fpr:g}"
-            f"{who}; inversion {self.seconds:.2f} s)"
+            f"{who}; {self.stage} {self.seconds:.2f} s)"
         )
 
 
@@ -226,9 +228,17 @@ def detect(
         raise StablekitError(f"latents have shape {tuple(latents.shape)}; the key needs {(1, *first.shape)}")
     if x is None and latents is None:
         raise StablekitError("give an image or its latents")
-    noise, seconds = recover_noise(pipe, x, latents, steps=steps, inversion=inversion, decoder_steps=decoder_steps)
+    if not first.inverts:
+        if x is None:
+            raise StablekitError(f"{first.name} reads the image itself: give the image, not its latents")
+        evidence, seconds = first.read(pipe, x)
+    else:
+        noise, seconds = recover_noise(pipe, x, latents, steps=steps, inversion=inversion, decoder_steps=decoder_steps)
+        evidence = noise[0]
     pil = None if x is None else to_pil(x)
-    return _decide(first.name, [m.score(noise[0], pil, embed) for m in marks], fpr, seconds)
+    result = _decide(first.name, [m.score(evidence, pil, embed) for m in marks], fpr, seconds)
+    result.stage = "inversion" if first.inverts else "reading"
+    return result
 
 
 def _watermarks(keys: Key | list[Key]) -> list[Watermark]:

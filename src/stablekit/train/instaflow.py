@@ -55,7 +55,9 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("pairs", "teacher_steps", "reflow_iterations", "reflow_steps", "distill_iterations", "batch"):
+        if self.distill_iterations < 0:
+            raise ValueError(f"distill_iterations must be >= 0 (0: stop after reflow), got {self.distill_iterations}")
+        for name in ("pairs", "teacher_steps", "reflow_iterations", "reflow_steps", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.guidance < 0:
@@ -141,22 +143,23 @@ def distill(pipe, config: Config = Config(), prompts: list[str] | None = None, w
             **common,
         ),
     )
-    pairs2 = stage.pairs(
-        "reflow_pairs",
-        lambda: sample_pairs(student, prompts, steps=config.reflow_steps, guidance=1.0, seed=config.seed + 1),
-    )
-    stage.train(
-        "distill",
-        student.unet,
-        lambda: fit(
+    if config.distill_iterations:  # 0: the reflowed model itself is the student
+        pairs2 = stage.pairs(
+            "reflow_pairs",
+            lambda: sample_pairs(student, prompts, steps=config.reflow_steps, guidance=1.0, seed=config.seed + 1),
+        )
+        stage.train(
+            "distill",
             student.unet,
-            one_step_loss(pipe.scheduler),
-            pairs2,
-            iterations=config.distill_iterations,
-            desc="distill",
-            **common,
-        ),
-    )
+            lambda: fit(
+                student.unet,
+                one_step_loss(pipe.scheduler),
+                pairs2,
+                iterations=config.distill_iterations,
+                desc="distill",
+                **common,
+            ),
+        )
     return student, _recipe(config, rescale, stage.losses, t0)
 
 

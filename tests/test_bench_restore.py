@@ -1,0 +1,25 @@
+"""benchmarks/restore.py end to end at tiny scale: every method on both sets, the JSON, the plot, the targets."""
+
+import json
+
+from stablekit.cli.bench import load_benchmark
+
+
+def test_restore_benchmark_tiny(tmp_path):
+    bench = load_benchmark("restore")
+    out = tmp_path / "restore.json"
+    res = bench.main(
+        ["--json", str(out), "--images", "3", "--photos", "2", "--baseline-steps", "3", "--batch", "2", "--edits", "2"]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and out.with_suffix(".png").exists()
+    assert (tmp_path / "restore_pixelman.png").exists()
+    for name in ("world", "photos"):
+        methods = res["sets"][name]
+        assert set(methods) == {"bicubic", "resshift", "diffusion_3"}
+        assert [methods[m]["network_calls"] for m in ("bicubic", "resshift", "diffusion_3")] == [0, 4, 3]
+        assert methods["resshift"]["n"] == (3 if name == "world" else 2)
+    assert res["targets"]["resshift_matches_diffusion_3_world"]["status"] == "inconclusive"  # 3 images < 20
+    pixelman = res["pixelman"]["methods"]
+    assert res["pixelman"]["n"] == 2 and set(pixelman) == {"copy", "fill", "pixelman"}
+    assert pixelman["copy"]["background_psnr_db"] > 45  # pasting changes nothing outside the masks
+    assert 0 < pixelman["pixelman"]["network_calls"] <= 16
