@@ -63,6 +63,7 @@ def test_generate_writes_png_with_metadata(generate, out_dir, tiny_sd_path):
         "scheduler": "ddim",
         "model": str(tiny_sd_path),
         "plugins": "",
+        "dtype": "float32",
         "stablekit": stablekit.__version__,
     }
 

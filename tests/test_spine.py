@@ -8,7 +8,7 @@ from PIL import Image
 import stablekit
 from stablekit.latents import psnr, to_pil, to_tensor, tree_map
 from stablekit.pipeline import STANDARD_SCHEDULERS
-from stablekit.registry import CATALOGUE, KINDS, build, register
+from stablekit.registry import CATALOGUE, INDEX, KINDS, Table, build, register
 
 
 def test_the_catalogue_is_full_after_import_and_keyed_by_each_class_name():
@@ -23,7 +23,7 @@ def test_the_catalogue_is_full_after_import_and_keyed_by_each_class_name():
 
 
 def test_register_files_a_class_and_refuses_a_taken_name_or_an_unknown_kind(monkeypatch):
-    monkeypatch.setitem(CATALOGUE, "accel", dict(CATALOGUE["accel"]))
+    monkeypatch.setitem(CATALOGUE, "accel", Table("accel", INDEX["accel"]))
 
     @register("accel")
     class Faster(stablekit.Plugin):

@@ -77,6 +77,7 @@ def generation_metadata(
         scheduler=scheduler.strip() if scheduler else scheduler_name(pipe),
         model=model or DEFAULT_MODEL,
         plugins=",".join(p.name for p in attached(pipe) if not isinstance(p, SchedulerPlugin)),
+        dtype=str(pipe.unet.dtype).removeprefix("torch."),
         stablekit=__version__,
     )
     for key, items in specs.items():

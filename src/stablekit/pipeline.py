@@ -27,7 +27,7 @@ from diffusers import (
 
 from .errors import StablekitError
 from .plugins import SchedulerPlugin
-from .registry import CATALOGUE, parse, register
+from .registry import CATALOGUE, parse
 
 STANDARD_SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -43,8 +43,6 @@ STANDARD_SCHEDULERS = {
     "unipc": UniPCMultistepScheduler,
     "lcm": LCMScheduler,
 }
-for _name, _cls in STANDARD_SCHEDULERS.items():
-    register("scheduler", _name)(_cls)
 PIPELINES = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
@@ -109,7 +107,24 @@ def _dtype(dtype, device: str) -> torch.dtype:
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise StablekitError(f"unknown dtype '{dtype}'; use float32, float16 or bfloat16")
         dtype = getattr(torch, dtype)
+    check_dtype(dtype, device)
     return dtype
+
+
+def check_dtype(dtype: torch.dtype, device: str) -> None:
+    """A one-line error, before any loading, if `device` cannot run what a UNet runs (convolution, group norm,
+    matmul, softmax) in `dtype`: tried on a tiny input."""
+    name = str(dtype).removeprefix("torch.")
+    if not dtype.is_floating_point:
+        raise StablekitError(f"dtype {name} is not a floating-point type; use float32, float16 or bfloat16")
+    try:
+        x = torch.ones(1, 8, 4, 4, dtype=dtype, device=device)
+        y = torch.nn.functional.conv2d(x, torch.ones(8, 8, 3, 3, dtype=dtype, device=device), padding=1)
+        y = torch.nn.functional.group_norm(y, 4).flatten(1)
+        torch.softmax(y @ y.T, -1).float().cpu()
+    except (RuntimeError, NotImplementedError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StablekitError(f"device '{device}' cannot run {name} ({first}); use --dtype float32") from None
 
 
 def _load_default(dtype) -> DiffusionPipeline:

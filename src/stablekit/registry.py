@@ -1,10 +1,10 @@
 """The one catalogue of plugin kinds, and classes by name with keyword parameters from one line of text:
 ``NAME[:k=v[,k=v...]]``.
 
-:data:`CATALOGUE` maps each kind (:data:`KINDS`) to a ``dict[str, type]`` keyed by the classes' ``name``;
-method modules file their classes with the :func:`register` decorator, and ``import stablekit`` imports every
-method package, so the catalogue is full once any part of stablekit is imported. The command line and
-:func:`stablekit.load` read it::
+:data:`CATALOGUE` maps each kind (:data:`KINDS`) to a :class:`Table` (a read-only mapping) of classes keyed by
+their ``name``; method modules file their classes with the :func:`register` decorator, and :data:`INDEX` lists where
+each class of the package lives, so a name is known without importing anything and its class is imported on first
+lookup. The command line and :func:`stablekit.load` read it::
 
     @register("accel")
     class DeepCache(StepCache):
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import importlib
 import inspect
 import types
 import typing
@@ -31,12 +32,113 @@ import typing
 from .errors import StablekitError
 
 KINDS = ("scheduler", "accel", "guard", "watermark", "attack", "quant")
-CATALOGUE: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
+# kind -> name -> "module:attribute" of every class the package files in the catalogue, so that the names are known
+# (for help texts, spec checks) without importing the method packages; tests/test_layers.py checks it against what
+# the classes' @register decorators file. diffusers' own schedulers are filed here alone.
+INDEX: dict[str, dict[str, str]] = {
+    "scheduler": {
+        "ddim": "diffusers:DDIMScheduler",
+        "ddpm": "diffusers:DDPMScheduler",
+        "pndm": "diffusers:PNDMScheduler",
+        "plms": "diffusers:PNDMScheduler",
+        "dpm++": "diffusers:DPMSolverMultistepScheduler",
+        "dpmsolver": "diffusers:DPMSolverMultistepScheduler",
+        "euler": "diffusers:EulerDiscreteScheduler",
+        "euler-a": "diffusers:EulerAncestralDiscreteScheduler",
+        "heun": "diffusers:HeunDiscreteScheduler",
+        "lms": "diffusers:LMSDiscreteScheduler",
+        "unipc": "diffusers:UniPCMultistepScheduler",
+        "lcm": "diffusers:LCMScheduler",
+        "hb": "stablekit.sampling.momentum:HBScheduler",
+        "ghvb": "stablekit.sampling.momentum:GHVBScheduler",
+        "hb-dpm++": "stablekit.sampling.momentum:HBDPMSolverScheduler",
+        "searched": "stablekit.sampling.schedule_search:SearchedScheduler",
+    },
+    "accel": {
+        "deepcache": "stablekit.accel.deepcache:DeepCache",
+        "encoder-propagation": "stablekit.accel.encoder_propagation:EncoderPropagation",
+        "feature-inheritance": "stablekit.accel.feature_inheritance:FeatureInheritance",
+        "lcm-lora": "stablekit.accel.lcm:LCMLoRA",
+        "multidiffusion": "stablekit.accel.multidiffusion:MultiDiffusion",
+        "shifted-tiles": "stablekit.accel.shifted_tiles:ShiftedTiles",
+    },
+    "guard": {
+        "safree": "stablekit.safety.safree:SAFREE",
+        "sld": "stablekit.safety.sld:SLD",
+        "uce": "stablekit.safety.uce:UCE",
+    },
+    "watermark": {
+        "gaussian-shading": "stablekit.provenance.gaussian_shading:GaussianShading",
+        "seal": "stablekit.provenance.seal:SEAL",
+        "tree-ring": "stablekit.provenance.tree_ring:TreeRing",
+        "wouaf": "stablekit.provenance.wouaf:WOUAF",
+    },
+    "attack": {
+        "arithmetic": "stablekit.redteam.arithmetic:ConceptArithmetic",
+        "p4d": "stablekit.redteam.p4d:P4D",
+        "unlearndiffatk": "stablekit.redteam.unlearndiffatk:UnlearnDiffAtk",
+    },
+    "quant": {
+        "naive": "stablekit.quant.naive:Naive",
+        "ptq4dm": "stablekit.quant.ptq4dm:PTQ4DM",
+        "qdiffusion": "stablekit.quant.qdiffusion:QDiffusion",
+        "quest": "stablekit.quant.quest:QuEST",
+        "svdquant": "stablekit.quant.svdquant:SVDQuant",
+    },
+}
+
+
+class Table(collections.abc.MutableMapping):
+    """One kind's classes by name: the names of :data:`INDEX` (known without importing anything) and those filed by
+    :func:`register`; a class of the index is imported on first lookup (``table[name]``, ``.items()``). Setting
+    and deleting work as on a dict."""
+
+    def __init__(self, kind: str, paths: dict[str, str]):
+        self.kind = kind
+        self.paths = dict(paths)
+        self.classes: dict[str, type] = {}
+
+    def __iter__(self):
+        return iter(dict.fromkeys([*self.paths, *self.classes]))
+
+    def __len__(self) -> int:
+        return len(set(self.paths) | set(self.classes))
+
+    def __contains__(self, name) -> bool:
+        return name in self.paths or name in self.classes
+
+    def __getitem__(self, name: str) -> type:
+        if name not in self.classes and name in self.paths:
+            module, _, attr = self.paths[name].partition(":")
+            self.classes[name] = getattr(importlib.import_module(module), attr)
+        return self.classes[name]
+
+    def __setitem__(self, name: str, cls: type) -> None:
+        self.classes[name] = cls
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        self.classes.pop(name, None)
+        self.paths.pop(name, None)
+
+    def __repr__(self) -> str:
+        return f"Table({self.kind!r}, {list(self)})"
+
+    def file(self, name: str, cls: type) -> None:
+        """File `cls` under `name`; a name already taken by another class is refused."""
+        if self.classes.get(name, cls) is not cls:
+            raise ValueError(f"{self.kind} '{name}' is already {self.classes[name].__name__}, not {cls.__name__}")
+        self.classes[name] = cls
+
+
+CATALOGUE: dict[str, Table] = {kind: Table(kind, INDEX[kind]) for kind in KINDS}
 
 
 def register(kind: str, name: str | None = None):
     """Class decorator: file the class in ``CATALOGUE[kind]`` under its ``name`` attribute, or under `name`
-    (for classes of other libraries, and aliases). A name already taken by another class is refused."""
+    (for classes of other libraries, and aliases). A name already taken by another class is refused. A class of
+    the package is also listed in :data:`INDEX`, so that its name is known before its module is imported."""
     if kind not in CATALOGUE:
         raise ValueError(f"unknown plugin kind '{kind}'; the kinds are: {', '.join(KINDS)}")
     table = CATALOGUE[kind]
@@ -45,9 +147,7 @@ def register(kind: str, name: str | None = None):
         key = name or getattr(cls, "name", None)
         if not isinstance(key, str) or not key:
             raise ValueError(f"{cls.__name__} has no name to be registered under as a {kind}")
-        if table.get(key, cls) is not cls:
-            raise ValueError(f"{kind} '{key}' is already {table[key].__name__}, not {cls.__name__}")
-        table[key] = cls
+        table.file(key, cls)
         return cls
 
     return add

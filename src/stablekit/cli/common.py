@@ -23,6 +23,16 @@ def model_and_device(f):
     return model_option(device(f))
 
 
+def dtype_option(f):
+    """--dtype: the precision the pipeline is loaded and run in."""
+    return click.option(
+        "--dtype",
+        default=None,
+        metavar="float32|bfloat16|float16",
+        help="Precision of the weights and the computation [default: float16 on CUDA, else float32].",
+    )(f)
+
+
 def spm_multiplier_option(f):
     """--spm-multiplier, shared by the commands that attach SPM membranes (generate, audit)."""
     return click.option(

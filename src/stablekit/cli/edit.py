@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .. import __version__
-from ..edit import (
-    EDIT_GUIDANCE,
-    EDIT_STEPS,
-    GUIDANCE,
-    PromptToPrompt,
-    UnifiedAttentionControl,
-    edit,
-    reconstruct_image,
-)
 from ..errors import StablekitError
-from ..latents import read_image
-from ..output import load_quietly, save_png
-from ..pipeline import DEFAULT_MODEL
 from .common import check_output, decoder_steps_option, given, model_and_device, refuse
+from .defaults import DEFAULT_MODEL, EDIT_GUIDANCE, EDIT_STEPS
+from .defaults import INVERSION_GUIDANCE as GUIDANCE
+
+if TYPE_CHECKING:
+    from ..edit import PromptToPrompt
+
+
+def read_image(path):
+    from ..latents import read_image
+
+    return read_image(path)
+
+
+def load_quietly(model, device):
+    from ..output import load_quietly
+
+    return load_quietly(model, device)
+
+
+def edit(*args, **kwargs):
+    from ..edit import edit
+
+    return edit(*args, **kwargs)
+
+
+def save_png(image, path, meta):
+    from ..output import save_png
+
+    save_png(image, path, meta)
 
 
 def _check_inversion(steps: int, guidance: float | None, decoder_steps: int, output: Path) -> None:
@@ -57,6 +75,8 @@ def _controller(
         return None
     if name == "reweight" and not weights:
         raise StablekitError("--controller reweight needs at least one --weight WORD=SCALE, e.g. --weight red=2")
+    from ..edit import PromptToPrompt, UnifiedAttentionControl
+
     kind = UnifiedAttentionControl if method == "infedit" else PromptToPrompt
     return kind("replace" if name == "replace" else "refine", weights=parse_weights(weights), blend=blend)
 
@@ -252,6 +272,8 @@ def invert_command(image, prompt, reconstruct, output, method, steps, guidance, 
     _check_inversion(steps, guidance, decoder_steps, output)
     picture = read_image(image)
     pipe = load_quietly(model, device)
+    from ..edit import reconstruct_image
+
     out, db = reconstruct_image(
         pipe, picture, prompt, method, steps=steps, guidance=guidance, decoder_steps=decoder_steps
     )

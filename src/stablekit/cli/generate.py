@@ -5,17 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 
-from .. import safety, use
-from ..accel import check_size
 from ..errors import StablekitError
-from ..output import generation_metadata, load_quietly, parse_size, save_png
-from ..pipeline import guidance_rescale as guidance_rescale_for
-from ..pipeline import recommended
-from ..provenance import Key, watermark
 from ..registry import CATALOGUE, build
-from .common import check_output, given, load_adapter, model_and_device, output_paths, refuse, spm_multiplier_option
+from .common import (
+    check_output,
+    dtype_option,
+    given,
+    load_adapter,
+    model_and_device,
+    output_paths,
+    refuse,
+    spm_multiplier_option,
+)
 from .quant import quant_plugins, quant_recipe
 
 SCHEDULERS = CATALOGUE["scheduler"]
@@ -26,6 +28,8 @@ WATERMARKS = CATALOGUE["watermark"]
 
 def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, int] | None):
     """(the watermark plugin or None, the image size): the key's size unless --size agrees with it."""
+    from ..provenance import Key, watermark
+
     if key_file is None:
         if method:
             raise StablekitError(
@@ -121,6 +125,7 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     help="Quantize the UNet for this run: a method (calibrated first, e.g. svdquant:bits=w4a4) or a folder "
     "from `stablekit quantize` made from --model.",
 )
+@dtype_option
 @model_and_device
 def generate(
     prompts,
@@ -141,22 +146,27 @@ def generate(
     key_file,
     negative,
     quant,
+    dtype,
     device,
 ):
     """Generate images from PROMPT(s); print each written path."""
+    from .. import use
+    from ..accel import check_size
+    from ..output import load_quietly, parse_size
+    from ..pipeline import guidance_rescale as guidance_rescale_for
+    from ..pipeline import recommended
+
     wh = parse_size(size)
     own = recommended(model)
     steps = own.get("steps", 25) if steps is None else steps
     guidance = own.get("guidance", 7.5) if guidance is None else guidance
-    _check_generate(prompts, output, steps, guidance, n)
-    if guidance_rescale is not None and not 0 <= guidance_rescale <= 1:
-        raise StablekitError(f"--guidance-rescale {guidance_rescale}: must lie in [0, 1]")
+    _check_generate(prompts, output, steps, guidance, guidance_rescale, n)
     if guidance <= 1:
         refuse(given("negative", "guidance_rescale"), f"at --guidance {guidance:g}: classifier-free guidance is off")
     plugins = _generation_plugins(accels, guards, adapters, spm_multiplier)
     mark, wh = _watermark_plugin(method, key_file, wh)
     recipe = quant_recipe(quant)
-    pipe = load_quietly(model, device, scheduler=scheduler)
+    pipe = load_quietly(model, device, scheduler=scheduler, dtype=dtype)
     plugins += quant_plugins(pipe, recipe)
     use(pipe, *plugins, *([mark] if mark else []))
     w, h = wh or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
@@ -176,16 +186,27 @@ def generate(
         specs=specs,
     )
     call = dict(negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=rescale)
-    for i, (prompt, path) in enumerate(zip(jobs, output_paths(output, len(jobs)), strict=False)):
-        pipe.set_progress_bar_config(disable=None, desc=f"image {i + 1}/{len(jobs)}")
+    _write_images(pipe, jobs, output_paths(output, len(jobs)), seed, dict(height=h, width=w, **call), meta)
+
+
+def _write_images(pipe, prompts: list[str], paths: list[Path], seed: int, call: dict, meta: dict) -> None:
+    """Generate prompt i with seed+i, save it to path i with its metadata, and print the path."""
+    import torch
+
+    from ..output import generation_metadata, save_png
+
+    for i, (prompt, path) in enumerate(zip(prompts, paths, strict=True)):
+        pipe.set_progress_bar_config(disable=None, desc=f"image {i + 1}/{len(prompts)}")
         g = torch.Generator("cpu").manual_seed(seed + i)
-        image = pipe(prompt, height=h, width=w, generator=g, **call).images[0]
+        image = pipe(prompt, generator=g, **call).images[0]
         save_png(image, path, generation_metadata(pipe, prompt, seed + i, **meta))
         click.echo(str(path))
 
 
 def _generation_plugins(accels, guards, adapters, spm_multiplier: float) -> list:
     """The plugins of `generate`'s --accel, --guard and --adapter options, built (so checked) before any loading."""
+    from .. import safety
+
     plugins = [build(spec, ACCELS, "accel") for spec in accels]
     plugins += [build(spec, GUARDS, "guard") for spec in guards]
     plugins += [load_adapter(path, spm_multiplier) for path in adapters]
@@ -194,13 +215,17 @@ def _generation_plugins(accels, guards, adapters, spm_multiplier: float) -> list
     return plugins
 
 
-def _check_generate(prompts, output: Path, steps: int, guidance: float, n: int) -> None:
+def _check_generate(
+    prompts, output: Path, steps: int, guidance: float, guidance_rescale: float | None, n: int
+) -> None:
     if not any(p.strip() for p in prompts):
         raise StablekitError('no prompt given; write it after the command, e.g. stablekit generate "a red circle"')
     if steps <= 0:
         raise StablekitError(f"--steps {steps}: the number of denoising steps must be at least 1, e.g. --steps 25")
     if guidance < 0:
         raise StablekitError(f"--guidance {guidance}: guidance must be >= 0 (1 turns it off; 7.5 is usual)")
+    if guidance_rescale is not None and not 0 <= guidance_rescale <= 1:
+        raise StablekitError(f"--guidance-rescale {guidance_rescale}: must lie in [0, 1]")
     if n <= 0:
         raise StablekitError(f"--n {n}: the number of images per prompt must be at least 1")
     check_output(output)

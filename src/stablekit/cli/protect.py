@@ -8,15 +8,8 @@ import click
 
 from .. import __version__
 from ..errors import StablekitError
-from ..latents import read_image
-from ..output import load_quietly, save_png
-from ..pipeline import DEFAULT_MODEL
-from ..protect import DEFAULTS as PROTECT_DEFAULTS
-from ..protect import METHODS as PROTECTIONS
-from ..protect import eot as protect_eot
-from ..protect import options as protect_options
-from ..protect import parse_eps, parse_psnr, protect
 from .common import check_output, given, model_and_device, refuse
+from .defaults import DEFAULT_MODEL, EOT, PROTECTIONS
 
 
 @click.command("protect")
@@ -56,23 +49,21 @@ from .common import check_output, given, model_and_device, refuse
     "--steps",
     type=int,
     default=None,
-    help="PGD steps [default: the method's, "
-    + ", ".join(f"{m} {d['steps']}" for m, d in PROTECT_DEFAULTS.items())
-    + "].",
+    help="PGD steps [default: the method's, " + ", ".join(f"{m} {d['steps']}" for m, d in PROTECTIONS.items()) + "].",
 )
 @click.option("--step-size", default=None, help="PGD step in pixel units, e.g. 1/255 [default: the method's].")
 @click.option(
     "--mode",
     default=None,
     help="encoder: toward|away; semantic, sds: max|min [default: the method's, "
-    + ", ".join(f"{m} {d['mode']}" for m, d in PROTECT_DEFAULTS.items() if "mode" in d)
+    + ", ".join(f"{m} {d['mode']}" for m, d in PROTECTIONS.items() if "mode" in d)
     + "].",
 )
 @click.option("--prompt", default=None, help="Prompt of the denoiser's loss [default: the method's].")
 @click.option(
     "--eot",
     multiple=True,
-    type=click.Choice([*protect_eot.TRANSFORMS, "all"]),
+    type=click.Choice([*EOT, "all"]),
     help="Optimise through this transformation too, drawn at random per step (repeatable).",
 )
 @click.option(
@@ -87,6 +78,12 @@ def protect_command(
     image, output, method, mask, eps, min_psnr, steps, step_size, mode, prompt, eot, dtype, seed, model, device
 ):
     """Protect IMAGE against diffusion mimicry and editing; print the written path."""
+    from ..latents import read_image
+    from ..output import load_quietly, save_png
+    from ..protect import DEFAULTS as PROTECT_DEFAULTS
+    from ..protect import options as protect_options
+    from ..protect import parse_eps, parse_psnr, protect
+
     budget = parse_eps(eps, "--eps")
     parse_psnr(min_psnr, "--min-psnr")
     step = None if step_size is None else parse_eps(step_size, "--step-size")
@@ -97,19 +94,7 @@ def protect_command(
     settings = protect_options(method, steps, step, mode, prompt)
     check_output(output)
     picture = read_image(image)
-    region = None
-    if mask is not None:
-        region = read_image(mask)
-        if region.size != picture.size:
-            raise StablekitError(
-                f"mask '{mask}' is {region.width}x{region.height} but image '{image}' is "
-                f"{picture.width}x{picture.height}; give a mask of the image's size"
-            )
-    elif method == "diffusionguard":
-        raise StablekitError(
-            "--method diffusionguard needs --mask MASK: white over the region to protect "
-            "(what an inpainting editor keeps)"
-        )
+    region = _read_mask(mask, image, picture, method)
     pipe = load_quietly(model, device)
     out = protect(
         pipe,
@@ -143,3 +128,23 @@ def protect_command(
         ),
     )
     click.echo(str(output))
+
+
+def _read_mask(mask: Path | None, image: Path, picture, method: str):
+    """The --mask image (None without one), of `picture`'s size; diffusionguard needs one."""
+    from ..latents import read_image
+
+    if mask is None:
+        if method == "diffusionguard":
+            raise StablekitError(
+                "--method diffusionguard needs --mask MASK: white over the region to protect "
+                "(what an inpainting editor keeps)"
+            )
+        return None
+    region = read_image(mask)
+    if region.size != picture.size:
+        raise StablekitError(
+            f"mask '{mask}' is {region.width}x{region.height} but image '{image}' is "
+            f"{picture.width}x{picture.height}; give a mask of the image's size"
+        )
+    return region

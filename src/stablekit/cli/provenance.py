@@ -9,12 +9,9 @@ from pathlib import Path
 import click
 
 from ..errors import StablekitError
-from ..latents import read_image
-from ..output import load_quietly, parse_size, write_atomically
-from ..provenance import FPR, Key, detect, make_key, watermark
-from ..provenance.detection import latent_shape
 from ..registry import CATALOGUE, parse
 from .common import check_output, decoder_steps_option, model_and_device, model_option
+from .defaults import FPR
 
 WATERMARKS = CATALOGUE["watermark"]
 
@@ -41,6 +38,9 @@ WATERMARKS = CATALOGUE["watermark"]
 @click.option("--force", is_flag=True, help="Overwrite an existing key file.")
 def keygen(method, output, model, size, seed, force):
     """Write a new watermark key for METHOD (tree-ring, gaussian-shading or seal; k=v override its defaults)."""
+    from ..output import load_quietly, parse_size, write_atomically
+    from ..provenance import make_key
+
     name, _, params = parse(method, WATERMARKS, "watermark method", lambda cls: cls.default_params)
     wh = parse_size(size)
     check_output(output, "key.json")
@@ -75,6 +75,11 @@ def keygen(method, output, model, size, seed, force):
 @model_and_device
 def detect_command(images, key_files, model, steps, inversion, decoder_steps, fpr, as_json, device):
     """Is each IMAGE watermarked with one of the keys? Print score, p-value, decision and message or key."""
+    from ..latents import read_image
+    from ..output import load_quietly
+    from ..provenance import Key, detect, watermark
+    from ..provenance.detection import latent_shape
+
     if steps <= 0:
         raise StablekitError(f"--steps {steps}: the number of inversion steps must be at least 1, e.g. --steps 50")
     if decoder_steps < 0:

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import click
 
-from .. import safety
 from ..errors import StablekitError
-from ..output import load_quietly, write_atomically
-from ..redteam import audit
 from ..registry import CATALOGUE
 from .common import check_output, given, model_and_device, refuse, spm_multiplier_option
+from .defaults import DEFENSES
 
 ATTACKS = CATALOGUE["attack"]
 
@@ -57,6 +55,9 @@ ATTACKS = CATALOGUE["attack"]
 @model_and_device
 def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrogate, output, model, device):
     """Erase CONCEPTs from a model; use the file with `generate --adapter`."""
+    from .. import safety
+    from ..output import load_quietly, write_atomically
+
     check_output(output, "adapter.safetensors")
     if not all(c.strip() for c in concepts):
         raise StablekitError("--concept must not be empty")
@@ -93,7 +94,7 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrog
     "--defense",
     default="none",
     show_default=True,
-    type=click.Choice(list(audit.DEFENSES)),
+    type=click.Choice(list(DEFENSES)),
     help="Defense given the concept word: none, blocklist (the word deleted from prompts), negative "
     "(prompt), sld, uce, safree, safree-negative "
     "(SAFREE with the word as negative prompt while it filters) or spm.",
@@ -148,6 +149,9 @@ def audit_command(
 ):
     """Red-team a defense: how often the judge (the default model's attribute classifier) sees CONCEPT, before
     and after an attack."""
+    from ..output import load_quietly, write_atomically
+    from ..redteam import audit
+
     c = audit.concept(concept)
     if attack not in ATTACKS:
         raise StablekitError(f"unknown attack '{attack}'; choose one of: {', '.join(ATTACKS)}")
