@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .students import add_lora, elapsed_minutes, fit, world_latents
+from .students import add_lora, elapsed_minutes, fit, teacher_halves, world_latents
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,7 @@ def guidance_loss(pipe, config: Config):
         t = torch.randint(0, len(acp), (b,), generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
-        with torch.no_grad():
-            unet.disable_adapters()
-            both = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond.expand(b, -1, -1)])).sample
-            unet.enable_adapters()
-            c, u = both.chunk(2)
+        c, u = teacher_halves(unet, x_t, t, cond, uncond)
         return (unet(x_t, t, cond).sample - (u + config.guidance * (c - u))).pow(2).mean()
 
     return loss

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import StablekitError
-from .students import add_lora, elapsed_minutes, fit, world_latents
+from .students import add_lora, elapsed_minutes, fit, teacher_halves, world_latents
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,7 @@ def lcd_loss(pipe, config: Config):
         w = (config.w_min + (config.w_max - config.w_min) * torch.rand(b, generator=g)).view(-1, 1, 1, 1)
         pred = f(unet, x_t, t, cond)
         with torch.no_grad():
-            unet.disable_adapters()
-            both = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond.expand(b, -1, -1)])).sample
-            unet.enable_adapters()
-            c, u = both.chunk(2)
+            c, u = teacher_halves(unet, x_t, t, cond, uncond)
             x0_hat, eps_hat = x0_and_eps(u + w * (c - u), x_t, a_t, kind)
             x_s = a_s.sqrt() * x0_hat + (1 - a_s).sqrt() * eps_hat  # one DDIM step of the guided teacher
             target = f(unet, x_s, s, cond)

@@ -108,6 +108,16 @@ def add_lora(unet, rank: int) -> None:
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
 
 
+@torch.no_grad()
+def teacher_halves(unet, x_t, t, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen teacher's (conditional, unconditional) predictions: the LoRA-adapted `unet` with its adapters off."""
+    unet.disable_adapters()
+    b = len(x_t)
+    both = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond.expand(b, -1, -1)])).sample
+    unet.enable_adapters()
+    return both.chunk(2)
+
+
 def fit(unet, loss, pairs: Pairs, *, iterations: int, batch: int, lr: float, seed: int, desc: str) -> list[float]:
     """Train `unet` in place for `iterations` AdamW steps of ``loss(unet, noise, cond, x0, generator)`` on random
     batches of `pairs`; the per-step losses."""
