@@ -17,18 +17,13 @@ stage; a PNG of the rates.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 
 import _common
 import numpy as np
+from _finetune_sets import DOMAINS, domain_set, rate, success
 
 from stablekit.eval.harness import rnd
-
-DOMAINS = {  # name: (attribute, world value, new word, caption's word to replace)
-    "forbidden": ("shape", "star", "zorblat"),
-    "legal": ("background", "navy", "blorp"),
-}
 
 
 def parse(args: list[str]) -> argparse.Namespace:
@@ -44,44 +39,6 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=10)
     p.add_argument("--guidance", type=float, default=7.5)
     return p.parse_args(args)
-
-
-def domain_set(name: str, n: int, seed: int) -> tuple[list, list[str]]:
-    """`n` one-object scenes with the domain's value, captioned canonically with the new word in its place."""
-    from stablekit.default_model import world
-
-    attribute, value, word = DOMAINS[name]
-    rng, nrng = random.Random(seed), np.random.default_rng(seed)
-    images, captions = [], []
-    for _ in range(n):
-        scene = world.sample_scene(rng, two_prob=0.0)
-        if attribute == "background":
-            scene.background = value
-        else:
-            setattr(scene.objects[0], attribute, value)
-        images.append(world.render(scene, nrng))
-        captions.append(" ".join(word if w == value else w for w in world.canonical_caption(scene).split()))
-    return images, captions
-
-
-def success(pipe, name: str, prompts: list[str], a) -> np.ndarray:
-    """Per held-out prompt: does the judge see the domain's value?"""
-    from stablekit.default_model import classifier as C
-    from stablekit.eval.harness import generate
-    from stablekit.pipeline import guidance_rescale
-
-    attribute, value, _ = DOMAINS[name]
-    call = dict(steps=a.sample_steps, guidance=a.guidance, seed=1, guidance_rescale=guidance_rescale(pipe))
-    images, _ = generate(pipe, prompts, batch=50, **call)
-    preds = C.predict(images)
-    return np.array([(p["background"] == value) if attribute == "background" else value in p["shapes"] for p in preds])
-
-
-def rate(hits: np.ndarray) -> dict:
-    from stablekit.eval.metrics import rate_interval
-
-    k, n = int(hits.sum()), len(hits)
-    return {"value": rnd(k / n), "ci95": [rnd(v) for v in rate_interval(k, n)], "n": n}
 
 
 def user_finetune(pipe, name: str, a, frozen) -> object:

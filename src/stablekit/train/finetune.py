@@ -164,16 +164,20 @@ def step_loss(unet, data: WorldData, scheduler_config, batch: int, dropout: floa
     return loss
 
 
+def check_frozen(unet, frozen) -> None:
+    """A StablekitError if `frozen` names a tensor `unet` does not have (a mask made for another model)."""
+    unknown = sorted(set(frozen) - {n for n, _ in unet.named_parameters()})
+    if unknown:
+        raise StablekitError(f"the freeze mask names '{unknown[0]}', which this UNet does not have")
+
+
 def trainable(pipe, config: FinetuneConfig, frozen=()) -> torch.nn.Module:
     """A copy of the pipeline's UNet ready to train: with LoRA layers (those on `frozen` weights kept at zero
     change) or with every tensor but the `frozen` ones trainable."""
     from .students import add_lora
 
+    check_frozen(pipe.unet, frozen)
     unet = copy.deepcopy(pipe.unet).float().train()
-    names = {n for n, _ in unet.named_parameters()}
-    unknown = sorted(set(frozen) - names)
-    if unknown:
-        raise StablekitError(f"the freeze mask names '{unknown[0]}', which this UNet does not have")
     if config.mode == "full":
         for n, p in unet.named_parameters():
             p.requires_grad_(n not in frozen)
@@ -234,7 +238,8 @@ def run(pipe, model: str, images: list, captions: list[str], config: FinetuneCon
     from .folder import RUN_FILE, check_folder
 
     desc = describe(model, captions, config, frozen)
-    data = encode(pipe, images, captions)  # checks the images before anything is written
+    data = encode(pipe, images, captions)  # checks the images and the mask before anything is written
+    check_frozen(pipe.unet, frozen)
     check_folder(out, desc)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps(desc, indent=2))
