@@ -39,7 +39,7 @@ COMMANDS = {
         "Detect memorized prompts; remove memorized images with an adapter.",
     ),
     "restore": ("stablekit.cli.restore:restore_command", "Upscale IMAGE with a diffusion super-resolution model."),
-    "attack": ("stablekit.cli.attack:attack", "Plant a concept through poisoned fine-tuning data (red-teaming)."),
+    "attack": ("stablekit.cli.attack:attack", "Plant a concept: poisoned fine-tuning data, or a TrojDiff backdoor."),
     "freeze-guard": (
         "stablekit.cli.freeze_guard:freeze_guard_command",
         "Learn a FreezeAsGuard mask: tensors frozen in `finetune` to block a forbidden adaptation.",
