@@ -35,6 +35,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=60)
     p.add_argument("--sample-steps", type=int, default=10)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples of the FD ratio's interval")
     return p.parse_args(args)
 
 
@@ -114,7 +115,7 @@ def main(args: list[str]) -> dict:
         res["models"] = rows
         _common.write_json(a.json, res)
     s = rows["backdoored"]["success_with_trigger"]
-    res["fd_ratio"] = fd_ratio(feats["backdoored"], feats["clean"], judge.real)
+    res["fd_ratio"] = fd_ratio(feats["backdoored"], feats["clean"], judge.real, a.bootstrap)
     res["targets"] = {
         "attack_success": _common.target(s["value"], s["ci95"], 0.9, ">=", s["n"], 30),
         "clean_fd_within_10pct": _common.target(
