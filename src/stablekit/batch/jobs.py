@@ -189,7 +189,7 @@ def _watermark(data: dict, size: tuple[int, int] | None) -> tuple[str | None, tu
 @functools.lru_cache(maxsize=64)
 def _adapter(path: str, mtime: int, multiplier: float):
     """A concept-erasure file, loaded (so checked) once per path, modification time and multiplier."""
-    from ..safety import load_adapter
+    from ..registry import load_adapter
 
     return load_adapter(path, multiplier)
 
