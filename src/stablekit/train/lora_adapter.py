@@ -75,14 +75,3 @@ class LoRAAdapter(WeightEdit):
             raise StablekitError(f"'{path}' is not a LoRA from `stablekit finetune`")
         names = {k.rsplit(".", 1)[0] for k in tensors}
         return cls({n: (tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"]) for n in sorted(names)}, meta)
-
-
-def is_adapter(path) -> bool:
-    """Whether the safetensors file at `path` is a LoRA from ``stablekit finetune`` (by its metadata)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("method") == METHOD
-    except (SafetensorError, OSError):
-        return False
