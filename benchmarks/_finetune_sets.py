@@ -9,7 +9,7 @@ import numpy as np
 
 DOMAINS = {  # name: (attribute, world value, the new word for it)
     "forbidden": ("shape", "star", "zorblat"),
-    "legal": ("background", "navy", "blorp"),
+    "legal": ("background", "beige", "blorp"),  # the embedded model already draws navy for "blorp"
 }
 
 
