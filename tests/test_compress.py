@@ -4,6 +4,8 @@ distillation brings the pruned UNet towards the teacher."""
 
 import itertools
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,6 +55,9 @@ def test_a_slim_model_folder_loads_and_plugins_work_on_it(tiny_sd, tmp_path):
     assert isinstance(pipe.unet, SlimUNet2DConditionModel) and slim_unet.removed(pipe.unet) == sorted(names)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(*inputs(slim)).sample, slim(*inputs(slim)).sample)
+    fresh = f"import stablekit; print(type(stablekit.load({str(tmp_path / 'slim')!r}, device='cpu').unet).__name__)"
+    shown = subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True, check=True).stdout
+    assert shown.strip() == "SlimUNet2DConditionModel"  # a new process imports the class the folder names
     pipe.set_progress_bar_config(disable=True)
     with stablekit.use(pipe, stablekit.accel.DeepCache(interval=2)):
         image = pipe("a red star", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
