@@ -141,3 +141,22 @@ def test_compress_command_writes_a_loadable_folder_and_refuses_bad_input(tmp_pat
     assert result.exit_code == 2 and "not an empty folder" in result.output
     result = CliRunner().invoke(cli.cli, [*args, "--method", "koala", "--ratio", "0.3", "-o", str(tmp_path / "k2")])
     assert result.exit_code == 2 and "--ratio does not apply" in result.output and not (tmp_path / "k2").exists()
+
+
+def test_the_normalised_feature_loss_weighs_each_feature_by_the_teachers_scale(tiny_sd):
+    retrain = compress.Retrain(task_weight=0.0, output_weight=0.0, uncond_prob=0.0)
+    data = students.world_latents(tiny_sd, 2, 0)
+    student = SlimUNet2DConditionModel.from_unet(tiny_sd.unet, ["mid_block.attentions.0"])
+    values = {}
+    for normalize in (False, True):
+        loss = compress.distillation_loss(tiny_sd, ["down_blocks.0", "up_blocks.1"], retrain, normalize)
+        with torch.no_grad():
+            values[normalize] = loss(student, None, data.cond.float(), data.latents, torch.Generator().manual_seed(0))
+        loss.release()
+    assert values[False] > 0 and values[True] > 0 and values[False] != values[True]
+    with torch.no_grad():
+        loss = compress.distillation_loss(tiny_sd, ["down_blocks.0"], retrain, True)
+        same = loss(tiny_sd.unet, None, data.cond.float(), data.latents, torch.Generator().manual_seed(0))
+    loss.release()
+    assert same == 0  # the teacher against itself
+    assert not tiny_sd.unet.down_blocks[0]._forward_hooks  # released

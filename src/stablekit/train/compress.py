@@ -130,7 +130,8 @@ class Taps:
 
 def distillation_loss(pipe, features: list[str], config: Retrain, normalize: bool):
     """The loss of :func:`.students.fit` for a student UNet: task + output + (normalised) feature distillation
-    from `pipe`'s UNet, the frozen teacher, at the features `features` (module names both UNets have)."""
+    from `pipe`'s UNet, the frozen teacher, at the features `features` (module names both UNets have); its
+    ``release()`` removes the hooks it placed."""
     teacher = pipe.unet
     teacher_taps = Taps(teacher, features)
     student_taps: dict[int, Taps] = {}
@@ -148,6 +149,7 @@ def distillation_loss(pipe, features: list[str], config: Retrain, normalize: boo
             total = total + config.feature_weight * (term / ref.pow(2).mean().clamp_min(1e-8) if normalize else term)
         return total
 
+    loss.release = lambda: [taps.remove() for taps in (teacher_taps, *student_taps.values())]  # the hooks
     return loss
 
 
@@ -160,7 +162,10 @@ def retrain(pipe, student, features: list[str], config: Retrain, normalize: bool
         data = world_latents(pipe, config.images, config.seed)
         loss = distillation_loss(pipe, features, config, normalize)
         common = dict(batch=config.batch, lr=config.lr, seed=config.seed)
-        return fit(student, loss, data, iterations=config.iterations, desc="retrain", **common)
+        try:
+            return fit(student, loss, data, iterations=config.iterations, desc="retrain", **common)
+        finally:
+            loss.release()
 
     stage.train("retrain", student, run)
 
