@@ -15,6 +15,7 @@ def test_students_benchmark_compares_rows_on_the_same_prompts(tmp_path):
     lcm_distill.save(pipe, lora, tmp_path / "lcm.safetensors", recipe)
     out = tmp_path / "students.json"
     args = ["--json", str(out), "--prompts", "4", "--teacher-steps", "2", "--student", "stablekit-default:2:7.5"]
+    args += ["--batch", "4", "--latency-rounds", "1"]
     args += ["--student", "stablekit-default:1", "--lcm-lora", str(tmp_path / "lcm.safetensors"), "--lcm-steps", "2"]
     res = load_benchmark("students").main(args)
     assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and out.with_suffix(".png").exists()
@@ -32,7 +33,7 @@ def test_students_benchmark_times_and_judges_a_compressed_unet(tmp_path):
     names = koala.design(pipe.unet)
     compress.save(pipe, SlimUNet2DConditionModel.from_unet(pipe.unet, names), tmp_path / "slim", {"method": "test"})
     out = tmp_path / "compressed.json"
-    args = ["--json", str(out), "--prompts", "4", "--teacher-steps", "2", "--student", "none"]
+    args = ["--json", str(out), "--prompts", "4", "--teacher-steps", "2", "--student", "none", "--batch", "4"]
     res = load_benchmark("students").main([*args, "--compressed", str(tmp_path / "slim"), "--latency-rounds", "3"])
     teacher, slim = res["rows"]
     assert slim["role"] == "compressed" and slim["steps"] == 2 and slim["unet_calls"] == teacher["unet_calls"]
