@@ -34,6 +34,7 @@ COMMANDS = {
     ),
     "quantize": ("stablekit.cli.quant:quantize_command", "Quantize a model's UNet to 8 or 4 bits; write a folder."),
     "distill": ("stablekit.cli.distill:distill_command", "Distill a one-step student of a model into a folder."),
+    "compress": ("stablekit.cli.compress:compress_command", "Prune a model's UNet and distill it; write a folder."),
     "memorization": (
         "stablekit.cli.memorization:memorization",
         "Detect memorized prompts; remove memorized images with an adapter.",
