@@ -35,6 +35,7 @@ COMMANDS = {
         "Detect memorized prompts; remove memorized images with an adapter.",
     ),
     "restore": ("stablekit.cli.restore:restore_command", "Upscale IMAGE with a diffusion super-resolution model."),
+    "segment": ("stablekit.cli.segment:segment_command", "Write IMAGE's foreground mask (DiffDIS)."),
     "cs": ("stablekit.cli.measure:cs_command", "Measure IMAGE at --ratio and reconstruct it (compressed sensing)."),
     "bench": ("stablekit.cli.bench:bench", "Run benchmarks/NAME.py with the remaining arguments."),
 }
