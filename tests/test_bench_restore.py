@@ -16,12 +16,14 @@ def test_restore_benchmark_tiny(tmp_path):
     assert (tmp_path / "restore_pixelman.png").exists()
     for name in ("world", "photos"):
         methods = res["sets"][name]
-        names = ("bicubic", "resshift", "diffusion_3", "obc_3", "diffusion_2", "obc_2")
+        names = ("bicubic", "resshift", "resshift_ode", "obc_resshift", "diffusion_3", "obc_diffusion_3")
+        names += ("diffusion_2", "obc_diffusion_2")
         assert set(methods) == set(names)
-        assert [methods[m]["network_calls"] for m in names] == [0, 4, 3, 3, 2, 2]
+        assert [methods[m]["network_calls"] for m in names] == [0, 4, 4, 4, 3, 3, 2, 2]
         assert methods["resshift"]["n"] == (3 if name == "world" else 2)
     assert res["targets"]["resshift_matches_diffusion_3_world"]["status"] == "inconclusive"  # 3 images < 20
     assert res["targets"]["obc_beats_diffusion_2_photos"]["n"] == 2
+    assert res["targets"]["obc_resshift_beats_resshift_world"]["n"] == 3
     pixelman = res["pixelman"]["methods"]
     assert res["pixelman"]["n"] == 2 and set(pixelman) == {"copy", "fill", "pixelman"}
     assert pixelman["copy"]["background_psnr_db"] > 45  # pasting changes nothing outside the masks

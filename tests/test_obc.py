@@ -2,12 +2,15 @@
 searched boundary generalises to held-out images, and `stablekit restore --method obc`."""
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from stablekit.cli import cli
+from stablekit.errors import StablekitError
 from stablekit.restore import obc, sr_diffusion, sr_net
+from stablekit.restore.resshift import ResShift
 
 
 def test_fit_extends_the_boundary_periodically():
@@ -28,29 +31,54 @@ def test_the_ode_from_a_boundary_is_the_plain_sampler_from_the_same_noise():
     assert not torch.allclose(chain.sample(net, y0, x_T=-x_T), plain, atol=1e-3)  # x_T decides the result
 
 
-def test_search_keeps_the_best_candidate_and_it_generalises():
-    net = sr_net.load_net(sr_net.WEIGHTS / "sr_diffusion_x4.safetensors")
-    config = obc.OBCConfig(candidates=6, references=4, steps=4, size=32)
-    best, scores = obc.search(net, obc.reference_images(config), config)
-    assert scores.shape == (6,) and best.shape == (3, 32, 32)
-    again = obc.losses(net, best[None], obc.reference_images(config), 4, 16)
-    assert again.item() == scores.min().item()
-    heldout = sr_net.world_images(6, seed=424_242)[..., :32, :32]
-    g = torch.Generator().manual_seed(config.seed)
-    candidates = torch.randn(6, 3, 32, 32, generator=g)
-    held = obc.losses(net, candidates, heldout, 4, 16)
-    assert held[int(scores.argmin())] < held.median()  # the reference set's best is better than typical on new images
+def test_resshift_ode_with_an_oracle_walks_the_marginals_with_one_noise():
+    """Started on q(x_T | x0), each deterministic step must land on q(x_t | x0) with the same noise, and the chain
+    must end at x0."""
+    chain = ResShift()
+    n = 1000
+    x0, y0 = torch.full((n, 1), -0.5), torch.full((n, 1), 0.7)
+    noise = torch.randn(n, 1, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append((t[0].item(), x[:, :1].clone()))
+            return type("Out", (), {"sample": x0 - y0})()
+
+    eta_T = chain.etas[-1].item()
+    start = noise + (1 - eta_T) * (x0 - y0) / (2.0 * eta_T**0.5)  # y0 + kappa sqrt(eta_T) start = q_sample at T
+    assert torch.allclose(chain.sample_ode(Oracle(), y0, start), x0, atol=1e-6)
+    assert [t for t, _ in seen] == [3, 2, 1, 0]
+    for t, scaled in seen:
+        scale = (4.0 * chain.etas[t].item() + 1) ** 0.5
+        expected = chain.q_sample(x0, y0, torch.full((n,), t), noise)
+        assert torch.allclose(scaled * scale, expected, atol=1e-5)
+
+
+def test_search_keeps_the_best_candidate_and_the_start_matters():
+    net = sr_net.load_net(sr_net.WEIGHTS / "resshift_x4.safetensors")
+    config = obc.OBCConfig(candidates=6, references=4, size=32)
+    refs = obc.reference_images(config)
+    best, scores = obc.search(net, refs, config)
+    assert scores.shape == (6,) and best.shape == (3, 32, 32) and refs.shape == (4, 3, 32, 32)
+    assert obc.losses(net, best[None], refs, config).item() == scores.min().item()
+    assert scores.max() > 1.05 * scores.min()  # the boundary condition changes the result: there is something to pick
+    with pytest.raises(StablekitError, match="4 steps"):
+        obc.OBCConfig(steps=10)
 
 
 def test_shipped_boundary_beats_random_starts_at_equal_steps():
     hr = sr_net.world_images(4, seed=424_242)
     lr = sr_net.degrade(hr)
     out, calls = obc.super_resolve(lr)
-    assert calls == obc.OBCConfig.steps and obc.BOUNDARY.with_suffix(".json").is_file()
-    err = (out - hr).pow(2).mean().item()
-    config = sr_diffusion.SRDiffusionConfig(steps=calls)
-    plain = [(sr_diffusion.super_resolve(lr, config=config, seed=s)[0] - hr).pow(2).mean().item() for s in (1, 2)]
-    assert err < min(plain)
+    assert calls == 4 and obc.boundary_path("resshift").with_suffix(".json").is_file()
+    net = sr_net.load_net(sr_net.WEIGHTS / "resshift_x4.safetensors")
+    y0 = sr_net.upsample(lr) * 2 - 1
+    plain = []
+    for seed in (1, 2):
+        noise = torch.randn(y0.shape, generator=torch.Generator().manual_seed(seed))
+        plain.append((((ResShift().sample_ode(net, y0, noise) + 1) / 2).clamp(0, 1) - hr).pow(2).mean().item())
+    assert (out - hr).pow(2).mean().item() < min(plain)
 
 
 def test_restore_obc_writes_a_4x_image_of_any_size(tmp_path):

@@ -18,7 +18,7 @@ from .common import check_output
     default="resshift",
     show_default=True,
     help="resshift: residual shifting in 4 steps; diffusion: the plain conditional diffusion baseline (50 steps); "
-    "obc: that model's ODE from its optimal boundary condition (10 steps).",
+    "obc: ResShift's deterministic chain from its optimal boundary condition (4 steps).",
 )
 @click.option("--scale", type=int, default=4, show_default=True, help="Upscaling factor.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler's noise.")

@@ -9,19 +9,23 @@ fluctuates with ``x_T``. The paper shows that an approximately optimal ``x_T`` i
 images and finds it by Monte-Carlo search: draw candidates ``x_T ~ N(0, I)``, score each by the mean loss of
 ``h(x_T, y_i)`` against the high-resolution ``x_i`` over a reference set of pairs, keep the best. Every later
 image is then sampled from that one ``x_T``: the same number of network calls as the plain sampler, no training.
-Applied here to the package's conditional diffusion SR model (:mod:`.sr_diffusion`); the search is
-``python -m stablekit.restore.obc`` and its result ships as ``weights/obc_sr_diffusion_x4.safetensors`` with its
-recipe next to it.
+Applied here to both SR models of the package: ResShift (:mod:`.resshift`, the default), whose boundary condition
+is the noise of its start ``x_T = y0 + kappa sqrt(eta_T) noise`` sampled by the chain's deterministic form
+(:meth:`.ResShift.sample_ode`), and the conditional diffusion model (:mod:`.sr_diffusion`) by DDIM. The search is
+``python -m stablekit.restore.obc --model resshift|sr_diffusion``; its result ships as
+``weights/obc_<model>_x4.safetensors`` with its recipe next to it.
 
 Defaults: 64 candidates, 16 reference pairs (12 world scenes and 4 crops of the training photos, all from the
-networks' training seed, never the held-out ones), searched and sampled with 10 DDIM steps.
+networks' training seed, never the held-out ones); ResShift's 4 steps, 10 DDIM steps for the diffusion model.
 
 Deviations:
 1. The search loss is the mean squared error (PSNR), not LPIPS: no LPIPS network is available offline.
 2. Far fewer candidates and references than the paper's search, to fit a few minutes of one CPU core.
 3. The boundary condition is searched at 64x64 (the embedded world's size); an image of another size starts from
    the periodic extension of it, cropped (the paper does not say how it covers other sizes).
-4. The underlying model is this package's small, briefly trained SR3-style network, not SR3 or its successors.
+4. The underlying models are this package's small, briefly trained networks, not SR3 or its successors; the paper
+   does not treat ResShift, whose deterministic chain here is our derivation (DDIM's construction on its
+   marginals).
 """
 
 from __future__ import annotations
@@ -35,26 +39,49 @@ import torch
 
 from ..errors import StablekitError
 from . import sr_net
+from .resshift import ResShift
 from .sr_diffusion import SRDiffusion, SRDiffusionConfig
 
-BOUNDARY = sr_net.WEIGHTS / "obc_sr_diffusion_x4.safetensors"
+MODELS = ("resshift", "sr_diffusion")
+STEPS = {"resshift": ResShift().config.steps, "sr_diffusion": 10}
+
+
+def boundary_path(model: str) -> Path:
+    return sr_net.WEIGHTS / f"obc_{model}_x4.safetensors"
+
+
+def ode(model: str, steps: int):
+    """`model`'s deterministic sampler: (net, y0, x_T) -> x0, images in [-1, 1]."""
+    if model == "resshift":
+        return ResShift().sample_ode
+    return lambda net, y0, x_T: SRDiffusion(SRDiffusionConfig(steps=steps)).sample(net, y0, x_T=x_T)
 
 
 @dataclass(frozen=True)
 class OBCConfig:
-    """`candidates` boundary conditions of `size` pixels scored on `references` pairs with `steps` DDIM steps,
-    `batch` images per network call; `seed` fixes the candidates and the reference images."""
+    """`candidates` boundary conditions of `size` pixels for `model`, scored on `references` pairs with `steps`
+    sampling steps (0: the model's default), `batch` images per network call; `seed` fixes the candidates and the
+    reference images."""
 
+    model: str = "resshift"
     candidates: int = 64
     references: int = 16
-    steps: int = 10
+    steps: int = 0
     size: int = 64
     batch: int = 16
     seed: int = 0
 
     def __post_init__(self):
-        if min(self.candidates, self.references, self.steps, self.batch) < 1:
-            raise StablekitError("candidates, references, steps and batch must be >= 1")
+        if self.model not in MODELS:
+            raise StablekitError(f"unknown model '{self.model}' (one of {', '.join(MODELS)})")
+        if min(self.candidates, self.references, self.batch) < 1 or self.steps < 0:
+            raise StablekitError("candidates, references and batch must be >= 1, steps >= 0")
+        if self.model == "resshift" and self.steps not in (0, STEPS["resshift"]):
+            raise StablekitError(f"ResShift's chain has {STEPS['resshift']} steps, not {self.steps}")
+
+    @property
+    def sampling_steps(self) -> int:
+        return self.steps or STEPS[self.model]
         if self.size % sr_net.SCALE or not 16 <= self.size <= 256:
             raise StablekitError(f"size must be a multiple of {sr_net.SCALE} in 16 .. 256, not {self.size}")
 
@@ -63,11 +90,10 @@ def reference_images(config: OBCConfig) -> torch.Tensor:
     """The reference set's high-resolution images, (references, 3, size, size) in [0, 1]: world scenes and a
     quarter of crops of the training photos, from the training seed."""
     photos = config.references // 4
-    parts = [sr_net.world_images(config.references - photos, config.seed)]
+    parts = [sr_net.world_images(config.references - photos, config.seed)[..., : config.size, : config.size]]
     if photos:
         parts.append(sr_net.photo_crops(sr_net.TRAIN_PHOTOS, photos, config.seed, config.size))
-    hr = torch.cat(parts)
-    return hr[..., : config.size, : config.size]
+    return torch.cat(parts)
 
 
 def fit(boundary: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -78,18 +104,18 @@ def fit(boundary: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def losses(net, boundaries: torch.Tensor, hr: torch.Tensor, steps: int, batch: int, progress: bool = False):
+def losses(net, boundaries: torch.Tensor, hr: torch.Tensor, config: OBCConfig, progress: bool = False):
     """Mean squared error (images in [-1, 1]) over the pairs `hr` of the ODE sample from each boundary condition."""
     from tqdm import tqdm
 
-    chain = SRDiffusion(SRDiffusionConfig(steps=steps))
+    sample, batch = ode(config.model, config.sampling_steps), config.batch
     y0 = sr_net.upsample(sr_net.degrade(hr)) * 2 - 1
     out = []
     for bc in tqdm(boundaries, disable=not progress, desc="boundary conditions"):
         err = 0.0
         for i in range(0, len(hr), batch):
             y = y0[i : i + batch]
-            x0 = chain.sample(net, y, x_T=fit(bc, y.shape))
+            x0 = sample(net, y, fit(bc, y.shape))
             err += (x0 - (hr[i : i + batch] * 2 - 1)).pow(2).sum().item()
         out.append(err / hr.numel())
     return torch.tensor(out)
@@ -99,26 +125,30 @@ def search(net, hr: torch.Tensor, config: OBCConfig = OBCConfig(), progress: boo
     """The candidate boundary condition with the lowest loss on the references `hr`, and every candidate's loss."""
     g = torch.Generator().manual_seed(config.seed)
     boundaries = torch.randn(config.candidates, 3, config.size, config.size, generator=g)
-    scores = losses(net, boundaries, hr, config.steps, config.batch, progress)
+    scores = losses(net, boundaries, hr, config, progress)
     return boundaries[int(scores.argmin())].clone(), scores
 
 
-def load_boundary(path: Path = BOUNDARY) -> torch.Tensor:
+def load_boundary(model: str = "resshift") -> torch.Tensor:
     from safetensors.torch import load_file
 
-    if not Path(path).is_file():
+    path = boundary_path(model)
+    if not path.is_file():
         raise StablekitError(f"no boundary condition at '{path}': search one with python -m stablekit.restore.obc")
     return load_file(str(path))["x_T"]
 
 
-def super_resolve(lr: torch.Tensor, net=None, boundary=None, steps: int = OBCConfig.steps, seed: int = 0):
-    """(B, 3, h, w) low-resolution images in [0, 1] -> (B, 3, 4h, 4w) by the shipped SR diffusion network's ODE from
-    the shipped boundary condition (or `net`, `boundary`), and the number of network calls. `seed` is unused:
-    the result is deterministic."""
-    net = net if net is not None else sr_net.load_net(sr_net.WEIGHTS / "sr_diffusion_x4.safetensors")
-    boundary = boundary if boundary is not None else load_boundary()
+def super_resolve(
+    lr: torch.Tensor, net=None, boundary=None, model: str = "resshift", steps: int = 0, seed: int = 0
+) -> tuple[torch.Tensor, int]:
+    """(B, 3, h, w) low-resolution images in [0, 1] -> (B, 3, 4h, 4w) by `model`'s shipped network and deterministic
+    sampler from its shipped boundary condition (or `net`, `boundary`), with `steps` (0: the model's default), and
+    the number of network calls. `seed` is unused: the result is deterministic."""
+    steps = steps or STEPS[model]
+    net = net if net is not None else sr_net.load_net(sr_net.WEIGHTS / f"{model}_x4.safetensors")
+    boundary = boundary if boundary is not None else load_boundary(model)
     y0 = sr_net.upsample(lr) * 2 - 1
-    out = SRDiffusion(SRDiffusionConfig(steps=steps)).sample(net, y0, x_T=fit(boundary, y0.shape))
+    out = ode(model, steps)(net, y0, fit(boundary, y0.shape))
     return ((out + 1) / 2).clamp(0, 1), steps
 
 
@@ -133,25 +163,27 @@ def save_boundary(boundary: torch.Tensor, path: Path, recipe: dict) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Search the optimal boundary condition of the shipped SR diffusion model.")
-    p.add_argument("--out", type=Path, default=BOUNDARY)
+    p = argparse.ArgumentParser(description="Search the optimal boundary condition of a shipped SR model.")
+    p.add_argument("--out", type=Path, default=None, help="default: the shipped file of --model")
     for name, default in asdict(OBCConfig()).items():
-        p.add_argument(f"--{name}", type=int, default=default)
+        p.add_argument(f"--{name}", type=type(default), default=default)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     config = OBCConfig(**{k: getattr(a, k) for k in asdict(OBCConfig())})
-    net = sr_net.load_net(sr_net.WEIGHTS / "sr_diffusion_x4.safetensors")
+    net = sr_net.load_net(sr_net.WEIGHTS / f"{config.model}_x4.safetensors")
     best, scores = search(net, reference_images(config), config, progress=True)
     recipe = {
         "command": "python -m stablekit.restore.obc " + " ".join(f"--{k} {v}" for k, v in asdict(config).items()),
         "config": asdict(config),
-        "model": "sr_diffusion_x4.safetensors",
+        "network": f"{config.model}_x4.safetensors",
+        "sampling_steps": config.sampling_steps,
         "loss": "mean squared error, images in [-1, 1]",
         "best_loss": float(scores.min()),
         "median_loss": float(scores.median()),
     }
-    save_boundary(best, a.out, recipe)
-    print(a.out)
+    out = a.out or boundary_path(config.model)
+    save_boundary(best, out, recipe)
+    print(out)
 
 
 if __name__ == "__main__":
