@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .common import check_output, model_and_device
+from .defaults import CS
 
 
 @click.command("cs")
@@ -21,8 +22,8 @@ from .common import check_output, model_and_device
     help="gaussian: random orthonormal measurements of 8x8 cells; pixels: random 2x2-pixel cells.",
 )
 @click.option("--active", is_flag=True, help="Choose the pixel cells during sampling (Active Diffusion Subsampling).")
-@click.option("--steps", type=int, default=8, show_default=True, help="Sampling steps.")
-@click.option("--particles", type=int, default=3, show_default=True, help="Posterior samples averaged.")
+@click.option("--steps", type=int, default=CS["steps"], show_default=True, help="Sampling steps.")
+@click.option("--particles", type=int, default=CS["particles"], show_default=True, help="Posterior samples averaged.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the measurements and the noise.")
 @model_and_device
 def cs_command(image, output, ratio, operator, active, steps, particles, seed, model, device):
