@@ -9,8 +9,8 @@ decoder's multi-scale features) are upsampled to the image's size and stacked wi
 convolutional head predicts two maps: the foreground mask and its edge (the paper's auxiliary edge generation, which
 sharpens boundaries), trained with binary cross-entropy on both. The mask is the head's probability > 0.5.
 
-Defaults: timestep 100, a head of 32 channels (1x1 projection, two 3x3 convolutions), 400 Adam iterations at
-3e-3 on 1,000 world scenes (``python -m stablekit.restore.diffdis``); the weights ship as
+Defaults: timestep 100, a head of 32 channels (1x1 projection, two 3x3 convolutions), 300 Adam iterations at
+3e-3 on 600 world scenes (``python -m stablekit.restore.diffdis``); the weights ship as
 ``weights/diffdis_head.safetensors`` with the recipe next to it. ``pixels=True`` gives the baseline: the same head
 on the image alone (no diffusion features), trained the same way.
 
@@ -48,10 +48,10 @@ class DiffDISConfig:
 
     timestep: int = 100
     width: int = 32
-    iters: int = 400
+    iters: int = 300
     lr: float = 3e-3
     batch: int = 16
-    scenes: int = 1000
+    scenes: int = 600
     edge_weight: float = 1.0
     pixels: bool = False
     seed: int = 0
