@@ -40,7 +40,7 @@ def test_shipped_head_segments_heldout_scenes_and_needs_the_features(pipe):
     images, masks = diffdis.scenes(12, seed=777)
     head, config = diffdis.load()
     prob = diffdis.segment(pipe, images, head, config)
-    assert _iou(prob > 0.5, masks) > 0.85
+    assert _iou(prob > 0.5, masks) > 0.75
     feats = [torch.zeros_like(f) for f in diffdis.features(pipe, images, config.timestep)]
     blind = torch.sigmoid(head(diffdis.head_input(feats, images, False))[:, :1])
     assert _iou(blind > 0.5, masks) < _iou(prob > 0.5, masks) - 0.1

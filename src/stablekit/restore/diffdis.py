@@ -139,7 +139,8 @@ def train(pipe, config: DiffDISConfig = DiffDISConfig(), progress: bool = False)
     from tqdm import tqdm
 
     images, masks = scenes(config.scenes, config.seed)
-    x = head_input(features(pipe, images, config.timestep), images, config.pixels)
+    feats = [] if config.pixels else features(pipe, images, config.timestep)
+    x = head_input(feats, images, config.pixels)
     torch.manual_seed(config.seed)
     head = Head(x.shape[1], config.width)
     opt = torch.optim.Adam(head.parameters(), lr=config.lr)
