@@ -98,6 +98,7 @@ def _attribute(path: str):
 # the class scales its strength) opens it; `generate --adapter`, batch jobs and the audit read adapters through
 # :func:`load_adapter`.
 ADAPTERS: dict[str, str] = {
+    "lora": "stablekit.train.lora_adapter:LoRAAdapter",
     "nemo": "stablekit.memorization.pruning:NeuronPruning",
     "spm": "stablekit.safety.spm:SPM",
     "subspace": "stablekit.memorization.pruning:NeuronPruning",
@@ -122,7 +123,8 @@ def load_adapter(path, multiplier: float = 1.0):
         raise StablekitError(f"'{path}' is not a readable safetensors file ({e})") from None
     if method not in ADAPTERS:
         raise StablekitError(
-            f"'{path}' is not an adapter file (from `stablekit erase` or `stablekit memorization mitigate`)"
+            f"'{path}' is not an adapter file (from `stablekit erase`, `stablekit finetune` or "
+            "`stablekit memorization mitigate`)"
         )
     cls = _attribute(ADAPTERS[method])
     takes = "multiplier" in inspect.signature(cls.load).parameters
