@@ -40,7 +40,7 @@ import torch
 from stablekit.eval.harness import Judge, bench_pipeline, generate, paired_delta, rnd
 from stablekit.eval.metrics import rate_interval
 
-METHODS = ("subspace", "nemo", "prompt-adjustment")
+METHODS = ("subspace", "nemo", "memcontrol", "prompt-adjustment")
 
 
 def scores(pipe, a, prompts: list[str]) -> tuple[np.ndarray, float]:
@@ -75,8 +75,9 @@ def detection_at(mem, para, held, a) -> dict:
 
 def detection(pipe, a) -> dict:
     from stablekit.memorization import ground_truth as G
+    from stablekit.memorization import informative_start
 
-    mem = [c for c, _ in G.memorized()]
+    mem = [c for c, _ in G.memorized(a.model)]
     para = [p for c in mem for p in G.paraphrases(c)]
     held = [c for c, _ in G.heldout(a.heldout, 4242)]
     s_mem, _ = scores(pipe, a, mem)
@@ -85,6 +86,9 @@ def detection(pipe, a) -> dict:
     out = {"seconds_per_prompt_all_steps": rnd(sec_all)}
     for label, k in (("first_step", 1), ("all_steps", a.steps)):
         out[label] = detection_at(*(s[:, :k].mean(1) for s in (s_mem, s_para, s_held)), a)
+    start = informative_start(pipe, a.steps)
+    out["informative_step"] = detection_at(*(s[:, start] for s in (s_mem, s_para, s_held)), a) | {"step": start}
+    out["auc_per_step"] = [rnd(_common.auc(s_mem[:, k], s_held[:, k])) for k in range(a.steps)]
     t0 = time.perf_counter()
     scores_1 = _first_step_cost(pipe, a, held[: min(len(held), 64)])
     out["seconds_per_prompt_first_step"] = rnd((time.perf_counter() - t0) / scores_1)
@@ -116,14 +120,15 @@ def generations(pipe, a, prompts, plugins=()) -> torch.Tensor:
 
 
 def adapter(pipe, a, method: str):
-    from stablekit.memorization import PromptAdjustment, ground_truth, localize, prune
+    from stablekit.memorization import PromptAdjustment, ground_truth, localize, memcontrol, prune
 
-    mem = [c for c, _ in ground_truth.memorized()]
+    mem = [c for c, _ in ground_truth.memorized(a.model)]
     ref = [c for c, _ in ground_truth.heldout(100, 2026)]
     t0 = time.perf_counter()
     plugin = {
         "subspace": lambda: prune(pipe, mem, ref, max_fraction=a.subspace_fraction),
         "nemo": lambda: localize(pipe, mem, ref),
+        "memcontrol": lambda: memcontrol(pipe, mem, ref),
         "prompt-adjustment": lambda: PromptAdjustment(),
     }[method]()
     return plugin, time.perf_counter() - t0
@@ -138,7 +143,7 @@ def mitigation(pipe, a) -> dict:
     from stablekit.default_model import world
     from stablekit.memorization import ground_truth as G
 
-    memo = G.memorized()
+    memo = G.memorized(a.model)
     renders = [np.asarray(world.render(s)) for _, s in memo]
     held = G.heldout(a.quality_prompts, 4343)
     judge = Judge([s for _, s in held], a.seed)
@@ -177,8 +182,10 @@ def targets(res: dict) -> dict:
     out = {}
     det = res.get("detection")
     if det:
-        d = det["first_step"]
-        out["detection_auc_first_step"] = _common.target(d["auc"], d["auc_ci95"], 0.99, ">=", d["n"]["memorized"], 10)
+        for label in ("first_step", "informative_step"):
+            d = det[label]
+            n = d["n"]["memorized"]
+            out[f"detection_auc_{label}"] = _common.target(d["auc"], d["auc_ci95"], 0.99, ">=", n, 10)
     rows = res.get("mitigation", {}).get("methods", {})
     if "subspace" in rows:
         r = rows["subspace"]
@@ -198,9 +205,10 @@ def plot(res: dict, path):
     det = res.get("detection")
     if det:
         s = {k: np.asarray(v) for k, v in det["scores"].items()}
-        for label, k in (("first step", 1), ("all steps", s["heldout"].shape[1])):
-            neg = np.sort(s["heldout"][:, :k].mean(1))
-            pos = s["memorized"][:, :k].mean(1)
+        start = det["informative_step"]["step"]
+        for label, cols in (("first step", [0]), ("all steps", slice(None)), (f"step {start + 1} alone", [start])):
+            neg = np.sort(s["heldout"][:, cols].mean(1))
+            pos = s["memorized"][:, cols].mean(1)
             thr = np.r_[np.inf, neg[::-1]]
             axes[0].step([np.mean(neg > t) for t in thr], [np.mean(pos > t) for t in thr], label=label)
         axes[0].set(
@@ -235,6 +243,8 @@ def parse(args: list[str]) -> argparse.Namespace:
 
 def main(args: list[str]) -> dict:
     a = parse(args)
+    if a.write_threshold and a.model is not None:
+        raise SystemExit("--write-threshold ships the embedded model's thresholds: not with --model")
     _common.set_threads(a)
     pipe = bench_pipeline(a)
     keys = (
@@ -265,13 +275,14 @@ def main(args: list[str]) -> dict:
 
 
 def write_threshold(det: dict, a) -> None:
-    from stablekit.memorization.noise_magnitude import THRESHOLDS
+    from stablekit.memorization.noise_magnitude import THRESHOLDS, threshold_key
     from stablekit.output import write_atomically
 
     recs = {}
-    for label, k in (("first_step", 1), ("all_steps", a.steps)):
+    where = (("first_step", 1, 0), ("all_steps", a.steps, 0), ("informative_step", 1, det["informative_step"]["step"]))
+    for label, k, start in where:
         d = det[label]
-        recs[str(k)] = {
+        recs[threshold_key(k, start)] = {
             "value": d["threshold"],
             "fpr": a.fpr,
             "num_inference_steps": a.steps,

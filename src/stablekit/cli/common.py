@@ -87,5 +87,5 @@ def load_adapter(path: Path, spm_multiplier: float = 1.0):
     from .. import memorization, safety
 
     if memorization.is_adapter(path):
-        return memorization.NeuronPruning.load(path)
+        return memorization.MemorizationAdapter.load(path)
     return safety.load_adapter(path, spm_multiplier)
