@@ -1,14 +1,17 @@
 """Benchmark memorization: detection by the text-conditional noise magnitude, and removal of memorized images.
 
     stablekit bench memorization --json bench_out/memorization.json [--heldout 1000 --quality-prompts 200]
+    stablekit bench memorization --json bench_out/memo50.json --model runs/memo50      # the benchmark model
 
-Ground truth (``stablekit.memorization.ground_truth``): the embedded model's memorized captions (10 scenes
-duplicated in its training data), 5 paraphrases of each that keep the trigger word, and held-out world captions
-(seed 4242 for detection, 4343 for quality; the model trained on seed 0's, the adapters contrast with seed
-2026's).
+Ground truth (``stablekit.memorization.ground_truth``): the model's memorized captions (the embedded model's 10
+scenes duplicated in its training data, or the ``memorized.json`` of a ``--model`` folder such as the benchmark
+model's 50, ``python -m stablekit.memorization.benchmark_model``), ``--paraphrases`` of each that keep the trigger
+word, and held-out world captions (seed 4242 for detection, 4343 for quality; the models trained on seed 0's, the
+adapters contrast with seed 2026's).
 
-Detection (Wen et al., ICLR 2024): each prompt's score after the first step and averaged over all
-``--steps`` steps (one generation per prompt). The held-out captions are split in two halves: the calibration
+Detection (Wen et al., ICLR 2024): each prompt's score after the first step, averaged over all ``--steps`` steps,
+and at the first step with a non-zero SNR alone (the adaptation to zero-terminal-SNR models; one generation per
+prompt). The held-out captions are split in two halves: the calibration
 half fixes the decision threshold at its ``1 - --fpr`` quantile (with ``--write-threshold`` it is written to
 ``stablekit/memorization/thresholds.json``, what ``stablekit memorization detect`` ships); the test half gives
 the false-positive rate at it. AUC of memorized (and of paraphrased) captions against all held-out captions, with
@@ -18,8 +21,8 @@ per prompt.
 Mitigation: a generation is memorized when its SSIM (scikit-image, colour, 7x7 window) to its scene's memorized
 render exceeds a threshold fixed on held-out data: the 99th percentile, over the quality prompts' generations, of
 the largest SSIM to any memorized render. Memorized captions get ``--memo-seeds`` generations each, before and
-after each method: the shared-subspace pruning and NeMo adapters (``stablekit memorization mitigate``) and the
-baseline's prompt-embedding adjustment; attribute accuracy of ``--quality-prompts`` held-out prompts (the
+after each method: the shared-subspace pruning, NeMo and MemControl adapters (``stablekit memorization mitigate``)
+and the baseline's prompt-embedding adjustment; attribute accuracy of ``--quality-prompts`` held-out prompts (the
 attribute classifier, paired bootstrap of the difference) measures the collateral damage.
 
 Targets: detection AUC >= 0.99 after the first step (memorized vs held-out); subspace pruning leaves every
@@ -78,7 +81,7 @@ def detection(pipe, a) -> dict:
     from stablekit.memorization import informative_start
 
     mem = [c for c, _ in G.memorized(a.model)]
-    para = [p for c in mem for p in G.paraphrases(c)]
+    para = [p for c in mem for p in G.paraphrases(c)[: a.paraphrases]]
     held = [c for c, _ in G.heldout(a.heldout, 4242)]
     s_mem, _ = scores(pipe, a, mem)
     s_para, _ = scores(pipe, a, para)
@@ -227,6 +230,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="stablekit bench memorization", description=__doc__.splitlines()[0])
     _common.add_common_args(p, seed=0)
     p.add_argument("--heldout", type=int, default=1000, help="held-out captions for detection")
+    p.add_argument("--paraphrases", type=int, default=5, help="paraphrases per memorized caption (at most 5)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (detection over all of them too)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate the threshold is fixed at")
@@ -254,6 +258,7 @@ def main(args: list[str]) -> dict:
         "guidance",
         "fpr",
         "quality_prompts",
+        "paraphrases",
         "memo_seeds",
         "methods",
         "subspace_fraction",

@@ -30,7 +30,13 @@ Deviations:
    ``sqrt(alpha_bar_t)``, one constant per step, so first-step rankings are the same; averages over several
    steps weigh the steps differently;
 2. the reference scores with a fixed number of DDIM steps (50); ours runs the pipeline's own scheduler with
-   `num_inference_steps` steps (20 by default) and measures the first `steps` of them.
+   `num_inference_steps` steps (20 by default) and measures the first `steps` of them;
+3. ``detect(..., start=k)`` measures from step `k` (counted from 0). On a zero-terminal-SNR schedule sampled from
+   its last timestep (the embedded model's) the first step sees pure noise, and its prediction is the caption's
+   mean image whatever the noise, so the first-step magnitude says how firmly a caption pins the image, not
+   whether it is memorized; :func:`informative_start` gives the first step with signal (1 there, 0 for SD), the
+   step at which the paper's first-step score is read on such a model. The noise (epsilon) parametrisation does
+   not help there: at one step it is the velocity difference times a constant.
 """
 
 from __future__ import annotations
