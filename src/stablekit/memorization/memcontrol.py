@@ -67,10 +67,10 @@ class MemControlConfig:
     quality tolerance, the generations the states are recorded from (steps, guidance) and the seed."""
 
     candidates: tuple[str, ...] = ("cross-attention-kv", "cross-attention", "feed-forward", "up-transformers")
-    inner_steps: int = 30
-    steps: int = 150
-    lr: float = 1e-4
-    batch: int = 16
+    inner_steps: int = 20
+    steps: int = 100
+    lr: float = 2e-4
+    batch: int = 8
     tolerance: float = 0.05
     num_inference_steps: int = 10
     guidance: float = 7.5
