@@ -11,7 +11,8 @@ held out and their quality is kept). The whole UNet is fine-tuned from the shipp
 shared loop (:func:`stablekit.train.fit`: the teacher's v-prediction step, Min-SNR-5, 10% caption dropout, AdamW
 with warm-up and cosine decay, resumable step for step). The output folder is a diffusers folder that
 ``stablekit.load`` opens, with ``memorized.json`` (the ground truth: caption and scene of each memorized image),
-``recipe.json`` (this run's settings and command) and ``progress.json`` (written while it trains).
+``recipe.json`` (this run's settings, command and step budgets) and ``progress.json`` (written while it trains).
+A larger ``--steps`` resumes a finished run.
 
 The fine-tuned (not the EMA) weights are exported: the EMA of a short fine-tune still holds much of the start.
 """
@@ -48,7 +49,7 @@ class BenchmarkModelConfig:
     captions: int = 1000
     variants: int = 2
     copies: int = 60
-    steps: int = 600
+    steps: int = 1000
     batch: int = 24
     lr: float = 5e-4
     seed: int = 0
@@ -95,10 +96,11 @@ def build(out: Path, cfg: BenchmarkModelConfig, progress: bool = True) -> dict:
 
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    run_f = work / "config.json"
-    if run_f.exists() and json.loads(run_f.read_text()) != asdict(cfg):
+    run_f, fixed = work / "config.json", {k: v for k, v in asdict(cfg).items() if k != "steps"}
+    if run_f.exists() and json.loads(run_f.read_text()) != fixed:
         raise StablekitError(f"'{out}' holds a benchmark model with other settings; give a new folder")
-    run_f.write_text(json.dumps(asdict(cfg)))
+    run_f.write_text(json.dumps(fixed))
+    budgets = _budgets(work, cfg.steps)
     if not (work / "data.pt").exists():
         training_data(cfg).save(work / "data.pt")
     data = WorldData.load(work / "data.pt")
@@ -129,6 +131,7 @@ def build(out: Path, cfg: BenchmarkModelConfig, progress: bool = True) -> dict:
         "base": "the embedded default model (stablekit.default_model weights)",
         "memorized": len(memorized_set()),
         "steps_done": state["step"],
+        "budgets": budgets,
         "command": f"python -m stablekit.memorization.benchmark_model -o {out} " + " ".join(_flags(cfg)),
     }
     vae = AutoencoderKL.from_pretrained(WEIGHTS_DIR / "vae")
@@ -136,6 +139,17 @@ def build(out: Path, cfg: BenchmarkModelConfig, progress: bool = True) -> dict:
     rows = [{"caption": c, "scene": asdict(s)} for c, s in memorized_set()]
     (out / "memorized.json").write_text(json.dumps(rows, indent=2))
     return recipe
+
+
+def _budgets(work: Path, steps: int) -> list[int]:
+    """The step budgets this folder was run with, in order (a larger one resumes a finished run: the learning rate
+    then follows the larger budget's schedule from where the run stopped)."""
+    path = work / "budgets.json"
+    done = json.loads(path.read_text()) if path.exists() else []
+    if not done or done[-1] != steps:
+        done.append(steps)
+    path.write_text(json.dumps(done))
+    return done
 
 
 def _flags(cfg: BenchmarkModelConfig) -> list[str]:
