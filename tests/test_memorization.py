@@ -214,3 +214,7 @@ def test_cli_detect_prints_score_and_decision_at_the_shipped_threshold():
     assert [round(d.score, 4) for d in detect(pipe, prompts)] == [float(s) for s, _, _ in lines]
     with pytest.raises(StablekitError, match="shipped threshold"):
         detect(make_tiny_sd(), prompts)
+    later = invoke("memorization", "detect", "--start", "1", prompts[0])  # the first step with signal
+    score, decision, _ = later.stdout.strip().split("\t")
+    assert later.exit_code == 0 and float(score) != float(lines[0][0])
+    assert decision == ("memorized" if float(score) > shipped_threshold(1, 1)["value"] else "not memorized")
