@@ -2,7 +2,7 @@
 fine-tune of the chosen parameters, written as a memorization adapter.
 
 "MemControl: Mitigating Memorization in Diffusion Models via Automated Parameter Selection" (Dutt et al., 2024,
-WACV 2025; reference code rajmeet-dutt/Diffusion_Memorization_HPO).
+WACV 2025; reference code Raman1121/Diffusion_Memorization_HPO).
 
     edit = memcontrol(pipe, memorized_prompts, reference_prompts)   # a MemorizationAdapter
     edit.save("memcontrol.safetensors")                               # `generate --adapter` applies it
