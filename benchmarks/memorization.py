@@ -165,6 +165,9 @@ def mitigation(pipe, a) -> dict:
             "seconds_to_make": rnd(secs),
             "plugin": repr(plugin),
         }
+        if method == "memcontrol":  # the masks tried, the one chosen, and its scores
+            rows[method]["search"] = {k: json.loads(plugin.meta[k]) for k in ("search", "final")}
+            rows[method]["search"]["mask"] = plugin.meta["mask"]
         print(method, rows[method]["memorization"], rows[method]["attr_acc_delta"], flush=True)
     return {"ssim_threshold": rnd(threshold), "methods": rows}
 
