@@ -23,7 +23,7 @@ from .noise_magnitude import (
     noise_magnitude,
     shipped_threshold,
 )
-from .pruning import METHODS, MemorizationAdapter, NeuronPruning, is_adapter
+from .pruning import METHODS, MemorizationAdapter, NeuronPruning
 from .subspace import SubspaceConfig, prune
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "detect",
     "ground_truth",
     "informative_start",
-    "is_adapter",
     "localize",
     "memcontrol",
     "noise_magnitude",

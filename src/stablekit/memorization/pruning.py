@@ -109,14 +109,3 @@ class NeuronPruning(MemorizationAdapter):
 
     def __repr__(self):
         return f"NeuronPruning({self.method}, {sum(map(len, self.neurons.values()))} neurons)"
-
-
-def is_adapter(path) -> bool:
-    """Whether the safetensors file at `path` is a memorization adapter (by its metadata)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("method") in METHODS
-    except (SafetensorError, OSError):
-        return False
