@@ -118,6 +118,7 @@ def test_subspace_pruning_moves_a_memorized_generation_away_from_its_render():
 
 def test_memcontrol_fine_tunes_only_the_chosen_mask_and_lowers_the_magnitude(tiny, tmp_path):
     from stablekit.memorization.memcontrol import choose, mask_parameters
+    from stablekit.registry import load_adapter
 
     mem = ["a red star", "a blue moon"]
     before = noise_magnitude(tiny, mem, steps=1, num_inference_steps=3, batch=2)
@@ -131,6 +132,7 @@ def test_memcontrol_fine_tunes_only_the_chosen_mask_and_lowers_the_magnitude(tin
     assert set(edit.deltas) == {f"unet.{n}" for n in mask_parameters(tiny.unet, edit.meta["mask"])}
     edit.save(tmp_path / "m.safetensors")
     loaded = MemorizationAdapter.load(tmp_path / "m.safetensors")
+    assert type(load_adapter(tmp_path / "m.safetensors")) is MemorizationAdapter  # what `generate --adapter` opens
     with stablekit.use(tiny, loaded):
         after = noise_magnitude(tiny, mem, steps=1, num_inference_steps=3, batch=2)
     assert after.mean() < before.mean(), (before, after)
