@@ -4,14 +4,18 @@ A recipe is ``NAME[:k=v,...]`` (:data:`RECIPES`): the shared loop (:mod:`.traine
 teacher's step with a recipe's hooks) trains a fresh UNet on the rendered world, and :func:`.folder.run`
 writes a resumable diffusers folder that ``stablekit.load`` opens. ``stablekit train --help`` lists the recipes.
 
-Distillation into faster students lives beside them (``stablekit distill``): :mod:`.students` (the teacher's pairs,
-the students' loop and folders), :mod:`.instaflow`, :mod:`.lcm_distill` and :mod:`.guidance_lora`; and compressed
-UNets (``stablekit compress``): :mod:`.slim_unet` (a UNet with layers removed), :mod:`.compress` (budgets and
-retraining by distillation), :mod:`.laptop_diff`, :mod:`.koala` and :mod:`.ld_pruner`.
+Fine-tuning a model on images with captions (``stablekit finetune``: LoRA or full) is :mod:`.finetune`, its
+LoRA files :mod:`.lora_adapter`. Distillation into faster students lives beside them (``stablekit distill``):
+:mod:`.students` (the teacher's pairs, the students' loop and folders), :mod:`.instaflow`, :mod:`.lcm_distill`
+and :mod:`.guidance_lora`; and compressed UNets (``stablekit compress``): :mod:`.slim_unet` (a UNet with layers
+removed), :mod:`.compress` (budgets and retraining by distillation), :mod:`.laptop_diff`, :mod:`.koala` and
+:mod:`.ld_pruner`.
 """
 
 from . import corruption, immiscible, plain, scalelong  # noqa: F401  (each files its recipe)
 from .base import RECIPES, Recipe, train
+from .finetune import FinetuneConfig, finetune
+from .lora_adapter import LoRAAdapter
 from .trainer import TrainConfig, WorldData, build_unet, fit
 
 for _name in ("plain", "immiscible", "scalelong", "corruption"):  # listed in this order: the reference first
@@ -25,4 +29,16 @@ def recipe(spec: str) -> Recipe:
     return build(spec, RECIPES, "recipe")
 
 
-__all__ = ["RECIPES", "Recipe", "TrainConfig", "WorldData", "build_unet", "fit", "recipe", "train"]
+__all__ = [
+    "RECIPES",
+    "FinetuneConfig",
+    "LoRAAdapter",
+    "Recipe",
+    "TrainConfig",
+    "WorldData",
+    "build_unet",
+    "finetune",
+    "fit",
+    "recipe",
+    "train",
+]
