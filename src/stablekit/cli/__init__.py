@@ -40,6 +40,8 @@ COMMANDS = {
         "Detect memorized prompts; remove memorized images with an adapter.",
     ),
     "restore": ("stablekit.cli.restore:restore_command", "Upscale IMAGE with a diffusion super-resolution model."),
+    "segment": ("stablekit.cli.segment:segment_command", "Write IMAGE's foreground mask (DiffDIS)."),
+    "cs": ("stablekit.cli.measure:cs_command", "Measure IMAGE at --ratio and reconstruct it (compressed sensing)."),
     "attack": ("stablekit.cli.attack:attack", "Plant a concept: poisoned fine-tuning data, or a TrojDiff backdoor."),
     "freeze-guard": (
         "stablekit.cli.freeze_guard:freeze_guard_command",
