@@ -8,11 +8,19 @@ Distillation into faster students lives beside them (``stablekit distill``): :mo
 the students' loop and folders), :mod:`.instaflow`, :mod:`.lcm_distill` and :mod:`.guidance_lora`.
 """
 
-from . import corruption, immiscible, plain, scalelong  # noqa: F401  (each files its recipe)
+from . import corruption, immiscible, plain, rrcm, scalelong, spd, umd  # noqa: F401  (each files its recipe)
 from .base import RECIPES, Recipe, train
 from .trainer import TrainConfig, WorldData, build_unet, fit
 
-for _name in ("plain", "immiscible", "scalelong", "corruption"):  # listed in this order: the reference first
+for _name in (
+    "plain",
+    "immiscible",
+    "scalelong",
+    "corruption",
+    "spd",
+    "umd",
+    "rrcm",
+):  # listed in this order: the reference first
     RECIPES[_name] = RECIPES.pop(_name)
 
 
