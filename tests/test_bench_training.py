@@ -28,5 +28,6 @@ def test_training_benchmark_at_a_tiny_size(tmp_path):
             assert claim[key]["verdict"] in ("confirmed", "refuted", "inconclusive")
     cached = sorted(p.name for p in (tmp_path / "training_runs").iterdir())
     assert cached == ["plain-seed0.pt", "rrcm-seed0.pt", "settings.json", "spd-seed0.pt"]
-    again = bench.main(args)  # every run cached: the same results without training
-    assert again["runs"] == res["runs"]
+    again = bench.main([*args, "--seeds", "2", "--cached-only"])  # the finished runs, nothing trained
+    assert again["runs"] == res["runs"] and again["seeds_per_recipe"] == {"plain": 1, "spd": 1, "rrcm": 1}
+    assert sorted(p.name for p in (tmp_path / "training_runs").iterdir()) == cached
