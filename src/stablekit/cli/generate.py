@@ -7,12 +7,11 @@ from pathlib import Path
 import click
 
 from ..errors import StablekitError
-from ..registry import CATALOGUE, build
+from ..registry import CATALOGUE, build, load_adapter
 from .common import (
     check_output,
     dtype_option,
     given,
-    load_adapter,
     model_and_device,
     output_paths,
     refuse,
@@ -101,7 +100,8 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     "adapters",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Concept-erasure file from `stablekit erase`, or memorization adapter (repeatable).",
+    help="Concept-erasure file from `stablekit erase`, LoRA from `stablekit finetune`, or memorization adapter "
+    "(repeatable).",
 )
 @spm_multiplier_option
 @click.option(

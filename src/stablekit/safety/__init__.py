@@ -14,30 +14,9 @@ encoder for them. SAFREE, SLD and UCE are the ``guard`` kind of :data:`stablekit
 ``--guard NAME:k=v`` and ``stablekit.registry.build("safree:concepts=[star]", CATALOGUE["guard"], "guard")``.
 """
 
-from pathlib import Path
-
-from ..errors import StablekitError
 from .safree import SAFREE, Decision
 from .sld import SLD
 from .spm import SPM
 from .uce import UCE
 
-__all__ = ["SAFREE", "SLD", "SPM", "UCE", "load_adapter", "Decision"]
-
-
-def load_adapter(path, spm_multiplier: float = 1.0) -> UCE | SPM:
-    """A concept-erasure file from ``stablekit erase``: a UCE edit or an SPM membrane (its transport strength
-    times `spm_multiplier`), by its metadata."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise StablekitError(f"adapter file '{path}' does not exist")
-    try:
-        with safe_open(str(path), "pt") as f:
-            method = (f.metadata() or {}).get("method")
-    except (SafetensorError, OSError) as e:
-        raise StablekitError(f"'{path}' is not a readable safetensors file ({e})") from None
-    if method not in ("uce", "spm"):
-        raise StablekitError(f"'{path}' is not a concept-erasure file from `stablekit erase` (UCE or SPM)")
-    return UCE.load(path) if method == "uce" else SPM.load(path, spm_multiplier)
+__all__ = ["SAFREE", "SLD", "SPM", "UCE", "Decision"]
