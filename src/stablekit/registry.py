@@ -99,6 +99,7 @@ def _attribute(path: str):
 # :func:`load_adapter`.
 ADAPTERS: dict[str, str] = {
     "lora": "stablekit.train.lora_adapter:LoRAAdapter",
+    "memcontrol": "stablekit.memorization.pruning:MemorizationAdapter",
     "nemo": "stablekit.memorization.pruning:NeuronPruning",
     "spm": "stablekit.safety.spm:SPM",
     "subspace": "stablekit.memorization.pruning:NeuronPruning",

@@ -39,3 +39,4 @@ RECIPES = {  # stablekit.train.RECIPES: name -> (parameters with defaults, paper
         "Robust Representation Consistency Model via Contrastive Denoising (2025)",
     ),
 }
+CS = {"steps": 8, "particles": 3}  # stablekit.restore.compressed_sensing.CSConfig
