@@ -11,8 +11,12 @@ import torch
 from stablekit import cli
 from stablekit.train import TrainConfig, WorldData, build_unet, fit, recipe, train
 from stablekit.train.corruption import perturb
+from stablekit.train.features import encoder_features
 from stablekit.train.immiscible import assign
+from stablekit.train.rrcm import info_nce
 from stablekit.train.scalelong import install, skip_count
+from stablekit.train.spd import ShortestPathScheduler, coefficients, fourier, spatial
+from stablekit.train.umd import patch_keep
 
 
 def test_immiscible_assignment_is_a_permutation_that_shortens_the_pairs():
@@ -155,7 +159,13 @@ def test_train_command_writes_a_loadable_folder_and_refuses_bad_input(tmp_path, 
     assert run["config"]["seed"] == 0 and run["config"]["data_seed"] == 0 and "ScaleLong" in run["paper"]
     pipe = stablekit.load(out, device="cpu")
     assert list(pipe.unet.config.block_out_channels) == [16, 16, 32]
-    assert len(install(pipe.unet, out)) == len(pipe.unet.up_blocks)
+    bare = type(pipe.unet).from_pretrained(out / "unet").eval()  # load() put the recorded skip scales back
+    x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 5, 384)
+    with torch.no_grad():
+        loaded = pipe.unet(x, t, c).sample
+        assert not torch.allclose(loaded, bare(x, t, c).sample)
+        assert len(install(bare, out)) == len(pipe.unet.up_blocks)
+        assert torch.equal(loaded, bare(x, t, c).sample)
     before = sorted(p.name for p in out.iterdir())
     capfd.readouterr()  # the loading's progress bars
     for args in (
@@ -170,3 +180,92 @@ def test_train_command_writes_a_loadable_folder_and_refuses_bad_input(tmp_path, 
         code, stdout, err = _cli([*args, *small], capfd)
         assert code == 2 and stdout == "" and err.startswith("error: ") and err.count("\n") == 1, err
     assert sorted(p.name for p in out.iterdir()) == before and not (tmp_path / "new").exists()
+
+
+def test_spd_folder_loads_with_its_sampler(tmp_path, capfd):
+    import stablekit
+
+    out = tmp_path / "spd"
+    small = ["--size", "tiny", "--batch", "4", "--captions", "6", "--variants", "1", "--warmup", "2"]
+    code, _, err = _cli(["--recipe", "spd:m=1.5", "--steps", "2", "-o", str(out), *small], capfd)
+    assert code == 0, err
+    pipe = stablekit.load(out, device="cpu")
+    assert isinstance(pipe.scheduler, ShortestPathScheduler) and pipe.scheduler.config.m == 1.5
+    image = pipe("a red circle", num_inference_steps=2, output_type="pt").images
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_encoder_features_are_the_full_forward_s_middle_block():
+    torch.manual_seed(0)
+    unet = build_unet("tiny").eval()
+    x, t, c = torch.randn(3, 4, 16, 16), torch.tensor([0, 300, 999]), torch.randn(3, 5, 384)
+    seen = {}
+    unet.mid_block.register_forward_hook(lambda m, a, out: seen.setdefault("mid", out))
+    with torch.no_grad():
+        unet(x, t, c)
+        assert torch.allclose(encoder_features(unet, x, t, c), seen["mid"].mean(dim=(2, 3)), atol=1e-6)
+
+
+def _spd_point(x0, eps, t):
+    a, s = coefficients(torch.full((len(x0),), t), x0.shape[-1], 1.59, 0.0086, 2.0)
+    return spatial(a * fourier(x0) + s * fourier(eps)), spatial(a * fourier(eps) - s * fourier(x0))
+
+
+def test_spd_sampler_inverts_the_corruption_given_the_true_velocity():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 16, 16, generator=g) * 0.7 + 0.4, torch.randn(2, 4, 16, 16, generator=g)
+    sched = ShortestPathScheduler()
+    sched.set_timesteps(7)
+    x, _ = _spd_point(x0, eps, int(sched.timesteps[0]))
+    assert torch.allclose(x, eps, atol=1e-5)  # the last timestep is pure noise
+    for t in sched.timesteps:
+        x = sched.step(_spd_point(x0, eps, int(t))[1], t, x).prev_sample
+    assert torch.allclose(x, x0, atol=1e-4)
+
+
+def test_spd_takes_the_signal_to_noise_ratio_of_high_frequencies_first():
+    from stablekit.train.spd import spectrum
+
+    power = spectrum(16, 1.59, 0.0086, 2.0)
+    a, s = coefficients(torch.tensor([-1, 400, 999]), 16, 1.59, 0.0086, 2.0)
+    assert torch.equal(a[0], torch.ones_like(a[0])) and torch.equal(a[2], torch.zeros_like(a[2]))
+    snr = (a[1, 0] ** 2 * power / s[1, 0] ** 2).flatten()
+    order = power.flatten().argsort()  # from the highest frequency (least power) to the lowest
+    assert (snr[order].diff() >= -1e-9).all() and snr.max() > 100 * snr.min()
+
+
+def test_umd_hides_the_stated_share_of_whole_patches_and_trains_the_clean_step_on_them():
+    g = torch.Generator().manual_seed(0)
+    keep = patch_keep((500, 4, 16, 16), 2, torch.full((500,), 0.375), g)
+    patches = keep[:, 0, ::2, ::2]
+    assert torch.equal(keep, patches.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, None])
+    assert ((1 - patches).flatten(1).sum(1) == 24).all()  # round(0.375 * 64) patches hidden per image
+    rec = recipe("umd:no_noise_prob=0.99")
+    seen = {}
+
+    def unet(x, t, cond):  # the loss's network: records its input and answers the clean latent
+        seen.update(x=x, t=t)
+        return type("Out", (), {"sample": x0})()
+
+    from diffusers import DDPMScheduler
+
+    from stablekit.default_model.train import SCHEDULER_CONFIG
+
+    sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)
+    x0 = torch.randn(8, 4, 16, 16, generator=g)
+    loss = rec.loss(unet, x0, torch.randn_like(x0), torch.full((8,), 700), None, sched, snr, g)
+    clean = seen["t"] == 0
+    assert clean.sum() >= 6 and loss < 0.5  # clean rows cost nothing when the hidden patches are right
+    hidden = (seen["x"][clean] == 0).float().mean()
+    assert 0.7 < hidden < 0.8 and torch.equal(seen["x"][clean] != 0, x0[clean] * (seen["x"][clean] != 0) != 0)
+
+
+def test_info_nce_rewards_the_matching_row_and_rrcm_trains_its_heads():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 32, generator=g)
+    assert info_nce(z, z + 0.01 * torch.randn(16, 32, generator=g), 0.2) < 0.5
+    assert info_nce(z, z[torch.randperm(16, generator=g)], 0.2) > 2.0
+    config = TrainConfig(steps=2, batch=8, size="tiny", warmup=1)
+    _, _, heads, state = train(recipe("rrcm:gap=100"), _toy_data(), config, progress=False)
+    assert set(dict(heads.named_children())) == {"projector", "predictor"} and len(state["losses"]) == 2

@@ -52,6 +52,9 @@ DEFAULT_MODEL = "stablekit-default"
 # marker file -> loader(path, device=, dtype=, scheduler=) of model folders that are not diffusers folders;
 # method packages add theirs (a quantized model folder: stablekit.quant)
 FOLDER_FORMATS: dict[str, object] = {}
+# marker file -> "module:function(pipe, folder)" that finishes loading a diffusers folder which needs more than its
+# diffusers files (a recipe's trained model: its skip scales, its sampler); imported only when the marker is there
+FOLDER_RESTORERS: dict[str, str] = {"train.json": "stablekit.train.folder:restore"}
 DEFAULT_STUDENT = "stablekit-default-1step"  # the embedded model's one-step student: its UNet, the rest shared
 
 
@@ -241,6 +244,7 @@ def load(
             return loader(path, device=device, dtype=dtype, scheduler=scheduler)
         if path.is_dir():
             pipe = _load_folder(path, dtype)
+            _restore(pipe, path)
         elif path.suffix in (".safetensors", ".ckpt"):
             if not path.is_file():
                 raise StablekitError(f"checkpoint file '{path}' does not exist")
@@ -255,6 +259,13 @@ def load(
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=None)
     return pipe.to(device)
+
+
+def _restore(pipe: DiffusionPipeline, path: Path) -> None:
+    for marker, target in FOLDER_RESTORERS.items():
+        if (path / marker).is_file():
+            module, _, name = target.partition(":")
+            getattr(importlib.import_module(module), name)(pipe, path)
 
 
 def _load_hub(repo_id: str, dtype) -> DiffusionPipeline:

@@ -8,14 +8,13 @@ import click
 
 
 class _TrainCommand(click.Command):
-    """Its help ends with the recipes and their papers, read from stablekit.train only when help is shown."""
+    """Its help ends with the recipes, their parameters and papers (from cli/defaults.py: no import of torch)."""
 
     def format_epilog(self, ctx, formatter):
-        from ..registry import signature_text
-        from ..train import RECIPES
+        from .defaults import RECIPES
 
         with formatter.section("Recipes (--recipe NAME[:k=v,...])"):
-            formatter.write_dl([(f"{n} ({signature_text(cls)})", cls.paper) for n, cls in RECIPES.items()])
+            formatter.write_dl([(f"{n} ({params})", paper) for n, (params, paper) in RECIPES.items()])
 
 
 @click.command("train", cls=_TrainCommand)

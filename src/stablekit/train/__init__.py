@@ -12,13 +12,21 @@ removed), :mod:`.compress` (budgets and retraining by distillation), :mod:`.lapt
 :mod:`.ld_pruner`.
 """
 
-from . import corruption, immiscible, plain, scalelong  # noqa: F401  (each files its recipe)
+from . import corruption, immiscible, plain, rrcm, scalelong, spd, umd  # noqa: F401  (each files its recipe)
 from .base import RECIPES, Recipe, train
 from .finetune import FinetuneConfig, finetune
 from .lora_adapter import LoRAAdapter
 from .trainer import TrainConfig, WorldData, build_unet, fit
 
-for _name in ("plain", "immiscible", "scalelong", "corruption"):  # listed in this order: the reference first
+for _name in (
+    "plain",
+    "immiscible",
+    "scalelong",
+    "corruption",
+    "spd",
+    "umd",
+    "rrcm",
+):  # listed in this order: the reference first
     RECIPES[_name] = RECIPES.pop(_name)
 
 

@@ -44,11 +44,21 @@ class Recipe:
     def condition(self, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return cond
 
-    def loss(self, unet, x0, noise, t, cond, sched, snr) -> torch.Tensor:
+    def loss(self, unet, x0, noise, t, cond, sched, snr, gen: torch.Generator) -> torch.Tensor:
+        """The batch's loss; `gen` is the run's generator, for a recipe's own draws (masks, a second timestep)."""
         return teacher.v_loss(unet, x0, noise, t, cond, sched, snr)
 
     def for_inference(self, unet) -> None:
         """Put what the recipe adds to a UNet (with its trained values) on `unet`, e.g. the EMA copy to sample."""
+
+    def sampler(self, scheduler):
+        """The scheduler that samples a model of this recipe, given the pipeline's (which fits the standard
+        noise schedule)."""
+        return scheduler
+
+    def restore(self, pipe, folder: Path) -> None:
+        """Put back on a loaded pipeline what this recipe's exported `folder` needs beyond its diffusers files."""
+        pipe.scheduler = self.sampler(pipe.scheduler)
 
     def spec(self) -> dict:
         return {"recipe": self.name, "params": dataclasses.asdict(self.config), "paper": self.paper}
@@ -70,7 +80,7 @@ def batch_loss(recipe: Recipe, unet, data: WorldData, batch: int):
         cond = recipe.condition(cond, gen)
         noise = recipe.noise(x0, gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
-        return recipe.loss(unet, x0, noise, t, cond, sched, snr)
+        return recipe.loss(unet, x0, noise, t, cond, sched, snr, gen)
 
     return step_loss
 

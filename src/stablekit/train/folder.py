@@ -42,6 +42,17 @@ def check_folder(out: Path, run: dict) -> bool:
     return True
 
 
+def restore(pipe, folder: Path) -> None:
+    """Put on `pipe`, just loaded from a recipe's exported `folder`, what the recipe recorded in its ``train.json``
+    needs beyond the diffusers files (ScaleLong's skip scales, shortest path diffusion's sampler)."""
+    from . import RECIPES
+
+    run = json.loads((Path(folder) / RUN_FILE).read_text())
+    if run.get("recipe") not in RECIPES:
+        raise StablekitError(f"'{folder}' was trained with an unknown recipe '{run.get('recipe')}'")
+    RECIPES[run["recipe"]](**run.get("params", {})).restore(pipe, Path(folder))
+
+
 def _fixed(run: dict) -> dict:
     return {k: v for k, v in run["config"].items() if k not in BUDGET}
 

@@ -13,7 +13,7 @@ Deviations:
   1. the learnable scheme learns one scalar per skip, initialised at the constant scheme's ``kappa ** i``; the
      paper's LS computes the coefficients from the skip features with a small squeeze-and-excitation network;
   2. the exported diffusers folder holds the UNet without the hooks and the coefficients in ``skip_scales.json``;
-     :func:`install` puts them back on a loaded pipeline's UNet (``stablekit.load`` alone does not).
+     ``stablekit.load`` puts them back (:func:`install`), reading the recipe the folder records.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class SkipScales(torch.nn.Module):
     def _hook(self, start: int, end: int):
         def scale(module, args, kwargs):
             skips = kwargs["res_hidden_states_tuple"]
-            coef = self.scales[start:end].to(skips[0].dtype)
+            coef = self.scales[start:end].to(skips[0])
             kwargs["res_hidden_states_tuple"] = tuple(s * c for s, c in zip(skips, coef, strict=True))
             return args, kwargs
 
@@ -96,6 +96,9 @@ class ScaleLong(Recipe):
 
     def for_inference(self, unet) -> None:
         SkipScales(self.module.scales.detach().clone(), learnable=False).attach(unet)
+
+    def restore(self, pipe, folder: Path) -> None:
+        install(pipe.unet, folder)
 
     def export(self, out: Path) -> None:
         (out / SCALES_FILE).write_text(json.dumps([float(s) for s in self.module.scales]))
