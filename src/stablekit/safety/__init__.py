@@ -8,26 +8,30 @@
         ...
     edit.save("no-star.safetensors")                                  # UCE.load(...) refuses other models
 
-Methods: :mod:`.safree` (SAFREE, 2025), :mod:`.spm` (SPM, 2024); baselines :mod:`.sld` (Safe Latent
-Diffusion's guidance) and :mod:`.uce` (UCE). :mod:`.text` computes token embeddings with the pipeline's own text
-encoder for them. SAFREE, SLD and UCE are the ``guard`` kind of :data:`stablekit.registry.CATALOGUE`, for
-``--guard NAME:k=v`` and ``stablekit.registry.build("safree:concepts=[star]", CATALOGUE["guard"], "guard")``.
+Methods: :mod:`.safree` (SAFREE, 2025), :mod:`.spm` (SPM, 2024), :mod:`.advunlearn` (AdvUnlearn, 2024);
+baselines :mod:`.sld` (Safe Latent Diffusion's guidance) and :mod:`.uce` (UCE). :mod:`.text` computes token
+embeddings with the pipeline's own text encoder for them. SAFREE, SLD and UCE are the ``guard`` kind of
+:data:`stablekit.registry.CATALOGUE`, for ``--guard NAME:k=v`` and
+``stablekit.registry.build("safree:concepts=[star]", CATALOGUE["guard"], "guard")``.
 """
 
 from pathlib import Path
 
 from ..errors import StablekitError
+from .advunlearn import AdvUnlearn
 from .safree import SAFREE, Decision
 from .sld import SLD
 from .spm import SPM
 from .uce import UCE
 
-__all__ = ["SAFREE", "SLD", "SPM", "UCE", "load_adapter", "Decision"]
+__all__ = ["AdvUnlearn", "SAFREE", "SLD", "SPM", "UCE", "load_adapter", "Decision"]
+
+LOADERS = {"uce": UCE.load, "spm": SPM.load, "advunlearn": AdvUnlearn.load}  # by the file's "method" metadata
 
 
-def load_adapter(path, spm_multiplier: float = 1.0) -> UCE | SPM:
-    """A concept-erasure file from ``stablekit erase``: a UCE edit or an SPM membrane (its transport strength
-    times `spm_multiplier`), by its metadata."""
+def load_adapter(path, spm_multiplier: float = 1.0) -> UCE | SPM | AdvUnlearn:
+    """A concept-erasure file from ``stablekit erase``, by its metadata: a UCE edit, an SPM membrane (its transport
+    strength times `spm_multiplier`) or an AdvUnlearn text-encoder adapter."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -38,6 +42,6 @@ def load_adapter(path, spm_multiplier: float = 1.0) -> UCE | SPM:
             method = (f.metadata() or {}).get("method")
     except (SafetensorError, OSError) as e:
         raise StablekitError(f"'{path}' is not a readable safetensors file ({e})") from None
-    if method not in ("uce", "spm"):
-        raise StablekitError(f"'{path}' is not a concept-erasure file from `stablekit erase` (UCE or SPM)")
-    return UCE.load(path) if method == "uce" else SPM.load(path, spm_multiplier)
+    if method not in LOADERS:
+        raise StablekitError(f"'{path}' is not a concept-erasure file from `stablekit erase` ({', '.join(LOADERS)})")
+    return SPM.load(path, spm_multiplier) if method == "spm" else LOADERS[method](path)
