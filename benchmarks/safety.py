@@ -137,9 +137,7 @@ def run_concept(pipe, word: str, a, out: dict, save) -> None:
     out |= {"attribute": c.attribute, "paraphrases": c.paraphrases, "defenses": {}}
     ref = {}  # the undefended model's per-prompt matches: preservation and collateral
     for name in ["none"] + [d for d in a.defenses if d != "none"]:
-        d = audit.defense(
-            pipe, name, c, spm_file, spm_train(a), a.spm_multiplier, a.files.get(name), adapter_train(a)
-        )
+        d = audit.defense(pipe, name, c, spm_file, spm_train(a), a.spm_multiplier, a.files.get(name), adapter_train(a))
         row, direct_hits = _defense_row(pipe, d, c, ps, judge, a, ref)
         row |= _attacks(pipe, d, c, ps, direct_hits, a)
         out["defenses"][name] = row
