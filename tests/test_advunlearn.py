@@ -126,7 +126,36 @@ def test_cached_stages_give_the_uncached_result(tiny_sd_path, tmp_path):
     kw = dict(prompts=PROMPTS, retain=RETAIN, progress=False, **(FAST | {"iterations": 12, "warmup": 6}))
     plain = AdvUnlearn.train(pipe, "red", **kw)
     cached = AdvUnlearn.train(pipe, "red", cache=tmp_path, **kw)
-    assert len(list(tmp_path.glob("*/checkpoint.pt"))) == 1 and len(list(tmp_path.glob("*/references.pt"))) == 1
+    assert len(list(tmp_path.glob("*/*/checkpoint.pt"))) == 1 and len(list(tmp_path.glob("*/references.pt"))) == 1
     again = AdvUnlearn.train(pipe, "red", cache=tmp_path, **kw)  # read back, nothing left to train
     for edit in (cached, again):
         assert all(torch.equal(plain.deltas[n], edit.deltas[n]) for n in plain.deltas)
+
+
+def test_erase_advunlearn_writes_an_adapter_that_generate_applies(tiny_sd_path, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from stablekit import cli
+
+    def invoke(*args):
+        return CliRunner().invoke(cli.cli, [str(a) for a in args])
+
+    adapter, out = tmp_path / "adv.safetensors", tmp_path / "out"
+    out.mkdir()
+    args = ["--concept", "star", "--iterations", "2", "--lr", "1e-2", "--surrogate", "shape"]
+    result = invoke("erase", "--method", "advunlearn", *args, "-o", adapter, "--model", tiny_sd_path)
+    assert result.exit_code == 0 and result.stdout.endswith(f"{adapter}\n"), result.output
+    assert load_adapter(adapter).config.surrogate == "shape" and load_adapter(adapter).config.iterations == 2
+    gen = ["generate", "a star", "--model", tiny_sd_path, "--size", "32x32", "--steps", "2"]
+    assert invoke(*gen, "--adapter", adapter, "-o", out / "a.png").exit_code == 0
+    assert Image.open(out / "a.png").text["adapter"] == adapter.name
+    bad = {  # one line, exit 2, nothing written
+        "unknown concept": (["--concept", "dragon"], "unknown concept 'dragon'"),  # the default model's world
+        "two concepts": (["--concept", "star", "--concept", "red", "--model", tiny_sd_path], "one --concept"),
+        "spm option": (["--concept", "star", "--anchor-weight", "1", "--model", tiny_sd_path], "--anchor-weight"),
+    }
+    for argv, message in bad.values():
+        result = invoke("erase", "--method", "advunlearn", *argv, "-o", out / "x.safetensors")
+        assert result.exit_code == 2 and result.stderr.startswith("error: ") and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (out / "x.safetensors").exists()

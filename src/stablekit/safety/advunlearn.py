@@ -210,6 +210,10 @@ class AdvUnlearn(WeightEdit):
         return _Trainer(pipe, cfg, prompts, retain, cache).run(progress)
 
 
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class _Trainer:
     """The training loop of :meth:`AdvUnlearn.train`, with its stages cached in `cache`."""
 
@@ -219,9 +223,11 @@ class _Trainer:
         self.pipe, self.cfg, self.prompts, self.retain = pipe, cfg, prompts, retain
         self.sch = noise_scheduler(pipe)
         self.linears = {f"text_encoder.{n}": m for n, m in encoder_linears(pipe.text_encoder).items()}
-        key = json.dumps([dataclasses.asdict(cfg), prompts, retain, weight_norms(pipe, self.weights())])
-        self.cache = Path(cache) / f"advunlearn-{hashlib.sha256(key.encode()).hexdigest()[:16]}" if cache else None
         self.word = cfg.concepts[0]
+        norms = weight_norms(pipe, self.weights())
+        inputs = [prompts, retain, self.word, cfg.surrogate, cfg.seed, cfg.ref_steps, norms]
+        self.cache = Path(cache) / f"advunlearn-{_digest(inputs)}" if cache else None  # the reference images
+        self.run_cache = self.cache / _digest(dataclasses.asdict(cfg)) if cache else None  # this run's checkpoints
 
     def weights(self) -> list[str]:
         return [f"{n}.weight" for n in self.linears]
@@ -261,7 +267,7 @@ class _Trainer:
         lora = _LoRA({n.removeprefix("text_encoder."): m for n, m in self.linears.items()}, cfg.rank, g)
         opt = torch.optim.Adam(lora.params(), lr=cfg.lr)
         state = {"adv": None, "start": 0}
-        ckpt = self.cache / "checkpoint.pt" if self.cache else None
+        ckpt = self.run_cache / "checkpoint.pt" if self.run_cache else None
         if ckpt is not None and ckpt.exists():
             state = self._resume(ckpt, lora, opt)
         bar = tqdm(
@@ -286,6 +292,7 @@ class _Trainer:
         return {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "concepts"}
 
     def _checkpoint(self, path: Path, done: int, lora: _LoRA, opt, state: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
         value = {"done": done, "factors": lora.params(), "opt": opt.state_dict(), "adv": state["adv"]}
         torch.save(value, str(path) + ".tmp")
         Path(str(path) + ".tmp").replace(path)
