@@ -86,6 +86,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--advunlearn-iterations", type=int, default=400, help="AdvUnlearn training iterations")
     p.add_argument("--advunlearn-surrogate", default="", help="what AdvUnlearn erases the concept toward")
+    p.add_argument("--advunlearn-ref-steps", type=int, default=20, help="steps of AdvUnlearn's reference images")
     p.add_argument(
         "--adapter-dir",
         type=Path,
@@ -121,7 +122,11 @@ def spm_train(a) -> dict:
 
 def adapter_train(a) -> dict:
     """AdvUnlearn.train's settings from the command line."""
-    return {"iterations": a.advunlearn_iterations, "surrogate": a.advunlearn_surrogate}
+    return {
+        "iterations": a.advunlearn_iterations,
+        "surrogate": a.advunlearn_surrogate,
+        "ref_steps": a.advunlearn_ref_steps,
+    }
 
 
 def run_concept(pipe, word: str, a, out: dict, save) -> None:
