@@ -84,7 +84,7 @@ def parse(args: list[str]) -> argparse.Namespace:
         default=None,
         help="folder of membranes <concept>.safetensors: read if there, else trained and saved there",
     )
-    p.add_argument("--advunlearn-iterations", type=int, default=400, help="AdvUnlearn training iterations")
+    p.add_argument("--advunlearn-iterations", type=int, default=200, help="AdvUnlearn training iterations")
     p.add_argument("--advunlearn-surrogate", default="", help="what AdvUnlearn erases the concept toward")
     p.add_argument("--advunlearn-ref-steps", type=int, default=20, help="steps of AdvUnlearn's reference images")
     p.add_argument(

@@ -32,7 +32,7 @@ ATTACKS = CATALOGUE["attack"]
     "--iterations",
     type=click.IntRange(min=1),
     default=None,
-    help="Training iterations [default: 3000 for spm, 400 for advunlearn].",
+    help="Training iterations [default: 3000 for spm, 200 for advunlearn].",
 )
 @click.option(
     "--lr",
