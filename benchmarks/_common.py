@@ -151,6 +151,32 @@ def ratio_of_means_interval(x, y, reps: int = 2000, seed: int = 0) -> list | Non
     return [rnd(np.quantile(boots, 0.025)), rnd(np.quantile(boots, 0.975))]
 
 
+def auc(pos, neg) -> float:
+    """ROC area of scores `pos` (positives) against `neg` (negatives); ties count half."""
+    from sklearn.metrics import roc_auc_score
+
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
+
+
+def tpr_at(pos, neg, fpr: float) -> float:
+    """True-positive rate at the smallest threshold whose false-positive rate on `neg` is at most `fpr`."""
+    neg = np.sort(np.asarray(neg, dtype=np.float64))
+    k = int(np.floor(fpr * len(neg)))
+    thr = neg[len(neg) - k - 1] if k < len(neg) else -np.inf
+    return float(np.mean(np.asarray(pos, dtype=np.float64) > thr))
+
+
+def two_sample_interval(fn, pos, neg, reps: int = 2000, seed: int = 0) -> list:
+    """Bootstrap 95% interval of ``fn(pos, neg)`` with both samples resampled."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.asarray(pos), np.asarray(neg)
+    vals = [
+        fn(pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))]) for _ in range(reps)
+    ]
+    return [rnd(np.quantile(vals, 0.025)), rnd(np.quantile(vals, 0.975))]
+
+
 def rounds(xs: list[float]) -> dict:
     """Measurements over timed rounds: median, min, max, their spread (max - min, in % of the median), every
     round, n, and the 95% interval of their geometric mean."""

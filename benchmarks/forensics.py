@@ -41,17 +41,8 @@ def parse(args: list[str]) -> argparse.Namespace:
 
 def auc(neg: np.ndarray, pos: np.ndarray, reps: int, seed: int) -> dict:
     """ROC AUC of scores `pos` (label 1) against `neg` (label 0) with a 95% bootstrap interval."""
-    from sklearn.metrics import roc_auc_score
-
-    y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
-    s = np.r_[neg, pos]
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(reps):
-        i, j = rng.integers(0, len(neg), len(neg)), rng.integers(0, len(pos), len(pos))
-        boots.append(roc_auc_score(y, np.r_[neg[i], pos[j]]))
-    lo, hi = np.quantile(boots, [0.025, 0.975]) if boots else (np.nan, np.nan)
-    return {"auc": round(float(roc_auc_score(y, s)), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)]}
+    ci95 = _common.two_sample_interval(_common.auc, pos, neg, reps, seed)
+    return {"auc": round(_common.auc(pos, neg), 4), "ci95": ci95}
 
 
 def evaluate(sets: dict, a) -> dict:

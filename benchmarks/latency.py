@@ -47,6 +47,8 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--accuracy-prompts", type=int, default=32, help="held-out prompts of the bf16 check (0: skip)")
     p.add_argument("--cli-rounds", type=int, default=None, help="fresh-process rounds [default: --rounds]; 0: skip")
     p.add_argument("--peer", choices=("none", "openvino"), default="none")
+    p.add_argument("--folder-size", type=int, default=256, help="image side of the SD-1.5 folder runs (0: skip)")
+    p.add_argument("--folder", type=Path, default=Path("bench_out/sd15-random"), help="where that folder is kept")
     return p.parse_args(args)
 
 
@@ -234,6 +236,60 @@ def biggest_imports(env: dict, top: int = 8) -> dict:
     return {k: _common.rnd(v) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:top]}
 
 
+# ---------------------------------------------------------------- an SD-1.5-sized folder through the command line
+
+SD_VAE = dict(  # runwayml/stable-diffusion-v1-5 vae/config.json
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    norm_num_groups=32,
+    layers_per_block=2,
+    sample_size=512,
+)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+
+
+def sd15_folder(a) -> Path:
+    """A diffusers folder of SD 1.5's architecture (UNet, VAE, 12-layer CLIP text encoder; random weights), saved
+    once at ``a.folder`` and reused."""
+    from _accel_speed import SD15_UNET
+
+    if (a.folder / "model_index.json").exists():
+        return a.folder
+    if a.tiny_sd15:
+        tiny_vae = dict(SD_VAE, block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+        tiny_text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1)
+        pipe = _common.random_sd_pipeline(dict(SD15_UNET, **TINY_SD15), tiny_vae, tiny_text)
+    else:
+        pipe = _common.random_sd_pipeline(SD15_UNET, SD_VAE, CLIP_L)
+    pipe.save_pretrained(a.folder)
+    return a.folder
+
+
+def folder_times(a, out_dir: Path) -> dict:
+    """Fresh ``stablekit generate --model FOLDER`` processes with 1 and 3 steps, alternated over rounds; the fixed
+    cost of a call (everything but the steps) is the 1-step time less one step, a step being half the difference."""
+    folder = sd15_folder(a)
+    side = f"{a.folder_size}x{a.folder_size}"
+    base = [sys.executable, "-c", "from stablekit.cli import main; main()", "generate", PROMPT, "--model", str(folder)]
+    _run([*base, "--steps", "1", "--size", side, "-o", str(out_dir / "warm.png")], dict(os.environ))  # page cache
+    times = {1: [], 3: []}
+    for _ in range(a.rounds):
+        for steps in times:
+            cmd = [*base, "--steps", str(steps), "--size", side, "-o", str(out_dir / f"f{steps}.png")]
+            times[steps].append(_run(cmd, dict(os.environ)))
+    fixed = [t1 - (t3 - t1) / 2 for t1, t3 in zip(times[1], times[3], strict=True)]
+    size_gb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e9
+    return {
+        "folder_gb": _common.rnd(size_gb),
+        "side": a.folder_size,
+        "steps_1": _common.rounds(times[1]),
+        "steps_3": _common.rounds(times[3]),
+        "fixed_cost": _common.rounds(fixed),
+    }
+
+
 # ---------------------------------------------------------------- bf16 accuracy
 
 
@@ -291,6 +347,10 @@ def targets(res: dict) -> dict:
     sd = {r["dtype"]: r["seconds"] for r in res["unet"]["sd15"]}
     if {"float32", "bfloat16"} <= set(sd):
         t["sd15_bf16_speedup_ge_1_8"] = _common.speedup_target(paired_ratio(sd["float32"], sd["bfloat16"]), 1.8, ">=")
+    fc = res.get("folder")
+    if fc:
+        f = fc["fixed_cost"]
+        t["sd15_folder_fixed_cost_under_5s"] = _common.target(f["median"], f["ci95"], 5, "<", f["n"], 3)
     for row in res.get("peer", []):
         if row["dtype"] in sd:
             ratio = paired_ratio(sd[row["dtype"]], row["seconds"])
@@ -325,7 +385,11 @@ def main(args: list[str]) -> dict:
     _common.set_threads(a)
     dtypes = a.dtypes.split(",")
     out_dir = Path(tempfile.mkdtemp(prefix="stablekit-latency-"))
-    res = {"config": vars(a) | {"json": str(a.json)}, "torch": torch.__version__, "load_avg": [os.getloadavg()]}
+    res = {
+        "config": vars(a) | {"json": str(a.json), "folder": str(a.folder)},
+        "torch": torch.__version__,
+        "load_avg": [os.getloadavg()],
+    }
     res["matmul_gflop_per_s"] = matmul_rates(a.matmul, dtypes, a.rounds)
     cli_rounds = a.rounds if a.cli_rounds is None else a.cli_rounds
     if cli_rounds:
@@ -341,6 +405,9 @@ def main(args: list[str]) -> dict:
     save(res, a)
     if a.accuracy_prompts:
         res["accuracy"] = accuracy(a.accuracy_prompts, a.steps, a.seed)
+        save(res, a)
+    if a.folder_size:
+        res["folder"] = folder_times(a, out_dir)
         save(res, a)
     if a.sd15_size:
         unet = sd15_unet(a)

@@ -43,33 +43,6 @@ from stablekit.eval.metrics import rate_interval
 METHODS = ("subspace", "nemo", "prompt-adjustment")
 
 
-def auc(pos, neg) -> float:
-    """Area under the ROC curve: P(positive score > negative score), ties counting half (Mann-Whitney)."""
-    from scipy.stats import rankdata
-
-    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
-    ranks = rankdata(np.r_[pos, neg])[: len(pos)]
-    return float((ranks.sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def tpr_at(pos, neg, fpr: float) -> float:
-    """True-positive rate at the smallest threshold whose false-positive rate on `neg` is at most `fpr`."""
-    neg = np.sort(np.asarray(neg, float))
-    k = int(np.floor(fpr * len(neg)))
-    thr = neg[len(neg) - k - 1] if k < len(neg) else -np.inf
-    return float(np.mean(np.asarray(pos, float) > thr))
-
-
-def bootstrap(fn, pos, neg, reps: int = 2000, seed: int = 0) -> list:
-    """95% interval of ``fn(pos, neg)`` with both samples resampled."""
-    rng = np.random.default_rng(seed)
-    pos, neg = np.asarray(pos), np.asarray(neg)
-    vals = [
-        fn(pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))]) for _ in range(reps)
-    ]
-    return [rnd(np.quantile(vals, 0.025)), rnd(np.quantile(vals, 0.975))]
-
-
 def scores(pipe, a, prompts: list[str]) -> tuple[np.ndarray, float]:
     """``(len(prompts), steps)`` magnitudes and seconds per prompt."""
     from stablekit.memorization import noise_magnitude
@@ -85,12 +58,12 @@ def detection_at(mem, para, held, a) -> dict:
     calib, test = held[:half], held[half:]
     thr = float(np.quantile(calib, 1 - a.fpr))
     return {
-        "auc": rnd(auc(mem, held)),
-        "auc_ci95": bootstrap(auc, mem, held),
-        "auc_paraphrases": rnd(auc(para, held)),
-        "auc_paraphrases_ci95": bootstrap(auc, para, held),
-        "tpr_at_1pct_fpr": rnd(tpr_at(mem, held, 0.01)),
-        "tpr_at_1pct_fpr_ci95": bootstrap(lambda p, n: tpr_at(p, n, 0.01), mem, held),
+        "auc": rnd(_common.auc(mem, held)),
+        "auc_ci95": _common.two_sample_interval(_common.auc, mem, held),
+        "auc_paraphrases": rnd(_common.auc(para, held)),
+        "auc_paraphrases_ci95": _common.two_sample_interval(_common.auc, para, held),
+        "tpr_at_1pct_fpr": rnd(_common.tpr_at(mem, held, 0.01)),
+        "tpr_at_1pct_fpr_ci95": _common.two_sample_interval(lambda p, n: _common.tpr_at(p, n, 0.01), mem, held),
         "threshold": rnd(thr),
         "test_fpr": rnd(float(np.mean(test > thr))),
         "test_fpr_ci95": [rnd(v) for v in rate_interval(int(np.sum(test > thr)), len(test))],

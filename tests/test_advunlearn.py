@@ -8,7 +8,8 @@ from conftest import make_tiny_sd, run
 import stablekit
 from stablekit.errors import StablekitError
 from stablekit.pipeline import frozen
-from stablekit.safety import AdvUnlearn, load_adapter
+from stablekit.registry import load_adapter
+from stablekit.safety import AdvUnlearn
 from stablekit.safety.advunlearn import AdvUnlearnConfig, _LoRA, _Trainer, encoder_linears, replace_word
 from stablekit.text import encode_ids, token_ids
 

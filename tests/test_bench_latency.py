@@ -11,6 +11,7 @@ def test_latency_benchmark_breaks_generate_down_and_rates_the_unet(tmp_path):
     bench = load_benchmark("latency")
     out = tmp_path / "latency.json"
     args = ["--json", str(out), "--rounds", "2", "--steps", "2", "--batches", "1,2", "--matmul", "64"]
+    args += ["--folder-size", "64", "--folder", str(tmp_path / "sd15")]
     res = bench.main([*args, "--sd15-size", "64", "--tiny-sd15", "--accuracy-prompts", "4", "--cli-rounds", "1"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
@@ -29,6 +30,10 @@ def test_latency_benchmark_breaks_generate_down_and_rates_the_unet(tmp_path):
     assert [r["side"] for r in res["unet"]["sd15"]] == [8, 8]  # 64 px: latents of 8
     assert res["cli"]["help"]["n"] == 1 and res["cli"]["generate_first_s"] > 0
     assert "torch" in res["cli"]["biggest_imports_s"]
+    fc = res["folder"]  # fixed cost = the 1-step run less one step (half the 3-step run's extra)
+    assert fc["steps_1"]["n"] == 2 and (tmp_path / "sd15" / "unet" / "config.json").exists()
+    t1, t3 = fc["steps_1"]["all"][0], fc["steps_3"]["all"][0]
+    assert math.isclose(fc["fixed_cost"]["all"][0], t1 - (t3 - t1) / 2, abs_tol=2e-3)
     acc = res["accuracy"]
     assert acc["n"] == 4 and 0 <= acc["float32"]["attr_acc_mean"] <= 1
     assert res["targets"]["sd15_bf16_speedup_ge_1_8"]["status"] == "inconclusive"  # 2 rounds: fewer than 3

@@ -9,7 +9,9 @@ from stablekit.cli.bench import load_benchmark
 
 
 def test_auc_and_tpr_at_fpr_on_known_samples():
-    bench = load_benchmark("memorization")
+    load_benchmark("memorization")  # puts benchmarks/ on sys.path
+    import _common as bench
+
     assert bench.auc([3, 4], [1, 2]) == 1 and bench.auc([1, 2], [3, 4]) == 0 and bench.auc([1], [1]) == 0.5
     neg = np.arange(100.0)  # threshold at 1% FPR: above 98, so only scores over 98 count
     assert bench.tpr_at([98.5, 50, 120], neg, 0.01) == pytest.approx(2 / 3)

@@ -13,7 +13,7 @@ import pytest
 
 import stablekit
 from stablekit.cli import COMMANDS, defaults
-from stablekit.registry import CATALOGUE, INDEX, KINDS, Table
+from stablekit.registry import ADAPTERS, CATALOGUE, INDEX, KINDS, Table
 
 HEAVY = ("torch", "diffusers", "transformers", "numpy")
 PROBE = """
@@ -62,6 +62,12 @@ def test_the_index_is_what_the_classes_register():
         importlib.import_module(f"stablekit.{package}")
     for kind in KINDS:
         assert dict(CATALOGUE[kind].classes) == filed[kind], f"add the {kind} class(es) to registry.INDEX"
+
+
+def test_every_adapter_method_names_a_class_that_loads_its_files():
+    for method, path in ADAPTERS.items():
+        module, _, attr = path.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr).load), method
 
 
 def test_a_table_knows_its_names_before_importing_and_files_new_classes():

@@ -224,7 +224,8 @@ def test_erase_writes_an_adapter_that_generate_applies(generate, out_dir, tiny_s
 
 
 def test_erase_spm_writes_a_membrane_that_generate_applies(generate, out_dir, tiny_sd_path, tmp_path, monkeypatch):
-    from stablekit.safety import SPM, load_adapter
+    from stablekit.registry import load_adapter
+    from stablekit.safety import SPM
 
     seen, train = {}, SPM.train.__func__
     monkeypatch.setattr(SPM, "train", classmethod(lambda cls, *a, **kw: seen.update(kw) or train(cls, *a, **kw)))

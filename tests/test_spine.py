@@ -54,3 +54,21 @@ def test_tree_map_maps_leaves_at_the_same_keys_of_every_tree():
     a = {"x": 1, "added": {"t": 2, "ids": 3}}
     b = {"x": 10, "added": {"t": 20, "ids": 30}}
     assert tree_map(lambda u, v: u + v, a, b) == {"x": 11, "added": {"t": 22, "ids": 33}}
+
+
+def test_load_adapter_refuses_missing_unreadable_and_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from stablekit.errors import StablekitError
+    from stablekit.registry import load_adapter
+
+    foreign = tmp_path / "lora.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign), metadata={"method": "lora"})
+    (tmp_path / "text.safetensors").write_text("not tensors")
+    for path, message in (
+        (tmp_path / "gone.safetensors", "does not exist"),
+        (tmp_path / "text.safetensors", "not a readable safetensors file"),
+        (foreign, "is not an adapter file"),
+    ):
+        with pytest.raises(StablekitError, match=message):
+            load_adapter(path)

@@ -88,6 +88,48 @@ INDEX: dict[str, dict[str, str]] = {
 }
 
 
+def _attribute(path: str):
+    """The attribute named by ``"module:attribute"``, its module imported."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# the "method" an adapter file's metadata names -> "module:Class" whose ``load(path)`` (with ``multiplier`` where
+# the class scales its strength) opens it; `generate --adapter`, batch jobs and the audit read adapters through
+# :func:`load_adapter`.
+ADAPTERS: dict[str, str] = {
+    "advunlearn": "stablekit.safety.advunlearn:AdvUnlearn",
+    "nemo": "stablekit.memorization.pruning:NeuronPruning",
+    "spm": "stablekit.safety.spm:SPM",
+    "subspace": "stablekit.memorization.pruning:NeuronPruning",
+    "uce": "stablekit.safety.uce:UCE",
+}
+
+
+def load_adapter(path, multiplier: float = 1.0):
+    """The plugin saved in the adapter file at `path` (a safetensors file whose metadata names its method, as
+    ``stablekit erase`` and ``stablekit memorization mitigate`` write), its strength times `multiplier` where the
+    method scales one."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise StablekitError(f"adapter file '{path}' does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            method = (f.metadata() or {}).get("method")
+    except (SafetensorError, OSError) as e:
+        raise StablekitError(f"'{path}' is not a readable safetensors file ({e})") from None
+    if method not in ADAPTERS:
+        raise StablekitError(
+            f"'{path}' is not an adapter file (from `stablekit erase` or `stablekit memorization mitigate`)"
+        )
+    cls = _attribute(ADAPTERS[method])
+    takes = "multiplier" in inspect.signature(cls.load).parameters
+    return cls.load(path, multiplier) if takes else cls.load(path)
+
+
 class Table(collections.abc.MutableMapping):
     """One kind's classes by name: the names of :data:`INDEX` (known without importing anything) and those filed by
     :func:`register`; a class of the index is imported on first lookup (``table[name]``, ``.items()``). Setting
@@ -109,8 +151,7 @@ class Table(collections.abc.MutableMapping):
 
     def __getitem__(self, name: str) -> type:
         if name not in self.classes and name in self.paths:
-            module, _, attr = self.paths[name].partition(":")
-            self.classes[name] = getattr(importlib.import_module(module), attr)
+            self.classes[name] = _attribute(self.paths[name])
         return self.classes[name]
 
     def __setitem__(self, name: str, cls: type) -> None:

@@ -6,7 +6,8 @@ first row), ``negative``, ``steps`` (25), ``size`` (``"WxH"`` or ``[W, H]``, mul
 model's native size), ``guidance`` (7.5), ``guidance_rescale`` (default: the model's), ``scheduler``
 (``NAME[:k=v,...]``) and ``plugins`` (a list of accel and guard specs, ``NAME[:k=v,...]``, the names of
 ``stablekit generate --accel/--guard``), ``watermark`` (a key file from ``stablekit keygen``, or its JSON object
-inline; the image size is the key's), ``adapters`` (concept-erasure files from ``stablekit erase``) and
+inline; the image size is the key's), ``adapters`` (files from ``stablekit erase``
+or ``memorization mitigate``) and
 ``spm_multiplier`` (1). Files are read from the current folder, relative paths included. Any mistake is one
 :class:`StablekitError` naming the file and line. :func:`check_rows` checks rows given as dicts the same way.
 """
@@ -189,7 +190,7 @@ def _watermark(data: dict, size: tuple[int, int] | None) -> tuple[str | None, tu
 @functools.lru_cache(maxsize=64)
 def _adapter(path: str, mtime: int, multiplier: float):
     """A concept-erasure file, loaded (so checked) once per path, modification time and multiplier."""
-    from ..safety import load_adapter
+    from ..registry import load_adapter
 
     return load_adapter(path, multiplier)
 

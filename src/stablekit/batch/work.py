@@ -114,7 +114,7 @@ class Renderer:
 
 def _build(what: tuple):
     from ..provenance import Key, watermark
-    from ..safety import load_adapter
+    from ..registry import load_adapter
 
     kind, spec = what[0], what[1]
     if kind == "adapter":

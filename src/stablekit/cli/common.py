@@ -79,13 +79,3 @@ def check_output(output: Path, example: str = "out.png") -> None:
         raise StablekitError(f"output '{output}' must be a {suffix} file, e.g. -o {example}")
     if not output.parent.is_dir():
         raise StablekitError(f"output folder '{output.parent}' does not exist; create it or choose another -o")
-
-
-def load_adapter(path: Path, spm_multiplier: float = 1.0):
-    """An adapter file for `generate --adapter`: a memorization adapter (`stablekit memorization
-    mitigate`) or a concept-erasure one (`stablekit erase`), by its metadata."""
-    from .. import memorization, safety
-
-    if memorization.is_adapter(path):
-        return memorization.NeuronPruning.load(path)
-    return safety.load_adapter(path, spm_multiplier)

@@ -7,12 +7,11 @@ from pathlib import Path
 import click
 
 from ..errors import StablekitError
-from ..registry import CATALOGUE, build
+from ..registry import CATALOGUE, build, load_adapter
 from .common import (
     check_output,
     dtype_option,
     given,
-    load_adapter,
     model_and_device,
     output_paths,
     refuse,

@@ -12,7 +12,7 @@
 from . import ground_truth
 from .nemo import localize
 from .noise_magnitude import Detection, MagnitudeRecorder, PromptAdjustment, detect, noise_magnitude, shipped_threshold
-from .pruning import METHODS, NeuronPruning, is_adapter
+from .pruning import METHODS, NeuronPruning
 from .subspace import SubspaceConfig, prune
 
 __all__ = [
@@ -24,7 +24,6 @@ __all__ = [
     "SubspaceConfig",
     "detect",
     "ground_truth",
-    "is_adapter",
     "localize",
     "noise_magnitude",
     "prune",

@@ -93,14 +93,3 @@ class NeuronPruning(WeightEdit):
         if edit.meta.get("method") not in METHODS or "base_norms" not in edit.meta:
             raise StablekitError(f"'{path}' is not a memorization adapter from `stablekit memorization mitigate`")
         return cls(edit.deltas, edit.meta)
-
-
-def is_adapter(path) -> bool:
-    """Whether the safetensors file at `path` is a memorization adapter (by its metadata)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("method") in METHODS
-    except (SafetensorError, OSError):
-        return False

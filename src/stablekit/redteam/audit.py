@@ -189,7 +189,8 @@ def defense(
 def _trained(pipe, name: str, c: Concept, path, train: dict, spm_multiplier: float) -> Defense:
     """A trained defense read from `path`, or trained (on :func:`training_prompts` where it takes prompts) and
     saved there."""
-    from ..safety import SPM, AdvUnlearn, load_adapter
+    from ..registry import load_adapter
+    from ..safety import SPM, AdvUnlearn
 
     if path is not None and Path(path).exists():
         return Defense(name, [load_adapter(path, spm_multiplier)])

@@ -15,33 +15,10 @@ embeddings with the pipeline's own text encoder for them. SAFREE, SLD and UCE ar
 ``stablekit.registry.build("safree:concepts=[star]", CATALOGUE["guard"], "guard")``.
 """
 
-from pathlib import Path
-
-from ..errors import StablekitError
 from .advunlearn import AdvUnlearn
 from .safree import SAFREE, Decision
 from .sld import SLD
 from .spm import SPM
 from .uce import UCE
 
-__all__ = ["AdvUnlearn", "SAFREE", "SLD", "SPM", "UCE", "load_adapter", "Decision"]
-
-LOADERS = {"uce": UCE.load, "spm": SPM.load, "advunlearn": AdvUnlearn.load}  # by the file's "method" metadata
-
-
-def load_adapter(path, spm_multiplier: float = 1.0) -> UCE | SPM | AdvUnlearn:
-    """A concept-erasure file from ``stablekit erase``, by its metadata: a UCE edit, an SPM membrane (its transport
-    strength times `spm_multiplier`) or an AdvUnlearn text-encoder adapter."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise StablekitError(f"adapter file '{path}' does not exist")
-    try:
-        with safe_open(str(path), "pt") as f:
-            method = (f.metadata() or {}).get("method")
-    except (SafetensorError, OSError) as e:
-        raise StablekitError(f"'{path}' is not a readable safetensors file ({e})") from None
-    if method not in LOADERS:
-        raise StablekitError(f"'{path}' is not a concept-erasure file from `stablekit erase` ({', '.join(LOADERS)})")
-    return SPM.load(path, spm_multiplier) if method == "spm" else LOADERS[method](path)
+__all__ = ["AdvUnlearn", "SAFREE", "SLD", "SPM", "UCE", "Decision"]

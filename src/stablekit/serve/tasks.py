@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..accel import check_size
 from ..edit import EDIT_GUIDANCE, EDIT_METHODS, EDIT_STEPS, GUIDANCE, reconstruct_image
 from ..edit import METHODS as INVERSIONS
 from ..edit import edit as edit_image
@@ -236,12 +237,6 @@ def prepare(task: str, params: dict, specs: list[dict], keys_dir: Path) -> dict:
 
 def native_size(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-
-def check_size(pipe, width: int, height: int) -> None:
-    f = pipe.vae_scale_factor
-    if width % f or height % f:
-        raise StablekitError(f"size {width}x{height}: width and height must be multiples of {f} for this model")
 
 
 # ---------------------------------------------------------------- text to image, image to image
