@@ -73,7 +73,7 @@ def test_the_inner_attack_brings_the_concept_back(tiny_sd_path):
     lora = _LoRA({n.removeprefix("text_encoder."): m for n, m in trainer.linears.items()}, 4, g)
 
     def loss(slots, adv):
-        from stablekit.redteam.tokens import training_target
+        from stablekit.latents import training_target
 
         gl = torch.Generator().manual_seed(5)
         xt, t, noise = trainer.noised(x0.repeat(16, 1, 1, 1), gl)

@@ -139,6 +139,15 @@ def _advunlearn(pipe, concept: str, model, cache, train: dict):
     return AdvUnlearn.train(pipe, concept, prompts=prompts, retain=retain, cache=cache, **train)
 
 
+def _check_adapter(audit, defense: str, adapter, spm_multiplier: float) -> None:
+    if adapter is not None and defense not in audit.TRAINED:
+        raise StablekitError(f"--adapter goes with a trained defense: --defense {' or '.join(audit.TRAINED)}")
+    if spm_multiplier != 1 and defense != "spm":
+        raise StablekitError("--spm-multiplier goes with --defense spm")
+    if adapter is not None and not adapter.is_file():
+        raise StablekitError(f"adapter file '{adapter}' does not exist")
+
+
 @click.command("audit")
 @click.option("--concept", required=True, help="Concept to test: a shape or colour of the default model's world.")
 @click.option(
@@ -208,12 +217,7 @@ def audit_command(
         raise StablekitError(f"unknown attack '{attack}'; choose one of: {', '.join(ATTACKS)}")
     if attack not in ("p4d", "unlearndiffatk"):
         refuse(given("iterations"), f"to --attack {attack}: it optimises nothing")
-    if adapter is not None and defense not in audit.TRAINED:
-        raise StablekitError(f"--adapter goes with a trained defense: --defense {' or '.join(audit.TRAINED)}")
-    if spm_multiplier != 1 and defense != "spm":
-        raise StablekitError("--spm-multiplier goes with --defense spm")
-    if adapter is not None and not adapter.is_file():
-        raise StablekitError(f"adapter file '{adapter}' does not exist")
+    _check_adapter(audit, defense, adapter, spm_multiplier)
     if json_path is not None:
         check_output(json_path, "audit.json")
     pipe = load_quietly(model, device)

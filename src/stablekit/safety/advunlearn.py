@@ -36,7 +36,7 @@ Deviations:
 4. ``x_t`` is the concept image (the undefended model's generation for the prompt, ``ref_steps`` steps) noised at
    a uniform timestep, rather than a partial DDIM sample of the model being trained; ``attack_steps`` 3 (the
    reference's 30), ``iterations`` 200 (1000) and warm-up 40 (200), to fit minutes on a CPU.
-5. ``retain_weight`` 10 (the reference's 1; its nudity script uses 0.3): at 1 the change spread to the other colours
+5. ``retain_weight`` 40 (the reference's 1; its nudity script uses 0.3): at 1 the change spread to the other colours
    of the embedded model's world (benchmarks/RESULTS.md, "Robust erasure"); ``attack_lr`` 1e-2 (the reference's
    1e-3, set for CLIP's word embeddings).
 """
@@ -75,7 +75,7 @@ class AdvUnlearnConfig:
     iterations: int = 200
     lr: float = 1e-3
     eta: float = 1.0
-    retain_weight: float = 10.0
+    retain_weight: float = 40.0
     retain_batch: int = 5
     attack_tokens: int = 1
     attack_steps: int = 3
@@ -220,7 +220,7 @@ class _Trainer:
     """The training loop of :meth:`AdvUnlearn.train`, with its stages cached in `cache`."""
 
     def __init__(self, pipe, cfg: AdvUnlearnConfig, prompts: list[str], retain: list[str], cache):
-        from ..redteam.tokens import noise_scheduler
+        from ..latents import noise_scheduler
 
         self.pipe, self.cfg, self.prompts, self.retain = pipe, cfg, prompts, retain
         self.sch = noise_scheduler(pipe)
@@ -344,7 +344,8 @@ class _Trainer:
     def attack(self, j: int, x0: torch.Tensor, g: torch.Generator, state: dict):
         """The inner step: the prompt's slots (prefix tokens and the concept word's tokens) after PGD steps that
         make the current encoder bring the concept image back; returns (slots, their input embeddings)."""
-        from ..redteam.tokens import Slots, training_target
+        from ..latents import training_target
+        from ..text import Slots
 
         cfg, unet = self.cfg, self.pipe.unet
         slots = Slots(self.pipe, cfg.attack_tokens, self.prompts[j])
