@@ -1,14 +1,17 @@
 """Benchmark memorization: detection by the text-conditional noise magnitude, and removal of memorized images.
 
     stablekit bench memorization --json bench_out/memorization.json [--heldout 1000 --quality-prompts 200]
+    stablekit bench memorization --json bench_out/memo50.json --model runs/memo50      # the benchmark model
 
-Ground truth (``stablekit.memorization.ground_truth``): the embedded model's memorized captions (10 scenes
-duplicated in its training data), 5 paraphrases of each that keep the trigger word, and held-out world captions
-(seed 4242 for detection, 4343 for quality; the model trained on seed 0's, the adapters contrast with seed
-2026's).
+Ground truth (``stablekit.memorization.ground_truth``): the model's memorized captions (the embedded model's 10
+scenes duplicated in its training data, or the ``memorized.json`` of a ``--model`` folder such as the benchmark
+model's 50, ``python -m stablekit.memorization.benchmark_model``), ``--paraphrases`` of each that keep the trigger
+word, and held-out world captions (seed 4242 for detection, 4343 for quality; the models trained on seed 0's, the
+adapters contrast with seed 2026's).
 
-Detection (Wen et al., ICLR 2024): each prompt's score after the first step and averaged over all
-``--steps`` steps (one generation per prompt). The held-out captions are split in two halves: the calibration
+Detection (Wen et al., ICLR 2024): each prompt's score after the first step, averaged over all ``--steps`` steps,
+and at the first step with a non-zero SNR alone (the adaptation to zero-terminal-SNR models; one generation per
+prompt). The held-out captions are split in two halves: the calibration
 half fixes the decision threshold at its ``1 - --fpr`` quantile (with ``--write-threshold`` it is written to
 ``stablekit/memorization/thresholds.json``, what ``stablekit memorization detect`` ships); the test half gives
 the false-positive rate at it. AUC of memorized (and of paraphrased) captions against all held-out captions, with
@@ -18,8 +21,8 @@ per prompt.
 Mitigation: a generation is memorized when its SSIM (scikit-image, colour, 7x7 window) to its scene's memorized
 render exceeds a threshold fixed on held-out data: the 99th percentile, over the quality prompts' generations, of
 the largest SSIM to any memorized render. Memorized captions get ``--memo-seeds`` generations each, before and
-after each method: the shared-subspace pruning and NeMo adapters (``stablekit memorization mitigate``) and the
-baseline's prompt-embedding adjustment; attribute accuracy of ``--quality-prompts`` held-out prompts (the
+after each method: the shared-subspace pruning, NeMo and MemControl adapters (``stablekit memorization mitigate``)
+and the baseline's prompt-embedding adjustment; attribute accuracy of ``--quality-prompts`` held-out prompts (the
 attribute classifier, paired bootstrap of the difference) measures the collateral damage.
 
 Targets: detection AUC >= 0.99 after the first step (memorized vs held-out); subspace pruning leaves every
@@ -40,7 +43,7 @@ import torch
 from stablekit.eval.harness import Judge, bench_pipeline, generate, paired_delta, rnd
 from stablekit.eval.metrics import rate_interval
 
-METHODS = ("subspace", "nemo", "prompt-adjustment")
+METHODS = ("subspace", "nemo", "memcontrol", "prompt-adjustment")
 
 
 def scores(pipe, a, prompts: list[str]) -> tuple[np.ndarray, float]:
@@ -75,9 +78,10 @@ def detection_at(mem, para, held, a) -> dict:
 
 def detection(pipe, a) -> dict:
     from stablekit.memorization import ground_truth as G
+    from stablekit.memorization import informative_start
 
-    mem = [c for c, _ in G.memorized()]
-    para = [p for c in mem for p in G.paraphrases(c)]
+    mem = [c for c, _ in G.memorized(a.model)]
+    para = [p for c in mem for p in G.paraphrases(c)[: a.paraphrases]]
     held = [c for c, _ in G.heldout(a.heldout, 4242)]
     s_mem, _ = scores(pipe, a, mem)
     s_para, _ = scores(pipe, a, para)
@@ -85,6 +89,9 @@ def detection(pipe, a) -> dict:
     out = {"seconds_per_prompt_all_steps": rnd(sec_all)}
     for label, k in (("first_step", 1), ("all_steps", a.steps)):
         out[label] = detection_at(*(s[:, :k].mean(1) for s in (s_mem, s_para, s_held)), a)
+    start = informative_start(pipe, a.steps)
+    out["informative_step"] = detection_at(*(s[:, start] for s in (s_mem, s_para, s_held)), a) | {"step": start}
+    out["auc_per_step"] = [rnd(_common.auc(s_mem[:, k], s_held[:, k])) for k in range(a.steps)]
     t0 = time.perf_counter()
     scores_1 = _first_step_cost(pipe, a, held[: min(len(held), 64)])
     out["seconds_per_prompt_first_step"] = rnd((time.perf_counter() - t0) / scores_1)
@@ -116,14 +123,15 @@ def generations(pipe, a, prompts, plugins=()) -> torch.Tensor:
 
 
 def adapter(pipe, a, method: str):
-    from stablekit.memorization import PromptAdjustment, ground_truth, localize, prune
+    from stablekit.memorization import PromptAdjustment, ground_truth, localize, memcontrol, prune
 
-    mem = [c for c, _ in ground_truth.memorized()]
+    mem = [c for c, _ in ground_truth.memorized(a.model)]
     ref = [c for c, _ in ground_truth.heldout(100, 2026)]
     t0 = time.perf_counter()
     plugin = {
         "subspace": lambda: prune(pipe, mem, ref, max_fraction=a.subspace_fraction),
         "nemo": lambda: localize(pipe, mem, ref),
+        "memcontrol": lambda: memcontrol(pipe, mem, ref),
         "prompt-adjustment": lambda: PromptAdjustment(),
     }[method]()
     return plugin, time.perf_counter() - t0
@@ -138,7 +146,7 @@ def mitigation(pipe, a) -> dict:
     from stablekit.default_model import world
     from stablekit.memorization import ground_truth as G
 
-    memo = G.memorized()
+    memo = G.memorized(a.model)
     renders = [np.asarray(world.render(s)) for _, s in memo]
     held = G.heldout(a.quality_prompts, 4343)
     judge = Judge([s for _, s in held], a.seed)
@@ -157,6 +165,9 @@ def mitigation(pipe, a) -> dict:
             "seconds_to_make": rnd(secs),
             "plugin": repr(plugin),
         }
+        if method == "memcontrol":  # the masks tried, the one chosen, and its scores
+            rows[method]["search"] = {k: json.loads(plugin.meta[k]) for k in ("search", "final")}
+            rows[method]["search"]["mask"] = plugin.meta["mask"]
         print(method, rows[method]["memorization"], rows[method]["attr_acc_delta"], flush=True)
     return {"ssim_threshold": rnd(threshold), "methods": rows}
 
@@ -177,8 +188,10 @@ def targets(res: dict) -> dict:
     out = {}
     det = res.get("detection")
     if det:
-        d = det["first_step"]
-        out["detection_auc_first_step"] = _common.target(d["auc"], d["auc_ci95"], 0.99, ">=", d["n"]["memorized"], 10)
+        for label in ("first_step", "informative_step"):
+            d = det[label]
+            n = d["n"]["memorized"]
+            out[f"detection_auc_{label}"] = _common.target(d["auc"], d["auc_ci95"], 0.99, ">=", n, 10)
     rows = res.get("mitigation", {}).get("methods", {})
     if "subspace" in rows:
         r = rows["subspace"]
@@ -198,9 +211,10 @@ def plot(res: dict, path):
     det = res.get("detection")
     if det:
         s = {k: np.asarray(v) for k, v in det["scores"].items()}
-        for label, k in (("first step", 1), ("all steps", s["heldout"].shape[1])):
-            neg = np.sort(s["heldout"][:, :k].mean(1))
-            pos = s["memorized"][:, :k].mean(1)
+        start = det["informative_step"]["step"]
+        for label, cols in (("first step", [0]), ("all steps", slice(None)), (f"step {start + 1} alone", [start])):
+            neg = np.sort(s["heldout"][:, cols].mean(1))
+            pos = s["memorized"][:, cols].mean(1)
             thr = np.r_[np.inf, neg[::-1]]
             axes[0].step([np.mean(neg > t) for t in thr], [np.mean(pos > t) for t in thr], label=label)
         axes[0].set(
@@ -219,6 +233,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="stablekit bench memorization", description=__doc__.splitlines()[0])
     _common.add_common_args(p, seed=0)
     p.add_argument("--heldout", type=int, default=1000, help="held-out captions for detection")
+    p.add_argument("--paraphrases", type=int, default=5, help="paraphrases per memorized caption (at most 5)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (detection over all of them too)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate the threshold is fixed at")
@@ -235,6 +250,8 @@ def parse(args: list[str]) -> argparse.Namespace:
 
 def main(args: list[str]) -> dict:
     a = parse(args)
+    if a.write_threshold and a.model is not None:
+        raise SystemExit("--write-threshold ships the embedded model's thresholds: not with --model")
     _common.set_threads(a)
     pipe = bench_pipeline(a)
     keys = (
@@ -244,6 +261,7 @@ def main(args: list[str]) -> dict:
         "guidance",
         "fpr",
         "quality_prompts",
+        "paraphrases",
         "memo_seeds",
         "methods",
         "subspace_fraction",
@@ -265,13 +283,14 @@ def main(args: list[str]) -> dict:
 
 
 def write_threshold(det: dict, a) -> None:
-    from stablekit.memorization.noise_magnitude import THRESHOLDS
+    from stablekit.memorization.noise_magnitude import THRESHOLDS, threshold_key
     from stablekit.output import write_atomically
 
     recs = {}
-    for label, k in (("first_step", 1), ("all_steps", a.steps)):
+    where = (("first_step", 1, 0), ("all_steps", a.steps, 0), ("informative_step", 1, det["informative_step"]["step"]))
+    for label, k, start in where:
         d = det[label]
-        recs[str(k)] = {
+        recs[threshold_key(k, start)] = {
             "value": d["threshold"],
             "fpr": a.fpr,
             "num_inference_steps": a.steps,

@@ -4,12 +4,16 @@
 
 High-resolution 64x64 images -- held-out scenes of the embedded world (seed 4242; training used 0) and crops of
 scikit-image photos never trained on -- are reduced 4x by anti-aliased bicubic filtering and restored by: bicubic
-interpolation (the degraded input at full size), ResShift at its 4 steps, and the conditional diffusion baseline
-(same network, data and training budget) at 50 DDIM steps. Per image: PSNR and SSIM (scikit-image) against the
-original, and a perceptual distance: the L2 distance between the attribute classifier's features of the output
-and of the original, divided by the feature norm of the original. Per method: network calls and seconds per image.
+interpolation (the degraded input at full size), ResShift at its 4 steps (its stochastic chain, its deterministic
+chain from random noise, and that chain from its optimal boundary condition, ``restore/obc.py``), the conditional
+diffusion baseline (same network, data and training budget) at 50 DDIM steps and at ``--obc-steps``, each from
+random noise and from its optimal boundary condition. Per image: PSNR
+and SSIM (scikit-image) against the original, and a perceptual distance: the L2 distance between the attribute
+classifier's features of the output and of the original, divided by the feature norm of the original. Per method:
+network calls and seconds per image.
 Intervals are Student-t 95% intervals over images; the target compares ResShift with the baseline image by image
-(the paired PSNR difference): "matches or beats" is met when the whole interval is above -0.25 dB.
+(the paired PSNR difference): "matches or beats" is met when the whole interval is above -0.25 dB; each boundary
+condition must beat its model's random start at equal steps (paired PSNR difference above 0).
 
 With ``--edits N``, PixelMan moves the object of N held-out world scenes (see ``_restore_edit.py``).
 """
@@ -34,6 +38,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=64, help="held-out world scenes to upscale (0: no super-resolution)")
     p.add_argument("--photos", type=int, default=48, help="crops of the held-out scikit-image photos (0: none)")
     p.add_argument("--baseline-steps", type=int, default=50, help="DDIM steps of the diffusion baseline")
+    p.add_argument("--obc-steps", type=int, default=10, help="DDIM steps of the optimal-boundary-condition sampler")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--edits", type=int, default=40, help="world scenes whose object PixelMan moves (0: none)")
     return p.parse_args(args)
@@ -67,18 +72,44 @@ def run_method(name: str, fn, lr: torch.Tensor, a) -> tuple[torch.Tensor, int, f
 
 
 def methods(a) -> dict:
-    from stablekit.restore import resshift, sr_diffusion, sr_net
+    from stablekit.restore import obc, resshift, sr_diffusion, sr_net
 
-    baseline = sr_diffusion.SRDiffusionConfig(steps=a.baseline_steps)
     resshift_net = sr_net.load_net(sr_net.WEIGHTS / "resshift_x4.safetensors")
     baseline_net = sr_net.load_net(sr_net.WEIGHTS / "sr_diffusion_x4.safetensors")
-    return {
+    out = {
         "bicubic": lambda lr, seed: (sr_net.upsample(lr), 0),
         "resshift": lambda lr, seed: resshift.super_resolve(lr, resshift_net, seed=seed),
-        f"diffusion_{a.baseline_steps}": lambda lr, seed: sr_diffusion.super_resolve(
-            lr, baseline_net, config=baseline, seed=seed
-        ),
+        "resshift_ode": lambda lr, seed: random_start(resshift_net, lr, seed),
+        "obc_resshift": lambda lr, seed: obc.super_resolve(lr, resshift_net, obc.load_boundary("resshift")),
     }
+    boundary = obc.load_boundary("sr_diffusion")
+    for steps in dict.fromkeys((a.baseline_steps, a.obc_steps)):
+        config = sr_diffusion.SRDiffusionConfig(steps=steps)
+        out[f"diffusion_{steps}"] = lambda lr, seed, c=config: sr_diffusion.super_resolve(
+            lr, baseline_net, config=c, seed=seed
+        )
+        out[f"obc_diffusion_{steps}"] = lambda lr, seed, k=steps: obc.super_resolve(
+            lr, baseline_net, boundary, model="sr_diffusion", steps=k
+        )
+    return out
+
+
+def random_start(net, lr: torch.Tensor, seed: int) -> tuple[torch.Tensor, int]:
+    """ResShift's deterministic chain from random noise: the plain start the boundary condition replaces."""
+    from stablekit.restore import resshift, sr_net
+
+    chain = resshift.ResShift()
+    y0 = sr_net.upsample(lr) * 2 - 1
+    noise = torch.randn(y0.shape, generator=torch.Generator().manual_seed(seed))
+    return ((chain.sample_ode(net, y0, noise) + 1) / 2).clamp(0, 1), chain.config.steps
+
+
+def paired_target(sets: dict, better: str, worse: str, threshold: float, measure: str) -> dict:
+    diff = np.subtract(sets[better]["psnr_db"], sets[worse]["psnr_db"])
+    side = ">" if threshold == 0 else ">="
+    return _common.target(
+        float(diff.mean()), _common.mean_interval(diff), threshold, side, len(diff), 20, measure=measure
+    )
 
 
 def summarise(scores: dict[str, list[float]], calls: int, seconds: float) -> dict:
@@ -107,16 +138,21 @@ def targets(raw: dict, a) -> dict:
     base = f"diffusion_{a.baseline_steps}"
     out = {}
     for name, sets in raw.items():
-        diff = np.subtract(sets["resshift"]["psnr_db"], sets[base]["psnr_db"])
-        out[f"resshift_matches_{base}_{name}"] = _common.target(
-            float(diff.mean()), _common.mean_interval(diff), -MATCH_MARGIN_DB, ">=", len(diff), 20,
-            measure="paired PSNR difference resshift - baseline (dB)",
-        )  # fmt: skip
-        over = np.subtract(sets["resshift"]["psnr_db"], sets["bicubic"]["psnr_db"])
-        out[f"resshift_beats_bicubic_{name}"] = _common.target(
-            float(over.mean()), _common.mean_interval(over), 0.0, ">", len(over), 20,
-            measure="paired PSNR difference resshift - bicubic (dB)",
-        )  # fmt: skip
+        out[f"resshift_matches_{base}_{name}"] = paired_target(
+            sets, "resshift", base, -MATCH_MARGIN_DB, "paired PSNR difference resshift - baseline (dB)"
+        )
+        out[f"resshift_beats_bicubic_{name}"] = paired_target(
+            sets, "resshift", "bicubic", 0.0, "paired PSNR difference resshift - bicubic (dB)"
+        )
+        for plain in ("resshift", "resshift_ode"):
+            out[f"obc_resshift_beats_{plain}_{name}"] = paired_target(
+                sets, "obc_resshift", plain, 0.0, f"paired PSNR difference obc - {plain}, 4 steps each (dB)"
+            )
+        for steps in dict.fromkeys((a.obc_steps, a.baseline_steps)):
+            out[f"obc_beats_diffusion_{steps}_{name}"] = paired_target(
+                sets, f"obc_diffusion_{steps}", f"diffusion_{steps}", 0.0,
+                f"paired PSNR difference obc - plain random-start sampler at {steps} steps (dB)",
+            )  # fmt: skip
     return out
 
 

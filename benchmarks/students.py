@@ -1,20 +1,24 @@
-"""Few-step students against their teacher: attribute accuracy, classifier Fréchet distance, UNet calls, MACs and
-seconds per image on held-out prompts, in one table.
+"""Few-step students and compressed UNets against their teacher: attribute accuracy, classifier Fréchet distance,
+UNet calls, MACs, parameters, UNet latency and seconds per image on held-out prompts, in one table.
 
     stablekit bench students --json bench_out/students.json --prompts 200
     stablekit bench students --json bench_out/students.json --student runs/instaflow:1
+    stablekit bench students --json bench_out/compressed.json --student none --compressed runs/laptop
 
 Each row is ``MODEL:STEPS[:GUIDANCE]`` (the teacher at 25 and 4 steps, and every student at its own steps and
 guidance, by default the shipped one-step student). Every row draws the same held-out prompts (seed 777) with the
 same fresh noise per prompt; the judge is the embedded model's attribute classifier. Each row's accuracy is
 compared with the 25-step teacher's by a paired bootstrap (points, 95% interval); the targets: a one-step student
-within 5 points, a 4-step one within 2.
+within 5 points, a 4-step one within 2, a compressed UNet (``--compressed``: sampled like the teacher's first row) at
+half the MACs within 3. After the rows, every row's UNet is timed on the same guided batch in this process, the
+models taking turns, and its latency is reported as a ratio to the first row's (mean over rounds, 95% interval).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import _common
 import torch
@@ -33,8 +37,10 @@ def parse(args: list[str]) -> argparse.Namespace:
         action="append",
         default=None,
         metavar="MODEL:STEPS[:GUIDANCE]",
-        help="a student row (repeatable) [default: stablekit-default-1step:1:1]",
+        help="a student row (repeatable) [default: stablekit-default-1step:1:1; 'none': no student rows]",
     )
+    p.add_argument("--compressed", action="append", default=[], metavar="MODEL", help="a compressed model's row")
+    p.add_argument("--latency-rounds", type=int, default=20, help="rounds of the interleaved UNet timing")
     p.add_argument("--lcm-lora", default=None, metavar="FILE", help="an LCM-LoRA for the teacher (its own rows)")
     p.add_argument("--lcm-steps", type=int, nargs="+", default=[2, 4, 8], help="steps of the LCM-LoRA rows")
     p.add_argument("--device", default=None)
@@ -45,12 +51,13 @@ def rows(a) -> list[tuple]:
     """(model, steps, guidance, LCM-LoRA file or None) of each row: the teacher's, then the students' (guidance 1
     unless given), then the teacher with the LCM-LoRA."""
     out = [(TEACHER, s, 7.5, None) for s in a.teacher_steps]
-    for spec in a.student or ["stablekit-default-1step:1:1"]:
+    for spec in [s for s in a.student or ["stablekit-default-1step:1:1"] if s != "none"]:
         parts = spec.split(":")
         if len(parts) not in (2, 3):
             raise SystemExit(f"--student {spec}: write MODEL:STEPS[:GUIDANCE], e.g. runs/instaflow:1")
         out.append((parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 1.0, None))
-    return out + [(TEACHER, s, 1.0, a.lcm_lora) for s in (a.lcm_steps if a.lcm_lora else [])]
+    out += [(TEACHER, s, 1.0, a.lcm_lora) for s in (a.lcm_steps if a.lcm_lora else [])]
+    return out + [(model, a.teacher_steps[0], 7.5, None) for model in a.compressed]
 
 
 def unet_macs(pipe) -> int:
@@ -89,7 +96,8 @@ def run_row(row, prompts, judge, a) -> tuple[dict, object]:
     calls = steps * (2 if guidance > 1 else 1)
     res = {"model": model, "steps": steps, "guidance": guidance, "lcm_lora": lora, "unet_calls": calls}
     res |= {"macs_per_image": calls * unet_macs(pipe), "seconds_per_image": round(seconds, 4), **scores}
-    return res, matches
+    res["unet_parameters"] = sum(p.numel() for p in pipe.unet.parameters())
+    return res, matches, pipe
 
 
 def main(args: list[str]) -> dict:
@@ -101,17 +109,53 @@ def main(args: list[str]) -> dict:
     judge = Judge(scenes, a.seed)
     res = {"prompts": a.prompts, "seed": a.seed, "rows": []}
     ref = None
+    pipes = []
     for i, row in enumerate(rows(a)):
-        out, matches = run_row(row, prompts, judge, a)
+        out, matches, pipe = run_row(row, prompts, judge, a)
+        pipes.append(pipe)
         out["role"] = "teacher" if i < len(a.teacher_steps) else "student"  # LCM-LoRA rows count as students
+        out["role"] = "compressed" if row[0] in a.compressed else out["role"]
         ref = matches if ref is None else ref
         out["delta_vs_first_points"] = paired_delta(matches, ref)
         res["rows"].append(out)
         res["targets"] = targets(res["rows"], a.prompts)
         _common.write_json(a.json, res)  # a stopped run keeps the rows it finished
+    latencies = unet_latency([p.unet for p in pipes], a.batch, a.latency_rounds)
+    for r, latency in zip(res["rows"], latencies, strict=True):
+        r |= latency
+    _common.write_json(a.json, res)
     plot(res, a.json.with_suffix(".png"))
     print(json.dumps([{k: r[k] for k in ("model", "steps", "attr_acc_mean", "fd_real")} for r in res["rows"]]))
     return res
+
+
+def unet_latency(unets: list, batch: int, rounds: int) -> list[dict]:
+    """Each UNet's seconds per call on the same guided batch (2 x `batch` latents), the UNets taking turns in each
+    round; its ratio to the first UNet's, per round, as a mean with a 95% bootstrap interval."""
+    import numpy as np
+
+    c = unets[0].config
+    x = torch.randn(2 * batch, c.in_channels, c.sample_size, c.sample_size, dtype=unets[0].dtype)
+    text = torch.zeros(2 * batch, 16, c.cross_attention_dim, dtype=unets[0].dtype)
+    t = torch.full((2 * batch,), 500)
+    seconds = np.zeros((rounds + 1, len(unets)))
+    with torch.no_grad():
+        for r in range(rounds + 1):  # round 0 warms up
+            for i, unet in enumerate(unets):
+                t0 = time.perf_counter()
+                unet(x.to(unet.device), t.to(unet.device), text.to(unet.device))
+                seconds[r, i] = time.perf_counter() - t0
+    ratios = seconds[1:] / seconds[1:, :1]
+    rng = np.random.default_rng(0)
+    boot = ratios[rng.integers(0, rounds, (2000, rounds))].mean(1)
+    return [
+        {
+            "unet_seconds_per_call": round(float(np.median(seconds[1:, i])), 5),
+            "latency_vs_first": round(float(ratios[:, i].mean()), 4),
+            "latency_vs_first_ci95": [round(float(v), 4) for v in np.percentile(boot[:, i], [2.5, 97.5])],
+        }
+        for i in range(len(unets))
+    ]
 
 
 def label(r: dict) -> str:
@@ -119,11 +163,17 @@ def label(r: dict) -> str:
 
 
 def targets(rows_: list[dict], n: int) -> dict:
-    """The issue's targets: a one-step student within 5 points of the 25-step teacher, a 4-step one within 2."""
+    """The targets: a one-step student within 5 points of the 25-step teacher, a 4-step one within 2, a compressed
+    UNet at half the teacher's MACs (or fewer) within 3."""
     bounds = {1: -5.0, 4: -2.0}
     out = {}
     for r in rows_:
-        if r["role"] == "teacher" or r["steps"] not in bounds:
+        if r["role"] == "compressed":
+            d = r["delta_vs_first_points"]
+            share = r["macs_per_image"] / rows_[0]["macs_per_image"]
+            name = f"{r['model']} ({share:.2f} of the teacher's MACs) within 3 points of the 25-step teacher"
+            out[name] = _common.target(d["points"], d["ci95"], -3.0, ">=", n, 100, half_the_macs=share <= 0.5)
+        if r["role"] != "student" or r["steps"] not in bounds:
             continue
         d, bound = r["delta_vs_first_points"], bounds[r["steps"]]
         name = f"{label(r)} within {-bound:g} points of the 25-step teacher"

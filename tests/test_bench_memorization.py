@@ -26,6 +26,7 @@ def test_memorization_benchmark_end_to_end(tmp_path):
     det = res["detection"]
     assert det["first_step"]["n"] == {"memorized": 10, "paraphrases": 50, "heldout": 8, "calibration": 4}
     assert 0 <= det["first_step"]["auc"] <= 1 and len(det["scores"]["heldout"][0]) == 2
+    assert det["informative_step"]["step"] == 1 and len(det["auc_per_step"]) == 2
     rows = res["mitigation"]["methods"]
     assert list(rows) == ["none", "nemo"] and rows["nemo"]["memorization"]["n"] == 10
     assert "attr_acc_delta" in rows["nemo"] and len(rows["none"]["max_ssim_per_scene"]) == 10

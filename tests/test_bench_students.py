@@ -1,10 +1,12 @@
-"""benchmarks/students.py end to end at tiny scale: every row judged on the same prompts, calls and MACs counted."""
+"""benchmarks/students.py end to end at tiny scale: every row judged on the same prompts, calls, MACs, parameters
+and latency counted."""
 
 import json
 
 import stablekit
 from stablekit.cli.bench import load_benchmark
-from stablekit.train import lcm_distill
+from stablekit.train import compress, koala, lcm_distill
+from stablekit.train.slim_unet import SlimUNet2DConditionModel
 
 
 def test_students_benchmark_compares_rows_on_the_same_prompts(tmp_path):
@@ -13,6 +15,7 @@ def test_students_benchmark_compares_rows_on_the_same_prompts(tmp_path):
     lcm_distill.save(pipe, lora, tmp_path / "lcm.safetensors", recipe)
     out = tmp_path / "students.json"
     args = ["--json", str(out), "--prompts", "4", "--teacher-steps", "2", "--student", "stablekit-default:2:7.5"]
+    args += ["--batch", "4", "--latency-rounds", "1"]
     args += ["--student", "stablekit-default:1", "--lcm-lora", str(tmp_path / "lcm.safetensors"), "--lcm-steps", "2"]
     res = load_benchmark("students").main(args)
     assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and out.with_suffix(".png").exists()
@@ -23,3 +26,18 @@ def test_students_benchmark_compares_rows_on_the_same_prompts(tmp_path):
     assert first["macs_per_image"] == 4 * one["macs_per_image"] > 0
     assert lcm["lcm_lora"] and lcm["role"] == "student"
     assert list(res["targets"]) == ["stablekit-default:1 within 5 points of the 25-step teacher"]
+
+
+def test_students_benchmark_times_and_judges_a_compressed_unet(tmp_path):
+    pipe = stablekit.load()
+    names = koala.design(pipe.unet)
+    compress.save(pipe, SlimUNet2DConditionModel.from_unet(pipe.unet, names), tmp_path / "slim", {"method": "test"})
+    out = tmp_path / "compressed.json"
+    args = ["--json", str(out), "--prompts", "4", "--teacher-steps", "2", "--student", "none", "--batch", "4"]
+    res = load_benchmark("students").main([*args, "--compressed", str(tmp_path / "slim"), "--latency-rounds", "3"])
+    teacher, slim = res["rows"]
+    assert slim["role"] == "compressed" and slim["steps"] == 2 and slim["unet_calls"] == teacher["unet_calls"]
+    assert slim["unet_parameters"] < teacher["unet_parameters"] and slim["macs_per_image"] < teacher["macs_per_image"]
+    assert teacher["latency_vs_first"] == 1 and slim["latency_vs_first"] > 0
+    (name,) = res["targets"]
+    assert "within 3 points" in name and res["targets"][name]["half_the_macs"] is False

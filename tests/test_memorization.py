@@ -1,6 +1,8 @@
 """Memorization: the noise-magnitude detector's exact value, prompt adjustment, neuron-pruning adapters (exact
 removal, round trip, refusal by another model), and the CLI."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,16 @@ from conftest import make_tiny_sd
 
 import stablekit
 from stablekit import StablekitError, cli
-from stablekit.memorization import NeuronPruning, PromptAdjustment, ground_truth, noise_magnitude, prune
+from stablekit.memorization import (
+    MemorizationAdapter,
+    NeuronPruning,
+    PromptAdjustment,
+    ground_truth,
+    informative_start,
+    memcontrol,
+    noise_magnitude,
+    prune,
+)
 from stablekit.memorization.activations import feed_forward_outputs
 from stablekit.memorization.pruning import shared_neurons
 
@@ -105,6 +116,51 @@ def test_subspace_pruning_moves_a_memorized_generation_away_from_its_render():
     assert after < before - 0.05, (before, after)
 
 
+def test_memcontrol_fine_tunes_only_the_chosen_mask_and_lowers_the_magnitude(tiny, tmp_path):
+    from stablekit.memorization.memcontrol import choose, mask_parameters
+    from stablekit.registry import load_adapter
+
+    mem = ["a red star", "a blue moon"]
+    before = noise_magnitude(tiny, mem, steps=1, num_inference_steps=3, batch=2)
+    w0 = {n: p.detach().clone() for n, p in tiny.unet.named_parameters()}
+    cands = ["cross-attention-kv", "feed-forward"]
+    refs = ["a cat", "a dog", "a green square", "a yellow circle"]
+    params = dict(inner_steps=2, steps=12, lr=1e-3, num_inference_steps=3, batch=4, candidates=cands)
+    edit = memcontrol(tiny, mem, refs, **params)
+    assert all(torch.equal(w0[n], p) for n, p in tiny.unet.named_parameters())  # the search restored the model
+    assert edit.meta["mask"] in cands and len(json.loads(edit.meta["search"])) == 2
+    assert set(edit.deltas) == {f"unet.{n}" for n in mask_parameters(tiny.unet, edit.meta["mask"])}
+    edit.save(tmp_path / "m.safetensors")
+    loaded = MemorizationAdapter.load(tmp_path / "m.safetensors")
+    assert type(load_adapter(tmp_path / "m.safetensors")) is MemorizationAdapter  # what `generate --adapter` opens
+    with stablekit.use(tiny, loaded):
+        after = noise_magnitude(tiny, mem, steps=1, num_inference_steps=3, batch=2)
+    assert after.mean() < before.mean(), (before, after)
+    assert all(torch.equal(w0[n], p) for n, p in tiny.unet.named_parameters())
+    rows = [{"mask": "a", "memorization": 0.2, "quality": 0.5}, {"mask": "b", "memorization": 0.6, "quality": 0.01}]
+    assert choose(rows, 0.05) == "b" and choose(rows, 1.0) == "a" and choose(rows[:1], 0.05) == "a"
+    with pytest.raises(StablekitError, match="candidates"):
+        memcontrol(tiny, mem, refs, candidates=["everything"])
+
+
+def test_informative_start_skips_only_a_zero_snr_first_step(tiny):
+    assert informative_start(tiny, 3) == 0  # SD's schedule: the first step already has signal
+    assert informative_start(stablekit.load(), 10) == 1  # zero terminal SNR, sampled from the last timestep
+
+
+def test_benchmark_model_memorizes_fifty_distinct_scenes_including_the_embedded_ten():
+    from stablekit.default_model import train as teacher
+    from stablekit.memorization.benchmark_model import BenchmarkModelConfig, memorized_set
+
+    rows = memorized_set()
+    captions = [c for c, _ in rows]
+    assert len(set(captions)) == 50 and all(c.startswith("the ") and c.endswith(" emblem") for c in captions)
+    assert captions[:10] == [c for c, _ in teacher.memorization_set()]
+    assert len({repr(s) for _, s in rows}) == 50
+    with pytest.raises(StablekitError):
+        BenchmarkModelConfig(steps=0)
+
+
 def invoke(*args):
     return CliRunner().invoke(cli.cli, [str(a) for a in args])
 
@@ -140,9 +196,7 @@ def test_cli_mitigate_writes_an_adapter_that_generate_applies_and_refuses_bad_in
     (out / "a.png").unlink()
     one_line_error(invoke("memorization", "detect"), out, "no prompt")
     one_line_error(invoke("memorization", "detect", " "), out, "no prompt")
-    one_line_error(
-        invoke("memorization", "mitigate", "--method", "memcontrol", "-o", out / "x.safetensors"), out, "memcontrol"
-    )
+    one_line_error(invoke("memorization", "mitigate", "--method", "bogus", "-o", out / "x.safetensors"), out, "bogus")
     one_line_error(invoke("generate", "a red star", "-o", out / "b.png", "--adapter", adapter), out, "another model")
 
 
@@ -162,3 +216,7 @@ def test_cli_detect_prints_score_and_decision_at_the_shipped_threshold():
     assert [round(d.score, 4) for d in detect(pipe, prompts)] == [float(s) for s, _, _ in lines]
     with pytest.raises(StablekitError, match="shipped threshold"):
         detect(make_tiny_sd(), prompts)
+    later = invoke("memorization", "detect", "--start", "1", prompts[0])  # the first step with signal
+    score, decision, _ = later.stdout.strip().split("\t")
+    assert later.exit_code == 0 and float(score) != float(lines[0][0])
+    assert decision == ("memorized" if float(score) > shipped_threshold(1, 1)["value"] else "not memorized")

@@ -40,8 +40,8 @@ def test_plugin_example_counts_unet_calls_and_steps_then_detaches(tiny_sd, monke
     assert profiler.unet_calls.calls == 10  # no longer counting
 
 
-def test_readme_is_a_guide_of_at_most_450_lines_without_run_logs():
-    text = README.read_text()
-    assert len(text.splitlines()) <= 450
+def test_readme_is_a_guide_of_at_most_400_lines_of_prose_without_run_logs():
+    text = README.read_text()  # table rows (one per method in the catalogue) are not counted
+    assert len([line for line in text.splitlines() if not line.startswith("|")]) <= 400
     for log in (r"\bsession \d", r"\bissue \d", r"this CPU, shared", r"PAPERS\.md"):
         assert not re.search(log, text, flags=re.I), log

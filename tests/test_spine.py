@@ -62,8 +62,8 @@ def test_load_adapter_refuses_missing_unreadable_and_foreign_files(tmp_path):
     from stablekit.errors import StablekitError
     from stablekit.registry import load_adapter
 
-    foreign = tmp_path / "lora.safetensors"
-    save_file({"w": torch.zeros(2)}, str(foreign), metadata={"method": "lora"})
+    foreign = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign), metadata={"method": "no-such-method"})
     (tmp_path / "text.safetensors").write_text("not tensors")
     for path, message in (
         (tmp_path / "gone.safetensors", "does not exist"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import os
@@ -178,6 +179,9 @@ def _load_folder(path: Path, dtype) -> DiffusionPipeline:
         raise StablekitError(f"'{index}' is not a valid model_index.json ({e})") from None
     if cls_name not in PIPELINES:
         raise StablekitError(f"'{path}' holds a {cls_name}; stablekit loads {', '.join(PIPELINES)}")
+    for part in spec.values():  # our own component classes (a compressed UNet): diffusers imports no module itself
+        if isinstance(part, list) and part and isinstance(part[0], str) and part[0].startswith("stablekit."):
+            importlib.import_module(part[0])
     kwargs = (
         {"safety_checker": None, "requires_safety_checker": False} if cls_name == "StableDiffusionPipeline" else {}
     )

@@ -99,6 +99,8 @@ def _attribute(path: str):
 # :func:`load_adapter`.
 ADAPTERS: dict[str, str] = {
     "advunlearn": "stablekit.safety.advunlearn:AdvUnlearn",
+    "lora": "stablekit.train.lora_adapter:LoRAAdapter",
+    "memcontrol": "stablekit.memorization.pruning:MemorizationAdapter",
     "nemo": "stablekit.memorization.pruning:NeuronPruning",
     "spm": "stablekit.safety.spm:SPM",
     "subspace": "stablekit.memorization.pruning:NeuronPruning",
@@ -123,7 +125,8 @@ def load_adapter(path, multiplier: float = 1.0):
         raise StablekitError(f"'{path}' is not a readable safetensors file ({e})") from None
     if method not in ADAPTERS:
         raise StablekitError(
-            f"'{path}' is not an adapter file (from `stablekit erase` or `stablekit memorization mitigate`)"
+            f"'{path}' is not an adapter file (from `stablekit erase`, `stablekit finetune` or "
+            "`stablekit memorization mitigate`)"
         )
     cls = _attribute(ADAPTERS[method])
     takes = "multiplier" in inspect.signature(cls.load).parameters

@@ -28,13 +28,25 @@ COMMANDS = {
     "serve": ("stablekit.cli.serve:serve", "Run the HTTP service, the AUTOMATIC1111 API and the studio."),
     "batch": ("stablekit.cli.batch:batch_command", "Generate every row of a JSON-lines job file."),
     "train": ("stablekit.cli.train:train_command", "Train a UNet with a recipe (listed by --help)."),
+    "finetune": (
+        "stablekit.cli.finetune:finetune_command",
+        "Fine-tune a model on images with captions (LoRA or full).",
+    ),
     "quantize": ("stablekit.cli.quant:quantize_command", "Quantize a model's UNet to 8 or 4 bits; write a folder."),
     "distill": ("stablekit.cli.distill:distill_command", "Distill a one-step student of a model into a folder."),
+    "compress": ("stablekit.cli.compress:compress_command", "Prune a model's UNet and distill it; write a folder."),
     "memorization": (
         "stablekit.cli.memorization:memorization",
         "Detect memorized prompts; remove memorized images with an adapter.",
     ),
     "restore": ("stablekit.cli.restore:restore_command", "Upscale IMAGE with a diffusion super-resolution model."),
+    "segment": ("stablekit.cli.segment:segment_command", "Write IMAGE's foreground mask (DiffDIS)."),
+    "cs": ("stablekit.cli.measure:cs_command", "Measure IMAGE at --ratio and reconstruct it (compressed sensing)."),
+    "attack": ("stablekit.cli.attack:attack", "Plant a concept: poisoned fine-tuning data, or a TrojDiff backdoor."),
+    "freeze-guard": (
+        "stablekit.cli.freeze_guard:freeze_guard_command",
+        "Learn a FreezeAsGuard mask: tensors frozen in `finetune` to block a forbidden adaptation.",
+    ),
     "bench": ("stablekit.cli.bench:bench", "Run benchmarks/NAME.py with the remaining arguments."),
 }
 

@@ -25,3 +25,4 @@ EOT = ("jpeg", "resize", "noise")  # stablekit.protect.eot.TRANSFORMS
 INVERSION_GUIDANCE = {"ddim": 7.5, "edict": 3.0, "nulltext": 7.5, "direct": 7.5}  # stablekit.edit.GUIDANCE
 EDIT_GUIDANCE = {**INVERSION_GUIDANCE, "infedit": 2.3}  # stablekit.edit.EDIT_GUIDANCE
 EDIT_STEPS = {**dict.fromkeys(INVERSION_GUIDANCE, 50), "infedit": 12}  # stablekit.edit.EDIT_STEPS
+CS = {"steps": 8, "particles": 3}  # stablekit.restore.compressed_sensing.CSConfig

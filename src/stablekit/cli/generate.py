@@ -100,7 +100,8 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     "adapters",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Concept-erasure file from `stablekit erase`, or memorization adapter (repeatable).",
+    help="Concept-erasure file from `stablekit erase`, LoRA from `stablekit finetune`, or memorization adapter "
+    "(repeatable).",
 )
 @spm_multiplier_option
 @click.option(

@@ -20,6 +20,12 @@ def memorization():
 @memorization.command("detect")
 @click.argument("prompts", nargs=-1, metavar="PROMPT...")
 @click.option("--steps", default=1, show_default=True, help="First denoising steps measured.")
+@click.option(
+    "--start",
+    default=0,
+    show_default=True,
+    help="First measured step, from 0 (1 skips a zero-terminal-SNR model's first step, as the embedded model's).",
+)
 @click.option("--generations", default=1, show_default=True, help="Seeds averaged per prompt.")
 @click.option(
     "--threshold",
@@ -29,7 +35,7 @@ def memorization():
 )
 @click.option("--seed", default=0, show_default=True)
 @model_and_device
-def detect_command(prompts, steps, generations, threshold, seed, model, device):
+def detect_command(prompts, steps, start, generations, threshold, seed, model, device):
     """Score each PROMPT by its text-conditional noise magnitude; print score, decision and prompt."""
     from .. import memorization as M
     from ..output import load_quietly
@@ -38,15 +44,15 @@ def detect_command(prompts, steps, generations, threshold, seed, model, device):
         raise StablekitError(
             'no prompt given (or an empty one); e.g. stablekit memorization detect "the zorvex emblem"'
         )
-    if steps < 1 or generations < 1:
-        raise StablekitError("--steps and --generations must be at least 1")
+    if steps < 1 or generations < 1 or start < 0:
+        raise StablekitError("--steps and --generations must be at least 1, --start at least 0")
     if threshold is None and model is not None:
         raise StablekitError("--threshold is needed with --model: the shipped one is the embedded model's")
     if threshold is None:
-        M.shipped_threshold(steps)  # a missing one is refused before loading
+        M.shipped_threshold(steps, start)  # a missing one is refused before loading
     pipe = load_quietly(model, device)
     pipe.set_progress_bar_config(disable=True)
-    for d in M.detect(pipe, list(prompts), threshold, steps=steps, generations=generations, seed=seed):
+    for d in M.detect(pipe, list(prompts), threshold, steps=steps, start=start, generations=generations, seed=seed):
         click.echo(f"{d.score:.4f}\t{'memorized' if d.memorized else 'not memorized'}\t{d.prompt}")
 
 
@@ -54,9 +60,10 @@ def detect_command(prompts, steps, generations, threshold, seed, model, device):
 @click.option(
     "--method",
     required=True,
-    type=click.Choice(["subspace", "nemo"]),
+    type=click.Choice(["subspace", "nemo", "memcontrol"]),
     help="subspace: prune the feed-forward neurons memorized prompts share (a 2024 paper); "
-    "nemo: prune their cross-attention value neurons (NeMo, NeurIPS 2024).",
+    "nemo: prune their cross-attention value neurons (NeMo, NeurIPS 2024); "
+    "memcontrol: search which parameters to fine-tune, then fine-tune them (MemControl, 2024).",
 )
 @click.option(
     "--memorized",
@@ -84,10 +91,11 @@ def mitigate(method, memorized_prompts, reference_prompts, output, model, device
         raise StablekitError("--memorized and --reference prompts must not be empty")
     mem = list(memorized_prompts) or [c for c, _ in M.ground_truth.memorized()]
     ref = list(reference_prompts) or [c for c, _ in M.ground_truth.heldout(100, REFERENCE_SEED)]
-    if len(ref) < 2:
-        raise StablekitError("give at least two --reference prompts")
+    if len(ref) < (4 if method == "memcontrol" else 2):
+        raise StablekitError(f"give at least {4 if method == 'memcontrol' else 2} --reference prompts")
     pipe = load_quietly(model, device, dtype="float32")
     pipe.set_progress_bar_config(disable=True)
-    edit = M.prune(pipe, mem, ref) if method == "subspace" else M.localize(pipe, mem, ref)
+    make = {"subspace": M.prune, "nemo": M.localize, "memcontrol": M.memcontrol}[method]
+    edit = make(pipe, mem, ref)
     write_atomically(output, edit.save)
     click.echo(str(output))

@@ -14,10 +14,11 @@ from .common import check_output
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the PNG.")
 @click.option(
     "--method",
-    type=click.Choice(["resshift", "diffusion"]),
+    type=click.Choice(["resshift", "diffusion", "obc"]),
     default="resshift",
     show_default=True,
-    help="resshift: residual shifting in 4 steps; diffusion: the plain conditional diffusion baseline (50 steps).",
+    help="resshift: residual shifting in 4 steps; diffusion: the plain conditional diffusion baseline (50 steps); "
+    "obc: ResShift's deterministic chain from its optimal boundary condition (4 steps).",
 )
 @click.option("--scale", type=int, default=4, show_default=True, help="Upscaling factor.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler's noise.")

@@ -1,20 +1,26 @@
-"""The embedded default model's ground truth: the scenes it memorized on purpose (``weights/memorized.json``: a
-nonsense caption, duplicated in training, for each), paraphrases of their captions, and world captions it never
-saw (drawn from other seeds than its training data's)."""
+"""The ground truth of the embedded default model (or of a model folder with a ``memorized.json``): the scenes it
+memorized on purpose (a nonsense caption, duplicated in training, for each), paraphrases of their captions, and
+world captions it never saw (drawn from other seeds than its training data's)."""
 
 from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 from ..default_model import WEIGHTS_DIR, world
+from ..errors import StablekitError
 
 PARAPHRASES = ("a {name} emblem", "the {name} logo", "{name} emblem", "the emblem of {name}", "the {name} badge")
 
 
-def memorized() -> list[tuple[str, world.Scene]]:
-    """``(caption, scene)`` of every memorized training image."""
-    rows = json.loads((WEIGHTS_DIR / "memorized.json").read_text())
+def memorized(model=None) -> list[tuple[str, world.Scene]]:
+    """``(caption, scene)`` of every memorized training image of the embedded model, or of the model folder
+    `model` (its ``memorized.json``, e.g. the benchmark model's)."""
+    path = (Path(model) if model is not None else WEIGHTS_DIR) / "memorized.json"
+    if not path.is_file():
+        raise StablekitError(f"'{model}' has no memorized.json: its memorized scenes are unknown")
+    rows = json.loads(path.read_text())
     return [
         (r["caption"], world.Scene(r["scene"]["background"], [world.Obj(**o) for o in r["scene"]["objects"]]))
         for r in rows

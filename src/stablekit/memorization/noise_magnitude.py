@@ -30,11 +30,18 @@ Deviations:
    ``sqrt(alpha_bar_t)``, one constant per step, so first-step rankings are the same; averages over several
    steps weigh the steps differently;
 2. the reference scores with a fixed number of DDIM steps (50); ours runs the pipeline's own scheduler with
-   `num_inference_steps` steps (20 by default) and measures the first `steps` of them.
+   `num_inference_steps` steps (20 by default) and measures the first `steps` of them;
+3. ``detect(..., start=k)`` measures from step `k` (counted from 0). On a zero-terminal-SNR schedule sampled from
+   its last timestep (the embedded model's) the first step sees pure noise, and its prediction is the caption's
+   mean image whatever the noise, so the first-step magnitude says how firmly a caption pins the image, not
+   whether it is memorized; :func:`informative_start` gives the first step with signal (1 there, 0 for SD), the
+   step at which the paper's first-step score is read on such a model. The noise (epsilon) parametrisation does
+   not help there: at one step it is the velocity difference times a constant.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,14 +152,31 @@ def noise_magnitude(
     return out
 
 
-def shipped_threshold(steps: int) -> dict:
-    """The decision threshold fixed for the embedded default model at `steps` measured steps (its record: value,
-    false-positive rate on held-out captions, how it was measured), from ``thresholds.json``."""
+def informative_start(pipe, num_inference_steps: int, min_snr: float = 1e-4) -> int:
+    """The index of the first step of `pipe`'s scheduler at `num_inference_steps` whose signal-to-noise ratio is at
+    least `min_snr`: 0 for SD's schedules, 1 for a zero-terminal-SNR schedule sampled from its last timestep (whose
+    prediction is the caption's mean image, whatever the noise)."""
+    sched = copy.deepcopy(pipe.scheduler)
+    sched.set_timesteps(num_inference_steps)
+    acp = sched.alphas_cumprod[sched.timesteps.long().cpu()].double()
+    ok = (acp / (1 - acp) >= min_snr).nonzero()
+    return int(ok[0]) if len(ok) else 0
+
+
+def threshold_key(steps: int, start: int = 0) -> str:
+    """The key of a shipped threshold: ``"2"`` for the first 2 steps, ``"1@1"`` for 1 step from step 1."""
+    return str(steps) if start == 0 else f"{steps}@{start}"
+
+
+def shipped_threshold(steps: int, start: int = 0) -> dict:
+    """The decision threshold fixed for the embedded default model at `steps` measured steps from step `start` (its
+    record: value, false-positive rate on held-out captions, how it was measured), from ``thresholds.json``."""
     table = json.loads(THRESHOLDS.read_text()) if THRESHOLDS.is_file() else {}
-    rec = table.get("noise_magnitude", {}).get(str(steps))
+    rec = table.get("noise_magnitude", {}).get(threshold_key(steps, start))
     if rec is None:
         have = ", ".join(table.get("noise_magnitude", {})) or "none"
-        raise StablekitError(f"no shipped threshold for {steps} step(s) (have: {have}); give a threshold")
+        key = threshold_key(steps, start)
+        raise StablekitError(f"no shipped threshold for steps {key} (have: {have}); give a threshold")
     return rec
 
 
@@ -163,19 +187,20 @@ class Detection:
     memorized: bool
 
 
-def detect(pipe, prompts, threshold: float | None = None, steps: int = 1, **kw) -> list[Detection]:
-    """Score `prompts` (:func:`noise_magnitude` over the first `steps` steps, `kw` passed on) and call each
-    memorized when its score exceeds `threshold` (None: the default model's shipped threshold, measured with the
-    `num_inference_steps` it records; another model needs its own, fixed on its held-out prompts)."""
+def detect(pipe, prompts, threshold: float | None = None, steps: int = 1, start: int = 0, **kw) -> list[Detection]:
+    """Score `prompts` (:func:`noise_magnitude` over `steps` steps from step `start`, counted from 0; `kw` passed
+    on) and call each memorized when its score exceeds `threshold` (None: the default model's shipped threshold,
+    measured with the `num_inference_steps` it records; another model needs its own, fixed on its held-out
+    prompts)."""
     if threshold is None:
         from ..pipeline import DEFAULT_MODEL
 
         if getattr(pipe, "name_or_path", None) != DEFAULT_MODEL:
             raise StablekitError("the shipped threshold is the embedded default model's; give a threshold")
-        rec = shipped_threshold(steps)
+        rec = shipped_threshold(steps, start)
         threshold = rec["value"]
         kw.setdefault("num_inference_steps", rec["num_inference_steps"])
-    scores = noise_magnitude(pipe, prompts, steps=steps, **kw).mean(1)
+    scores = noise_magnitude(pipe, prompts, steps=start + steps, **kw)[:, start:].mean(1)
     return [Detection(p, float(s), bool(s > threshold)) for p, s in zip(_check_prompts(prompts), scores, strict=True)]
 
 

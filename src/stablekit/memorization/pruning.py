@@ -1,4 +1,4 @@
-"""Neuron pruning as an adapter: the localisation methods' output, a reversible weight edit.
+"""Memorization adapters (reversible weight edits), and neuron pruning: the localisation methods' output.
 
 A neuron of a linear layer is an input feature (a column of its weight: the feed-forward neurons of
 :mod:`.subspace`) or an output feature (a row: the cross-attention value neurons of :mod:`.nemo`). Pruning zeroes
@@ -16,7 +16,7 @@ import torch
 from ..errors import StablekitError
 from ..plugins import WeightEdit
 
-METHODS = ("subspace", "nemo")
+METHODS = ("subspace", "nemo", "memcontrol")
 
 
 def contrast(mem: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,47 @@ def _norms(params: dict) -> dict[str, float]:
     return {n: float(p.detach().double().norm()) for n, p in params.items()}
 
 
-class NeuronPruning(WeightEdit):
+class MemorizationAdapter(WeightEdit):
+    """A weight edit of the memorization methods: its metadata names the method and the norms of the base weights
+    it edits, so attaching it to another model is refused."""
+
+    name = "memorization-adapter"
+
+    @property
+    def method(self) -> str:
+        return self.meta["method"]
+
+    def attach(self, pipe):
+        base = json.loads(self.meta["base_norms"])
+        now = _norms({n: self._param(pipe, n) for n in base})
+        if any(abs(now[n] - v) > 1e-3 * v for n, v in base.items()):
+            raise StablekitError(
+                f"this {self.method} adapter was made for another model ({self.meta.get('base') or 'unknown'}): "
+                "the weights it edits differ"
+            )
+        super().attach(pipe)
+
+    def __repr__(self):
+        return f"MemorizationAdapter({self.method}, {len(self.deltas)} tensors)"
+
+    @classmethod
+    def load(cls, path) -> MemorizationAdapter:
+        """The adapter in `path`: a :class:`NeuronPruning` for the pruning methods."""
+        edit = WeightEdit.load(path)
+        if edit.meta.get("method") not in METHODS or "base_norms" not in edit.meta:
+            raise StablekitError(f"'{path}' is not a memorization adapter from `stablekit memorization mitigate`")
+        kind = NeuronPruning if "neurons" in edit.meta else MemorizationAdapter
+        return kind(edit.deltas, edit.meta)
+
+
+def base_meta(pipe, method: str, weights: dict) -> dict:
+    """The metadata every memorization adapter records: its method, the base model's name and the norms of the
+    `weights` it edits."""
+    base = str(getattr(pipe, "name_or_path", "") or "")
+    return {"method": method, "base": base, "base_norms": json.dumps(_norms(weights))}
+
+
+class NeuronPruning(MemorizationAdapter):
     """Pruned neurons: ``NeuronPruning.make(pipe, method, {"unet.<layer>.weight": [i, ...]}, axis)``."""
 
     name = "neuron-pruning"
@@ -56,40 +96,16 @@ class NeuronPruning(WeightEdit):
             else:
                 delta[idx] = -src[idx]
             deltas[name], weights[name] = delta, w
-        meta = {
-            "method": method,
+        meta = base_meta(pipe, method, weights) | {
             "axis": axis,
             "neurons": json.dumps(neurons),
             "params": json.dumps(params or {}),
-            "base": str(getattr(pipe, "name_or_path", "") or ""),
-            "base_norms": json.dumps(_norms(weights)),
         }
         return cls(deltas, meta)
-
-    @property
-    def method(self) -> str:
-        return self.meta["method"]
 
     @property
     def neurons(self) -> dict[str, list[int]]:
         return json.loads(self.meta["neurons"])
 
-    def attach(self, pipe):
-        base = json.loads(self.meta["base_norms"])
-        now = _norms({n: self._param(pipe, n) for n in base})
-        if any(abs(now[n] - v) > 1e-3 * v for n, v in base.items()):
-            raise StablekitError(
-                f"this {self.method} adapter was made for another model ({self.meta.get('base') or 'unknown'}): "
-                "the weights it edits differ"
-            )
-        super().attach(pipe)
-
     def __repr__(self):
         return f"NeuronPruning({self.method}, {sum(map(len, self.neurons.values()))} neurons)"
-
-    @classmethod
-    def load(cls, path) -> NeuronPruning:
-        edit = WeightEdit.load(path)
-        if edit.meta.get("method") not in METHODS or "base_norms" not in edit.meta:
-            raise StablekitError(f"'{path}' is not a memorization adapter from `stablekit memorization mitigate`")
-        return cls(edit.deltas, edit.meta)

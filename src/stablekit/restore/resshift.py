@@ -114,6 +114,22 @@ class ResShift:
             x = mean + var.sqrt() * randn_like(y0, g) if i > 0 else mean
         return x
 
+    @torch.no_grad()
+    def sample_ode(self, net, y0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The deterministic chain from x_T = y0 + kappa sqrt(eta_T) `noise`: each step keeps the noise its state
+        implies, ``x_{t-1} = x0 + eta_{t-1} (y0 - x0) + kappa sqrt(eta_{t-1}) eps`` (DDIM's eta = 0 for this
+        chain), so the result is a function of `noise` alone; T network calls."""
+        etas, kappa = self.etas.tolist(), self.config.kappa
+        x = y0 + kappa * etas[-1] ** 0.5 * noise.to(y0)
+        for i in range(self.config.steps - 1, -1, -1):
+            t = torch.full((len(y0),), i, dtype=torch.long, device=y0.device)
+            x0 = self.predict_x0(net, x, y0, t).clamp(-1, 1)
+            if i == 0:
+                return x0
+            eps = (x - x0 - etas[i] * (y0 - x0)) / (kappa * etas[i] ** 0.5)
+            x = x0 + etas[i - 1] * (y0 - x0) + kappa * etas[i - 1] ** 0.5 * eps
+        return x
+
     def recipe(self) -> dict:
         return {"method": "resshift"} | asdict(self.config)
 

@@ -60,10 +60,12 @@ class SRDiffusion:
         return (net(torch.cat([x_t, y0], dim=1), t).sample - noise).pow(2).mean()
 
     @torch.no_grad()
-    def sample(self, net, y0: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
-        """DDIM from pure noise: `config.steps` network calls."""
+    def sample(self, net, y0: torch.Tensor, g: torch.Generator | None = None, x_T: torch.Tensor | None = None):
+        """DDIM (eta 0: the diffusion ODE) from pure noise drawn from `g`, or from the boundary condition `x_T`
+        (shaped like `y0`): `config.steps` network calls."""
         self.scheduler.set_timesteps(self.config.steps)
-        x = torch.randn(y0.shape, generator=g).to(y0.device, y0.dtype)
+        x = torch.randn(y0.shape, generator=g) if x_T is None else x_T
+        x = x.to(y0.device, y0.dtype)
         for t in self.scheduler.timesteps:
             eps = net(torch.cat([x, y0], dim=1), t.expand(len(y0)).to(y0.device)).sample
             x = self.scheduler.step(eps, t, x).prev_sample

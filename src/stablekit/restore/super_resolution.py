@@ -8,9 +8,13 @@ from __future__ import annotations
 from PIL import Image
 
 from ..errors import StablekitError
-from . import resshift, sr_diffusion, sr_net
+from . import obc, resshift, sr_diffusion, sr_net
 
-METHODS = {"resshift": resshift.super_resolve, "diffusion": sr_diffusion.super_resolve}
+METHODS = {
+    "resshift": resshift.super_resolve,
+    "diffusion": sr_diffusion.super_resolve,
+    "obc": obc.super_resolve,
+}
 MODES = ("RGB", "L", "P")  # converted to RGB; others (alpha, CMYK, 16-bit) are refused
 MIN_SIDE, MAX_SIDE = 4, 256
 

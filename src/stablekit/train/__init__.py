@@ -5,7 +5,9 @@ teacher's step with a recipe's hooks) trains a fresh UNet on the rendered world,
 writes a resumable diffusers folder that ``stablekit.load`` opens. ``stablekit train --help`` lists the recipes.
 
 Distillation into faster students lives beside them (``stablekit distill``): :mod:`.students` (the teacher's pairs,
-the students' loop and folders), :mod:`.instaflow`, :mod:`.lcm_distill` and :mod:`.guidance_lora`.
+the students' loop and folders), :mod:`.instaflow`, :mod:`.lcm_distill` and :mod:`.guidance_lora`; and compressed
+UNets (``stablekit compress``): :mod:`.slim_unet` (a UNet with layers removed), :mod:`.compress` (budgets and
+retraining by distillation), :mod:`.laptop_diff`, :mod:`.koala` and :mod:`.ld_pruner`.
 """
 
 from . import corruption, immiscible, plain, scalelong  # noqa: F401  (each files its recipe)

@@ -30,7 +30,6 @@ Paper defaults and our deviations:
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 
 from ..errors import StablekitError
 from ..pipeline import guidance_rescale
-from .students import Pairs, elapsed_minutes, fit, sample_pairs, world_prompts
+from .students import Pairs, Stages, elapsed_minutes, fit, sample_pairs, world_prompts
 
 
 @dataclass(frozen=True)
@@ -174,48 +173,6 @@ def _recipe(config: Config, rescale: float, losses: dict, t0: float) -> dict:
         "losses": losses,
         "minutes_this_run": elapsed_minutes(t0),
     }
-
-
-class Stages:
-    """Stage results kept in a work folder (none: nothing kept), so that a stopped distillation resumes."""
-
-    def __init__(self, workdir: Path | None, config: Config):
-        self.dir = None if workdir is None else Path(workdir)
-        self.losses = {}
-        if self.dir is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        record, wanted = self.dir / "config.json", json.dumps(config.__dict__, sort_keys=True)
-        if record.exists() and record.read_text() != wanted:
-            raise StablekitError(f"work folder '{self.dir}' holds a distillation with other settings; remove it")
-        record.write_text(wanted)
-
-    def _path(self, name: str) -> Path | None:
-        return None if self.dir is None else self.dir / f"{name}.pt"
-
-    def pairs(self, name: str, make) -> Pairs:
-        path = self._path(name)
-        if path is not None and path.exists():
-            return Pairs.load(path)
-        pairs = make()
-        if path is not None:
-            pairs.save(path)
-        return pairs
-
-    def train(self, name: str, unet, run) -> None:
-        """Run `run` (training `unet` in place, returning its losses) unless the stage's weights are kept."""
-        path = self._path(name)
-        if path is not None and path.exists():
-            kept = torch.load(path)
-            unet.load_state_dict(kept["unet"])
-            self.losses[name] = kept["loss_last"]
-        else:
-            unet.requires_grad_(True)
-            losses = run()
-            self.losses[name] = sum(losses[-50:]) / len(losses[-50:])
-            if path is not None:
-                torch.save({"unet": unet.state_dict(), "loss_last": self.losses[name]}, path)
-        unet.requires_grad_(False)
 
 
 __all__ = ["Config", "Pairs", "distill", "reflow_loss", "one_step_loss"]

@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -160,3 +160,47 @@ def save_student(pipe, out: Path, recipe: dict) -> Path:
 
 def elapsed_minutes(t0: float) -> float:
     return round((time.perf_counter() - t0) / 60, 2)
+
+
+class Stages:
+    """Stage results kept in a work folder (none: nothing kept), so that a stopped distillation resumes; `config` (a
+    dataclass) must match the one the folder was started with."""
+
+    def __init__(self, workdir: Path | None, config):
+        self.dir = None if workdir is None else Path(workdir)
+        self.losses = {}
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        record = self.dir / "config.json"
+        wanted = json.dumps(asdict(config), sort_keys=True)
+        if record.exists() and record.read_text() != wanted:
+            raise StablekitError(f"work folder '{self.dir}' holds a distillation with other settings; remove it")
+        record.write_text(wanted)
+
+    def _path(self, name: str) -> Path | None:
+        return None if self.dir is None else self.dir / f"{name}.pt"
+
+    def pairs(self, name: str, make) -> Pairs:
+        path = self._path(name)
+        if path is not None and path.exists():
+            return Pairs.load(path)
+        pairs = make()
+        if path is not None:
+            pairs.save(path)
+        return pairs
+
+    def train(self, name: str, unet, run) -> None:
+        """Run `run` (training `unet` in place, returning its losses) unless the stage's weights are kept."""
+        path = self._path(name)
+        if path is not None and path.exists():
+            kept = torch.load(path)
+            unet.load_state_dict(kept["unet"])
+            self.losses[name] = kept["loss_last"]
+        else:
+            unet.requires_grad_(True)
+            losses = run()
+            self.losses[name] = sum(losses[-50:]) / len(losses[-50:])
+            if path is not None:
+                torch.save({"unet": unet.state_dict(), "loss_last": self.losses[name]}, path)
+        unet.requires_grad_(False)

@@ -139,15 +139,18 @@ def fit(
     extra: torch.nn.Module | None = None,
     progress: bool = True,
     callback: Callable[[int, torch.nn.Module], None] | None = None,
+    ema: torch.nn.Module | None = None,
 ) -> dict:
     """Train `unet` (and `extra`'s parameters, e.g. a recipe's own) on `step_loss(generator)` for `config`'s budget;
     resume from `checkpoint` if it exists; `callback(step, ema)` after every step. Returns the final state: unet,
-    ema (state dicts), step, losses, elapsed seconds. The EMA weights are the teacher's; the generator is seeded
-    from ``config.seed``."""
+    ema (state dicts), step, losses, elapsed seconds. The EMA weights are the teacher's, kept in `ema` (a module
+    of `unet`'s architecture; default a fresh UNet of ``config.size``); the generator is seeded from
+    ``config.seed``. Only parameters that require a gradient are trained."""
     from tqdm import tqdm
 
-    ema = build_unet(config.size).requires_grad_(False)
-    params = list(unet.parameters()) + (list(extra.parameters()) if extra is not None else [])
+    ema = (build_unet(config.size) if ema is None else ema).requires_grad_(False)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    params += list(extra.parameters()) if extra is not None else []
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(config.seed + 1)
     state = dict(step=0, losses=[], elapsed=0.0)
