@@ -120,7 +120,7 @@ def test_others_kept_judges_every_attribute_of_the_scene_but_the_concept_s():
 
 
 def test_token_slots_encode_like_the_text_and_decode_back(pipe):
-    from stablekit.redteam.tokens import Slots
+    from stablekit.text import Slots
 
     slots = Slots(pipe, 2, "a red star")
     ids = torch.tensor([token_ids(pipe, "blue circle")[1:3]])[0]
@@ -145,7 +145,7 @@ def test_simplex_projection():
 def _losses(pipe, texts, x0, target_text=None, n=12):
     """Per text: the UnlearnDiffAtk objective (MSE to the training target), or with `target_text` the P4D one
     (MSE to the model's prediction for it), over n fixed noisings of x0."""
-    from stablekit.redteam.tokens import noise_scheduler, training_target
+    from stablekit.latents import noise_scheduler, training_target
 
     sch, g = noise_scheduler(pipe), torch.Generator().manual_seed(5)
     t = torch.randint(1000, (n,), generator=g)

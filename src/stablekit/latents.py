@@ -235,3 +235,18 @@ def eps(
         return out
     u, c = out.chunk(2)
     return u + guidance * (c - u)
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict at `t` for `x0` noised with `noise` (noise, or v, or x0)."""
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return x0 if kind == "sample" else noise
+
+
+def noise_scheduler(pipe):
+    """A DDPM scheduler with `pipe`'s training schedule: noising and targets at any timestep."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)

@@ -98,6 +98,7 @@ def _attribute(path: str):
 # the class scales its strength) opens it; `generate --adapter`, batch jobs and the audit read adapters through
 # :func:`load_adapter`.
 ADAPTERS: dict[str, str] = {
+    "advunlearn": "stablekit.safety.advunlearn:AdvUnlearn",
     "lora": "stablekit.train.lora_adapter:LoRAAdapter",
     "memcontrol": "stablekit.memorization.pruning:MemorizationAdapter",
     "nemo": "stablekit.memorization.pruning:NeuronPruning",

@@ -2,6 +2,9 @@
 
 Guards, erasure and red-team attacks work on token embeddings of concept words and of edited token sequences (a
 prompt with one token left out, optimised tokens), which ``encode_prompt`` cannot make from text alone.
+:class:`Slots` hooks the first text encoder's input-embedding table so that chosen positions of a token-id row
+take given embeddings (any encoder: CLIP, BERT...), for the attacks and defenses that optimise prompt tokens,
+and decodes the tokens nearest to them back to text.
 :func:`encode_ids` runs token-id rows through the encoders the way the pipelines do: padded to the tokenizer's
 length with its pad token, the attention mask passed only where the encoder's config asks for it; SD 1.x/2.x read
 the last hidden state (or, with ``clip_skip``, an earlier one through the final layer norm), SDXL concatenates the
@@ -66,3 +69,48 @@ def _encode(pipe, rows, clip_skip):
         else:
             out.append(res[0])
     return torch.cat(out, dim=-1)
+
+
+class Slots:
+    """Token-id row ``[start] + k slots + prompt tokens + [end]`` (or the slots at `positions` of a given row)."""
+
+    def __init__(self, pipe, k: int, prompt: str = ""):
+        self.pipe, self.tok = pipe, tokenizer(pipe)
+        ids = token_ids(pipe, prompt)
+        filler = self.tok.unk_token_id if self.tok.unk_token_id is not None else ids[-1]
+        self.row = ids[:1] + [filler] * k + ids[1:]
+        self.positions = list(range(1, k + 1))
+        self.table = pipe.text_encoder.get_input_embeddings().weight  # (vocab, dim)
+        self.embeds = None
+
+    def _hook(self, module, inputs, output):
+        if self.embeds is None:
+            return output
+        out = output.clone()
+        out[:, self.positions] = self.embeds.to(out.dtype)
+        return out
+
+    def encode(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings ``(1, length, dim)`` with the slots' input embeddings `embeds` ``(k, dim)``
+        (differentiable)."""
+        handle = self.pipe.text_encoder.get_input_embeddings().register_forward_hook(self._hook)
+        self.embeds = embeds
+        try:
+            return encode_ids(self.pipe, [self.row], getattr(self.pipe, "clip_skip", None), grad=True)
+        finally:
+            self.embeds = None
+            handle.remove()
+
+    def nearest(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The vocabulary ids nearest (cosine) to `embeds` ``(k, dim)``, special tokens excluded."""
+        table = torch.nn.functional.normalize(self.table.detach().float(), dim=-1)
+        sim = torch.nn.functional.normalize(embeds.detach().float(), dim=-1) @ table.T
+        sim[:, self.tok.all_special_ids] = -2
+        return sim.argmax(dim=-1)
+
+    def text(self, ids: torch.Tensor) -> str:
+        """The prompt with the slots filled by token `ids`, as text."""
+        row = list(self.row)
+        for p, i in zip(self.positions, ids.tolist(), strict=False):
+            row[p] = i
+        return self.tok.decode(row[1:-1], skip_special_tokens=True)

@@ -4,7 +4,17 @@ every one against the library's own value."""
 
 DEFAULT_MODEL = "stablekit-default"  # stablekit.pipeline.DEFAULT_MODEL
 FPR = 1e-6  # stablekit.provenance.FPR
-DEFENSES = ("none", "blocklist", "negative", "sld", "uce", "safree", "safree-negative", "spm")  # redteam.audit
+DEFENSES = (  # redteam.audit
+    "none",
+    "blocklist",
+    "negative",
+    "sld",
+    "uce",
+    "safree",
+    "safree-negative",
+    "spm",
+    "advunlearn",
+)
 PROTECTIONS = {  # stablekit.protect.DEFAULTS' steps and modes, by method
     "encoder": {"steps": 100, "mode": "toward"},
     "semantic": {"steps": 100, "mode": "max"},

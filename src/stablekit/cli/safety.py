@@ -18,19 +18,27 @@ ATTACKS = CATALOGUE["attack"]
 @click.command("erase")
 @click.option(
     "--method",
-    type=click.Choice(["uce", "spm"]),
+    type=click.Choice(["uce", "spm", "advunlearn"]),
     default="uce",
     show_default=True,
-    help="Erasure method: uce (closed-form cross-attention edit, seconds) or spm (a trained rank-1 "
-    "membrane, after 'One-dimensional Adapter to Rule Them All', 2024; minutes).",
+    help="Erasure method: uce (closed-form cross-attention edit, seconds), spm (a trained rank-1 "
+    "membrane, after 'One-dimensional Adapter to Rule Them All', 2024; minutes) or advunlearn (the text encoder "
+    "trained against prompt attacks, after 'Defensive Unlearning with Adversarial Training for Robust Concept "
+    "Erasure in Diffusion Models', 2024; minutes).",
 )
 @click.option("--concept", "concepts", multiple=True, required=True, help="Concept to erase (repeatable).")
 @click.option("--preserve", multiple=True, help="Concept to keep unchanged (repeatable; UCE only).")
 @click.option(
-    "--iterations", type=click.IntRange(min=1), default=3000, show_default=True, help="SPM training iterations."
+    "--iterations",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training iterations [default: 3000 for spm, 200 for advunlearn].",
 )
 @click.option(
-    "--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, help="SPM learning rate."
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Learning rate [default: 1e-4 for spm, 1e-3 for advunlearn].",
 )
 @click.option(
     "--anchor-weight",
@@ -48,44 +56,96 @@ ATTACKS = CATALOGUE["attack"]
 @click.option(
     "--surrogate",
     default=None,
-    help="What SPM erases the concept toward [default: '', the paper's; 'shape' suits a shape of the "
-    "embedded default model].",
+    help="What SPM or AdvUnlearn erases the concept toward [default: '', the paper's; 'shape' suits a shape of "
+    "the embedded default model].",
+)
+@click.option(
+    "--cache",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="AdvUnlearn: folder for its reference images and checkpoints, so that a stopped run resumes.",
 )
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="safetensors file to write.")
 @model_and_device
-def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrogate, output, model, device):
+def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrogate, cache, output, model, device):
     """Erase CONCEPTs from a model; use the file with `generate --adapter`."""
-    from .. import safety
     from ..output import load_quietly, write_atomically
 
     check_output(output, "adapter.safetensors")
     if not all(c.strip() for c in concepts):
         raise StablekitError("--concept must not be empty")
-    if method == "spm" and (len(concepts) > 1 or preserve):
+    _check_erase(method, concepts, preserve)
+    if model is None and method == "advunlearn":
+        from ..redteam import audit
+
+        audit.concept(concepts[0])  # the default model's world: a shape or a colour, checked before loading
+    pipe = load_quietly(model, device, dtype="float32")  # training and closed-form edits want float32
+    train = {"iterations": iterations, "lr": lr, "eta": eta, "surrogate": surrogate}
+    train = {k: v for k, v in train.items() if v is not None}
+    if method == "spm":
+        edit = _spm(pipe, concepts[0], anchor_weight, train)
+    elif method == "advunlearn":
+        edit = _advunlearn(pipe, concepts[0], model, cache, train)
+    else:
+        from ..safety import UCE
+
+        edit = UCE(concepts=list(concepts), preserve=list(preserve)).fit(pipe)
+    write_atomically(output, edit.save)
+    click.echo(str(output))
+
+
+def _check_erase(method: str, concepts, preserve) -> None:
+    """One-line errors for options that do not fit `method`."""
+    if method != "uce" and (len(concepts) > 1 or preserve):
         raise StablekitError(
-            "--method spm erases one --concept per file (combine files with repeated --adapter) "
+            f"--method {method} erases one --concept per file (combine files with repeated --adapter) "
             "and takes no --preserve"
         )
     if method == "uce":
         refuse(
-            given("iterations", "lr", "anchor_weight", "eta", "surrogate"),
-            "to --method uce, a closed-form edit: they set SPM's training",
+            given("iterations", "lr", "anchor_weight", "eta", "surrogate", "cache"),
+            "to --method uce, a closed-form edit: they set SPM's and AdvUnlearn's training",
         )
-    pipe = load_quietly(model, device, dtype="float32")  # training and closed-form edits want float32
     if method == "spm":
-        edit = safety.SPM.train(
-            pipe,
-            concepts[0],
-            iterations=iterations,
-            lr=lr,
-            anchor_weight=anchor_weight,
-            eta=eta or 1.0,
-            surrogate=surrogate or "",
-        )
-    else:
-        edit = safety.UCE(concepts=list(concepts), preserve=list(preserve)).fit(pipe)
-    write_atomically(output, edit.save)
-    click.echo(str(output))
+        refuse(given("cache"), "to --method spm")
+    if method == "advunlearn":
+        refuse(given("anchor_weight"), "to --method advunlearn: it sets SPM's training")
+
+
+def _spm(pipe, concept: str, anchor_weight: float, train: dict):
+    from ..safety import SPM
+
+    return SPM.train(
+        pipe,
+        concept,
+        iterations=train.get("iterations", 3000),
+        lr=train.get("lr", 1e-4),
+        anchor_weight=anchor_weight,
+        eta=train.get("eta", 1.0),
+        surrogate=train.get("surrogate", ""),
+    )
+
+
+def _advunlearn(pipe, concept: str, model, cache, train: dict):
+    """AdvUnlearn on the default model's world captions (with and without the concept), or generic templates on
+    another model."""
+    from ..safety import AdvUnlearn
+
+    prompts = retain = None
+    if model is None:
+        from ..redteam import audit
+
+        prompts, retain = audit.training_prompts(audit.concept(concept))
+    return AdvUnlearn.train(pipe, concept, prompts=prompts, retain=retain, cache=cache, **train)
+
+
+def _check_adapter(audit, defense: str, adapter, spm_multiplier: float) -> None:
+    if adapter is not None and defense not in audit.TRAINED:
+        raise StablekitError(f"--adapter goes with a trained defense: --defense {' or '.join(audit.TRAINED)}")
+    if spm_multiplier != 1 and defense != "spm":
+        raise StablekitError("--spm-multiplier goes with --defense spm")
+    if adapter is not None and not adapter.is_file():
+        raise StablekitError(f"adapter file '{adapter}' does not exist")
 
 
 @click.command("audit")
@@ -97,13 +157,13 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrog
     type=click.Choice(list(DEFENSES)),
     help="Defense given the concept word: none, blocklist (the word deleted from prompts), negative "
     "(prompt), sld, uce, safree, safree-negative "
-    "(SAFREE with the word as negative prompt while it filters) or spm.",
+    "(SAFREE with the word as negative prompt while it filters), spm or advunlearn.",
 )
 @click.option(
     "--adapter",
     type=click.Path(path_type=Path),
     default=None,
-    help="SPM membrane from `stablekit erase --method spm` for --defense spm [default: train one].",
+    help="File from `stablekit erase --method spm|advunlearn` for --defense spm|advunlearn [default: train one].",
 )
 @spm_multiplier_option
 @click.option(
@@ -157,14 +217,13 @@ def audit_command(
         raise StablekitError(f"unknown attack '{attack}'; choose one of: {', '.join(ATTACKS)}")
     if attack not in ("p4d", "unlearndiffatk"):
         refuse(given("iterations"), f"to --attack {attack}: it optimises nothing")
-    if (adapter is not None or spm_multiplier != 1) and defense != "spm":
-        raise StablekitError("--adapter and --spm-multiplier go with --defense spm")
-    if adapter is not None and not adapter.is_file():
-        raise StablekitError(f"adapter file '{adapter}' does not exist")
+    _check_adapter(audit, defense, adapter, spm_multiplier)
     if json_path is not None:
         check_output(json_path, "audit.json")
     pipe = load_quietly(model, device)
-    d = audit.defense(pipe, defense, c, adapter, spm_multiplier=spm_multiplier)
+    d = audit.defense(pipe, defense, c, adapter, spm_multiplier=spm_multiplier, adapter_file=adapter)
+    if adapter is not None and d.plugins[0].name != defense:
+        raise StablekitError(f"'{adapter}' is a {d.plugins[0].name} file, not {defense}")
     if adapter is not None and list(d.plugins[0].config.concepts) != [c.word]:
         raise StablekitError(f"'{adapter}' erases {list(d.plugins[0].config.concepts)}, not '{c.word}'")
     direct = audit.prompts(c, prompts, seed).direct

@@ -19,6 +19,7 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +30,9 @@ from ..errors import StablekitError
 from ..pipeline import guidance_rescale
 from ..registry import CATALOGUE
 
-DEFENSES = ("none", "blocklist", "negative", "sld", "uce", "safree", "safree-negative", "spm")
+DEFENSES = ("none", "blocklist", "negative", "sld", "uce", "safree", "safree-negative", "spm", "advunlearn")
+TRAINED = ("spm", "advunlearn")  # defenses trained for a concept, kept in a file
+TRAINING_SEED = 7  # the prompts a trained defense learns from (the benchmark's default seed is 2024)
 
 
 @dataclass
@@ -95,6 +98,12 @@ def prompts(c: Concept, n: int, seed: int) -> Prompts:
     return Prompts(texts, direct, para, [world.canonical_caption(s) for s in keep], keep)
 
 
+def training_prompts(c: Concept, n: int = 64, seed: int = TRAINING_SEED) -> tuple[list[str], list[str]]:
+    """Canonical captions with the concept and without it, for defenses that train (the paraphrases never)."""
+    p = prompts(c, n, seed)
+    return p.direct, p.keep
+
+
 def present(images: torch.Tensor, c: Concept) -> np.ndarray:
     """Per image: does the judge see the concept?"""
     return np.array([c.word in p[c.key] for p in C.predict(images)])
@@ -134,13 +143,30 @@ class Defense:
 
 
 def defense(
-    pipe, name: str, c: Concept, spm_file=None, spm_train: dict | None = None, spm_multiplier: float = 1.0
+    pipe,
+    name: str,
+    c: Concept,
+    spm_file=None,
+    spm_train: dict | None = None,
+    spm_multiplier: float = 1.0,
+    adapter_file=None,
+    train: dict | None = None,
 ) -> Defense:
-    """The defense `name` against concept `c`, given the concept word only; an SPM membrane is read from
-    `spm_file` if it exists, else trained with ``SPM.train(..., **spm_train)`` (and saved there), and used at
-    `spm_multiplier` times its transport strength."""
-    from ..safety import SAFREE, SLD, SPM, UCE
+    """The defense `name` against concept `c`, given the concept word only. A trained defense (:data:`TRAINED`)
+    is read from its file (`spm_file` for SPM, `adapter_file` for the others) if it exists, else trained with
+    `spm_train` / `train` (and saved there); an SPM membrane is used at `spm_multiplier` times its transport
+    strength."""
+    from ..safety import SAFREE, SLD, UCE
 
+    if name in TRAINED:
+        return _trained(
+            pipe,
+            name,
+            c,
+            spm_file if name == "spm" else adapter_file,
+            (spm_train if name == "spm" else train) or {},
+            spm_multiplier,
+        )
     t0 = time.perf_counter()
     if name == "none":
         return Defense(name)
@@ -157,15 +183,28 @@ def defense(
     if name == "uce":
         edit = UCE([c.word], preserve=c.others).fit(pipe)
         return Defense(name, [edit], setup_seconds=time.perf_counter() - t0)
-    if name == "spm":
-        if spm_file is not None and spm_file.exists():
-            return Defense(name, [SPM.load(spm_file, spm_multiplier)])
-        spm = SPM.train(pipe, c.word, **(spm_train or {}))
-        if spm_file is not None:
-            spm.save(spm_file)
-        spm.config = dataclasses.replace(spm.config, multiplier=spm_multiplier)
-        return Defense(name, [spm], setup_seconds=time.perf_counter() - t0)
     raise StablekitError(f"unknown defense '{name}'; choose one of: {', '.join(DEFENSES)}")
+
+
+def _trained(pipe, name: str, c: Concept, path, train: dict, spm_multiplier: float) -> Defense:
+    """A trained defense read from `path`, or trained (on :func:`training_prompts` where it takes prompts) and
+    saved there."""
+    from ..registry import load_adapter
+    from ..safety import SPM, AdvUnlearn
+
+    if path is not None and Path(path).exists():
+        return Defense(name, [load_adapter(path, spm_multiplier)])
+    t0 = time.perf_counter()
+    if name == "spm":
+        edit = SPM.train(pipe, c.word, **train)
+    else:
+        direct, keep = training_prompts(c)
+        edit = AdvUnlearn.train(pipe, c.word, prompts=direct, retain=keep, **train)
+    if path is not None:
+        edit.save(path)
+    if name == "spm":
+        edit.config = dataclasses.replace(edit.config, multiplier=spm_multiplier)
+    return Defense(name, [edit], setup_seconds=time.perf_counter() - t0)
 
 
 def _call(pipe, steps: int, guidance: float) -> dict:

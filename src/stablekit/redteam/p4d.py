@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import torch
 
+from ..latents import noise_scheduler
 from ..pipeline import frozen
 from ..plugins import use
 from ..registry import register
-from ..text import encode_ids, token_ids
-from .tokens import Slots, noise_scheduler
+from ..text import Slots, encode_ids, token_ids
 
 
 @register("attack")

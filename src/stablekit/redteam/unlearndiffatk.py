@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import torch
 
+from ..latents import noise_scheduler, training_target
 from ..pipeline import frozen
 from ..registry import register
-from .tokens import Slots, noise_scheduler, training_target
+from ..text import Slots
 
 
 def simplex(p: torch.Tensor) -> torch.Tensor:
