@@ -45,7 +45,7 @@ COMMANDS = {
     "attack": ("stablekit.cli.attack:attack", "Plant a concept: poisoned fine-tuning data, or a TrojDiff backdoor."),
     "freeze-guard": (
         "stablekit.cli.freeze_guard:freeze_guard_command",
-        "Learn a FreezeAsGuard mask: tensors frozen in `finetune` to block a forbidden adaptation.",
+        "Learn a FreezeAsGuard mask that `finetune` freezes to block an adaptation.",
     ),
     "bench": ("stablekit.cli.bench:bench", "Run benchmarks/NAME.py with the remaining arguments."),
 }

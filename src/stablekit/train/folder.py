@@ -48,6 +48,8 @@ def restore(pipe, folder: Path) -> None:
     from . import RECIPES
 
     run = json.loads((Path(folder) / RUN_FILE).read_text())
+    if run.get("recipe") == "finetune":  # `stablekit finetune` writes the same file; its folders hold everything
+        return
     if run.get("recipe") not in RECIPES:
         raise StablekitError(f"'{folder}' was trained with an unknown recipe '{run.get('recipe')}'")
     RECIPES[run["recipe"]](**run.get("params", {})).restore(pipe, Path(folder))
