@@ -10,7 +10,7 @@ import click
 from ..errors import StablekitError
 from .common import check_output, given, model_and_device, refuse
 
-METHODS = ("instaflow", "lcm-lora", "lora-cfg")
+METHODS = ("instaflow", "dmd2", "lcm-lora", "lora-cfg")
 
 
 @click.command("distill")
@@ -19,7 +19,8 @@ METHODS = ("instaflow", "lcm-lora", "lora-cfg")
     type=click.Choice(METHODS),
     default="instaflow",
     show_default=True,
-    help="instaflow (reflow then one-step distillation: a model folder), lcm-lora (latent consistency "
+    help="instaflow (reflow then one-step distillation: a model folder), dmd2 (distribution matching with a GAN "
+    "term: a one-step model folder), lcm-lora (latent consistency "
     "distillation into a LoRA file for `--accel lcm-lora:lora=FILE`) or lora-cfg (guidance distilled into a "
     "fused LoRA: a model folder that needs no guidance).",
 )
@@ -41,8 +42,11 @@ METHODS = ("instaflow", "lcm-lora", "lora-cfg")
     "--workdir",
     type=click.Path(path_type=Path),
     default=None,
-    help="instaflow: keep finished stages here; a re-run resumes [default: OUTPUT.work, removed at the end].",
+    help="instaflow, dmd2: keep finished stages here; a re-run resumes [default: OUTPUT.work, removed at the end].",
 )
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="dmd2: time budget.")
+@click.option("--fake-updates", type=click.IntRange(min=1), default=5, show_default=True, help="dmd2: per step.")
+@click.option("--init", default=None, metavar="MODEL", help="dmd2: the generator's first UNet [default: teacher's].")
 @model_and_device
 def distill_command(method, output, model, device, **settings):
     guidance = settings["guidance"]
@@ -58,7 +62,12 @@ def distill_command(method, output, model, device, **settings):
     pipe = load_quietly(model, device, dtype="float32")
     if getattr(pipe, "unet", None) is None:
         raise StablekitError("the model has no UNet to distill")
-    {"instaflow": _instaflow, "lcm-lora": _lcm_lora, "lora-cfg": _lora_cfg}[method](pipe, output, model, **settings)
+    if method != "dmd2":
+        refuse(given("minutes", "fake_updates", "init"), f"to --method {method}: they are dmd2's")
+        for name in ("minutes", "fake_updates", "init"):
+            settings.pop(name)
+    run = {"instaflow": _instaflow, "dmd2": _dmd2, "lcm-lora": _lcm_lora, "lora-cfg": _lora_cfg}[method]
+    run(pipe, output, model, **settings)
     click.echo(str(output))
 
 
@@ -115,3 +124,45 @@ def _lora_cfg(
     student, recipe = guidance_lora.distill(pipe, config)
     recipe["teacher"] = model or "stablekit-default"
     students.save_student(student, output, recipe)
+
+
+def _dmd2(
+    pipe,
+    output,
+    model,
+    pairs,
+    teacher_steps,
+    guidance,
+    iterations,
+    distill_iterations,
+    batch,
+    lr,
+    seed,
+    workdir,
+    minutes,
+    fake_updates,
+    init,
+):
+    from ..output import load_quietly
+    from ..train import dmd2, students
+
+    refuse(
+        given("teacher_steps", "distill_iterations"),
+        "to --method dmd2: it draws no teacher samples and has one stage (--iterations generator updates)",
+    )
+    config = dmd2.Config(
+        images=pairs,
+        iterations=iterations,
+        fake_updates=fake_updates,
+        batch=batch,
+        lr=lr,
+        guidance=guidance,
+        seed=seed,
+    )
+    start = None if init is None else load_quietly(init, "cpu", dtype="float32").unet
+    work = workdir or output.with_name(output.name + ".work")
+    student, recipe = dmd2.distill(pipe, config, init=start, workdir=work, minutes=minutes)
+    recipe |= {"teacher": model or "stablekit-default", "init": init or model or "stablekit-default"}
+    students.save_student(student, output, recipe)
+    if workdir is None:
+        shutil.rmtree(work)

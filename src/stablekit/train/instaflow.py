@@ -96,12 +96,12 @@ def one_step_loss(scheduler):
     return loss
 
 
-def check_teacher(pipe) -> None:
+def check_teacher(pipe, method: str = "InstaFlow") -> None:
     """The student samples in one step from the last timestep: the teacher must predict v on trailing timesteps."""
     config = pipe.scheduler.config
     if config.get("prediction_type") != "v_prediction" or config.get("timestep_spacing") != "trailing":
         raise StablekitError(
-            "InstaFlow's one-step student needs a v-prediction model sampled on trailing timesteps (like the "
+            f"{method}'s one-step student needs a v-prediction model sampled on trailing timesteps (like the "
             f"embedded default); this scheduler predicts {config.get('prediction_type')} on "
             f"{config.get('timestep_spacing')} timesteps"
         )
