@@ -15,7 +15,7 @@ from stablekit.default_model.train import SCHEDULER_CONFIG
 from stablekit.train import dmd2, students
 from stablekit.train.lcm_distill import x0_and_eps
 
-TINY = dict(images=8, iterations=2, fake_updates=3, batch=4, lr=1e-3, seed=0)
+TINY = dict(images=4, iterations=2, fake_updates=3, batch=2, lr=1e-3, seed=0)
 
 
 @pytest.fixture
@@ -69,13 +69,13 @@ def test_the_fake_score_gets_the_configured_updates_per_generator_update(v_pipe)
 
 
 def test_a_stopped_run_resumes_from_its_checkpoint(v_pipe, tmp_path):
-    config = dmd2.Config(**TINY | {"iterations": 3, "save_every": 1})
+    config = dmd2.Config(**TINY | {"fake_updates": 1, "save_every": 1})
     _, recipe = dmd2.distill(v_pipe, config, workdir=tmp_path / "work", minutes=1e-9)  # the budget ends at once
     assert recipe["iterations_done"] == 0
     first, recipe = dmd2.distill(v_pipe, config, workdir=tmp_path / "work")
-    assert recipe["iterations_done"] == 3
+    assert recipe["iterations_done"] == 2
     again, recipe = dmd2.distill(v_pipe, config, workdir=tmp_path / "work")  # all done: nothing more to train
-    assert recipe["iterations_done"] == 3
+    assert recipe["iterations_done"] == 2
     assert all(torch.equal(a, b) for a, b in zip(first.unet.parameters(), again.unet.parameters(), strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first.unet.parameters(), v_pipe.unet.parameters(), strict=True))
 
@@ -84,7 +84,7 @@ def test_the_distill_command_writes_a_one_step_folder_that_generates(v_pipe, tmp
     teacher = tmp_path / "teacher"
     v_pipe.save_pretrained(teacher)
     out = tmp_path / "student"
-    args = ["distill", "--method", "dmd2", "--model", str(teacher), "-o", str(out), "--pairs", "8"]
+    args = ["distill", "--method", "dmd2", "--model", str(teacher), "-o", str(out), "--pairs", "4"]
     result = CliRunner().invoke(cli.cli, args + ["--iterations", "1", "--batch", "2", "--fake-updates", "2"])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "student.work").exists()  # the default work folder is removed at the end
