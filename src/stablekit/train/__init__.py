@@ -7,9 +7,9 @@ writes a resumable diffusers folder that ``stablekit.load`` opens. ``stablekit t
 Fine-tuning a model on images with captions (``stablekit finetune``: LoRA or full) is :mod:`.finetune`, its
 LoRA files :mod:`.lora_adapter`. Distillation into faster students lives beside them (``stablekit distill``):
 :mod:`.students` (the teacher's pairs, the students' loop and folders), :mod:`.instaflow`, :mod:`.dmd2`,
-:mod:`.lcm_distill` and :mod:`.guidance_lora`; and compressed UNets (``stablekit compress``): :mod:`.slim_unet` (a UNet with layers
-removed), :mod:`.compress` (budgets and retraining by distillation), :mod:`.laptop_diff`, :mod:`.koala` and
-:mod:`.ld_pruner`.
+:mod:`.lcm_distill` and :mod:`.guidance_lora`; and compressed UNets (``stablekit compress``): :mod:`.slim_unet`
+(a UNet with layers removed), :mod:`.compress` (budgets and retraining by distillation), :mod:`.laptop_diff`,
+:mod:`.koala` and :mod:`.ld_pruner`.
 """
 
 from . import corruption, immiscible, plain, rrcm, scalelong, spd, umd  # noqa: F401  (each files its recipe)
