@@ -2,7 +2,7 @@
 UNet calls, MACs, parameters, UNet latency and seconds per image on held-out prompts, in one table.
 
     stablekit bench students --json bench_out/students.json --prompts 200
-    stablekit bench students --json bench_out/students.json --student runs/instaflow:1
+    stablekit bench students --json bench_out/students.json --student runs/instaflow:1 --student runs/dmd2:1
     stablekit bench students --json bench_out/compressed.json --student none --compressed runs/laptop
 
 Each row is ``MODEL:STEPS[:GUIDANCE]`` (the teacher at 25 and 4 steps, and every student at its own steps and
