@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..errors import require_counts
 from ..latents import noise_scheduler, training_target
 from .instaflow import check_teacher
 from .lcm_distill import x0_and_eps
@@ -76,9 +77,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("images", "iterations", "fake_updates", "batch", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_counts(self, ("images", "iterations", "fake_updates", "batch", "save_every"))
         if self.lr <= 0 or self.guidance < 0 or min(self.gan_generator_weight, self.gan_critic_weight) < 0:
             raise ValueError("lr must be > 0, guidance and the GAN weights >= 0")
         if not 0 <= self.min_t < self.max_t <= 1:
