@@ -69,6 +69,7 @@ INDEX: dict[str, dict[str, str]] = {
     },
     "watermark": {
         "gaussian-shading": "stablekit.provenance.gaussian_shading:GaussianShading",
+        "safe-sd": "stablekit.provenance.safe_sd:SafeSD",
         "seal": "stablekit.provenance.seal:SEAL",
         "tree-ring": "stablekit.provenance.tree_ring:TreeRing",
         "wouaf": "stablekit.provenance.wouaf:WOUAF",
