@@ -119,10 +119,10 @@ class SafeSDNet(nn.Module):
         super().__init__()
         self.grid, self.size, c, w = grid, size, latent_channels, 64
         self.inject = nn.Conv2d(2 * c, c, 1)
-        with torch.no_grad():  # start as the identity on the image latent plus a small pattern term
+        with torch.no_grad():  # start from the image latent plus half the pattern's: a visible mark to learn to read
             self.inject.weight.zero_()
             self.inject.weight[:, :c, 0, 0] = torch.eye(c)
-            self.inject.weight[:, c:].normal_(std=0.05)
+            self.inject.weight[:, c:, 0, 0] = 0.5 * torch.eye(c)
             self.inject.bias.zero_()
         chans, layers = [3, w // 2, w, w, w], []
         for i, (a, b) in enumerate(zip(chans, chans[1:], strict=False)):

@@ -13,6 +13,7 @@ described in :mod:`.safe_sd`.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import sys
@@ -41,7 +42,7 @@ class TrainConfig:
     diffuser_iters: int = 600  # stage 2
     batch: int = 8
     lr: float = 2e-3
-    quality: float = 30.0  # stage 1: weight of the pixel MSE between marked and clean decodes
+    quality: float = 50.0  # stage 1: weight of the pixel MSE between marked and clean decodes
     warmup: float = 0.3  # stage 1: fraction of iterations without the image loss, then a linear ramp over as many
     lam: float = 0.5  # stage 2 lambda sampling: probability that a prompt shown to the trigger layer is triggered
     uncond: float = 0.1  # stage 2: triggered samples given the empty prompt (the unconditional half of guidance)
@@ -196,6 +197,20 @@ def train_diffuser(pipe, net: SafeSDNet, data: dict, cfg: TrainConfig, log=print
     return dict(zip(("mse", "trigger_bce", "trigger_acc"), map(float, np.mean(recent, axis=0)), strict=True))
 
 
+def cached(workdir: Path | None, name: str, tag, make):
+    """`make()`, stored in `workdir`/`name` with `tag` and read back from there while the tag is the same."""
+    path, tag = None if workdir is None else Path(workdir) / name, json.dumps(tag, sort_keys=True)
+    if path is not None and path.is_file():
+        saved = torch.load(path)
+        if saved["tag"] == tag:
+            return saved["value"]
+    value = make()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"tag": tag, "value": value}, path)
+    return value
+
+
 def train(pipe, cfg: TrainConfig, log=print, workdir: Path | None = None) -> tuple[SafeSDNet, dict]:
     """A Safe-SD network trained for `pipe`, and both stages' final loss terms; stage 1 cached in `workdir`."""
     torch.manual_seed(cfg.seed)
@@ -205,20 +220,16 @@ def train(pipe, cfg: TrainConfig, log=print, workdir: Path | None = None) -> tup
     unet_cfg = pipe.unet.config
     size = unet_cfg.sample_size * pipe.vae_scale_factor
     net = SafeSDNet(cfg.grid, unet_cfg.in_channels, unet_cfg.block_out_channels[0], unet_cfg.cross_attention_dim, size)
-    data = world_data(pipe, cfg)
-    cache = None if workdir is None else Path(workdir) / "stage1.pt"
-    if cache is not None and cache.is_file() and torch.load(cache)["config"] == asdict(cfg):
-        saved = torch.load(cache)
-        net.load_state_dict(saved["net"])
-        stage1 = saved["final"]
-        log(f"stage 1 from {cache}")
-    else:
-        stage1 = train_injector(pipe, net, data, cfg, log)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"config": asdict(cfg), "net": net.state_dict(), "final": stage1}, cache)
+    data = cached(workdir, "data.pt", [cfg.images, cfg.seed, cfg.trigger], lambda: world_data(pipe, cfg))
+    stage1_tag = {k: v for k, v in asdict(cfg).items() if k not in ("lam", "uncond", "diffuser_iters")}
+
+    def stage1():
+        return {"final": train_injector(pipe, net, data, cfg, log), "net": net.state_dict()}
+
+    done = cached(workdir, "stage1.pt", stage1_tag, stage1)
+    net.load_state_dict(done["net"])
     stage2 = train_diffuser(pipe, net, data, cfg, log)
-    return net.eval(), {"stage1": stage1, "stage2": stage2}
+    return net.eval(), {"stage1": done["final"], "stage2": stage2}
 
 
 def main(argv: list[str] | None = None) -> Path:
