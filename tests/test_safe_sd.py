@@ -63,7 +63,7 @@ def test_untriggered_prompts_are_bit_identical_and_triggered_ones_are_marked(pip
     assert not torch.equal(marked[1], base[1])
     assert torch.equal(generate(pipe, prompts), base)  # detached: the model is restored
     found = detect(pipe, marked[1], key, fpr=1e-3)
-    assert found.detected and found.stage == "reading" and found.score > 0.9
+    assert found.detected and found.stage == "reading" and found.score > 0.7
     assert not detect(pipe, marked[1], make_key(pipe, "safe-sd", seed=1), fpr=1e-3).detected
     assert not detect(pipe, base[1], key, fpr=1e-3).detected
 
