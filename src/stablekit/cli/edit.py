@@ -195,41 +195,14 @@ def edit_command(
     pipe = load_quietly(model, device)
     if plugin is not None:
         plugin.prepare(pipe.tokenizer, source, target)  # fail before the inversion, not after it
+    kw = dict(strength=strength, decoder=decoder, decoder_steps=decoder_steps)
     out = edit(
-        pipe,
-        picture,
-        source,
-        target,
-        method,
-        controller=plugin,
-        steps=steps,
-        guidance=guidance,
-        strength=strength,
-        decoder=decoder,
-        mask=region,
-        decoder_steps=decoder_steps,
+        pipe, picture, source, target, method, controller=plugin, steps=steps, guidance=guidance, mask=region, **kw
     )
-    guidance = EDIT_GUIDANCE[method] if guidance is None else guidance
-    save_png(
-        out,
-        output,
-        dict(
-            source=source,
-            target=target,
-            method=method,
-            strength=strength or "",
-            controller=controller or "",
-            weights=",".join(weights),
-            blend=",".join(blend),
-            steps=steps,
-            guidance=guidance,
-            decoder_steps=decoder_steps,
-            decoder=decoder,
-            mask=str(mask or ""),
-            model=model or DEFAULT_MODEL,
-            stablekit=__version__,
-        ),
-    )
+    meta = dict(source=source, target=target, method=method, strength=strength or "", controller=controller or "")
+    meta |= dict(weights=",".join(weights), blend=",".join(blend), steps=steps, decoder_steps=decoder_steps)
+    meta |= dict(guidance=EDIT_GUIDANCE[method] if guidance is None else guidance, mask=str(mask or ""))
+    save_png(out, output, meta | dict(decoder=decoder, model=model or DEFAULT_MODEL, stablekit=__version__))
     click.echo(str(output))
 
 

@@ -6,7 +6,7 @@ github.com/buxiangzhiren/Asymmetric_VQGAN).
 Implemented: the encoder is kept; a new, heavier decoder replaces the VAE's decoder. Its **conditional branch**
 encodes the known pixels -- the input image with the region to regenerate zeroed, ``(1 - mask) * image`` -- into
 one feature map per decoder stage (the input of every up block, at that block's resolution and width, and the
-full-resolution features before the output convolution). Each is injected by the paper's **mask-guided blend**:
+full-resolution features that enter the output convolution). Each is injected by the paper's **mask-guided blend**:
 ``h = h * m + c * (1 - m)`` with ``m`` the mask at that resolution (1: regenerate, 0: known), so the decoder draws
 the edited region from the latent and everything else from the image itself. With the mask all ones the branch
 is unused and the decoder is a plain (text-to-image) decoder. Only the decoder is trained, the encoder frozen,
@@ -29,6 +29,11 @@ Deviations:
 4. Losses: L1 + MSE on pixels (as the embedded VAE itself was trained), no LPIPS (no pretrained network is
    available offline) and no adversarial term.
 5. Masks: boxes, brush strokes, the world's object masks (dilated), and all-ones / all-zeros masks.
+6. The full-resolution blend comes after the output normalisation and activation, not before them: that
+   GroupNorm normalises each channel over the whole image, which erases the absolute colours the conditional
+   features carry; placed after it, the known pixels reach the output convolution unnormalised.
+7. For edits by prompts without a mask, the region to regenerate is found from the latents
+   (:func:`edit_mask`): where the target branch differs from the source branch.
 """
 
 from __future__ import annotations
@@ -118,8 +123,8 @@ class AsymmetricDecoder(nn.Module):
         for block, c in zip(d.up_blocks, reversed(feats[1:]), strict=True):
             h = blend(h, c, mask)
             h = block(h, None)
-        h = blend(h, feats[0], mask)
-        return d.conv_out(d.conv_act(d.conv_norm_out(h)))
+        h = blend(d.conv_act(d.conv_norm_out(h)), feats[0], mask)
+        return d.conv_out(h)
 
 
 def blend(h: torch.Tensor, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -117,10 +117,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=WEIGHTS)
     p.add_argument("--vae", type=Path, default=Path(world.__file__).parent / "weights" / "vae", help="frozen VAE")
     p.add_argument("--images", type=int, default=3000)
-    p.add_argument("--crop-steps", type=int, default=800)
-    p.add_argument("--full-steps", type=int, default=150)
+    p.add_argument("--crop-steps", type=int, default=420)
+    p.add_argument("--full-steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

@@ -49,9 +49,8 @@ def edit(
     ``source_guidance``, ``seed``, ``decoder_steps``); `guidance` is the target's.
     `steps` and `guidance` default to the method's paper (:data:`EDIT_STEPS`, :data:`EDIT_GUIDANCE`).
 
-    ``decoder="asymmetric"`` decodes the result with :mod:`.asymmetric_decoder`, which keeps the source image's
-    pixels outside `mask` (white/1: the region the edit may change; by default the region where the target
-    branch's latents differ from the source branch's, :func:`.asymmetric_decoder.edit_mask`).
+    ``decoder="asymmetric"`` (:mod:`.asymmetric_decoder`) keeps the source pixels outside `mask` (1: may change;
+    default: where the branches' latents differ, :func:`.asymmetric_decoder.edit_mask`).
 
     `controller`, a :class:`~stablekit.Plugin` (e.g. :class:`.prompt_to_prompt.PromptToPrompt`, or for
     InfEdit :class:`.infedit.UnifiedAttentionControl`), is attached for the regeneration. It gets a
@@ -78,12 +77,16 @@ def edit(
         if inv is None:
             inv = invert(pipe, images, sources, method, steps, guidance, **options)
         traj = _regenerate(pipe, inv, sources + targets, controller, start)
-    final = traj[-1, -len(targets) :]
-    if decoder == "asymmetric":
-        out = decode_edits(pipe, traj[-1, : len(targets)], final, images, mask)
-    else:
-        out = [decode(pipe, z[None]) for z in final]
+    out = _decode(pipe, traj[-1], len(targets), decoder, images, mask)
     return out[0] if isinstance(target_prompt, str) else out
+
+
+def _decode(pipe, final: torch.Tensor, n: int, decoder: str, images, mask) -> list:
+    """The last `n` rows of `final` (the targets) decoded; the asymmetric decoder also gets the first `n` (the
+    sources) to find the edited region when no `mask` is given."""
+    if decoder == "asymmetric":
+        return decode_edits(pipe, final[:n], final[-n:], images, mask)
+    return [decode(pipe, z[None]) for z in final[-n:]]
 
 
 def _sources(image, source_prompt, method: str) -> tuple[Inversion | None, list | None, list[str]]:

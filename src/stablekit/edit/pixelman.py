@@ -137,7 +137,8 @@ def pixelman(pipe, image, mask, prompt: str = "", config: PixelManConfig = Pixel
     keep = 1 - F.max_pool2d(hole.float(), f, stride=f)
     z, calls = generate(pipe, encode_image(pipe, filled), keep, prompt, config)
     if config.decoder == "asymmetric":
-        generated = decode_keeping(pipe, z, (filled[0] + 1) / 2, hole[0, 0], output_type="pt")[None].to(x) * 2 - 1
+        known = ((filled[0] + 1) / 2).clamp(0, 1)
+        generated = decode_keeping(pipe, z, known, hole[0, 0], output_type="pt")[None].to(x) * 2 - 1
     else:
         generated = decode(pipe, z, output_type="pt")[None].to(x) * 2 - 1
     soft = F.avg_pool2d(hole.float(), 3, 1, 1, count_include_pad=False) * hole
