@@ -4,6 +4,8 @@
 
 Data: world renders (seed 0, the VAE's own training distribution), each with a random mask
 (:func:`random_mask`); the latent is a sample of the frozen encoder's posterior. Loss: L1 + MSE on all pixels.
+The conditional branch learns at `--lr`, the layers taken from the VAE's decoder (and the extra blocks) at
+`--decoder-lr-scale` of it, so that plain decoding (nothing known) stays close to the VAE's.
 Stage 1 trains on random 32x32 crops (cheap), stage 2 on whole frames (GroupNorm sees full images), under one
 cosine learning-rate schedule. Every finished stage is cached in `--workdir`, and a checkpoint every 100 steps
 lets a rerun resume; the weights and their recipe (this command and its settings) go to `--out`.
@@ -85,7 +87,10 @@ def batch(data: dict, size: int, crop: int, g: torch.Generator) -> tuple[torch.T
 
 def train(model: AsymmetricDecoder, data: dict, a: argparse.Namespace, ckpt: Path) -> AsymmetricDecoder:
     """`a.crop_steps` steps on 32x32 crops then `a.full_steps` on whole frames, resuming from `ckpt`."""
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
+    branch = [p for n, p in model.named_parameters() if n.startswith("cond.")]
+    decoder = [p for n, p in model.named_parameters() if not n.startswith("cond.")]
+    groups = [{"params": branch, "scale": 1.0}, {"params": decoder, "scale": a.decoder_lr_scale}]
+    opt = torch.optim.AdamW([g | {"lr": a.lr * g["scale"]} for g in groups])
     total = a.crop_steps + a.full_steps
     first = 0
     if ckpt.exists():
@@ -104,7 +109,7 @@ def train(model: AsymmetricDecoder, data: dict, a: argparse.Namespace, ckpt: Pat
         loss.backward()
         opt.step()
         for group in opt.param_groups:  # cosine decay to 5%
-            group["lr"] = a.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / total)))
+            group["lr"] = a.lr * group["scale"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / total)))
         if (step + 1) % 100 == 0 or step + 1 == total:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
             print(f"step {step + 1} loss {loss.item():.4f}", flush=True)
@@ -117,10 +122,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=WEIGHTS)
     p.add_argument("--vae", type=Path, default=Path(world.__file__).parent / "weights" / "vae", help="frozen VAE")
     p.add_argument("--images", type=int, default=3000)
-    p.add_argument("--crop-steps", type=int, default=420)
-    p.add_argument("--full-steps", type=int, default=60)
+    p.add_argument("--crop-steps", type=int, default=600)
+    p.add_argument("--full-steps", type=int, default=80)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the conditional branch")
+    p.add_argument("--decoder-lr-scale", type=float, default=0.1, help="the decoder's own layers' rate, relative")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
