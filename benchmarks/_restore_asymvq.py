@@ -180,6 +180,4 @@ def plot(res: dict, shown: list, path) -> None:
     for ax in axes[:, 1:].flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=110)
