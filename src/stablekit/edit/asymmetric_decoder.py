@@ -20,9 +20,8 @@ convolutions, L1 + LPIPS + adversarial losses, masks from LaMa's generator plus 
 
 Deviations:
 1. "Heavier" is one extra residual block per up stage (same widths) plus the conditional branch; the decoder
-   starts from the VAE decoder's weights (the extra blocks start as identities), not from scratch, and those
-   layers learn at a tenth of the conditional branch's rate, so it trains in minutes on a CPU and plain decoding
-   stays close to the VAE's.
+   starts from the VAE decoder's weights (the extra blocks start as identities), not from scratch, so it
+   trains in minutes on a CPU.
 2. The conditional branch also receives the mask as a fourth channel (a zeroed pixel and a black pixel are
    otherwise indistinguishable), and each stage is a convolution pair, not one convolution.
 3. The mask is reduced to each stage's resolution by max-pooling (a cell is "known" only if all its pixels

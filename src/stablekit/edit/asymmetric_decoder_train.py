@@ -5,7 +5,7 @@
 Data: world renders (seed 0, the VAE's own training distribution), each with a random mask
 (:func:`random_mask`); the latent is a sample of the frozen encoder's posterior. Loss: L1 + MSE on all pixels.
 The conditional branch learns at `--lr`, the layers taken from the VAE's decoder (and the extra blocks) at
-`--decoder-lr-scale` of it, so that plain decoding (nothing known) stays close to the VAE's.
+`--decoder-lr-scale` of it (the shipped weights: the same rate).
 Stage 1 trains on random 32x32 crops (cheap), stage 2 on whole frames (GroupNorm sees full images), under one
 cosine learning-rate schedule. Every finished stage is cached in `--workdir`, and a checkpoint every 100 steps
 lets a rerun resume; the weights and their recipe (this command and its settings) go to `--out`.
@@ -122,11 +122,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=WEIGHTS)
     p.add_argument("--vae", type=Path, default=Path(world.__file__).parent / "weights" / "vae", help="frozen VAE")
     p.add_argument("--images", type=int, default=3000)
-    p.add_argument("--crop-steps", type=int, default=600)
-    p.add_argument("--full-steps", type=int, default=80)
+    p.add_argument("--crop-steps", type=int, default=420)
+    p.add_argument("--full-steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the conditional branch")
-    p.add_argument("--decoder-lr-scale", type=float, default=0.1, help="the decoder's own layers' rate, relative")
+    p.add_argument("--decoder-lr-scale", type=float, default=1.0, help="the decoder's own layers' rate, relative")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
