@@ -77,6 +77,8 @@ def test_edit_writes_png_with_metadata(inputs, out_dir, tiny_sd_path):
         "steps": "3",
         "guidance": "7.5",
         "decoder_steps": "0",
+        "decoder": "vae",
+        "mask": "",
         "model": str(tiny_sd_path),
         "stablekit": stablekit.__version__,
     }
