@@ -216,8 +216,8 @@ def main(args=None):
     if a.asym:
         res["asymmetric_decoder"], shown = _restore_asymvq.run(embedded_pipeline(), a)
         res["targets"] |= res["asymmetric_decoder"]["targets"]
-        _restore_asymvq.plot(res["asymmetric_decoder"], shown, a.json.with_name(a.json.stem + "_asymmetric.png"))
         _common.write_json(a.json, res)
+        _restore_asymvq.plot(res["asymmetric_decoder"], shown, a.json.with_name(a.json.stem + "_asymmetric.png"))
     return res
 
 
