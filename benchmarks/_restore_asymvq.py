@@ -39,7 +39,8 @@ def image_scores(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
     from stablekit.latents import psnr
 
-    a, b = out.permute(1, 2, 0).double().numpy(), ref.permute(1, 2, 0).double().numpy()
+    a = out.permute(1, 2, 0).double().numpy()
+    b = ref.permute(1, 2, 0).double().numpy()
     return min(psnr(a, b), 100.0), structural_similarity(a, b, channel_axis=2, data_range=1.0)
 
 
@@ -51,7 +52,8 @@ def reconstruction(pipe, n: int, seed: int) -> dict:
 
     raw = {k: {"psnr_db": [], "ssim": []} for k in ("vae", "asymmetric_object", "asymmetric_ones")}
     for image, _, scene in world.dataset(n, seed, two_prob=0.25):
-        z, ref = encode_image(pipe, load_image(pipe, image)), to_tensor(image)
+        z = encode_image(pipe, load_image(pipe, image))
+        ref = to_tensor(image)
         region = dilated(np.max([world.object_mask(o) for o in scene.objects], axis=0))
         outs = {
             "vae": decode(pipe, z, output_type="pt"),
@@ -88,7 +90,8 @@ def edits(pipe, n: int, seed: int, steps: int) -> tuple[dict, list]:
             "asymmetric_mask": edit(pipe, image, source, target, decoder="asymmetric", mask=region, **kw),
             "asymmetric_auto": edit(pipe, image, source, target, decoder="asymmetric", **kw),
         }
-        src, keep = np.asarray(image, np.float64), ~region
+        src = np.asarray(image, np.float64)
+        keep = ~region
         for name, out in outs.items():
             bg = psnr(np.asarray(out, np.float64)[keep], src[keep], 255)
             raw[name]["background_psnr_db"].append(min(bg, 100.0))
@@ -110,7 +113,8 @@ def text_to_image(pipe, n: int, seed: int, steps: int) -> dict:
     with torch.inference_mode():
         z = pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, guidance_rescale=0.7, generator=gens,
                  output_type="latent").images  # fmt: skip
-    blank, ones = torch.zeros(3, 64, 64), np.ones((64, 64))
+    blank = torch.zeros(3, 64, 64)
+    ones = np.ones((64, 64))
     plain = torch.stack([decode(pipe, zi[None], output_type="pt") for zi in z])
     asym = torch.stack([decode_keeping(pipe, zi[None], blank, ones, output_type="pt") for zi in z])
     return {"vae": judge.matches(plain), "asymmetric": judge.matches(asym)}

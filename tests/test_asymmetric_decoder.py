@@ -60,7 +60,8 @@ def test_known_pixels_come_back_closer_than_the_plain_decoder(embedded, scenes):
 def test_the_background_outside_the_mask_is_kept_and_a_full_mask_decodes_like_the_vae(embedded, scenes):
     """Decoding a latent of *another* image under an object mask: outside the (dilated) mask the output is the
     source's; with an all-ones mask it is close to the plain decoder's output."""
-    (image, mask), (other, _) = scenes[0], scenes[1]
+    image, mask = scenes[0]
+    other = scenes[1][0]
     z_other = encode_image(embedded, load_image(embedded, other))
     region = torch.nn.functional.max_pool2d(torch.from_numpy(mask)[None, None], 5, 1, 2)[0, 0] > 0.01
     out = ad.decode_keeping(embedded, z_other, image, region.float(), output_type="pt")
@@ -123,5 +124,6 @@ def test_an_edit_with_the_asymmetric_decoder_keeps_the_background(embedded, scen
     plain = to_tensor(stablekit.edit.edit(embedded, image, "a star", "a blue star", **kw))
     given = to_tensor(stablekit.edit.edit(embedded, image, "a star", "a blue star", decoder="asymmetric",
                                           mask=region.numpy(), **kw))  # fmt: skip
-    src, outside = to_tensor(image), ~region
+    src = to_tensor(image)
+    outside = ~region
     assert psnr(given[:, outside], src[:, outside]) > psnr(plain[:, outside], src[:, outside]) + 10

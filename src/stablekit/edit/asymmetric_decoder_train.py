@@ -47,8 +47,10 @@ def random_mask(rng: random.Random, scene: world.Scene, size: int = world.SIZE) 
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(1, 3)):
         if kind == "box":
-            w, h = rng.randint(6, size // 2), rng.randint(6, size // 2)
-            x, y = rng.randint(0, size - w), rng.randint(0, size - h)
+            w = rng.randint(6, size // 2)
+            h = rng.randint(6, size // 2)
+            x = rng.randint(0, size - w)
+            y = rng.randint(0, size - h)
             draw.rectangle([x, y, x + w, y + h], fill=255)
         else:
             pts = [(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(rng.randint(2, 5))]
