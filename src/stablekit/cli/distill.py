@@ -44,7 +44,8 @@ METHODS = ("instaflow", "lcm-lora", "lora-cfg", "speedupnet")
     "--workdir",
     type=click.Path(path_type=Path),
     default=None,
-    help="instaflow, speedupnet: keep finished stages here; a re-run resumes [default: OUTPUT.work, removed at the end].",
+    help="instaflow, speedupnet: keep finished stages here; a re-run resumes [default: OUTPUT.work, removed at "
+    "the end].",
 )
 @click.option(
     "--minutes",

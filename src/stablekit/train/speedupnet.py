@@ -38,7 +38,8 @@ Deviations:
    timesteps, where the reference keeps the pipeline's DPM-Solver++.
 4. Data: world renders with their captions (training side) encoded by the model's VAE, in place of LAION; the
    teacher's guidance is the embedded model's 7.5 with its guidance rescale (0.7 on a zero-terminal-SNR schedule).
-5. Budgets fit the embedded model (hundreds to thousands of iterations on one CPU core).
+5. Budgets fit the embedded model (hundreds to thousands of iterations on one CPU core); the gains and shifts learn
+   at ten times the projections' learning rate, since they start at zero.
 """
 
 from __future__ import annotations
@@ -250,7 +251,8 @@ class Config:
     images: int = 2048
     iterations: int = 1000
     batch: int = 32
-    lr: float = 1e-4
+    lr: float = 1e-3  # the key/value projections
+    gain_lr_scale: float = 10.0  # the gains and shifts learn this much faster (they start at zero)
     guidance: float = 7.5
     steps: int = 4  # the sampler's steps: the phases of the consistency loss
     grid: int = 40  # the teacher's DDIM grid (a multiple of `steps`)
@@ -265,7 +267,7 @@ class Config:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.grid % self.steps:
             raise ValueError(f"the teacher's grid ({self.grid}) must be a multiple of the steps ({self.steps})")
-        if self.lr <= 0 or self.guidance < 1 or not 0 <= self.empty_negative <= 1:
+        if self.lr <= 0 or self.gain_lr_scale <= 0 or self.guidance < 1 or not 0 <= self.empty_negative <= 1:
             raise ValueError("need lr > 0, guidance >= 1 and 0 <= empty_negative <= 1")
 
 
@@ -375,7 +377,12 @@ def _train(unet, plugin: SpeedUpNet, loss, data, config: Config, work: Path | No
     params = plugin.parameters()
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    gains = [p for p in params if p.dim() == 1]
+    groups = [
+        {"params": [p for p in params if p.dim() > 1]},
+        {"params": gains, "lr": config.lr * config.gain_lr_scale},
+    ]
+    opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
     g = torch.Generator("cpu").manual_seed(config.seed)
     ckpt = None if work is None else work / "adapter.pt"
     losses = []
