@@ -162,12 +162,7 @@ def generate(
     steps = own.get("steps", 25) if steps is None else steps
     guidance = own.get("guidance", 7.5) if guidance is None else guidance
     _check_generate(prompts, output, steps, guidance, guidance_rescale, n)
-    if guidance <= 1:  # an adapter that reads the negative prompt itself (SpeedUpNet) takes --negative
-        keeps = any(getattr(p, "negative_without_guidance", False) for p in plugins)
-        refuse(
-            given(*(["guidance_rescale"] if keeps else ["negative", "guidance_rescale"])),
-            f"at --guidance {guidance:g}: classifier-free guidance is off",
-        )
+    _check_unguided(guidance, plugins)
     mark, wh = _watermark_plugin(method, key_file, wh)
     recipe = quant_recipe(quant)
     pipe = load_quietly(model, device, scheduler=scheduler, dtype=dtype)
@@ -217,6 +212,17 @@ def _generation_plugins(accels, guards, adapters, spm_multiplier: float) -> list
     if spm_multiplier != 1 and not any(isinstance(p, safety.SPM) for p in plugins):
         raise StablekitError("--spm-multiplier scales SPM membranes: give one with --adapter")
     return plugins
+
+
+def _check_unguided(guidance: float, plugins: list) -> None:
+    """Without guidance, --negative and --guidance-rescale do nothing, unless an adapter reads the negative prompt
+    itself (SpeedUpNet)."""
+    if guidance <= 1:
+        keeps = any(getattr(p, "negative_without_guidance", False) for p in plugins)
+        refuse(
+            given(*(["guidance_rescale"] if keeps else ["negative", "guidance_rescale"])),
+            f"at --guidance {guidance:g}: classifier-free guidance is off",
+        )
 
 
 def _check_generate(
