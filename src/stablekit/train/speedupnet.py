@@ -268,7 +268,7 @@ class Config:
         if self.grid % self.steps:
             raise ValueError(f"the teacher's grid ({self.grid}) must be a multiple of the steps ({self.steps})")
         if self.lr <= 0 or self.gain_lr_scale <= 0 or self.guidance < 1 or not 0 <= self.empty_negative <= 1:
-            raise ValueError("need lr > 0, guidance >= 1 and 0 <= empty_negative <= 1")
+            raise ValueError("need lr > 0, gain_lr_scale > 0, guidance >= 1 and 0 <= empty_negative <= 1")
 
 
 def ddim_jump(pred, x, a_from, a_to, kind: str) -> torch.Tensor:
