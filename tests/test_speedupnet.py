@@ -41,7 +41,9 @@ def trained_like(pipe, value=0.5):
 def test_the_untrained_adapter_is_an_exact_identity_and_detaches_exactly(pipe):
     old = pipe.scheduler
     before = run(pipe, steps=4, guidance_scale=1.0)
-    pipe.scheduler = DDIMScheduler.from_config(old.config, timestep_spacing="trailing")  # what the plugin samples with
+    pipe.scheduler = DDIMScheduler.from_config(
+        old.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True
+    )  # what the plugin samples with
     plain = run(pipe, steps=4, guidance_scale=1.0)
     pipe.scheduler = old
     with stablekit.use(pipe, speedupnet.SpeedUpNet.fresh(pipe.unet)):

@@ -169,7 +169,9 @@ class SpeedUpNet(Plugin):
             layer.to(pipe.unet.device, pipe.unet.dtype)
             self.add_hook(found[name], _OffsetHook(self, layer))
         self.pipe, self._scheduler = pipe, pipe.scheduler
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        pipe.scheduler = DDIMScheduler.from_config(
+            pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True
+        )
 
     @staticmethod
     def _check(name: str, attn, layer: LayerAdapter) -> None:
