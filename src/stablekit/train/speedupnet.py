@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
-from ..errors import StablekitError
+from ..errors import StablekitError, require_counts
 from ..plugins import Plugin
 
 METHOD = "speedupnet"
@@ -264,9 +264,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("images", "iterations", "batch", "steps", "grid"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_counts(self, ("images", "iterations", "batch", "steps", "grid"))
         if self.grid % self.steps:
             raise ValueError(f"the teacher's grid ({self.grid}) must be a multiple of the steps ({self.steps})")
         if self.lr <= 0 or self.gain_lr_scale <= 0 or self.guidance < 1 or not 0 <= self.empty_negative <= 1:
