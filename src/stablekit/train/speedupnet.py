@@ -400,7 +400,8 @@ def _train(unet, plugin: SpeedUpNet, loss, data, config: Config, work: Path | No
             state = {"layers": layers, "optimizer": opt.state_dict(), "generator": g.get_state(), "losses": losses}
             torch.save(state, ckpt)
 
-    for it in tqdm(range(len(losses), config.iterations), desc="MSC distillation", unit="step"):
+    done = len(losses)
+    for it in tqdm(range(done, config.iterations), "MSC distillation", config.iterations, initial=done, unit="step"):
         if time.time() > deadline:
             break
         value = loss(unet, *data.batch(torch.randint(0, len(data), (min(config.batch, len(data)),), generator=g)), g)
