@@ -68,10 +68,10 @@ def cross_attentions(unet) -> dict[str, torch.nn.Module]:
 
 def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Multi-head attention of `attn` on projected (B, N, C) tensors, heads merged back: (B, N, C)."""
-    b, heads = q.shape[0], attn.heads
+    b = q.shape[0]
 
     def split(x):
-        return x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+        return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=attn.scale)
     return out.transpose(1, 2).reshape(b, -1, q.shape[-1])
@@ -123,7 +123,8 @@ class _OffsetHook(ModelHook):
 
     def __init__(self, plugin: SpeedUpNet, layer: LayerAdapter):
         super().__init__()
-        self.plugin, self.layer = plugin, layer
+        self.plugin = plugin
+        self.layer = layer
 
     def new_forward(self, module, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         run = self.fn_ref.original_forward
@@ -145,8 +146,11 @@ class SpeedUpNet(Plugin):
 
     def __init__(self, layers: dict[str, LayerAdapter], meta: dict[str, str] | None = None):
         super().__init__()
-        self.layers, self.meta = layers, dict(meta or {}, method=METHOD)
-        self.enabled, self.pipe, self._scheduler = True, None, None
+        self.layers = layers
+        self.meta = dict(meta or {}, method=METHOD)
+        self.enabled = True  # off: the hooks pass calls through (the teacher, during training)
+        self.pipe = None
+        self._scheduler = None
 
     @classmethod
     def fresh(cls, unet, branches=BRANCHES, meta: dict[str, str] | None = None) -> SpeedUpNet:
@@ -168,7 +172,8 @@ class SpeedUpNet(Plugin):
         for name, layer in self.layers.items():
             layer.to(pipe.unet.device, pipe.unet.dtype)
             self.add_hook(found[name], _OffsetHook(self, layer))
-        self.pipe, self._scheduler = pipe, pipe.scheduler
+        self.pipe = pipe
+        self._scheduler = pipe.scheduler
         pipe.scheduler = DDIMScheduler.from_config(
             pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True
         )
@@ -184,7 +189,9 @@ class SpeedUpNet(Plugin):
             raise StablekitError(f"SpeedUpNet supports plain cross-attention; '{name}' normalises its inputs")
 
     def detach(self, pipe):
-        pipe.scheduler, self._scheduler, self.pipe = self._scheduler, None, None
+        pipe.scheduler = self._scheduler
+        self._scheduler = None
+        self.pipe = None
 
     def transform_embeds(self, call, prompt_embeds, negative_prompt_embeds):
         if negative_prompt_embeds is not None:  # guidance on as well: both halves see the negative prompt
@@ -224,7 +231,8 @@ class SpeedUpNet(Plugin):
             raise StablekitError(f"SpeedUpNet file '{path}' does not exist")
         try:
             with safe_open(str(path), "pt") as f:
-                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as e:
             raise StablekitError(f"'{path}' is not a readable safetensors file ({e})") from None
         if meta.get("method") != METHOD:
@@ -286,9 +294,10 @@ def msc_loss(pipe, plugin: SpeedUpNet, config: Config):
     from ..pipeline import guidance_rescale
 
     sched = pipe.scheduler
-    kind, n_train = sched.config.prediction_type, sched.config.num_train_timesteps
+    kind = sched.config.prediction_type
     acp = torch.cat([sched.alphas_cumprod.float(), torch.ones(1)])  # index -1: the clean end (DDIM's alpha 1)
-    skip, phase = n_train // config.grid, n_train // config.steps
+    skip = sched.config.num_train_timesteps // config.grid  # the teacher's step
+    phase = sched.config.num_train_timesteps // config.steps
     with torch.no_grad():  # the pipeline's own encoder, not the plugin's wrapper
         empty = type(pipe).encode_prompt(pipe, [""], "cpu", 1, False)[0].float()
     rescale = guidance_rescale(pipe)
@@ -302,7 +311,8 @@ def msc_loss(pipe, plugin: SpeedUpNet, config: Config):
     def loss(unet, _noise, cond, x0, g):
         b = len(x0)
         t = torch.randint(1, config.grid + 1, (b,), generator=g) * skip - 1
-        s, edge = t - skip, (t // phase) * phase - 1
+        s = t - skip
+        edge = (t // phase) * phase - 1  # the lower edge of t's phase: the next sampler timestep, or -1 (clean)
         x_t = a(t).sqrt() * x0 + (1 - a(t)).sqrt() * torch.randn(x0.shape, generator=g)
         keep = (torch.rand(b, generator=g) < config.empty_negative).view(-1, 1, 1)
         negative = torch.where(keep, empty.expand(b, -1, -1), cond[torch.randperm(b, generator=g)])
