@@ -34,9 +34,8 @@ Deviations:
 3. The discriminator is a three-layer PatchGAN (64 and 128 channels, 4x4 patches on a 16x16 latent): the
    reference's four stride-2 blocks of up to 512 channels need 64x64 latents.
 4. Sizes for minutes on a CPU: ``iterations`` 300 (the reference's 2000), ``warmup`` a sixth of them (half),
-   batch 4 (8),
-   ``lr`` 1e-4 (6e-6 times the batch), the anchor and retain images from ``ref_steps`` 20 steps of the pipeline's
-   own sampler (the reference's 25 DPM-Solver steps).
+   batch 4 (8), ``lr`` 1e-4 (6e-6 times the batch), the anchor and retain images from ``ref_steps`` 20 steps of
+   the pipeline's own sampler (the reference's 25 DPM-Solver steps).
 5. Prompts: the concept's own captions (the world's, on the default model) replace the reference's LLM-written
    captions; the anchor is one word swapped for the concept's.
 """
