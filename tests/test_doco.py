@@ -66,7 +66,7 @@ def test_the_trainers_unlearning_gradient_no_longer_fights_preservation(tiny_sd)
     opt = torch.optim.SGD(list(deltas.tensors.values()), lr=0.0)  # the deltas stay where they are
     with deltas:
         for surgery in (False, True):
-            trainer.cfg = DoCoConfig(concepts=("red",), anchor="blue", surgery=surgery, **FAST)
+            trainer.cfg = DoCoConfig(concepts=("red",), anchor="blue", surgery=surgery, retain_weight=0, **FAST)
             fake = predicted_x0(trainer.sch, xt, tiny_sd.unet(xt, t, ref["e_concept"][:2]).sample, t)
             trainer.generator_step(fake, ref, deltas, disc, opt, torch.Generator().manual_seed(2), random.Random(3))
             grads[surgery] = [p.grad.clone() for p in deltas.tensors.values()]

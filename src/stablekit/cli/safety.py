@@ -40,7 +40,7 @@ ATTACKS = CATALOGUE["attack"]
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Learning rate [default: 1e-4 for spm, 1e-3 for advunlearn, 1e-4 for doco].",
+    help="Learning rate [default: 1e-4 for spm, 1e-3 for advunlearn and doco].",
 )
 @click.option(
     "--anchor-weight",

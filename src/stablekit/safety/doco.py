@@ -29,13 +29,15 @@ Deviations:
    removes the whole conflicting component only when ``|g| = 1``.
 2. The preservation loss is the distance of the trained model's prediction from the frozen model's on retain
    prompts at their own generations (a distillation), not the denoising loss on the anchor images; the projected
-   gradient is applied with ``retain_weight`` times the preservation gradient added (the reference adds none when
-   its surgery is on; 0 reproduces that).
+   gradient is applied with ``retain_weight`` (5) times the preservation gradient added. The reference adds none
+   when its surgery is on; 0 reproduces that, and on the embedded model it let the change spread to the other
+   colours (benchmarks/RESULTS.md, "Robust erasure: DoCo").
 3. The discriminator is a three-layer PatchGAN (64 and 128 channels, 4x4 patches on a 16x16 latent): the
    reference's four stride-2 blocks of up to 512 channels need 64x64 latents.
 4. Sizes for minutes on a CPU: ``iterations`` 300 (the reference's 2000), ``warmup`` a sixth of them (half),
-   batch 4 (8), ``lr`` 1e-4 (6e-6 times the batch), the anchor and retain images from ``ref_steps`` 20 steps of
-   the pipeline's own sampler (the reference's 25 DPM-Solver steps).
+   batch 4 (8), ``lr`` 1e-3 (6e-6 times the batch: far fewer steps, and a 16x16 latent's small weights), the anchor
+   and retain images from ``ref_steps`` 20 steps of the pipeline's own sampler (the reference's 25 DPM-Solver
+   steps).
 5. Prompts: the concept's own captions (the world's, on the default model) replace the reference's LLM-written
    captions; the anchor is one word swapped for the concept's.
 """
@@ -74,12 +76,12 @@ class DoCoConfig:
     anchor: str = ""
     iterations: int = 300
     warmup: int | None = None
-    lr: float = 1e-4
+    lr: float = 1e-3
     dlr: float = 1e-4
     batch: int = 4
     scale: float = 1.0
     surgery: bool = True
-    retain_weight: float = 0.0
+    retain_weight: float = 5.0
     max_grad_norm: float = 1.0
     ref_steps: int = 20
     seed: int = 0
