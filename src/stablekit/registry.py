@@ -103,6 +103,7 @@ ADAPTERS: dict[str, str] = {
     "lora": "stablekit.train.lora_adapter:LoRAAdapter",
     "memcontrol": "stablekit.memorization.pruning:MemorizationAdapter",
     "nemo": "stablekit.memorization.pruning:NeuronPruning",
+    "speedupnet": "stablekit.train.speedupnet:SpeedUpNet",
     "spm": "stablekit.safety.spm:SPM",
     "subspace": "stablekit.memorization.pruning:NeuronPruning",
     "uce": "stablekit.safety.uce:UCE",
@@ -126,8 +127,8 @@ def load_adapter(path, multiplier: float = 1.0):
         raise StablekitError(f"'{path}' is not a readable safetensors file ({e})") from None
     if method not in ADAPTERS:
         raise StablekitError(
-            f"'{path}' is not an adapter file (from `stablekit erase`, `stablekit finetune` or "
-            "`stablekit memorization mitigate`)"
+            f"'{path}' is not an adapter file (from `stablekit erase`, `stablekit finetune`, "
+            "`stablekit memorization mitigate` or `stablekit distill --method speedupnet`)"
         )
     cls = _attribute(ADAPTERS[method])
     takes = "multiplier" in inspect.signature(cls.load).parameters
