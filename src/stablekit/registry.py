@@ -99,6 +99,7 @@ def _attribute(path: str):
 # :func:`load_adapter`.
 ADAPTERS: dict[str, str] = {
     "advunlearn": "stablekit.safety.advunlearn:AdvUnlearn",
+    "doco": "stablekit.safety.doco:DoCo",
     "lora": "stablekit.train.lora_adapter:LoRAAdapter",
     "memcontrol": "stablekit.memorization.pruning:MemorizationAdapter",
     "nemo": "stablekit.memorization.pruning:NeuronPruning",
