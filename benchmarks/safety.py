@@ -87,12 +87,15 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--advunlearn-iterations", type=int, default=200, help="AdvUnlearn training iterations")
     p.add_argument("--advunlearn-surrogate", default="", help="what AdvUnlearn erases the concept toward")
     p.add_argument("--advunlearn-ref-steps", type=int, default=20, help="steps of AdvUnlearn's reference images")
+    p.add_argument("--doco-iterations", type=int, default=300, help="DoCo training iterations")
+    p.add_argument("--doco-anchor", default=None, help="DoCo's anchor [default: the concept's first other value]")
+    p.add_argument("--doco-ref-steps", type=int, default=20, help="steps of DoCo's anchor and retain images")
     p.add_argument(
         "--adapter-dir",
         type=Path,
         default=None,
-        help="folder of trained adapters <method>_<concept>.safetensors (AdvUnlearn): read if there, else trained "
-        "and saved there",
+        help="folder of trained adapters <method>_<concept>.safetensors (AdvUnlearn, DoCo): read if there, else "
+        "trained and saved there",
     )
     p.add_argument("--batch", type=int, default=50)
     _common.add_executor_args(p)
@@ -129,6 +132,11 @@ def adapter_train(a) -> dict:
     }
 
 
+def doco_train(a) -> dict:
+    """DoCo.train's settings from the command line (its anchor None: the concept's first other value)."""
+    return {"iterations": a.doco_iterations, "anchor": a.doco_anchor, "ref_steps": a.doco_ref_steps}
+
+
 def run_concept(pipe, word: str, a, out: dict, save) -> None:
     """Fill `out` with concept `word`'s results, calling `save()` after every defense."""
     from stablekit.eval.harness import Judge
@@ -138,11 +146,12 @@ def run_concept(pipe, word: str, a, out: dict, save) -> None:
     ps = audit.prompts(c, a.prompts, a.seed)
     judge = Judge(ps.keep_scenes, a.seed)
     spm_file = a.spm_dir / f"{word}.safetensors"
-    a.files = {"spm": spm_file, "advunlearn": a.adapter_dir / f"advunlearn_{word}.safetensors"}  # rows name them
+    a.files = {"spm": spm_file} | {m: a.adapter_dir / f"{m}_{word}.safetensors" for m in ("advunlearn", "doco")}
     out |= {"attribute": c.attribute, "paraphrases": c.paraphrases, "defenses": {}}
     ref = {}  # the undefended model's per-prompt matches: preservation and collateral
     for name in ["none"] + [d for d in a.defenses if d != "none"]:
-        d = audit.defense(pipe, name, c, spm_file, spm_train(a), a.spm_multiplier, a.files.get(name), adapter_train(a))
+        train = doco_train(a) if name == "doco" else adapter_train(a)
+        d = audit.defense(pipe, name, c, spm_file, spm_train(a), a.spm_multiplier, a.files.get(name), train)
         row, direct_hits = _defense_row(pipe, d, c, ps, judge, a, ref)
         row |= _attacks(pipe, d, c, ps, direct_hits, a)
         out["defenses"][name] = row
@@ -246,7 +255,7 @@ def targets(res: dict) -> dict:
     return out
 
 
-ROBUST = ("advunlearn",)  # defenses built to resist synonyms and prompt attacks
+ROBUST = ("advunlearn", "doco")  # defenses built to resist synonyms and prompt attacks
 BASELINES = ("blocklist", "uce", "safree", "safree-negative", "spm")  # what they are compared with
 ROBUST_MEASURES = {"synonyms": ("paraphrase",), "unlearndiffatk": ("attack_unlearndiffatk", "post_attack")}
 MIN_N = {"synonyms": MIN_PROMPTS, "unlearndiffatk": 20}  # an optimised attack costs minutes per prompt
@@ -398,6 +407,7 @@ def run(a, args: list[str]) -> dict:
         "seed": a.seed,
         "spm": spm_train(a) | {"multiplier": a.spm_multiplier},
         "advunlearn": adapter_train(a),
+        "doco": doco_train(a),
         "concepts": {},
     }
 
