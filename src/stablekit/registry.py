@@ -104,6 +104,7 @@ ADAPTERS: dict[str, str] = {
     "nemo": "stablekit.memorization.pruning:NeuronPruning",
     "spm": "stablekit.safety.spm:SPM",
     "subspace": "stablekit.memorization.pruning:NeuronPruning",
+    "trce": "stablekit.safety.trce:TRCE",
     "uce": "stablekit.safety.uce:UCE",
 }
 

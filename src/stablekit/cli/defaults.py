@@ -14,6 +14,7 @@ DEFENSES = (  # redteam.audit
     "safree-negative",
     "spm",
     "advunlearn",
+    "trce",
 )
 PROTECTIONS = {  # stablekit.protect.DEFAULTS' steps and modes, by method
     "encoder": {"steps": 100, "mode": "toward"},

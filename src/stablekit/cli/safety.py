@@ -18,13 +18,15 @@ ATTACKS = CATALOGUE["attack"]
 @click.command("erase")
 @click.option(
     "--method",
-    type=click.Choice(["uce", "spm", "advunlearn"]),
+    type=click.Choice(["uce", "spm", "advunlearn", "trce"]),
     default="uce",
     show_default=True,
     help="Erasure method: uce (closed-form cross-attention edit, seconds), spm (a trained rank-1 "
     "membrane, after 'One-dimensional Adapter to Rule Them All', 2024; minutes) or advunlearn (the text encoder "
     "trained against prompt attacks, after 'Defensive Unlearning with Adversarial Training for Robust Concept "
-    "Erasure in Diffusion Models', 2024; minutes).",
+    "Erasure in Diffusion Models', 2024; minutes) or trce (a cross-attention edit of the trigger tokens, then "
+    "contrastive steering of the early steps, after 'TRCE: Towards Reliable Malicious Concept Erasure in "
+    "Text-to-Image Diffusion Models', 2025; about a minute).",
 )
 @click.option("--concept", "concepts", multiple=True, required=True, help="Concept to erase (repeatable).")
 @click.option("--preserve", multiple=True, help="Concept to keep unchanged (repeatable; UCE only).")
@@ -32,13 +34,13 @@ ATTACKS = CATALOGUE["attack"]
     "--iterations",
     type=click.IntRange(min=1),
     default=None,
-    help="Training iterations [default: 3000 for spm, 200 for advunlearn].",
+    help="Training iterations [default: 3000 for spm, 200 for advunlearn and trce's stage 2].",
 )
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Learning rate [default: 1e-4 for spm, 1e-3 for advunlearn].",
+    help="Learning rate [default: 1e-4 for spm and trce, 1e-3 for advunlearn].",
 )
 @click.option(
     "--anchor-weight",
@@ -56,8 +58,14 @@ ATTACKS = CATALOGUE["attack"]
 @click.option(
     "--surrogate",
     default=None,
-    help="What SPM or AdvUnlearn erases the concept toward [default: '', the paper's; 'shape' suits a shape of "
-    "the embedded default model].",
+    help="What SPM, AdvUnlearn or TRCE erases the concept toward [default: '', the word deleted; 'shape' suits a "
+    "shape of the embedded default model].",
+)
+@click.option(
+    "--keyword",
+    multiple=True,
+    help="TRCE: another word for the concept, erased with it (repeatable) [default: on the default model, the "
+    "world's synonyms of the concept; else none].",
 )
 @click.option(
     "--cache",
@@ -67,7 +75,9 @@ ATTACKS = CATALOGUE["attack"]
 )
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="safetensors file to write.")
 @model_and_device
-def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrogate, cache, output, model, device):
+def erase(
+    method, concepts, preserve, iterations, lr, anchor_weight, eta, surrogate, keyword, cache, output, model, device
+):
     """Erase CONCEPTs from a model; use the file with `generate --adapter`."""
     from ..output import load_quietly, write_atomically
 
@@ -75,7 +85,7 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrog
     if not all(c.strip() for c in concepts):
         raise StablekitError("--concept must not be empty")
     _check_erase(method, concepts, preserve)
-    if model is None and method == "advunlearn":
+    if model is None and method in ("advunlearn", "trce"):
         from ..redteam import audit
 
         audit.concept(concepts[0])  # the default model's world: a shape or a colour, checked before loading
@@ -86,6 +96,8 @@ def erase(method, concepts, preserve, iterations, lr, anchor_weight, eta, surrog
         edit = _spm(pipe, concepts[0], anchor_weight, train)
     elif method == "advunlearn":
         edit = _advunlearn(pipe, concepts[0], model, cache, train)
+    elif method == "trce":
+        edit = _trce(pipe, concepts[0], model, keyword, train)
     else:
         from ..safety import UCE
 
@@ -103,13 +115,15 @@ def _check_erase(method: str, concepts, preserve) -> None:
         )
     if method == "uce":
         refuse(
-            given("iterations", "lr", "anchor_weight", "eta", "surrogate", "cache"),
-            "to --method uce, a closed-form edit: they set SPM's and AdvUnlearn's training",
+            given("iterations", "lr", "anchor_weight", "eta", "surrogate", "keyword", "cache"),
+            "to --method uce, a closed-form edit: they set the trained methods",
         )
     if method == "spm":
-        refuse(given("cache"), "to --method spm")
+        refuse(given("cache", "keyword"), "to --method spm")
     if method == "advunlearn":
-        refuse(given("anchor_weight"), "to --method advunlearn: it sets SPM's training")
+        refuse(given("anchor_weight", "keyword"), "to --method advunlearn")
+    if method == "trce":
+        refuse(given("anchor_weight", "eta", "cache"), "to --method trce")
 
 
 def _spm(pipe, concept: str, anchor_weight: float, train: dict):
@@ -139,6 +153,22 @@ def _advunlearn(pipe, concept: str, model, cache, train: dict):
     return AdvUnlearn.train(pipe, concept, prompts=prompts, retain=retain, cache=cache, **train)
 
 
+def _trce(pipe, concept: str, model, keywords, train: dict):
+    """TRCE on the default model's world captions (with the concept; without it, preserved), the world's synonyms
+    as its further keywords unless given; generic templates on another model."""
+    from ..safety import TRCE
+
+    prompts = preserve = None
+    if model is None:
+        from ..redteam import audit
+
+        c = audit.concept(concept)
+        prompts, preserve = audit.training_prompts(c)
+        keywords = keywords or c.paraphrases
+    anchor = {"anchor": train.pop("surrogate")} if "surrogate" in train else {}
+    return TRCE.train(pipe, concept, prompts=prompts, preserve=preserve, keywords=list(keywords), **anchor, **train)
+
+
 def _check_adapter(audit, defense: str, adapter, spm_multiplier: float) -> None:
     if adapter is not None and defense not in audit.TRAINED:
         raise StablekitError(f"--adapter goes with a trained defense: --defense {' or '.join(audit.TRAINED)}")
@@ -157,13 +187,13 @@ def _check_adapter(audit, defense: str, adapter, spm_multiplier: float) -> None:
     type=click.Choice(list(DEFENSES)),
     help="Defense given the concept word: none, blocklist (the word deleted from prompts), negative "
     "(prompt), sld, uce, safree, safree-negative "
-    "(SAFREE with the word as negative prompt while it filters), spm or advunlearn.",
+    "(SAFREE with the word as negative prompt while it filters), spm, advunlearn or trce.",
 )
 @click.option(
     "--adapter",
     type=click.Path(path_type=Path),
     default=None,
-    help="File from `stablekit erase --method spm|advunlearn` for --defense spm|advunlearn [default: train one].",
+    help="File from `stablekit erase --method spm|advunlearn|trce` for that --defense [default: train one].",
 )
 @spm_multiplier_option
 @click.option(
