@@ -26,7 +26,7 @@ ATTACKS = CATALOGUE["attack"]
     "trained against prompt attacks, after 'Defensive Unlearning with Adversarial Training for Robust Concept "
     "Erasure in Diffusion Models', 2024; minutes) or trce (a cross-attention edit of the trigger tokens, then "
     "contrastive steering of the early steps, after 'TRCE: Towards Reliable Malicious Concept Erasure in "
-    "Text-to-Image Diffusion Models', 2025; about a minute).",
+    "Text-to-Image Diffusion Models', 2025; minutes).",
 )
 @click.option("--concept", "concepts", multiple=True, required=True, help="Concept to erase (repeatable).")
 @click.option("--preserve", multiple=True, help="Concept to keep unchanged (repeatable; UCE only).")

@@ -2,7 +2,7 @@
 ddgoodgood/TRCE): a closed-form cross-attention edit that maps the trigger embeddings of malicious prompts to those
 of contextually similar safe prompts, then contrastive steering of the early denoising steps.
 
-    edit = TRCE.train(pipe, "red", prompts=[...], keywords=["crimson"], preserve=[...])   # about a minute
+    edit = TRCE.train(pipe, "red", prompts=[...], keywords=["crimson"], preserve=[...])   # minutes
     edit.save("no-red.safetensors"); edit = TRCE.load("no-red.safetensors")             # or `generate --adapter`
     with stablekit.use(pipe, edit):
         image = pipe("a scarlet star on a gray background").images[0]
@@ -40,7 +40,8 @@ Deviations:
 1. The trigger token: MiniLM is bidirectional, so its end token ([SEP]) and padding positions play the roles of
    CLIP's first and last [EoT], and every context word also carries the concept; ``token_weights`` default to
    ``(0, 1, 1, 1, 1)`` (start, end, padding, keyword, context) instead of the reference's ``[0, 1, 0, 0]``, which
-   leaves a bidirectional encoder's other positions unedited.
+   leaves a bidirectional encoder's other positions unedited. Each padding position is mapped to the safe
+   prompt's own padding at that position (the reference maps them all to its last one, weighted by their count).
 2. The preservation prompts are the caller's (the default model's world captions without the concept), not a
    COCO cache; ``preserve_scale`` weighs their mean per prompt against the pairs' mean (the reference divides its
    COCO sums by 3e4). ``lamb`` 0.1 instead of 0 keeps the solve well posed with few preservation prompts.
