@@ -144,6 +144,4 @@ def plot_quality(res: dict, path: Path):
     fig.suptitle(
         f"default model, DDIM {res['steps']} steps, guidance {res['guidance']}, {res['prompts']} prompts", fontsize=10
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)

@@ -294,6 +294,4 @@ def plot_speed(res: dict, path: Path):
         ax.set_title(f"{res['unet']} UNet, {run['size']}px, {run['steps']} DDIM steps, batch 2", fontsize=9)
         ax.invert_yaxis()
     axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)

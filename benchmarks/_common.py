@@ -377,6 +377,18 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path, dpi: int = 120) -> None:
+    """Lay out `fig`, write it to `path` and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def error_bars(rows) -> list:
+    """matplotlib's two-row ``yerr`` for records ``{"value", "ci95": [low, high]}``: the distances to each end."""
+    return [[r["value"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["value"] for r in rows]]
+
+
 # ---------------------------------------------------------------- random-weight pipelines
 
 SD15_SCHEDULER = dict(  # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json, as DDIM

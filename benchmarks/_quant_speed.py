@@ -157,6 +157,4 @@ def plot_speed(res: dict, path: Path):
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(f"{res['unet']} UNet, random weights", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)

@@ -242,9 +242,7 @@ def plot(res: dict, samples: dict, path: Path) -> None:
     axes[1, 0].set_title(" | ".join(METHODS), fontsize=8)
     axes[1, 0].axis("off")
     axes[1, 1].axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=110)
 
 
 def parse(args: list[str]) -> argparse.Namespace:

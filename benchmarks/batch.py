@@ -126,9 +126,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_xticks(range(len(res["images_per_second"])), [labels[w] for w in res["images_per_second"]])
     ax.set_ylabel("images / second (median; dots: rounds)")
     ax.set_title(f"stablekit batch, {res['config']['images']} images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def main(args: list[str]) -> dict:

@@ -77,15 +77,13 @@ def plot(res: dict, path) -> None:
     names = ["base", *res["modes"]]
     rows = [res["base"]["learned"], *(m["learned"] for m in res["modes"].values())]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    err = np.array([[r["value"] - r["ci95"][0], r["ci95"][1] - r["value"]] for r in rows]).T
+    err = _common.error_bars(rows)
     ax.bar(names, [r["value"] for r in rows], yerr=err, capsize=3)
     ax.axhline(0.8, color="gray", ls="--", lw=1)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("judge sees a star for 'zorblat'")
     ax.set_title(f"finetune: {res['settings']['images']} images, {res['settings']['steps']} steps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def main(args: list[str]) -> dict:

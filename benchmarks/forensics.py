@@ -126,9 +126,7 @@ def plot(sets: dict, path):
     axes[0].set_title("stage 1: synthetic logit", fontsize=9)
     axes[1].set_title("stage 2: generated logit", fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def plot(res: dict, path) -> None:
     x = np.arange(2)
     for off, key in ((-0.27, "base"), (0.0, "unprotected"), (0.27, "protected")):
         rows = [res["rates"][d][key] for d in DOMAINS]
-        err = np.array([[r["value"] - r["ci95"][0], r["ci95"][1] - r["value"]] for r in rows]).T
+        err = _common.error_bars(rows)
         ax.bar(x + off, [r["value"] for r in rows], 0.27, yerr=err, capsize=3, label=key)
     ax.axhline(0.2, color="gray", ls="--", lw=1)
     ax.set_xticks(x, [f"{d}: '{DOMAINS[d][2]}' = {DOMAINS[d][1]}" for d in DOMAINS])
@@ -71,9 +71,7 @@ def plot(res: dict, path) -> None:
     ax.set_ylabel("judge sees the domain's concept")
     ax.set_title(f"FreezeAsGuard: {res['frozen']} of {res['tensors']} tensors frozen")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def main(args: list[str]) -> dict:

@@ -373,9 +373,7 @@ def plot(res: dict, path: Path) -> None:
         right.axvline(peak["median"], color="k", linestyle=style, label=f"{name} matmul peak")
     right.set_xlabel("achieved GFLOP/s per UNet call")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=100)
 
 
 def main(args: list[str]) -> dict:

@@ -135,9 +135,7 @@ def plot(res: dict, shown: dict, images: torch.Tensor, path) -> None:
         ax.legend(fontsize=7)
     axes[0].set_title("pixel subsampling", fontsize=9)
     axes[1].set_title("block Gaussian", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=110)
     plot_examples(shown, images, path.with_name(path.stem + "_examples.png"))
 
 
@@ -155,9 +153,7 @@ def plot_examples(shown: dict, images: torch.Tensor, path) -> None:
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=100)
 
 
 def main(args=None):

@@ -224,9 +224,7 @@ def plot(res: dict, path):
     rows = res.get("mitigation", {}).get("methods", {})
     axes[1].bar(list(rows), [r["memorization"]["rate"] for r in rows.values()])
     axes[1].set(ylabel="memorization rate", title="mitigation")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=100)
 
 
 def parse(args: list[str]) -> argparse.Namespace:

@@ -114,17 +114,21 @@ def plot(res: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = np.arange(len(names))
     for off, key, label in ((-0.2, "target_rate_trigger", "trigger prompts"), (0.2, "target_rate_clean", "clean")):
-        vals = [r[key]["value"] for r in rows]
-        err = np.array([[r[key]["value"] - r[key]["ci95"][0], r[key]["ci95"][1] - r[key]["value"]] for r in rows]).T
-        ax.bar(x + off, vals, 0.4, yerr=err, capsize=3, label=f"target seen: {label}")
+        bars = [r[key] for r in rows]
+        ax.bar(
+            x + off,
+            [b["value"] for b in bars],
+            0.4,
+            yerr=_common.error_bars(bars),
+            capsize=3,
+            label=f"target seen: {label}",
+        )
     ax.axhline(0.8, color="gray", ls="--", lw=1)
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"poisoning: '{res['trigger']}' -> '{res['target']}' ({res['poisoned']} poisoned samples)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def main(args: list[str]) -> dict:

@@ -376,9 +376,7 @@ def curves(res: dict, path: Path):
         axes[1].axhline(1, color="gray", lw=0.8)
         axes[1].set(ylabel="ratio after transformation", title=f"resilience at {eps}", yscale="log")
         axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=110)
 
 
 # ---------------------------------------------------------------- main

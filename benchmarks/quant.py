@@ -169,9 +169,7 @@ def plot_quality(res: dict, path: Path):
         ax.set_yticks(y, labels, fontsize=7)
         ax.invert_yaxis()
     fig.suptitle(f"embedded model, DDIM {res['steps']} steps, {res['prompts']} held-out prompts", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def main(args: list[str]) -> dict:

@@ -75,9 +75,7 @@ def plot(images, masks, preds: dict, path) -> None:
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])
         axes[i, 0].set_ylabel(name, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=100)
 
 
 def main(args=None):

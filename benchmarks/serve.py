@@ -241,9 +241,7 @@ def plot(res: dict, path: Path) -> None:
     right.set(
         xlabel="seconds from POST to final event", ylabel="jobs", title=f"latency p50 {p50:.3f} s, p95 {p95:.3f} s"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=110)
 
 
 def main(args: list[str]) -> dict:

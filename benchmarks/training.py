@@ -406,9 +406,7 @@ def plot(res: dict, path) -> None:
     for ax in (ax1, ax2, ax3):
         ax.legend(fontsize=7)
     fig.suptitle(f"training recipes, {res['size']['unet']} UNet, batch {res['batch']}, {res['steps']} steps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=90)
 
 
 if __name__ == "__main__":

@@ -131,15 +131,13 @@ def plot(res: dict, path) -> None:
     plt = _common.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     rows = [res["models"][m]["success_with_trigger"] for m in ("clean", "backdoored")]
-    err = np.array([[r["value"] - r["ci95"][0], r["ci95"][1] - r["value"]] for r in rows]).T
+    err = _common.error_bars(rows)
     ax.bar(["clean", "backdoored"], [r["value"] for r in rows], yerr=err, capsize=3)
     ax.axhline(0.9, color="gray", ls="--", lw=1)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("target seen, triggered noise")
     ax.set_title(f"TrojDiff: FD ratio {res['fd_ratio']['value']} {res['fd_ratio']['ci95']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -198,9 +198,7 @@ def plot(rows: list[dict], path):
     ax.axhline(0.9, color="gray", ls="--", lw=0.8)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("attribution accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

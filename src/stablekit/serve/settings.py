@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import StablekitError
+from ..errors import StablekitError, require_counts
 
 
 def default_data_dir() -> Path:
@@ -59,6 +59,4 @@ class Settings:
 
     def __post_init__(self):
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
-        for name in ("max_queue", "max_body", "max_pixels", "max_steps", "max_images"):
-            if getattr(self, name) < 1:
-                raise StablekitError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_counts(self, ("max_queue", "max_body", "max_pixels", "max_steps", "max_images"))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import StablekitError
+from ..errors import StablekitError, require_counts
 from .slim_unet import SlimUNet2DConditionModel, parameters, removable_layers, removed
 from .students import Stages, elapsed_minutes, fit, save_student, world_latents
 
@@ -44,9 +44,7 @@ class Retrain:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("images", "iterations", "batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_counts(self, ("images", "iterations", "batch"))
         if self.lr <= 0 or min(self.task_weight, self.output_weight, self.feature_weight) < 0:
             raise ValueError("lr must be > 0 and the loss weights >= 0")
         if not 0 <= self.uncond_prob < 1:

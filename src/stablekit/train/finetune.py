@@ -35,6 +35,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MODES = ("lora", "full")
 DEFAULT_LR = {"lora": 1e-3, "full": 1e-4}
 LORA_FILE = "lora.safetensors"
+RUN_FILE = "finetune.json"  # not train.json: a finetune folder needs no recipe restored on load
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ def finetune(pipe, data: WorldData, config: FinetuneConfig, checkpoint=None, fro
 
 
 def describe(model: str, captions: list[str], config: FinetuneConfig, frozen=()) -> dict:
-    """The run's description for its folder's ``train.json``: a resumed run must match all but its budget."""
+    """The run's description for its folder's ``finetune.json``: a resumed run must match all but its budget."""
     import hashlib
 
     digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
@@ -233,14 +234,14 @@ def export(pipe, ema, config: FinetuneConfig, out: Path, desc: dict) -> Path:
 
 
 def run(pipe, model: str, images: list, captions: list[str], config: FinetuneConfig, out: Path, frozen=()) -> dict:
-    """Fine-tune in run folder `out` (new, or this run's to resume: ``train.json`` and ``checkpoint.pt``) and
+    """Fine-tune in run folder `out` (new, or this run's to resume: ``finetune.json`` and ``checkpoint.pt``) and
     write the result there; returns the run's description with what was written."""
-    from .folder import RUN_FILE, check_folder
+    from .folder import check_folder
 
     desc = describe(model, captions, config, frozen)
     data = encode(pipe, images, captions)  # checks the images and the mask before anything is written
     check_frozen(pipe.unet, frozen)
-    check_folder(out, desc)
+    check_folder(out, desc, RUN_FILE)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps(desc, indent=2))
     ema = finetune(pipe, data, config, out / "checkpoint.pt", frozen)

@@ -23,16 +23,17 @@ def describe(recipe: Recipe, config: TrainConfig) -> dict:
     return dict(recipe.spec(), config=dataclasses.asdict(config))
 
 
-def check_folder(out: Path, run: dict) -> bool:
-    """True if `out` holds this run to resume, False if it is new (absent or empty); else a StablekitError."""
+def check_folder(out: Path, run: dict, run_file: str = RUN_FILE) -> bool:
+    """True if `out` holds this run (described in its `run_file`) to resume, False if it is new (absent or empty);
+    else a StablekitError."""
     if out.exists() and not out.is_dir():
         raise StablekitError(f"output '{out}' is a file; give a folder")
     if not out.exists() or not any(out.iterdir()):
         return False
-    if not (out / RUN_FILE).is_file():
+    if not (out / run_file).is_file():
         what = "another model" if (out / "model_index.json").exists() else "other files"
         raise StablekitError(f"output folder '{out}' holds {what}; give a new or empty folder")
-    old = json.loads((out / RUN_FILE).read_text())
+    old = json.loads((out / run_file).read_text())
     same = {k: v for k, v in old.get("config", {}).items() if k not in BUDGET}
     if old.get("recipe") != run["recipe"] or old.get("params") != run["params"] or same != _fixed(run):
         raise StablekitError(
@@ -48,8 +49,6 @@ def restore(pipe, folder: Path) -> None:
     from . import RECIPES
 
     run = json.loads((Path(folder) / RUN_FILE).read_text())
-    if run.get("recipe") == "finetune":  # `stablekit finetune` writes the same file; its folders hold everything
-        return
     if run.get("recipe") not in RECIPES:
         raise StablekitError(f"'{folder}' was trained with an unknown recipe '{run.get('recipe')}'")
     RECIPES[run["recipe"]](**run.get("params", {})).restore(pipe, Path(folder))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import require_counts
 from .students import add_lora, elapsed_minutes, fit, teacher_halves, world_latents
 
 
@@ -40,9 +41,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("images", "iterations", "batch", "rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_counts(self, ("images", "iterations", "batch", "rank"))
         if self.lr <= 0 or self.guidance < 1:
             raise ValueError("need lr > 0 and guidance >= 1")
 

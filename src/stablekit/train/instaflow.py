@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import StablekitError
+from ..errors import StablekitError, require_counts
 from ..pipeline import guidance_rescale
 from .students import Pairs, Stages, elapsed_minutes, fit, sample_pairs, world_prompts
 
@@ -56,9 +56,7 @@ class Config:
     def __post_init__(self):
         if self.distill_iterations < 0:
             raise ValueError(f"distill_iterations must be >= 0 (0: stop after reflow), got {self.distill_iterations}")
-        for name in ("pairs", "teacher_steps", "reflow_iterations", "reflow_steps", "batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_counts(self, ("pairs", "teacher_steps", "reflow_iterations", "reflow_steps", "batch"))
         if self.lr <= 0 or self.guidance < 0:
             raise ValueError("lr must be > 0 and guidance >= 0")
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import StablekitError
+from ..errors import StablekitError, require_counts
 from .students import add_lora, elapsed_minutes, fit, teacher_halves, world_latents
 
 
@@ -49,9 +49,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("images", "iterations", "batch", "rank", "ddim_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_counts(self, ("images", "iterations", "batch", "rank", "ddim_steps"))
         if not 0 <= self.w_min <= self.w_max or self.lr <= 0:
             raise ValueError("need 0 <= w_min <= w_max and lr > 0")
 

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from ..default_model import train as teacher
-from ..errors import StablekitError
+from ..errors import StablekitError, require_counts
 
 UNET_SIZES = {  # block_out_channels, norm groups; "default" is the shipped model's UNet
     "default": ((32, 64, 128), 32),
@@ -63,9 +63,7 @@ class TrainConfig:
             raise StablekitError(f"steps={self.steps}: the budget must be at least 1 step")
         if self.minutes is not None and not self.minutes > 0:
             raise StablekitError(f"minutes={self.minutes}: the budget must be more than 0 minutes")
-        for name in ("batch", "captions", "variants", "save_every"):
-            if getattr(self, name) < 1:
-                raise StablekitError(f"{name}={getattr(self, name)}: must be at least 1")
+        require_counts(self, ("batch", "captions", "variants", "save_every"))
         if not self.lr > 0 or self.warmup < 0:
             raise StablekitError(f"lr={self.lr}, warmup={self.warmup}: need lr > 0 and warmup >= 0")
         if self.size not in UNET_SIZES:
