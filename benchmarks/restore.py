@@ -15,7 +15,9 @@ Intervals are Student-t 95% intervals over images; the target compares ResShift 
 (the paired PSNR difference): "matches or beats" is met when the whole interval is above -0.25 dB; each boundary
 condition must beat its model's random start at equal steps (paired PSNR difference above 0).
 
-With ``--edits N``, PixelMan moves the object of N held-out world scenes (see ``_restore_edit.py``).
+With ``--edits N``, PixelMan moves the object of N held-out world scenes (see ``_restore_edit.py``); with
+``--asym N``, the asymmetric decoder against the VAE's on reconstruction, edits and text-to-image
+(see ``_restore_asymvq.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 from pathlib import Path
 
 import _common
+import _restore_asymvq
 import _restore_edit
 import numpy as np
 import torch
@@ -41,6 +44,10 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--obc-steps", type=int, default=10, help="DDIM steps of the optimal-boundary-condition sampler")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--edits", type=int, default=40, help="world scenes whose object PixelMan moves (0: none)")
+    p.add_argument(
+        "--asym", type=int, default=32, help="scenes, edits and prompts for the asymmetric decoder (0: none)"
+    )
+    p.add_argument("--asym-steps", type=int, default=10, help="diffusion steps of its edits and generations")
     return p.parse_args(args)
 
 
@@ -206,6 +213,11 @@ def main(args=None):
         res["targets"] |= res["pixelman"]["targets"]
         _restore_edit.plot(res["pixelman"], a.json.with_name(a.json.stem + "_pixelman.png"))
         _common.write_json(a.json, res)
+    if a.asym:
+        res["asymmetric_decoder"], shown = _restore_asymvq.run(embedded_pipeline(), a)
+        res["targets"] |= res["asymmetric_decoder"]["targets"]
+        _common.write_json(a.json, res)
+        _restore_asymvq.plot(res["asymmetric_decoder"], shown, a.json.with_name(a.json.stem + "_asymmetric.png"))
     return res
 
 

@@ -103,10 +103,13 @@ def parse(args: list[str]) -> argparse.Namespace:
 
 
 def add_adapter_args(p) -> None:
-    """The options of the defenses trained into adapter files (AdvUnlearn, TRCE)."""
+    """The options of the defenses trained into adapter files (AdvUnlearn, DoCo, TRCE)."""
     p.add_argument("--advunlearn-iterations", type=int, default=200, help="AdvUnlearn training iterations")
     p.add_argument("--advunlearn-surrogate", default="", help="what AdvUnlearn erases the concept toward")
     p.add_argument("--advunlearn-ref-steps", type=int, default=20, help="steps of AdvUnlearn's reference images")
+    p.add_argument("--doco-iterations", type=int, default=300, help="DoCo training iterations")
+    p.add_argument("--doco-anchor", default=None, help="DoCo's anchor [default: the concept's first other value]")
+    p.add_argument("--doco-ref-steps", type=int, default=20, help="steps of DoCo's anchor and retain images")
     p.add_argument("--trce-iterations", type=int, default=200, help="TRCE stage-2 training iterations")
     p.add_argument(
         "--trce-keywords",
@@ -119,7 +122,7 @@ def add_adapter_args(p) -> None:
         "--adapter-dir",
         type=Path,
         default=None,
-        help="folder of trained adapters <method>_<concept>.safetensors (AdvUnlearn, TRCE): read if there, else "
+        help="folder of trained adapters <method>_<concept>.safetensors (AdvUnlearn, DoCo, TRCE): read if there, else "
         "trained and saved there",
     )
 
@@ -143,6 +146,11 @@ def adapter_train(a) -> dict:
     }
 
 
+def doco_train(a) -> dict:
+    """DoCo.train's settings from the command line (its anchor None: the concept's first other value)."""
+    return {"iterations": a.doco_iterations, "anchor": a.doco_anchor, "ref_steps": a.doco_ref_steps}
+
+
 def trce_train(a) -> dict:
     """TRCE.train's settings from the command line (no keywords: the audit gives the world's synonyms)."""
     return {"iterations": a.trce_iterations} | ({} if a.trce_keywords is None else {"keywords": a.trce_keywords})
@@ -157,11 +165,13 @@ def run_concept(pipe, word: str, a, out: dict, save) -> None:
     ps = audit.prompts(c, a.prompts, a.seed)
     judge = Judge(ps.keep_scenes, a.seed)
     spm_file = a.spm_dir / f"{word}.safetensors"
-    a.files = {"spm": spm_file} | {m: a.adapter_dir / f"{m}_{word}.safetensors" for m in ("advunlearn", "trce")}
+    a.files = {"spm": spm_file} | {
+        m: a.adapter_dir / f"{m}_{word}.safetensors" for m in ("advunlearn", "doco", "trce")
+    }
     out |= {"attribute": c.attribute, "paraphrases": c.paraphrases, "defenses": {}}
     ref = {}  # the undefended model's per-prompt matches: preservation and collateral
     for name in ["none"] + [d for d in a.defenses if d != "none"]:
-        train = trce_train(a) if name == "trce" else adapter_train(a)
+        train = {"doco": doco_train, "trce": trce_train}.get(name, adapter_train)(a)
         d = audit.defense(pipe, name, c, spm_file, spm_train(a), a.spm_multiplier, a.files.get(name), train)
         row, direct_hits = _defense_row(pipe, d, c, ps, judge, a, ref)
         row |= _attacks(pipe, d, c, ps, direct_hits, a)
@@ -266,7 +276,7 @@ def targets(res: dict) -> dict:
     return out
 
 
-ROBUST = ("advunlearn", "trce")  # defenses built to resist synonyms and prompt attacks
+ROBUST = ("advunlearn", "doco", "trce")  # defenses built to resist synonyms and prompt attacks
 BASELINES = ("blocklist", "uce", "safree", "safree-negative", "spm")  # what they are compared with
 ROBUST_MEASURES = {"synonyms": ("paraphrase",), "unlearndiffatk": ("attack_unlearndiffatk", "post_attack")}
 MIN_N = {"synonyms": MIN_PROMPTS, "unlearndiffatk": 20}  # an optimised attack costs minutes per prompt
@@ -418,6 +428,7 @@ def run(a, args: list[str]) -> dict:
         "seed": a.seed,
         "spm": spm_train(a) | {"multiplier": a.spm_multiplier},
         "advunlearn": adapter_train(a),
+        "doco": doco_train(a),
         "trce": trce_train(a),
         "concepts": {},
     }

@@ -4,6 +4,7 @@ UNet calls, MACs, parameters, UNet latency and seconds per image on held-out pro
     stablekit bench students --json bench_out/students.json --prompts 200
     stablekit bench students --json bench_out/students.json --student runs/instaflow:1
     stablekit bench students --json bench_out/compressed.json --student none --compressed runs/laptop
+    stablekit bench students --json bench_out/sun.json --student none --speedupnet runs/sun/speedupnet.safetensors
 
 Each row is ``MODEL:STEPS[:GUIDANCE]`` (the teacher at 25 and 4 steps, and every student at its own steps and
 guidance, by default the shipped one-step student). Every row draws the same held-out prompts (seed 777) with the
@@ -12,6 +13,8 @@ compared with the 25-step teacher's by a paired bootstrap (points, 95% interval)
 within 5 points, a 4-step one within 2, a compressed UNet (``--compressed``: sampled like the teacher's first row) at
 half the MACs within 3. After the rows, every row's UNet is timed on the same guided batch in this process, the
 models taking turns, and its latency is reported as a ratio to the first row's (mean over rounds, 95% interval).
+``--speedupnet FILE`` adds rows of the teacher with that SpeedUpNet adapter, unguided, at ``--speedupnet-steps``;
+``--teacher MODEL`` takes another teacher (a fine-tuned copy, say, for the adapter's transfer without retraining).
 """
 
 from __future__ import annotations
@@ -43,31 +46,36 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--latency-rounds", type=int, default=20, help="rounds of the interleaved UNet timing")
     p.add_argument("--lcm-lora", default=None, metavar="FILE", help="an LCM-LoRA for the teacher (its own rows)")
     p.add_argument("--lcm-steps", type=int, nargs="+", default=[2, 4, 8], help="steps of the LCM-LoRA rows")
+    p.add_argument("--speedupnet", default=None, metavar="FILE", help="a SpeedUpNet adapter for the teacher")
+    p.add_argument("--speedupnet-steps", type=int, nargs="+", default=[4], help="steps of the SpeedUpNet rows")
+    p.add_argument("--teacher", default=TEACHER, help="the teacher's model (a name or folder)")
     p.add_argument("--device", default=None)
     return p.parse_args(args)
 
 
 def rows(a) -> list[tuple]:
-    """(model, steps, guidance, LCM-LoRA file or None) of each row: the teacher's, then the students' (guidance 1
-    unless given), then the teacher with the LCM-LoRA."""
-    out = [(TEACHER, s, 7.5, None) for s in a.teacher_steps]
+    """(model, steps, guidance, LCM-LoRA or SpeedUpNet file or None) of each row: the teacher's, then the students'
+    (guidance 1 unless given), then the teacher with the LCM-LoRA, then with the SpeedUpNet adapter."""
+    out = [(a.teacher, s, 7.5, None) for s in a.teacher_steps]
     for spec in [s for s in a.student or ["stablekit-default-1step:1:1"] if s != "none"]:
         parts = spec.split(":")
         if len(parts) not in (2, 3):
             raise SystemExit(f"--student {spec}: write MODEL:STEPS[:GUIDANCE], e.g. runs/instaflow:1")
         out.append((parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 1.0, None))
-    out += [(TEACHER, s, 1.0, a.lcm_lora) for s in (a.lcm_steps if a.lcm_lora else [])]
+    out += [(a.teacher, s, 1.0, a.lcm_lora) for s in (a.lcm_steps if a.lcm_lora else [])]
+    out += [(a.teacher, s, 1.0, a.speedupnet) for s in (a.speedupnet_steps if a.speedupnet else [])]
     return out + [(model, a.teacher_steps[0], 7.5, None) for model in a.compressed]
 
 
-def unet_macs(pipe) -> int:
-    """Multiply-accumulates of one UNet call on one latent (FLOPs / 2, counted by torch)."""
+def unet_macs(pipe, texts: int = 1) -> int:
+    """Multiply-accumulates of one UNet call on one latent (FLOPs / 2, counted by torch); `texts` prompt embeddings
+    travel concatenated (2 with SpeedUpNet: the prompt's and the negative prompt's)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     unet = pipe.unet
     c = unet.config
     x = torch.zeros(1, c.in_channels, c.sample_size, c.sample_size, dtype=unet.dtype)
-    text = torch.zeros(1, pipe.tokenizer.model_max_length, c.cross_attention_dim, dtype=unet.dtype)
+    text = torch.zeros(1, texts * pipe.tokenizer.model_max_length, c.cross_attention_dim, dtype=unet.dtype)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(x, torch.tensor([500]), text)
     return counter.get_total_flops() // 2
@@ -76,11 +84,13 @@ def unet_macs(pipe) -> int:
 def run_row(row, prompts, judge, a) -> tuple[dict, object]:
     import stablekit
     from stablekit.eval.harness import generate
+    from stablekit.train.speedupnet import SpeedUpNet
 
     model, steps, guidance, lora = row
     pipe = stablekit.load(model, device=a.device)
+    sun = lora is not None and lora == a.speedupnet
     if lora:
-        stablekit.use(pipe, stablekit.accel.LCMLoRA(lora))
+        stablekit.use(pipe, SpeedUpNet.load(lora) if sun else stablekit.accel.LCMLoRA(lora))
     rescale = stablekit.pipeline.guidance_rescale(pipe) if guidance > 1 else 0.0
     images, seconds = generate(
         pipe,
@@ -94,8 +104,19 @@ def run_row(row, prompts, judge, a) -> tuple[dict, object]:
     )
     scores, matches, _ = judge.evaluate(images)
     calls = steps * (2 if guidance > 1 else 1)
-    res = {"model": model, "steps": steps, "guidance": guidance, "lcm_lora": lora, "unet_calls": calls}
-    res |= {"macs_per_image": calls * unet_macs(pipe), "seconds_per_image": round(seconds, 4), **scores}
+    res = {
+        "model": model,
+        "steps": steps,
+        "guidance": guidance,
+        "lcm_lora": None if sun else lora,
+        "unet_calls": calls,
+    }
+    res["speedupnet"] = lora if sun else None
+    res |= {
+        "macs_per_image": calls * unet_macs(pipe, 2 if sun else 1),
+        "seconds_per_image": round(seconds, 4),
+        **scores,
+    }
     res["unet_parameters"] = sum(p.numel() for p in pipe.unet.parameters())
     return res, matches, pipe
 
@@ -159,7 +180,11 @@ def unet_latency(unets: list, batch: int, rounds: int) -> list[dict]:
 
 
 def label(r: dict) -> str:
-    return f"{r['model']}:{r['steps']}" + (" + LCM-LoRA" if r.get("lcm_lora") else "")
+    return (
+        f"{r['model']}:{r['steps']}"
+        + (" + LCM-LoRA" if r.get("lcm_lora") else "")
+        + (" + SpeedUpNet" if r.get("speedupnet") else "")
+    )
 
 
 def targets(rows_: list[dict], n: int) -> dict:

@@ -30,6 +30,12 @@ Protocol (on the embedded default model unless ``--model``):
   marked set against the unmarked one.
 * Gaussian Shading identification: the recovered noise is matched against ``--users`` keys, the
   marking key among them.
+* Safe-SD (read from the image, no inversion): its marked set is generated from the test prompts with the
+  key's trigger word inserted; two more sets: the untriggered test prompts with the key attached (same seeds
+  as the unmarked set: bit-identical images expected, and the false marks) and the triggered prompts without
+  the key (same seeds as the marked set: the quality the mark costs, apart from the trigger word's own effect).
+  The trigger layer's decisions on the untriggered and triggered prompts are counted. Imprint spoofing is
+  left out (it reuses inverted noise, which this mark does not live in); the averaging forgeries are run.
 
 Writes the JSON and a PNG of TPR@1%FPR against attack strength per method.
 """
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -106,7 +113,8 @@ class Detectors:
         from stablekit.provenance.seal import caption, text_embedding
 
         marks = {m: mk for m, mk in self.marks.items() if only in (None, m)}
-        out = {}
+        out = self.readers({m: mk for m, mk in marks.items() if not mk.inverts}, images)
+        marks = {m: mk for m, mk in marks.items() if mk.inverts}
         if marks:
             t0 = time.perf_counter()
             noise = recover(self.pipe, images, self.a.inv_steps)
@@ -124,6 +132,15 @@ class Detectors:
             k = len(self.dwt_bits)
             acc = np.array([np.mean(dwt_decode(im, k) == self.dwt_bits) for im in images])
             out["dwtDct"] = (acc, stats.binom.sf(np.round(acc * k) - 1, k, 0.5))
+        return out
+
+    def readers(self, marks: dict, images: list[Image.Image]) -> dict:
+        """Statistics of the marks read from the image itself (no inversion), at the model's size."""
+        x = model_size(images, self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+        out = {}
+        for m, mark in marks.items():
+            res = [mark.score(mark.read(self.pipe, x[i : i + 1])[0], None) for i in range(len(x))]
+            out[m] = (np.array([r["score"] for r in res]), np.array([r["p_value"] for r in res]))
         return out
 
 
@@ -168,7 +185,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--attack-n", type=int, default=200, help="images per set in the attack rows")
     p.add_argument("--spoof-n", type=int, default=200, help="forgeries per method")
     p.add_argument("--users", type=int, default=100, help="Gaussian Shading keys to identify the user among")
-    p.add_argument("--methods", default="tree-ring,gaussian-shading,seal")
+    p.add_argument("--methods", default="tree-ring,gaussian-shading,seal,safe-sd")
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help="names from stablekit.eval.attacks.ATTACKS")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--inv-steps", type=int, default=25, help="DDIM inversion steps in detection")
@@ -232,6 +249,9 @@ def main(args: list[str]) -> dict:
         "forgeries": forgery_rows(pipe, pub, marked, prompts, det, thresholds, a, gen),
         "quality": quality(images, seconds, scenes[: a.n], a),
         "identification": identification(pipe, pub, keys, a) if "gaussian-shading" in keys else None,
+        "safe_sd": safe_sd_rows(pipe, images, pub, det, thresholds, keys["safe-sd"], prompts, a)
+        if "safe-sd" in keys
+        else None,
         "detection_seconds_per_image": round(det.seconds["inversion"] / max(1, det.seconds["images"]), 4),
         "runtime_minutes": round((time.perf_counter() - t_start) / 60, 1),
     }
@@ -245,7 +265,14 @@ def generate_sets(pipe, prompts: list[str], keys: dict, gen: dict, a) -> tuple[d
     """The image sets (unmarked test, calibration on other prompts, one marked set per method, each with its own
     seeds), made as one job of the batch engine, and seconds per image of each."""
     sets = {"unmarked": (prompts[: a.n], a.seed, None), "calib": (prompts[a.n :], a.seed + 1, None)}
-    sets |= {m: (prompts[: a.n], a.seed + 2 + i, keys[m].to_data()) for i, m in enumerate(keys)}
+    sets |= {
+        m: (marked_prompts(keys[m], prompts[: a.n], a.seed), a.seed + 2 + i, keys[m].to_data())
+        for i, m in enumerate(keys)
+    }
+    if "safe-sd" in keys:  # the untriggered prompts with the key (as the unmarked set); the triggered ones without
+        seed = a.seed + 2 + list(keys).index("safe-sd")
+        sets["safe-sd:untriggered"] = (prompts[: a.n], a.seed, keys["safe-sd"].to_data())
+        sets["safe-sd:base"] = (sets["safe-sd"][0], seed, None)
     settings = {"steps": gen["steps"], "guidance": gen["guidance"]}
     settings |= {"guidance_rescale": gen["guidance_rescale"]} if gen["guidance"] > 1 else {}
     rows = []
@@ -259,6 +286,40 @@ def generate_sets(pipe, prompts: list[str], keys: dict, gen: dict, a) -> tuple[d
         seconds[name] = _common.seconds_per_image(records[start : start + len(texts)])
         start += len(texts)
     return images, seconds
+
+
+def marked_prompts(key, prompts: list[str], seed: int) -> list[str]:
+    """The prompts a method's marked set is generated from: Safe-SD's hold its trigger word, others are as given."""
+    if key.method != "safe-sd":
+        return prompts
+    from stablekit.provenance.safe_sd_train import with_trigger
+
+    rng = random.Random(seed)
+    return [with_trigger(p, key.params["trigger"], rng) for p in prompts]
+
+
+def safe_sd_rows(pipe, images: dict, pub: dict, det, thresholds: dict, key, prompts: list[str], a) -> dict:
+    """Safe-SD without its trigger: how often the trigger layer fires on held-out prompts (and on triggered ones),
+    how many untriggered images are bit-identical to the unmarked model's, and how many are detected as marked."""
+    from stablekit.eval.metrics import rate_interval
+    from stablekit.provenance import watermark
+
+    mark = watermark(key)
+    with torch.no_grad():
+        fired = {
+            name: int((mark.net.trigger_logit(pipe.encode_prompt(texts, "cpu", 1, False)[0].cpu()) > 0).sum())
+            for name, texts in (
+                ("untriggered", prompts[: a.n]),
+                ("triggered", marked_prompts(key, prompts[: a.n], a.seed)),
+            )
+        }
+    same = int(sum(torch.equal(x, y) for x, y in zip(images["safe-sd:untriggered"], images["unmarked"], strict=True)))
+    scores = det(pub["safe-sd:untriggered"], only="safe-sd")["safe-sd"]
+    out = {f"trigger_fires_{k}": round(v / a.n, 4) for k, v in fired.items()}
+    out |= {f"trigger_fires_{k}_ci95": [round(x, 4) for x in rate_interval(v, a.n)] for k, v in fired.items()}
+    out |= {"untriggered_identical_to_unmarked": round(same / a.n, 4), "n": a.n}
+    out["untriggered_detected"] = rates(scores[0], None, thresholds["safe-sd"], scores[1])
+    return out
 
 
 def attack_rows(pipe, pub: dict, det, thresholds: dict, methods: list[str], a) -> list[dict]:
@@ -310,10 +371,12 @@ def forgery_rows(pipe, pub, marked, prompts, det, thresholds, a, gen: dict) -> l
 
     n, rows = min(a.spoof_n, a.n - 1), []
     for m in marked:
-        noise = recover(pipe, pub[m][:n], a.inv_steps).float()
-        others = prompts[1 : n + 1]  # marked image i's noise regenerates test prompt i + 1
-        spoof, _ = generate(pipe, others, seed=0, desc=f"spoof {m}", latents=noise, **gen)
-        s = det(publish(spoof), only=m)[m][0]
+        if det.marks[m].inverts:  # imprinting reuses the inverted noise: only for marks that live in it
+            noise = recover(pipe, pub[m][:n], a.inv_steps).float()
+            others = prompts[1 : n + 1]  # marked image i's noise regenerates test prompt i + 1
+            spoof, _ = generate(pipe, others, seed=0, desc=f"spoof {m}", latents=noise, **gen)
+            s = det(publish(spoof), only=m)[m][0]
+            rows.append({"method": m, "attack": "spoof", "n": n, "accepted": rates(s, None, thresholds[m])})
         neg = det(pub["unmarked"][1 : n + 1], only=m)[m][0]
         pos_arr = np.stack([np.asarray(im, dtype=np.float32) for im in pub[m]])
         neg_arr = np.stack([np.asarray(im, dtype=np.float32) for im in pub["unmarked"]])
@@ -324,8 +387,7 @@ def forgery_rows(pipe, pub, marked, prompts, det, thresholds, a, gen: dict) -> l
 
         removed = det(to_img(pos_arr[:n] - pattern), only=m)[m][0]
         forged = det(to_img(neg_arr[:n] + pattern), only=m)[m][0]
-        for name, x in (("spoof", s), ("avg_spoof", forged)):
-            rows.append({"method": m, "attack": name, "n": n, "accepted": rates(x, None, thresholds[m])})
+        rows.append({"method": m, "attack": "avg_spoof", "n": n, "accepted": rates(forged, None, thresholds[m])})
         rows.append(
             {
                 "method": m,

@@ -10,7 +10,7 @@ def test_restore_benchmark_tiny(tmp_path):
     out = tmp_path / "restore.json"
     res = bench.main(
         ["--json", str(out), "--images", "3", "--photos", "2", "--baseline-steps", "3", "--obc-steps", "2"]
-        + ["--batch", "2", "--edits", "2"]
+        + ["--batch", "2", "--edits", "2", "--asym", "2", "--asym-steps", "2"]
     )
     assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and out.with_suffix(".png").exists()
     assert (tmp_path / "restore_pixelman.png").exists()
@@ -28,3 +28,8 @@ def test_restore_benchmark_tiny(tmp_path):
     assert res["pixelman"]["n"] == 2 and set(pixelman) == {"copy", "fill", "pixelman"}
     assert pixelman["copy"]["background_psnr_db"] > 45  # pasting changes nothing outside the masks
     assert 0 < pixelman["pixelman"]["network_calls"] <= 16
+    asym = res["asymmetric_decoder"]
+    assert (tmp_path / "restore_asymmetric.png").exists() and asym["text_to_image"]["n"] == 2
+    assert set(asym["editing"]) == {"vae", "asymmetric_mask", "asymmetric_auto"}
+    assert asym["reconstruction"]["asymmetric_object"]["n"] == 2
+    assert res["targets"]["asym_background_psnr_beats_vae_mask"]["status"] == "inconclusive"  # 2 edits < 20

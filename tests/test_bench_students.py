@@ -41,3 +41,18 @@ def test_students_benchmark_times_and_judges_a_compressed_unet(tmp_path):
     assert teacher["latency_vs_first"] == 1 and slim["latency_vs_first"] > 0
     (name,) = res["targets"]
     assert "within 3 points" in name and res["targets"][name]["half_the_macs"] is False
+
+
+def test_students_benchmark_judges_a_speedupnet_adapter_on_a_chosen_teacher(tmp_path):
+    from stablekit.train.speedupnet import SpeedUpNet
+
+    SpeedUpNet.fresh(stablekit.load().unet).save(tmp_path / "sun.safetensors")
+    out = tmp_path / "sun.json"
+    args = ["--json", str(out), "--prompts", "4", "--teacher-steps", "4", "--student", "none", "--batch", "4"]
+    args += ["--speedupnet", str(tmp_path / "sun.safetensors"), "--teacher", "stablekit-default"]
+    res = load_benchmark("students").main([*args, "--latency-rounds", "1"])
+    teacher, sun = res["rows"]
+    assert teacher["unet_calls"] == 8 and sun["unet_calls"] == 4 and sun["guidance"] == 1.0
+    assert sun["speedupnet"] and not sun["lcm_lora"] and sun["role"] == "student"
+    assert sun["macs_per_image"] > teacher["macs_per_image"] / 2  # the adapter's branches cost a little
+    assert list(res["targets"]) == ["stablekit-default:4 + SpeedUpNet within 2 points of the 25-step teacher"]

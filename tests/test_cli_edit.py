@@ -32,6 +32,8 @@ def inputs(tmp_path_factory):
     image.crop((0, 0, 31, 30)).save(d / "odd.png")
     (d / "notes.txt").write_text("not an image")
     (d / "cut.png").write_bytes((d / "in.png").read_bytes()[:200])
+    Image.new("L", (32, 32), 255).save(d / "mask.png")
+    Image.new("L", (16, 32), 255).save(d / "small_mask.png")
     return d
 
 
@@ -75,6 +77,8 @@ def test_edit_writes_png_with_metadata(inputs, out_dir, tiny_sd_path):
         "steps": "3",
         "guidance": "7.5",
         "decoder_steps": "0",
+        "decoder": "vae",
+        "mask": "",
         "model": str(tiny_sd_path),
         "stablekit": stablekit.__version__,
     }
@@ -139,6 +143,9 @@ BAD = {
     "strength for infedit": ("edit", "in.png", ["--method", "infedit", "--strength", "0.5"]),
     "output not png": ("invert", "in.png", ["--reconstruct", "-o", "{out}/rec.jpg"]),
     "no --reconstruct": ("invert", "in.png", []),
+    "mask without the asymmetric decoder": ("edit", "in.png", ["--mask", "{inputs}/mask.png"]),
+    "mask of another size": ("edit", "in.png", ["--decoder", "asymmetric", "--mask", "{inputs}/small_mask.png"]),
+    "unknown decoder": ("edit", "in.png", ["--decoder", "jpeg"]),
 }
 
 
@@ -146,7 +153,12 @@ BAD = {
 def test_bad_input_one_error_line_exit_2_no_file(inputs, out_dir, tiny_sd_path, command, name, args):
     prompts = ["--source", SOURCE, "--target", SOURCE] if command == "edit" else ["--prompt", SOURCE]
     result = invoke(
-        command, inputs / name, out_dir / "out.png", tiny_sd_path, *prompts, *[a.format(out=out_dir) for a in args]
+        command,
+        inputs / name,
+        out_dir / "out.png",
+        tiny_sd_path,
+        *prompts,
+        *[a.format(out=out_dir, inputs=inputs) for a in args],
     )
     assert result.exit_code == 2, result.output
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")

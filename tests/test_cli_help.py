@@ -89,6 +89,7 @@ def test_the_help_defaults_are_the_library_s():
     assert defaults.INVERSION_GUIDANCE == edit.GUIDANCE
     assert defaults.EDIT_GUIDANCE == edit.EDIT_GUIDANCE
     assert defaults.EDIT_STEPS == edit.EDIT_STEPS
+    assert defaults.DECODERS == edit.DECODERS
     from stablekit.restore.compressed_sensing import CSConfig
 
     assert defaults.CS == {"steps": CSConfig.steps, "particles": CSConfig.particles}

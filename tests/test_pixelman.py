@@ -66,8 +66,9 @@ def _edit(tmp_path, mask_size, extra=()):
     return CliRunner().invoke(cli, args), out
 
 
-def test_edit_pixelman_writes_the_moved_image(tmp_path):
-    res, out = _edit(tmp_path, (64, 64), ["--move", "10,0", "--steps", "4"])
+@pytest.mark.parametrize("decoder", ["vae", "asymmetric"])
+def test_edit_pixelman_writes_the_moved_image(tmp_path, decoder):
+    res, out = _edit(tmp_path, (64, 64), ["--move", "10,0", "--steps", "4", "--decoder", decoder])
     assert res.exit_code == 0, res.output
     assert Image.open(out).size == (64, 64)
 

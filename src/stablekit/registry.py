@@ -69,6 +69,7 @@ INDEX: dict[str, dict[str, str]] = {
     },
     "watermark": {
         "gaussian-shading": "stablekit.provenance.gaussian_shading:GaussianShading",
+        "safe-sd": "stablekit.provenance.safe_sd:SafeSD",
         "seal": "stablekit.provenance.seal:SEAL",
         "tree-ring": "stablekit.provenance.tree_ring:TreeRing",
         "wouaf": "stablekit.provenance.wouaf:WOUAF",
@@ -99,9 +100,11 @@ def _attribute(path: str):
 # :func:`load_adapter`.
 ADAPTERS: dict[str, str] = {
     "advunlearn": "stablekit.safety.advunlearn:AdvUnlearn",
+    "doco": "stablekit.safety.doco:DoCo",
     "lora": "stablekit.train.lora_adapter:LoRAAdapter",
     "memcontrol": "stablekit.memorization.pruning:MemorizationAdapter",
     "nemo": "stablekit.memorization.pruning:NeuronPruning",
+    "speedupnet": "stablekit.train.speedupnet:SpeedUpNet",
     "spm": "stablekit.safety.spm:SPM",
     "subspace": "stablekit.memorization.pruning:NeuronPruning",
     "trce": "stablekit.safety.trce:TRCE",
@@ -126,8 +129,8 @@ def load_adapter(path, multiplier: float = 1.0):
         raise StablekitError(f"'{path}' is not a readable safetensors file ({e})") from None
     if method not in ADAPTERS:
         raise StablekitError(
-            f"'{path}' is not an adapter file (from `stablekit erase`, `stablekit finetune` or "
-            "`stablekit memorization mitigate`)"
+            f"'{path}' is not an adapter file (from `stablekit erase`, `stablekit finetune`, "
+            "`stablekit memorization mitigate` or `stablekit distill --method speedupnet`)"
         )
     cls = _attribute(ADAPTERS[method])
     takes = "multiplier" in inspect.signature(cls.load).parameters

@@ -14,6 +14,7 @@ DEFENSES = (  # redteam.audit
     "safree-negative",
     "spm",
     "advunlearn",
+    "doco",
     "trce",
 )
 PROTECTIONS = {  # stablekit.protect.DEFAULTS' steps and modes, by method
@@ -25,6 +26,7 @@ PROTECTIONS = {  # stablekit.protect.DEFAULTS' steps and modes, by method
 EOT = ("jpeg", "resize", "noise")  # stablekit.protect.eot.TRANSFORMS
 INVERSION_GUIDANCE = {"ddim": 7.5, "edict": 3.0, "nulltext": 7.5, "direct": 7.5}  # stablekit.edit.GUIDANCE
 EDIT_GUIDANCE = {**INVERSION_GUIDANCE, "infedit": 2.3}  # stablekit.edit.EDIT_GUIDANCE
+DECODERS = ("vae", "asymmetric")  # stablekit.edit.asymmetric_decoder.DECODERS
 EDIT_STEPS = {**dict.fromkeys(INVERSION_GUIDANCE, 50), "infedit": 12}  # stablekit.edit.EDIT_STEPS
 RECIPES = {  # stablekit.train.RECIPES: name -> (parameters with defaults, paper)
     "plain": (

@@ -1,7 +1,9 @@
-"""``stablekit distill``: train a few-step student of a model (a folder) or an LCM-LoRA (a file)."""
+"""``stablekit distill``: train a few-step student of a model (a folder), an LCM-LoRA (a file) or a SpeedUpNet
+adapter (a folder with the adapter file)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import click
 from ..errors import StablekitError
 from .common import check_output, given, model_and_device, refuse
 
-METHODS = ("instaflow", "lcm-lora", "lora-cfg")
+METHODS = ("instaflow", "lcm-lora", "lora-cfg", "speedupnet")
 
 
 @click.command("distill")
@@ -21,7 +23,8 @@ METHODS = ("instaflow", "lcm-lora", "lora-cfg")
     show_default=True,
     help="instaflow (reflow then one-step distillation: a model folder), lcm-lora (latent consistency "
     "distillation into a LoRA file for `--accel lcm-lora:lora=FILE`) or lora-cfg (guidance distilled into a "
-    "fused LoRA: a model folder that needs no guidance).",
+    "fused LoRA: a model folder that needs no guidance) or speedupnet (a cross-attention adapter for 4 steps without "
+    "guidance, negative prompt kept: a folder with speedupnet.safetensors for `generate --adapter`).",
 )
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Folder (instaflow) or file.")
 @click.option("--pairs", type=click.IntRange(min=1), default=4096, show_default=True, help="Teacher samples/images.")
@@ -41,23 +44,36 @@ METHODS = ("instaflow", "lcm-lora", "lora-cfg")
     "--workdir",
     type=click.Path(path_type=Path),
     default=None,
-    help="instaflow: keep finished stages here; a re-run resumes [default: OUTPUT.work, removed at the end].",
+    help="instaflow, speedupnet: keep finished stages here; a re-run resumes [default: OUTPUT.work, removed at "
+    "the end].",
+)
+@click.option(
+    "--minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="speedupnet: stop training after this many minutes (a re-run with the same --workdir resumes).",
 )
 @model_and_device
-def distill_command(method, output, model, device, **settings):
-    guidance = settings["guidance"]
-    """Distill a model into a one-step student (InstaFlow) or an LCM-LoRA; print what was written."""
+def distill_command(method, output, model, device, minutes, **settings):
+    """Distill a model into a one-step student (InstaFlow), an LCM-LoRA or a SpeedUpNet adapter; print what was
+    written."""
     from ..output import load_quietly
 
+    guidance = settings["guidance"]
+    if method != "speedupnet":
+        refuse(given("minutes"), f"to --method {method}: its training has no time budget")
     if method == "lcm-lora":
         check_output(output, "lcm-lora.safetensors")
-    elif method == "lora-cfg" and guidance < 1:
+    elif method in ("lora-cfg", "speedupnet") and guidance < 1:
         raise StablekitError(f"--guidance {guidance}: the guidance to distil must be at least 1, e.g. 7.5")
     elif output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise StablekitError(f"output '{output}' exists and is not an empty folder; choose another -o or remove it")
     pipe = load_quietly(model, device, dtype="float32")
     if getattr(pipe, "unet", None) is None:
         raise StablekitError("the model has no UNet to distill")
+    if method == "speedupnet":
+        click.echo(str(_speedupnet(pipe, output, model, minutes, **settings)))
+        return
     {"instaflow": _instaflow, "lcm-lora": _lcm_lora, "lora-cfg": _lora_cfg}[method](pipe, output, model, **settings)
     click.echo(str(output))
 
@@ -115,3 +131,29 @@ def _lora_cfg(
     student, recipe = guidance_lora.distill(pipe, config)
     recipe["teacher"] = model or "stablekit-default"
     students.save_student(student, output, recipe)
+
+
+def _speedupnet(pipe, output, model, minutes, pairs, teacher_steps, guidance, iterations, distill_iterations, **rest):
+    from ..train import speedupnet
+
+    refuse(
+        given("teacher_steps", "distill_iterations"),
+        "to --method speedupnet: its teacher takes one guided DDIM step per iteration, in one stage",
+    )
+    config = speedupnet.Config(
+        images=pairs, iterations=iterations, guidance=guidance, batch=rest["batch"], lr=rest["lr"], seed=rest["seed"]
+    )
+    work = rest["workdir"] or output.with_name(output.name + ".work")
+    plugin, recipe = speedupnet.distill(pipe, config, workdir=work, minutes=minutes)
+    recipe["teacher"] = model or "stablekit-default"
+    plugin.meta["recipe"] = json.dumps(recipe)
+    path = speedupnet.save(plugin, output, recipe)
+    if recipe["iterations_done"] < iterations:
+        click.echo(
+            f"the time budget ended training at {recipe['iterations_done']}/{iterations} iterations; run again "
+            f"with --workdir {work} to go on",
+            err=True,
+        )
+    elif rest["workdir"] is None:
+        shutil.rmtree(work)
+    return path

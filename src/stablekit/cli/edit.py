@@ -10,7 +10,7 @@ import click
 from .. import __version__
 from ..errors import StablekitError
 from .common import check_output, decoder_steps_option, given, model_and_device, refuse
-from .defaults import DEFAULT_MODEL, EDIT_GUIDANCE, EDIT_STEPS
+from .defaults import DECODERS, DEFAULT_MODEL, EDIT_GUIDANCE, EDIT_STEPS
 from .defaults import INVERSION_GUIDANCE as GUIDANCE
 
 if TYPE_CHECKING:
@@ -141,7 +141,20 @@ def _inversion_options(
 @click.option(
     "-o", "--output", default="edit.png", show_default=True, type=click.Path(path_type=Path), help="PNG file to write."
 )
-@click.option("--mask", type=click.Path(path_type=Path), default=None, help="pixelman: the object's mask (a PNG).")
+@click.option(
+    "--decoder",
+    type=click.Choice(DECODERS),
+    default="vae",
+    show_default=True,
+    help="Decoder of the result: the model's VAE, or the asymmetric decoder, which keeps IMAGE's pixels outside "
+    "the edited region (--mask, or where the edit changed the latents).",
+)
+@click.option(
+    "--mask",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="pixelman: the object's mask; with --decoder asymmetric: the region the edit may change (white, a PNG).",
+)
 @click.option("--move", default="0,0", show_default=True, metavar="DX,DY", help="pixelman: move the object (pixels).")
 @click.option("--resize", type=float, default=1.0, show_default=True, help="pixelman: scale the object.")
 @_inversion_options(
@@ -166,57 +179,50 @@ def edit_command(
     decoder_steps,
     model,
     device,
+    decoder,
+    mask,
     **pixelman_options,
 ):
     """Edit IMAGE from --source to --target, or move/resize the object of --mask (pixelman); print the written path."""
     if method == "pixelman":
-        return pixelman_edit(image, source, output, steps, guidance, model, device, **pixelman_options)
-    _check_prompts(source, target, method)
+        return pixelman_edit(image, source, output, steps, guidance, model, device, decoder, mask, **pixelman_options)
+    _check_prompts(source, target, method, decoder, mask)
     steps = EDIT_STEPS[method] if steps is None else steps
     _check_inversion(steps, guidance, decoder_steps, output)
     plugin = _controller(controller, weights, blend, method)
     picture = read_image(image)
+    region = _edit_region(mask, picture)
     pipe = load_quietly(model, device)
     if plugin is not None:
         plugin.prepare(pipe.tokenizer, source, target)  # fail before the inversion, not after it
+    kw = dict(strength=strength, decoder=decoder, decoder_steps=decoder_steps)
     out = edit(
-        pipe,
-        picture,
-        source,
-        target,
-        method,
-        controller=plugin,
-        steps=steps,
-        guidance=guidance,
-        strength=strength,
-        decoder_steps=decoder_steps,
+        pipe, picture, source, target, method, controller=plugin, steps=steps, guidance=guidance, mask=region, **kw
     )
-    guidance = EDIT_GUIDANCE[method] if guidance is None else guidance
-    save_png(
-        out,
-        output,
-        dict(
-            source=source,
-            target=target,
-            method=method,
-            strength=strength or "",
-            controller=controller or "",
-            weights=",".join(weights),
-            blend=",".join(blend),
-            steps=steps,
-            guidance=guidance,
-            decoder_steps=decoder_steps,
-            model=model or DEFAULT_MODEL,
-            stablekit=__version__,
-        ),
-    )
+    meta = dict(source=source, target=target, method=method, strength=strength or "", controller=controller or "")
+    meta |= dict(weights=",".join(weights), blend=",".join(blend), steps=steps, decoder_steps=decoder_steps)
+    meta |= dict(guidance=EDIT_GUIDANCE[method] if guidance is None else guidance, mask=str(mask or ""))
+    save_png(out, output, meta | dict(decoder=decoder, model=model or DEFAULT_MODEL, stablekit=__version__))
     click.echo(str(output))
 
 
-def _check_prompts(source: str | None, target: str | None, method: str) -> None:
-    refuse(given("mask", "move", "resize"), "to an edit by prompts (they are pixelman's)")
+def _check_prompts(source: str | None, target: str | None, method: str, decoder: str, mask) -> None:
+    refuse(given("move", "resize"), "to an edit by prompts (they are pixelman's)")
+    if mask is not None and decoder != "asymmetric":
+        raise StablekitError("--mask of an edit by prompts needs --decoder asymmetric (it marks the region to change)")
     if source is None or target is None:
         raise StablekitError(f"--method {method} needs --source and --target prompts")
+
+
+def _edit_region(mask, picture):
+    """The --mask image of an edit by prompts, its size checked against IMAGE's before any model loads."""
+    if mask is None:
+        return None
+    from ..edit.asymmetric_decoder import pixel_mask
+
+    region = read_image(mask)
+    pixel_mask(region, (picture.height, picture.width))
+    return region
 
 
 def parse_move(move: str) -> tuple[float, float]:
@@ -229,7 +235,7 @@ def parse_move(move: str) -> tuple[float, float]:
     return dx, dy
 
 
-def pixelman_edit(image, prompt, output, steps, guidance, model, device, mask, move, resize):
+def pixelman_edit(image, prompt, output, steps, guidance, model, device, decoder, mask, move, resize):
     """``edit --method pixelman``: check everything, then move/resize the object and write the PNG."""
     from ..edit.pixelman import STEPS, PixelManConfig, object_mask, pixelman
 
@@ -237,13 +243,16 @@ def pixelman_edit(image, prompt, output, steps, guidance, model, device, mask, m
     if mask is None:
         raise StablekitError("--method pixelman needs --mask, an image of the object to move (white on black)")
     steps = STEPS if steps is None else steps
-    config = PixelManConfig(move=parse_move(move), scale=resize, steps=steps, guidance=guidance or 1.0)
+    config = PixelManConfig(
+        move=parse_move(move), scale=resize, steps=steps, guidance=guidance or 1.0, decoder=decoder
+    )
     check_output(output)
     picture = read_image(image)
     object_mask(read_image(mask), (picture.height, picture.width))  # the size is checked before loading a model
     pipe = load_quietly(model, device)
     out, _, _ = pixelman(pipe, picture, read_image(mask), prompt or "", config)
-    meta = dict(method="pixelman", move=move, resize=resize, steps=steps, source=prompt or "", stablekit=__version__)
+    meta = dict(method="pixelman", move=move, resize=resize, steps=steps, source=prompt or "", decoder=decoder)
+    meta["stablekit"] = __version__
     save_png(out, output, meta | dict(model=model or DEFAULT_MODEL))
     click.echo(str(output))
 

@@ -100,8 +100,8 @@ def _watermark_plugin(method: str | None, key_file: Path | None, wh: tuple[int, 
     "adapters",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Concept-erasure file from `stablekit erase`, LoRA from `stablekit finetune`, or memorization adapter "
-    "(repeatable).",
+    help="Concept-erasure file from `stablekit erase`, LoRA from `stablekit finetune`, memorization adapter, or "
+    "SpeedUpNet adapter from `stablekit distill --method speedupnet` (4 steps, no guidance) (repeatable).",
 )
 @spm_multiplier_option
 @click.option(
@@ -157,13 +157,12 @@ def generate(
     from ..pipeline import recommended
 
     wh = parse_size(size)
-    own = recommended(model)
+    plugins = _generation_plugins(accels, guards, adapters, spm_multiplier)
+    own = recommended(model) | {k: v for p in plugins for k, v in getattr(p, "recommended", {}).items()}
     steps = own.get("steps", 25) if steps is None else steps
     guidance = own.get("guidance", 7.5) if guidance is None else guidance
     _check_generate(prompts, output, steps, guidance, guidance_rescale, n)
-    if guidance <= 1:
-        refuse(given("negative", "guidance_rescale"), f"at --guidance {guidance:g}: classifier-free guidance is off")
-    plugins = _generation_plugins(accels, guards, adapters, spm_multiplier)
+    _check_unguided(guidance, plugins)
     mark, wh = _watermark_plugin(method, key_file, wh)
     recipe = quant_recipe(quant)
     pipe = load_quietly(model, device, scheduler=scheduler, dtype=dtype)
@@ -213,6 +212,17 @@ def _generation_plugins(accels, guards, adapters, spm_multiplier: float) -> list
     if spm_multiplier != 1 and not any(isinstance(p, safety.SPM) for p in plugins):
         raise StablekitError("--spm-multiplier scales SPM membranes: give one with --adapter")
     return plugins
+
+
+def _check_unguided(guidance: float, plugins: list) -> None:
+    """Without guidance, --negative and --guidance-rescale do nothing, unless an adapter reads the negative prompt
+    itself (SpeedUpNet)."""
+    if guidance <= 1:
+        keeps = any(getattr(p, "negative_without_guidance", False) for p in plugins)
+        refuse(
+            given(*(["guidance_rescale"] if keeps else ["negative", "guidance_rescale"])),
+            f"at --guidance {guidance:g}: classifier-free guidance is off",
+        )
 
 
 def _check_generate(

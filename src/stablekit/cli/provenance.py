@@ -37,7 +37,8 @@ WATERMARKS = CATALOGUE["watermark"]
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing key file.")
 def keygen(method, output, model, size, seed, force):
-    """Write a new watermark key for METHOD (tree-ring, gaussian-shading or seal; k=v override its defaults)."""
+    """Write a new watermark key for METHOD (tree-ring, gaussian-shading, seal, wouaf or safe-sd; k=v override its
+    defaults)."""
     from ..output import load_quietly, parse_size, write_atomically
     from ..provenance import make_key
 

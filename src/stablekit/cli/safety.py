@@ -18,15 +18,17 @@ ATTACKS = CATALOGUE["attack"]
 @click.command("erase")
 @click.option(
     "--method",
-    type=click.Choice(["uce", "spm", "advunlearn", "trce"]),
+    type=click.Choice(["uce", "spm", "advunlearn", "doco", "trce"]),
     default="uce",
     show_default=True,
     help="Erasure method: uce (closed-form cross-attention edit, seconds), spm (a trained rank-1 "
     "membrane, after 'One-dimensional Adapter to Rule Them All', 2024; minutes) or advunlearn (the text encoder "
     "trained against prompt attacks, after 'Defensive Unlearning with Adversarial Training for Robust Concept "
-    "Erasure in Diffusion Models', 2024; minutes) or trce (a cross-attention edit of the trigger tokens, then "
-    "contrastive steering of the early steps, after 'TRCE: Towards Reliable Malicious Concept Erasure in "
-    "Text-to-Image Diffusion Models', 2025; minutes).",
+    "Erasure in Diffusion Models', 2024; minutes), doco (cross-attention trained adversarially toward --anchor, "
+    "after 'Unlearning Concepts in Diffusion Model via Concept Domain Correction and Concept Preserving Gradient', "
+    "2025; minutes) or trce (a cross-attention edit of the trigger tokens, then contrastive steering of the early "
+    "steps, after 'TRCE: Towards Reliable Malicious Concept Erasure in Text-to-Image Diffusion Models', 2025; "
+    "minutes).",
 )
 @click.option("--concept", "concepts", multiple=True, required=True, help="Concept to erase (repeatable).")
 @click.option("--preserve", multiple=True, help="Concept to keep unchanged (repeatable; UCE only).")
@@ -34,13 +36,13 @@ ATTACKS = CATALOGUE["attack"]
     "--iterations",
     type=click.IntRange(min=1),
     default=None,
-    help="Training iterations [default: 3000 for spm, 200 for advunlearn and trce's stage 2].",
+    help="Training iterations [default: 3000 for spm, 200 for advunlearn and trce's stage 2, 300 for doco].",
 )
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Learning rate [default: 1e-4 for spm and trce, 1e-3 for advunlearn].",
+    help="Learning rate [default: 1e-4 for spm and trce, 1e-3 for advunlearn and doco].",
 )
 @click.option(
     "--anchor-weight",
@@ -68,15 +70,34 @@ ATTACKS = CATALOGUE["attack"]
     "world's synonyms of the concept; else none].",
 )
 @click.option(
+    "--anchor",
+    default=None,
+    help="DoCo: the concept the erased one should look like [default on the embedded model: the first other shape "
+    "or colour of its world, circle for a shape, orange for a colour; required for other models].",
+)
+@click.option(
     "--cache",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
-    help="AdvUnlearn: folder for its reference images and checkpoints, so that a stopped run resumes.",
+    help="AdvUnlearn, DoCo: folder for their reference images and checkpoints, so that a stopped run resumes.",
 )
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="safetensors file to write.")
 @model_and_device
 def erase(
-    method, concepts, preserve, iterations, lr, anchor_weight, eta, surrogate, keyword, cache, output, model, device
+    method,
+    concepts,
+    preserve,
+    iterations,
+    lr,
+    anchor_weight,
+    eta,
+    surrogate,
+    anchor,
+    keyword,
+    cache,
+    output,
+    model,
+    device,
 ):
     """Erase CONCEPTs from a model; use the file with `generate --adapter`."""
     from ..output import load_quietly, write_atomically
@@ -85,14 +106,16 @@ def erase(
     if not all(c.strip() for c in concepts):
         raise StablekitError("--concept must not be empty")
     _check_erase(method, concepts, preserve)
-    if model is None and method in ("advunlearn", "trce"):
+    if model is None and method in ("advunlearn", "doco", "trce"):
         from ..redteam import audit
 
         audit.concept(concepts[0])  # the default model's world: a shape or a colour, checked before loading
     pipe = load_quietly(model, device, dtype="float32")  # training and closed-form edits want float32
     train = {"iterations": iterations, "lr": lr, "eta": eta, "surrogate": surrogate}
     train = {k: v for k, v in train.items() if v is not None}
-    if method == "spm":
+    if method == "doco":
+        edit = _doco(pipe, concepts[0], anchor, model, cache, train)
+    elif method == "spm":
         edit = _spm(pipe, concepts[0], anchor_weight, train)
     elif method == "advunlearn":
         edit = _advunlearn(pipe, concepts[0], model, cache, train)
@@ -122,6 +145,13 @@ def _check_erase(method: str, concepts, preserve) -> None:
         refuse(given("cache", "keyword"), "to --method spm")
     if method == "advunlearn":
         refuse(given("anchor_weight", "keyword"), "to --method advunlearn")
+    if method != "doco":
+        refuse(given("anchor"), f"to --method {method}: it sets DoCo's anchor concept")
+    if method == "doco":
+        refuse(
+            given("anchor_weight", "eta", "surrogate", "keyword"),
+            "to --method doco: they set SPM's, AdvUnlearn's and TRCE's training",
+        )
     if method == "trce":
         refuse(given("anchor_weight", "eta", "cache"), "to --method trce")
 
@@ -151,6 +181,23 @@ def _advunlearn(pipe, concept: str, model, cache, train: dict):
 
         prompts, retain = audit.training_prompts(audit.concept(concept))
     return AdvUnlearn.train(pipe, concept, prompts=prompts, retain=retain, cache=cache, **train)
+
+
+def _doco(pipe, concept: str, anchor, model, cache, train: dict):
+    """DoCo on the default model's world captions (with and without the concept) toward its first other shape or
+    colour unless --anchor says, or on generic templates toward --anchor on another model."""
+    from ..safety import DoCo
+
+    prompts = retain = None
+    if model is None:
+        from ..redteam import audit
+
+        c = audit.concept(concept)
+        prompts, retain = audit.training_prompts(c)
+        anchor = c.others[0] if anchor is None else anchor
+    if anchor is None:
+        raise StablekitError("--method doco needs --anchor on a model other than the default (e.g. --anchor dog)")
+    return DoCo.train(pipe, concept, anchor=anchor, prompts=prompts, retain=retain, cache=cache, **train)
 
 
 def _trce(pipe, concept: str, model, keywords, train: dict):
@@ -187,13 +234,13 @@ def _check_adapter(audit, defense: str, adapter, spm_multiplier: float) -> None:
     type=click.Choice(list(DEFENSES)),
     help="Defense given the concept word: none, blocklist (the word deleted from prompts), negative "
     "(prompt), sld, uce, safree, safree-negative "
-    "(SAFREE with the word as negative prompt while it filters), spm, advunlearn or trce.",
+    "(SAFREE with the word as negative prompt while it filters), spm, advunlearn, doco or trce.",
 )
 @click.option(
     "--adapter",
     type=click.Path(path_type=Path),
     default=None,
-    help="File from `stablekit erase --method spm|advunlearn|trce` for that --defense [default: train one].",
+    help="File from `stablekit erase --method spm|advunlearn|doco|trce` for that --defense [default: train one].",
 )
 @spm_multiplier_option
 @click.option(

@@ -11,6 +11,7 @@ from ..errors import StablekitError
 from ..latents import Schedule, decode, encode_image, encode_prompts
 from ..plugins import CallState, Plugin, use
 from . import edict, infedit
+from .asymmetric_decoder import check_decoder, decode_edits
 from .inversion import GUIDANCE, METHODS, Inversion, batch, denoise, invert, load_images, prompt_list
 
 EDIT_METHODS = (*METHODS, "infedit")
@@ -28,6 +29,8 @@ def edit(
     steps: int | None = None,
     guidance: float | None = None,
     strength: float | None = None,
+    decoder: str = "vae",
+    mask=None,
     **options,
 ):
     """Edit `image` (path, PIL image or tensor in [0, 1]) from `source_prompt` to `target_prompt`; a PIL image.
@@ -46,6 +49,9 @@ def edit(
     ``source_guidance``, ``seed``, ``decoder_steps``); `guidance` is the target's.
     `steps` and `guidance` default to the method's paper (:data:`EDIT_STEPS`, :data:`EDIT_GUIDANCE`).
 
+    ``decoder="asymmetric"`` (:mod:`.asymmetric_decoder`) keeps the source pixels outside `mask` (1: may change;
+    default: where the branches' latents differ, :func:`.asymmetric_decoder.edit_mask`).
+
     `controller`, a :class:`~stablekit.Plugin` (e.g. :class:`.prompt_to_prompt.PromptToPrompt`, or for
     InfEdit :class:`.infedit.UnifiedAttentionControl`), is attached for the regeneration. It gets a
     fresh :class:`~stablekit.CallState` whose ``step`` counts the steps done (skipped ones included) and
@@ -56,6 +62,7 @@ def edit(
         raise StablekitError(f"unknown editing method '{method}'; choose one of: {', '.join(EDIT_METHODS)}")
     targets = prompt_list(target_prompt, "target prompt")
     inv, images, sources = _sources(image, source_prompt, method)
+    check_decoder(pipe, decoder, mask, images)
     if len(targets) != len(sources):
         raise StablekitError(
             f"{len(sources)} source prompts but {len(targets)} target prompts: give one of each per image"
@@ -70,8 +77,16 @@ def edit(
         if inv is None:
             inv = invert(pipe, images, sources, method, steps, guidance, **options)
         traj = _regenerate(pipe, inv, sources + targets, controller, start)
-    out = [decode(pipe, z[None]) for z in traj[-1, -len(targets) :]]
+    out = _decode(pipe, traj[-1], len(targets), decoder, images, mask)
     return out[0] if isinstance(target_prompt, str) else out
+
+
+def _decode(pipe, final: torch.Tensor, n: int, decoder: str, images, mask) -> list:
+    """The last `n` rows of `final` (the targets) decoded; the asymmetric decoder also gets the first `n` (the
+    sources) to find the edited region when no `mask` is given."""
+    if decoder == "asymmetric":
+        return decode_edits(pipe, final[:n], final[-n:], images, mask)
+    return [decode(pipe, z[None]) for z in final[-n:]]
 
 
 def _sources(image, source_prompt, method: str) -> tuple[Inversion | None, list | None, list[str]]:

@@ -25,7 +25,8 @@ Deviations:
    the paper's score-distillation updates with its energy terms; there is no leak-proof self-attention: the
    vacated region starts from a fill of its surroundings instead, so the model has no copy of the object there.
 2. The composite of step 3 is done in pixel space: the embedded autoencoder's round trip alone would change the
-   background more than the paper's consistency target allows.
+   background more than the paper's consistency target allows. With ``decoder="asymmetric"`` the generation is
+   decoded by the asymmetric decoder (see :mod:`.asymmetric_decoder`), which sees the pixels around the hole.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 from ..errors import StablekitError
 from ..latents import Schedule, decode, encode_image, encode_prompts, eps, load_image
+from .asymmetric_decoder import DECODERS, decode_keeping
 
 STEPS = 16
 
@@ -44,7 +46,9 @@ STEPS = 16
 @dataclass(frozen=True)
 class PixelManConfig:
     """`move` (dx, dy) in pixels, `scale` of the object, `steps` of the DDIM schedule, the `strength` of it that
-    regenerates the vacated region, classifier-free `guidance`, `dilate` pixels around the old mask, `seed`."""
+    regenerates the vacated region, classifier-free `guidance`, `dilate` pixels around the old mask, `seed`, and the
+    `decoder` of the generation: ``"vae"``, or ``"asymmetric"`` (:mod:`.asymmetric_decoder`, which sees the pixels
+    around the vacated region)."""
 
     move: tuple[float, float] = (0.0, 0.0)
     scale: float = 1.0
@@ -53,12 +57,15 @@ class PixelManConfig:
     guidance: float = 1.0
     dilate: int = 1
     seed: int = 0
+    decoder: str = "vae"
 
     def __post_init__(self):
         if not 0.1 <= self.scale <= 4:
             raise StablekitError(f"--resize {self.scale}: the object's scale must be in 0.1 .. 4")
         if self.steps < 1 or not 0 < self.strength <= 1:
             raise StablekitError("PixelMan needs steps >= 1 and 0 < strength <= 1")
+        if self.decoder not in DECODERS:
+            raise StablekitError(f"unknown decoder '{self.decoder}'; choose one of: {', '.join(DECODERS)}")
 
 
 def manipulate(x: torch.Tensor, mask: torch.Tensor, move, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +136,11 @@ def pixelman(pipe, image, mask, prompt: str = "", config: PixelManConfig = Pixel
     f = pipe.vae_scale_factor
     keep = 1 - F.max_pool2d(hole.float(), f, stride=f)
     z, calls = generate(pipe, encode_image(pipe, filled), keep, prompt, config)
-    generated = decode(pipe, z, output_type="pt")[None].to(x) * 2 - 1
+    if config.decoder == "asymmetric":
+        known = ((filled[0] + 1) / 2).clamp(0, 1)
+        generated = decode_keeping(pipe, z, known, hole[0, 0], output_type="pt")[None].to(x) * 2 - 1
+    else:
+        generated = decode(pipe, z, output_type="pt")[None].to(x) * 2 - 1
     soft = F.avg_pool2d(hole.float(), 3, 1, 1, count_include_pad=False) * hole
     return decode_pixels(filled * (1 - soft) + generated * soft), new_mask[0, 0].cpu(), calls
 

@@ -30,8 +30,11 @@ from ..errors import StablekitError
 from ..pipeline import guidance_rescale
 from ..registry import CATALOGUE
 
-DEFENSES = ("none", "blocklist", "negative", "sld", "uce", "safree", "safree-negative", "spm", "advunlearn", "trce")
-TRAINED = ("spm", "advunlearn", "trce")  # defenses trained for a concept, kept in a file
+DEFENSES = (
+    *("none", "blocklist", "negative", "sld", "uce", "safree", "safree-negative"),
+    *("spm", "advunlearn", "doco", "trce"),
+)
+TRAINED = ("spm", "advunlearn", "doco", "trce")  # defenses trained for a concept, kept in a file
 TRAINING_SEED = 7  # the prompts a trained defense learns from (the benchmark's default seed is 2024)
 
 
@@ -190,7 +193,7 @@ def _trained(pipe, name: str, c: Concept, path, train: dict, spm_multiplier: flo
     """A trained defense read from `path`, or trained (on :func:`training_prompts` where it takes prompts) and
     saved there."""
     from ..registry import load_adapter
-    from ..safety import SPM, TRCE, AdvUnlearn
+    from ..safety import SPM, TRCE, AdvUnlearn, DoCo
 
     if path is not None and Path(path).exists():
         return Defense(name, [load_adapter(path, spm_multiplier)])
@@ -202,7 +205,9 @@ def _trained(pipe, name: str, c: Concept, path, train: dict, spm_multiplier: flo
         edit = TRCE.train(pipe, c.word, prompts=direct, preserve=keep, **({"keywords": c.paraphrases} | train))
     else:
         direct, keep = training_prompts(c)
-        edit = AdvUnlearn.train(pipe, c.word, prompts=direct, retain=keep, **train)
+        method = DoCo if name == "doco" else AdvUnlearn
+        anchor = {"anchor": train.get("anchor") or c.others[0]} if name == "doco" else {}
+        edit = method.train(pipe, c.word, prompts=direct, retain=keep, **(train | anchor))
     if path is not None:
         edit.save(path)
     if name == "spm":
