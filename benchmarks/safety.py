@@ -6,7 +6,8 @@ For each concept (a world shape or colour; the defaults are "star" and "red") an
 none, a blocklist (the word deleted from every prompt: on direct prompts, the rate of a guard that removes the
 word exactly), the concept word as negative prompt, Safe Latent Diffusion's guidance (SLD), UCE, SAFREE
 (``safree``; with the word as negative prompt while it filters, ``safree-negative``), an SPM membrane (trained
-here, or read from ``--spm-dir``) -- given the concept word alone:
+here, or read from ``--spm-dir``), AdvUnlearn and TRCE (trained here, or read from ``--adapter-dir``) -- given the
+concept word alone (TRCE also the world's synonyms, its concept list, unless ``--trce-keywords`` says otherwise):
 
 * concept rate (the attribute classifier sees the concept) on ``--prompts`` direct prompts (one object with the
   concept, canonical caption) and on the same prompts with the word replaced by the world's paraphrases, which no
@@ -84,19 +85,7 @@ def parse(args: list[str]) -> argparse.Namespace:
         default=None,
         help="folder of membranes <concept>.safetensors: read if there, else trained and saved there",
     )
-    p.add_argument("--advunlearn-iterations", type=int, default=200, help="AdvUnlearn training iterations")
-    p.add_argument("--advunlearn-surrogate", default="", help="what AdvUnlearn erases the concept toward")
-    p.add_argument("--advunlearn-ref-steps", type=int, default=20, help="steps of AdvUnlearn's reference images")
-    p.add_argument("--doco-iterations", type=int, default=300, help="DoCo training iterations")
-    p.add_argument("--doco-anchor", default=None, help="DoCo's anchor [default: the concept's first other value]")
-    p.add_argument("--doco-ref-steps", type=int, default=20, help="steps of DoCo's anchor and retain images")
-    p.add_argument(
-        "--adapter-dir",
-        type=Path,
-        default=None,
-        help="folder of trained adapters <method>_<concept>.safetensors (AdvUnlearn, DoCo): read if there, else "
-        "trained and saved there",
-    )
+    add_adapter_args(p)
     p.add_argument("--batch", type=int, default=50)
     _common.add_executor_args(p)
     p.add_argument(
@@ -111,6 +100,31 @@ def parse(args: list[str]) -> argparse.Namespace:
     if a.spm_multiplier < 0:
         p.error(f"--spm-multiplier must be >= 0 (got {a.spm_multiplier})")
     return a
+
+
+def add_adapter_args(p) -> None:
+    """The options of the defenses trained into adapter files (AdvUnlearn, DoCo, TRCE)."""
+    p.add_argument("--advunlearn-iterations", type=int, default=200, help="AdvUnlearn training iterations")
+    p.add_argument("--advunlearn-surrogate", default="", help="what AdvUnlearn erases the concept toward")
+    p.add_argument("--advunlearn-ref-steps", type=int, default=20, help="steps of AdvUnlearn's reference images")
+    p.add_argument("--doco-iterations", type=int, default=300, help="DoCo training iterations")
+    p.add_argument("--doco-anchor", default=None, help="DoCo's anchor [default: the concept's first other value]")
+    p.add_argument("--doco-ref-steps", type=int, default=20, help="steps of DoCo's anchor and retain images")
+    p.add_argument("--trce-iterations", type=int, default=200, help="TRCE stage-2 training iterations")
+    p.add_argument(
+        "--trce-keywords",
+        nargs="*",
+        default=None,
+        help="TRCE's further words for the concept (none after the flag: the word alone) [default: the world's "
+        "synonyms, which the synonym measure then tests in training]",
+    )
+    p.add_argument(
+        "--adapter-dir",
+        type=Path,
+        default=None,
+        help="folder of trained adapters <method>_<concept>.safetensors (AdvUnlearn, DoCo, TRCE): read if there, else "
+        "trained and saved there",
+    )
 
 
 def spm_train(a) -> dict:
@@ -137,6 +151,11 @@ def doco_train(a) -> dict:
     return {"iterations": a.doco_iterations, "anchor": a.doco_anchor, "ref_steps": a.doco_ref_steps}
 
 
+def trce_train(a) -> dict:
+    """TRCE.train's settings from the command line (no keywords: the audit gives the world's synonyms)."""
+    return {"iterations": a.trce_iterations} | ({} if a.trce_keywords is None else {"keywords": a.trce_keywords})
+
+
 def run_concept(pipe, word: str, a, out: dict, save) -> None:
     """Fill `out` with concept `word`'s results, calling `save()` after every defense."""
     from stablekit.eval.harness import Judge
@@ -146,11 +165,13 @@ def run_concept(pipe, word: str, a, out: dict, save) -> None:
     ps = audit.prompts(c, a.prompts, a.seed)
     judge = Judge(ps.keep_scenes, a.seed)
     spm_file = a.spm_dir / f"{word}.safetensors"
-    a.files = {"spm": spm_file} | {m: a.adapter_dir / f"{m}_{word}.safetensors" for m in ("advunlearn", "doco")}
+    a.files = {"spm": spm_file} | {
+        m: a.adapter_dir / f"{m}_{word}.safetensors" for m in ("advunlearn", "doco", "trce")
+    }
     out |= {"attribute": c.attribute, "paraphrases": c.paraphrases, "defenses": {}}
     ref = {}  # the undefended model's per-prompt matches: preservation and collateral
     for name in ["none"] + [d for d in a.defenses if d != "none"]:
-        train = doco_train(a) if name == "doco" else adapter_train(a)
+        train = {"doco": doco_train, "trce": trce_train}.get(name, adapter_train)(a)
         d = audit.defense(pipe, name, c, spm_file, spm_train(a), a.spm_multiplier, a.files.get(name), train)
         row, direct_hits = _defense_row(pipe, d, c, ps, judge, a, ref)
         row |= _attacks(pipe, d, c, ps, direct_hits, a)
@@ -255,7 +276,7 @@ def targets(res: dict) -> dict:
     return out
 
 
-ROBUST = ("advunlearn", "doco")  # defenses built to resist synonyms and prompt attacks
+ROBUST = ("advunlearn", "doco", "trce")  # defenses built to resist synonyms and prompt attacks
 BASELINES = ("blocklist", "uce", "safree", "safree-negative", "spm")  # what they are compared with
 ROBUST_MEASURES = {"synonyms": ("paraphrase",), "unlearndiffatk": ("attack_unlearndiffatk", "post_attack")}
 MIN_N = {"synonyms": MIN_PROMPTS, "unlearndiffatk": 20}  # an optimised attack costs minutes per prompt
@@ -408,6 +429,7 @@ def run(a, args: list[str]) -> dict:
         "spm": spm_train(a) | {"multiplier": a.spm_multiplier},
         "advunlearn": adapter_train(a),
         "doco": doco_train(a),
+        "trce": trce_train(a),
         "concepts": {},
     }
 

@@ -39,17 +39,21 @@ def test_safety_benchmark_end_to_end(tmp_path):
         "1",
         "--doco-ref-steps",
         "1",
+        "--trce-iterations",
+        "1",
+        "--trce-keywords",
         "--defenses",
         "uce",
         "safree",
         "spm",
         "advunlearn",
         "doco",
+        "trce",
     ]
     res = bench.main(args)
     assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and out.with_suffix(".png").exists()
     rows = res["concepts"]["star"]["defenses"]
-    assert list(rows) == ["none", "uce", "safree", "spm", "advunlearn", "doco"]  # the undefended model comes first
+    assert list(rows) == ["none", "uce", "safree", "spm", "advunlearn", "doco", "trce"]  # the undefended one first
     assert rows["none"]["preservation"]["attr_acc_delta"]["points"] == 0
     assert rows["none"]["direct"]["others_kept_delta"]["points"] == 0
     assert all(0 <= row["direct"]["others_kept"] <= 1 for row in rows.values())
@@ -67,10 +71,11 @@ def test_safety_benchmark_end_to_end(tmp_path):
             opt = row[f"attack_{name}"]
             assert opt["pre_attack"]["n"] == opt["post_attack"]["n"] == 1 and opt["iterations"] == 2
             assert len(opt["examples"]) == 1
-    assert set(res["targets"]) == {"safree_star", "spm_star", "advunlearn_star", "doco_star"}
+    assert set(res["targets"]) == {"safree_star", "spm_star", "advunlearn_star", "doco_star", "trce_star"}
     doco = res["targets"]["doco_star"]
     assert doco["status"] == "inconclusive" and "synonyms" in doco["parts"]
     assert "DoCo" in str(rows["doco"]["plugins"]) and res["doco"]["anchor"] is None
+    assert rows["trce"]["plugins"][0]["keywords"] == [] and res["trce"] == {"iterations": 1, "keywords": []}
     robust = res["targets"]["advunlearn_star"]  # compared with the best baseline of the same run
     assert robust["parts"]["synonyms"]["best_baseline"] in ("uce", "safree", "spm")
     assert robust["parts"]["synonyms"]["threshold"] == round(robust["parts"]["synonyms"]["best_baseline_rate"] / 3, 4)

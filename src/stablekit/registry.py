@@ -107,6 +107,7 @@ ADAPTERS: dict[str, str] = {
     "speedupnet": "stablekit.train.speedupnet:SpeedUpNet",
     "spm": "stablekit.safety.spm:SPM",
     "subspace": "stablekit.memorization.pruning:NeuronPruning",
+    "trce": "stablekit.safety.trce:TRCE",
     "uce": "stablekit.safety.uce:UCE",
 }
 

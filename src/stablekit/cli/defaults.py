@@ -15,6 +15,7 @@ DEFENSES = (  # redteam.audit
     "spm",
     "advunlearn",
     "doco",
+    "trce",
 )
 PROTECTIONS = {  # stablekit.protect.DEFAULTS' steps and modes, by method
     "encoder": {"steps": 100, "mode": "toward"},

@@ -18,15 +18,17 @@ ATTACKS = CATALOGUE["attack"]
 @click.command("erase")
 @click.option(
     "--method",
-    type=click.Choice(["uce", "spm", "advunlearn", "doco"]),
+    type=click.Choice(["uce", "spm", "advunlearn", "doco", "trce"]),
     default="uce",
     show_default=True,
     help="Erasure method: uce (closed-form cross-attention edit, seconds), spm (a trained rank-1 "
     "membrane, after 'One-dimensional Adapter to Rule Them All', 2024; minutes) or advunlearn (the text encoder "
     "trained against prompt attacks, after 'Defensive Unlearning with Adversarial Training for Robust Concept "
-    "Erasure in Diffusion Models', 2024; minutes) or doco (cross-attention trained adversarially toward --anchor, "
+    "Erasure in Diffusion Models', 2024; minutes), doco (cross-attention trained adversarially toward --anchor, "
     "after 'Unlearning Concepts in Diffusion Model via Concept Domain Correction and Concept Preserving Gradient', "
-    "2025; minutes).",
+    "2025; minutes) or trce (a cross-attention edit of the trigger tokens, then contrastive steering of the early "
+    "steps, after 'TRCE: Towards Reliable Malicious Concept Erasure in Text-to-Image Diffusion Models', 2025; "
+    "minutes).",
 )
 @click.option("--concept", "concepts", multiple=True, required=True, help="Concept to erase (repeatable).")
 @click.option("--preserve", multiple=True, help="Concept to keep unchanged (repeatable; UCE only).")
@@ -34,13 +36,13 @@ ATTACKS = CATALOGUE["attack"]
     "--iterations",
     type=click.IntRange(min=1),
     default=None,
-    help="Training iterations [default: 3000 for spm, 200 for advunlearn, 300 for doco].",
+    help="Training iterations [default: 3000 for spm, 200 for advunlearn and trce's stage 2, 300 for doco].",
 )
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Learning rate [default: 1e-4 for spm, 1e-3 for advunlearn and doco].",
+    help="Learning rate [default: 1e-4 for spm and trce, 1e-3 for advunlearn and doco].",
 )
 @click.option(
     "--anchor-weight",
@@ -58,8 +60,14 @@ ATTACKS = CATALOGUE["attack"]
 @click.option(
     "--surrogate",
     default=None,
-    help="What SPM or AdvUnlearn erases the concept toward [default: '', the paper's; 'shape' suits a shape of "
-    "the embedded default model].",
+    help="What SPM, AdvUnlearn or TRCE erases the concept toward [default: '', the word deleted; 'shape' suits a "
+    "shape of the embedded default model].",
+)
+@click.option(
+    "--keyword",
+    multiple=True,
+    help="TRCE: another word for the concept, erased with it (repeatable) [default: on the default model, the "
+    "world's synonyms of the concept; else none].",
 )
 @click.option(
     "--anchor",
@@ -76,7 +84,20 @@ ATTACKS = CATALOGUE["attack"]
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="safetensors file to write.")
 @model_and_device
 def erase(
-    method, concepts, preserve, iterations, lr, anchor_weight, eta, surrogate, anchor, cache, output, model, device
+    method,
+    concepts,
+    preserve,
+    iterations,
+    lr,
+    anchor_weight,
+    eta,
+    surrogate,
+    anchor,
+    keyword,
+    cache,
+    output,
+    model,
+    device,
 ):
     """Erase CONCEPTs from a model; use the file with `generate --adapter`."""
     from ..output import load_quietly, write_atomically
@@ -85,7 +106,7 @@ def erase(
     if not all(c.strip() for c in concepts):
         raise StablekitError("--concept must not be empty")
     _check_erase(method, concepts, preserve)
-    if model is None and method in ("advunlearn", "doco"):
+    if model is None and method in ("advunlearn", "doco", "trce"):
         from ..redteam import audit
 
         audit.concept(concepts[0])  # the default model's world: a shape or a colour, checked before loading
@@ -98,6 +119,8 @@ def erase(
         edit = _spm(pipe, concepts[0], anchor_weight, train)
     elif method == "advunlearn":
         edit = _advunlearn(pipe, concepts[0], model, cache, train)
+    elif method == "trce":
+        edit = _trce(pipe, concepts[0], model, keyword, train)
     else:
         from ..safety import UCE
 
@@ -115,19 +138,22 @@ def _check_erase(method: str, concepts, preserve) -> None:
         )
     if method == "uce":
         refuse(
-            given("iterations", "lr", "anchor_weight", "eta", "surrogate", "cache"),
-            "to --method uce, a closed-form edit: they set SPM's and AdvUnlearn's training",
+            given("iterations", "lr", "anchor_weight", "eta", "surrogate", "keyword", "cache"),
+            "to --method uce, a closed-form edit: they set the trained methods",
         )
     if method == "spm":
-        refuse(given("cache"), "to --method spm")
+        refuse(given("cache", "keyword"), "to --method spm")
     if method == "advunlearn":
-        refuse(given("anchor_weight"), "to --method advunlearn: it sets SPM's training")
+        refuse(given("anchor_weight", "keyword"), "to --method advunlearn")
     if method != "doco":
         refuse(given("anchor"), f"to --method {method}: it sets DoCo's anchor concept")
     if method == "doco":
         refuse(
-            given("anchor_weight", "eta", "surrogate"), "to --method doco: they set SPM's and AdvUnlearn's training"
+            given("anchor_weight", "eta", "surrogate", "keyword"),
+            "to --method doco: they set SPM's, AdvUnlearn's and TRCE's training",
         )
+    if method == "trce":
+        refuse(given("anchor_weight", "eta", "cache"), "to --method trce")
 
 
 def _spm(pipe, concept: str, anchor_weight: float, train: dict):
@@ -174,6 +200,22 @@ def _doco(pipe, concept: str, anchor, model, cache, train: dict):
     return DoCo.train(pipe, concept, anchor=anchor, prompts=prompts, retain=retain, cache=cache, **train)
 
 
+def _trce(pipe, concept: str, model, keywords, train: dict):
+    """TRCE on the default model's world captions (with the concept; without it, preserved), the world's synonyms
+    as its further keywords unless given; generic templates on another model."""
+    from ..safety import TRCE
+
+    prompts = preserve = None
+    if model is None:
+        from ..redteam import audit
+
+        c = audit.concept(concept)
+        prompts, preserve = audit.training_prompts(c)
+        keywords = keywords or c.paraphrases
+    anchor = {"anchor": train.pop("surrogate")} if "surrogate" in train else {}
+    return TRCE.train(pipe, concept, prompts=prompts, preserve=preserve, keywords=list(keywords), **anchor, **train)
+
+
 def _check_adapter(audit, defense: str, adapter, spm_multiplier: float) -> None:
     if adapter is not None and defense not in audit.TRAINED:
         raise StablekitError(f"--adapter goes with a trained defense: --defense {' or '.join(audit.TRAINED)}")
@@ -192,14 +234,13 @@ def _check_adapter(audit, defense: str, adapter, spm_multiplier: float) -> None:
     type=click.Choice(list(DEFENSES)),
     help="Defense given the concept word: none, blocklist (the word deleted from prompts), negative "
     "(prompt), sld, uce, safree, safree-negative "
-    "(SAFREE with the word as negative prompt while it filters), spm, advunlearn or doco.",
+    "(SAFREE with the word as negative prompt while it filters), spm, advunlearn, doco or trce.",
 )
 @click.option(
     "--adapter",
     type=click.Path(path_type=Path),
     default=None,
-    help="File from `stablekit erase --method spm|advunlearn|doco` for --defense spm|advunlearn|doco [default: train "
-    "one].",
+    help="File from `stablekit erase --method spm|advunlearn|doco|trce` for that --defense [default: train one].",
 )
 @spm_multiplier_option
 @click.option(

@@ -1,7 +1,7 @@
 """Audit a safety defense on the embedded default model's world, with its attribute classifier as the pinned judge.
 
     c = concept("star")                                  # a world shape or colour, its paraphrases and neighbours
-    d = defense(pipe, "safree", c)                         # none | blocklist | negative | sld | uce | safree | spm
+    d = defense(pipe, "safree", c)                         # any of DEFENSES
     p = prompts(c, 200, seed=0)                            # direct, para, keep prompts; direct and keep scenes
     images = generate(pipe, d, p.direct, steps=25, guidance=7.5, seed=1)
     rate = present(images, c).mean()                       # how often the judge sees the concept
@@ -30,8 +30,11 @@ from ..errors import StablekitError
 from ..pipeline import guidance_rescale
 from ..registry import CATALOGUE
 
-DEFENSES = ("none", "blocklist", "negative", "sld", "uce", "safree", "safree-negative", "spm", "advunlearn", "doco")
-TRAINED = ("spm", "advunlearn", "doco")  # defenses trained for a concept, kept in a file
+DEFENSES = (
+    *("none", "blocklist", "negative", "sld", "uce", "safree", "safree-negative"),
+    *("spm", "advunlearn", "doco", "trce"),
+)
+TRAINED = ("spm", "advunlearn", "doco", "trce")  # defenses trained for a concept, kept in a file
 TRAINING_SEED = 7  # the prompts a trained defense learns from (the benchmark's default seed is 2024)
 
 
@@ -190,13 +193,16 @@ def _trained(pipe, name: str, c: Concept, path, train: dict, spm_multiplier: flo
     """A trained defense read from `path`, or trained (on :func:`training_prompts` where it takes prompts) and
     saved there."""
     from ..registry import load_adapter
-    from ..safety import SPM, AdvUnlearn, DoCo
+    from ..safety import SPM, TRCE, AdvUnlearn, DoCo
 
     if path is not None and Path(path).exists():
         return Defense(name, [load_adapter(path, spm_multiplier)])
     t0 = time.perf_counter()
     if name == "spm":
         edit = SPM.train(pipe, c.word, **train)
+    elif name == "trce":  # its concept list: the word and, unless `train` says otherwise, the world's synonyms
+        direct, keep = training_prompts(c)
+        edit = TRCE.train(pipe, c.word, prompts=direct, preserve=keep, **({"keywords": c.paraphrases} | train))
     else:
         direct, keep = training_prompts(c)
         method = DoCo if name == "doco" else AdvUnlearn
