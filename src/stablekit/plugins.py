@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,8 +354,9 @@ class WeightEdit(Plugin):
 
     Names are ``component.parameter`` (``unet.down_blocks.0...weight``). Detaching restores the
     original tensors bit for bit. ``save``/``load`` use safetensors with the base parameter shapes
-    recorded, so an edit made for another model is refused. A subclass that computes its deltas passes its
-    parameters after `deltas` and `meta`.
+    recorded, so an edit made for another model is refused; an edit whose ``meta["base_norms"]`` records the
+    norms of the weights it was made from (:func:`weight_norms`) is also refused by a model of the same shapes
+    whose weights differ. A subclass that computes its deltas passes its parameters after `deltas` and `meta`.
     """
 
     name = "weight-edit"
@@ -375,6 +377,10 @@ class WeightEdit(Plugin):
         return params[pname]
 
     def attach(self, pipe):
+        base = json.loads(self.meta.get("base_norms", "{}"))
+        now = weight_norms(pipe, base)
+        if any(abs(now[n] - v) > 1e-3 * v for n, v in base.items()):
+            raise StablekitError(f"this {self.name} edit was made for another model (the weights it edits differ)")
         params = {n: self._param(pipe, n) for n in self.deltas}
         for n, d in self.deltas.items():
             if params[n].shape != d.shape:
@@ -410,6 +416,11 @@ class WeightEdit(Plugin):
                 return cls({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
         except (SafetensorError, OSError) as e:
             raise StablekitError(f"'{path}' is not a valid safetensors weight edit ({e})") from None
+
+
+def weight_norms(pipe, names) -> dict[str, float]:
+    """The Frobenius norm of each named pipeline parameter (``component.parameter``): a weight edit's base."""
+    return {n: float(WeightEdit._param(pipe, n).detach().double().norm()) for n in names}
 
 
 def extend_batch(value, n: int, rows: torch.Tensor):

@@ -56,7 +56,7 @@ from torch import nn
 
 from ..errors import StablekitError
 from ..pipeline import frozen
-from ..plugins import WeightEdit, settle
+from ..plugins import WeightEdit, settle, weight_norms
 from ..text import encode_ids, token_ids
 from .safree import concept_words
 from .templates import TEMPLATES
@@ -106,26 +106,6 @@ def encoder_linears(text_encoder: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def weight_norms(pipe, names) -> dict[str, float]:
-    """The Frobenius norm of each named pipeline parameter (``component.parameter``)."""
-    out = {}
-    for name in names:
-        comp, _, pname = name.partition(".")
-        params = dict(getattr(pipe, comp).named_parameters()) if hasattr(pipe, comp) else {}
-        if pname not in params:
-            raise StablekitError(f"this edit names '{name}', which this pipeline does not have: another model")
-        out[name] = float(params[pname].detach().double().norm())
-    return out
-
-
-def check_base(pipe, meta: dict, what: str) -> None:
-    """Refuse an edit whose recorded ``base_norms`` differ from `pipe`'s weights: it was made for another model."""
-    base = json.loads(meta["base_norms"])
-    now = weight_norms(pipe, base)
-    if any(abs(now[n] - v) > 1e-3 * v for n, v in base.items()):
-        raise StablekitError(f"this {what} was made for another model (the weights it edits differ)")
-
-
 def replace_word(text: str, word: str, new: str) -> str:
     """`text` with every whole-word `word` (any case) replaced by `new`, spaces tidied."""
     return " ".join(re.sub(rf"\b{re.escape(word)}\b", new, text, flags=re.IGNORECASE).split())
@@ -169,10 +149,6 @@ class AdvUnlearn(WeightEdit):
         self.factors = factors
         self.deltas = {f"{n}.weight": (up.float() @ down.float()) for n, (down, up) in factors.items()}
         self.meta |= {"method": "advunlearn", "params": json.dumps(dataclasses.asdict(self.config))}
-
-    def attach(self, pipe):
-        check_base(pipe, self.meta, "AdvUnlearn adapter")
-        super().attach(pipe)
 
     def save(self, path) -> None:
         from safetensors.torch import save_file

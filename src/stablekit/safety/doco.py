@@ -58,9 +58,9 @@ from torch import nn
 
 from ..errors import StablekitError
 from ..pipeline import frozen
-from ..plugins import WeightEdit, settle
+from ..plugins import WeightEdit, settle, weight_norms
 from ..text import encode_ids, token_ids
-from .advunlearn import check_base, replace_word, weight_norms
+from .advunlearn import replace_word
 from .safree import concept_words
 from .templates import TEMPLATES
 
@@ -156,10 +156,6 @@ class DoCo(WeightEdit):
     def __init__(self, concepts, deltas: dict, meta: dict | None = None, **params):
         super().__init__(dict(deltas), meta, concepts, **params)
         self.meta |= {"method": "doco", "params": json.dumps(dataclasses.asdict(self.config))}
-
-    def attach(self, pipe):
-        check_base(pipe, self.meta, "DoCo adapter")
-        super().attach(pipe)
 
     @classmethod
     def load(cls, path) -> DoCo:

@@ -64,9 +64,9 @@ import torch
 from torch.nn import functional as F
 
 from ..errors import StablekitError
-from ..plugins import WeightEdit, settle
+from ..plugins import WeightEdit, settle, weight_norms
 from ..text import encode_ids, token_ids, tokenizer
-from .advunlearn import check_base, replace_word, weight_norms
+from .advunlearn import replace_word
 from .safree import concept_words
 from .templates import TEMPLATES
 from .uce import closed_form, cross_attention_weights
@@ -177,10 +177,6 @@ class TRCE(WeightEdit):
     def __init__(self, concepts, deltas: dict, meta: dict | None = None, **params):
         super().__init__(deltas, meta, concepts, **params)
         self.meta |= {"method": "trce", "params": json.dumps(dataclasses.asdict(self.config))}
-
-    def attach(self, pipe):
-        check_base(pipe, self.meta, "TRCE adapter")
-        super().attach(pipe)
 
     @classmethod
     def load(cls, path) -> TRCE:

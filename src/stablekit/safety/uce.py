@@ -37,7 +37,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from ..errors import StablekitError
-from ..plugins import WeightEdit, settle
+from ..plugins import WeightEdit, settle, weight_norms
 from ..registry import register
 from ..text import encode_ids, token_ids
 from .safree import concept_words
@@ -62,10 +62,6 @@ def closed_form(w, erase, guide, preserve, erase_scale: float, preserve_scale: f
         lamb * torch.eye(w.shape[1], dtype=w.dtype, device=w.device) + erase_scale * c.T @ c + preserve_scale * p.T @ p
     )
     return torch.linalg.solve(rhs, lhs.T).T  # rhs is symmetric
-
-
-def _norms(params: dict) -> dict[str, float]:
-    return {n: float(p.detach().double().norm()) for n, p in params.items()}
 
 
 @dataclass(frozen=True)
@@ -119,16 +115,12 @@ class UCE(WeightEdit):
             n: (closed_form(w, c, g, p, prm.erase_scale, prm.preserve_scale, prm.lamb) - w.double()).float().cpu()
             for n, w in weights.items()
         }
-        self.meta["base_norms"] = json.dumps(_norms(weights))
+        self.meta["base_norms"] = json.dumps(weight_norms(pipe, weights))
         return self
 
     def attach(self, pipe):
         if not self.deltas:
             self.fit(pipe)
-        base = json.loads(self.meta["base_norms"])
-        now = _norms({n: self._param(pipe, n) for n in base})
-        if any(abs(now[n] - v) > 1e-3 * v for n, v in base.items()):
-            raise StablekitError("this UCE edit was made for another model (its cross-attention weights differ)")
         super().attach(pipe)
 
     def save(self, path) -> None:
