@@ -59,7 +59,7 @@ from ..pipeline import frozen
 from ..plugins import WeightEdit, settle, weight_norms
 from ..text import encode_ids, token_ids
 from .safree import concept_words
-from .templates import TEMPLATES
+from .templates import TEMPLATES, training_prompts
 
 # the reference's retain prompts are COCO object captions; these stand in for a model without its own world
 RETAIN_OBJECTS = ("person", "dog", "cat", "car", "chair", "bird", "bottle", "tree", "boat", "house")
@@ -179,10 +179,8 @@ class AdvUnlearn(WeightEdit):
         (default: templates of common objects). `cache`: a folder where the reference images and checkpoints are
         kept, so that a stopped run resumes."""
         cfg = AdvUnlearnConfig(concepts=(concept,), **params)
-        prompts = list(prompts or [t.format(concept) for t in TEMPLATES])
+        prompts = training_prompts(prompts, concept, "AdvUnlearn")
         retain = list(retain or [t.format(o) for o in RETAIN_OBJECTS for t in TEMPLATES[2:4]])
-        if not all(re.search(rf"\b{re.escape(concept)}\b", p, re.IGNORECASE) for p in prompts):
-            raise StablekitError(f"AdvUnlearn's training prompts must each contain the concept '{concept}'")
         if not retain:
             raise StablekitError("AdvUnlearn needs retain prompts")
         return _Trainer(pipe, cfg, prompts, retain, cache).run(progress)

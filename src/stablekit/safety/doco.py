@@ -48,7 +48,6 @@ import dataclasses
 import hashlib
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +57,12 @@ from torch import nn
 
 from ..errors import StablekitError
 from ..pipeline import frozen
-from ..plugins import WeightEdit, settle, weight_norms
+from ..plugins import settle, weight_norms
 from ..text import encode_ids, token_ids
 from .advunlearn import replace_word
+from .concept_edit import ConceptEdit
 from .safree import concept_words
-from .templates import TEMPLATES
+from .templates import TEMPLATES, training_prompts
 
 # retain objects for a model without its own world (as AdvUnlearn's)
 RETAIN_OBJECTS = ("person", "dog", "cat", "car", "chair", "bird", "bottle", "tree", "boat", "house")
@@ -145,7 +145,7 @@ def predicted_x0(sch, xt: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> 
     return pred
 
 
-class DoCo(WeightEdit):
+class DoCo(ConceptEdit):
     """A concept erased from the UNet's cross-attention; ``DoCo.train(pipe, concept, anchor=...)`` makes one,
     ``DoCo.load`` reads one. ``DoCo(concepts, deltas, meta=None, **params)``: `deltas` ``{"unet.<layer>.weight":
     tensor}``."""
@@ -153,17 +153,7 @@ class DoCo(WeightEdit):
     name = "doco"
     Config = DoCoConfig
 
-    def __init__(self, concepts, deltas: dict, meta: dict | None = None, **params):
-        super().__init__(dict(deltas), meta, concepts, **params)
-        self.meta |= {"method": "doco", "params": json.dumps(dataclasses.asdict(self.config))}
-
-    @classmethod
-    def load(cls, path) -> DoCo:
-        edit = WeightEdit.load(path)
-        if edit.meta.get("method") != "doco" or "base_norms" not in edit.meta:
-            raise StablekitError(f"'{path}' is not a DoCo adapter")
-        params = json.loads(edit.meta["params"])
-        return cls(params.pop("concepts"), edit.deltas, edit.meta, **params)
+    title = "DoCo"
 
     @classmethod
     def train(
@@ -174,10 +164,8 @@ class DoCo(WeightEdit):
         change (default: templates of common objects). `cache`: a folder where the anchor and retain images and
         checkpoints are kept, so that a stopped run resumes."""
         cfg = DoCoConfig(concepts=(concept,), anchor=anchor, **params)
-        prompts = list(prompts or [t.format(concept) for t in TEMPLATES])
+        prompts = training_prompts(prompts, concept, "DoCo")
         retain = list(retain or [t.format(o) for o in RETAIN_OBJECTS for t in TEMPLATES[2:4]])
-        if not all(re.search(rf"\b{re.escape(concept)}\b", p, re.IGNORECASE) for p in prompts):
-            raise StablekitError(f"DoCo's training prompts must each contain the concept '{concept}'")
         if not retain:
             raise StablekitError("DoCo needs retain prompts")
         return _Trainer(pipe, cfg, prompts, retain, cache).run(progress)

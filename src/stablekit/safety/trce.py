@@ -57,7 +57,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import re
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +66,9 @@ from ..errors import StablekitError
 from ..plugins import WeightEdit, settle, weight_norms
 from ..text import encode_ids, token_ids, tokenizer
 from .advunlearn import replace_word
+from .concept_edit import ConceptEdit
 from .safree import concept_words
-from .templates import TEMPLATES
+from .templates import training_prompts
 from .uce import closed_form, cross_attention_weights
 
 GROUPS = ("start", "end", "padding", "keyword", "context")
@@ -167,24 +167,14 @@ def stage2_parameters(unet) -> dict[str, torch.nn.Parameter]:
     return {f"unet.{n}": p for n, p in unet.named_parameters() if ".attn1." in n or (".attn2." in n and ".to_q." in n)}
 
 
-class TRCE(WeightEdit):
+class TRCE(ConceptEdit):
     """A two-stage UNet erasure; ``TRCE.train(pipe, concept, ...)`` makes one, ``TRCE.load`` reads one.
     ``TRCE(concepts, deltas, meta=None, **params)``."""
 
     name = "trce"
     Config = TRCEConfig
 
-    def __init__(self, concepts, deltas: dict, meta: dict | None = None, **params):
-        super().__init__(deltas, meta, concepts, **params)
-        self.meta |= {"method": "trce", "params": json.dumps(dataclasses.asdict(self.config))}
-
-    @classmethod
-    def load(cls, path) -> TRCE:
-        edit = WeightEdit.load(path)
-        if edit.meta.get("method") != "trce" or "base_norms" not in edit.meta:
-            raise StablekitError(f"'{path}' is not a TRCE adapter")
-        params = json.loads(edit.meta["params"])
-        return cls(params.pop("concepts"), edit.deltas, edit.meta, **params)
+    title = "TRCE"
 
     @classmethod
     def train(cls, pipe, concept: str, prompts=None, preserve=None, progress: bool = True, **params) -> TRCE:
@@ -192,9 +182,7 @@ class TRCE(WeightEdit):
         generic templates of it), each also used with every word of ``keywords``; `preserve`: prompts whose
         generations must not change (default: none for stage 1, the anchor's prompts for stage 2)."""
         cfg = TRCEConfig(concepts=(concept,), **params)
-        prompts = list(prompts or [t.format(concept) for t in TEMPLATES])
-        if not all(re.search(rf"\b{re.escape(concept)}\b", p, re.IGNORECASE) for p in prompts):
-            raise StablekitError(f"TRCE's training prompts must each contain the concept '{concept}'")
+        prompts = training_prompts(prompts, concept, "TRCE")
         pairs = [
             (replace_word(p, concept, word), replace_word(p, concept, cfg.anchor))
             for p in prompts
